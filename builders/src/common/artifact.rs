@@ -1,0 +1,142 @@
+//! What a build produces, and the checksums that identify it.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Artifact {
+    /// The builder type that made it.
+    pub builder: String,
+    /// How downstream tools refer to it: a file path, an image id, an AMI id.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ArtifactFile>,
+    pub source: SourceIdentity,
+    /// Builder-specific facts (AMI ids per region, Docker tags, ...).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ArtifactFile {
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The base a build started from: a disk image file or URL, a container
+/// image, an AMI.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceIdentity {
+    pub kind: String,
+    pub reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+const HASH_BUFFER: usize = 1 << 20;
+
+/// SHA-256 and size of a file, read in large blocks (sha2 uses the CPU's SHA
+/// extensions where present, so the disk or page cache is the limit).
+pub fn sha256_file(path: &Path) -> io::Result<(u64, String)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; HASH_BUFFER];
+    let mut size = 0u64;
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        size += read as u64;
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+pub async fn sha256_file_async(path: PathBuf) -> io::Result<(u64, String)> {
+    tokio::task::spawn_blocking(move || sha256_file(&path))
+        .await
+        .map_err(|join| io::Error::other(join.to_string()))?
+}
+
+/// Hashes everything written through it, so an artifact streamed to disk is
+/// checksummed without reading it back.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
+    }
+
+    pub fn finish(self) -> (W, u64, String) {
+        (
+            self.inner,
+            self.written,
+            hex::encode(self.hasher.finalize()),
+        )
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(data)?;
+        self.hasher.update(&data[..written]);
+        self.written += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `<file>.sha256` in the format `sha256sum -c` reads.
+pub fn checksum_line(sha256: &str, path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    format!("{sha256}  {name}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_hash_matches_known_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x");
+        std::fs::write(&path, b"abc").unwrap();
+        let (size, digest) = sha256_file(&path).unwrap();
+        assert_eq!(size, 3);
+        assert_eq!(
+            digest,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn hashing_writer_matches_file_hash() {
+        let mut writer = HashingWriter::new(Vec::new());
+        writer.write_all(b"abc").unwrap();
+        let (bytes, size, digest) = writer.finish();
+        assert_eq!(bytes, b"abc");
+        assert_eq!(size, 3);
+        assert_eq!(
+            digest,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! Pieces every builder uses: artifacts and hashing, tracked temporary
+//! resources, the provisioning step, and removal of what dead runs left.
+
+pub mod artifact;
+pub mod orphans;
+pub mod process;
+pub mod ssh;
+pub mod step_provision;
+pub mod tracked;

@@ -1,0 +1,109 @@
+//! Versions are immutable: `<repository>:<version>` must not exist yet.
+//! Checked in preflight, before anything starts, and again as the build's
+//! first step, since builds may wait for a slot a while after preflight.
+
+use super::DockerState;
+use super::config::{DockerConfig, check_repository, check_tag};
+use super::engine::{self, Engine};
+use crate::ImageInfo;
+use async_trait::async_trait;
+use imgbuild_core::{Step, StepContext, StepError};
+
+/// The tag a build commits to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub repository: String,
+    pub version: String,
+    image_name: String,
+}
+
+impl Target {
+    /// Fails when the repository or the version cannot be Docker names; the
+    /// defaults come from `[image]`, which the config checks cannot see.
+    pub fn new(config: &DockerConfig, image: &ImageInfo) -> Result<Target, String> {
+        let repository = config.repository(&image.name);
+        if let Err(message) = check_repository(&repository) {
+            let hint = if config.repository.is_none() {
+                format!(
+                    " (the repository defaults to the image name `{}`; set `repository` in the docker builder to a valid name)",
+                    image.name
+                )
+            } else {
+                String::new()
+            };
+            return Err(format!("cannot tag the image: {message}{hint}"));
+        }
+        if let Err(message) = check_tag(&image.version) {
+            return Err(format!(
+                "image version `{}` cannot be a Docker tag: {message}",
+                image.version
+            ));
+        }
+        Ok(Target {
+            repository,
+            version: image.version.clone(),
+            image_name: image.name.clone(),
+        })
+    }
+
+    pub fn reference(&self) -> String {
+        format!("{}:{}", self.repository, self.version)
+    }
+
+    pub fn reference_for(&self, tag: &str) -> String {
+        format!("{}:{tag}", self.repository)
+    }
+
+    /// Refuses when the version tag already exists in the engine.
+    pub async fn ensure_free(&self, engine: &Engine) -> Result<(), String> {
+        let reference = self.reference();
+        match engine.quick().inspect_image(&reference).await {
+            Ok(existing) => {
+                let id = existing.id.unwrap_or_else(|| "unknown id".to_owned());
+                let created = existing
+                    .created
+                    .map(|created| format!(", created {created}"))
+                    .unwrap_or_default();
+                Err(format!(
+                    "docker image {reference} already exists ({id}{created}): version {version} of {name} was built before, and versions are never overwritten; bump `image.version` to build a new one (if that image really must be replaced, remove it first with `docker image rm {reference}`)",
+                    version = self.version,
+                    name = self.image_name,
+                ))
+            }
+            Err(err) if engine::is_not_found(&err) => Ok(()),
+            Err(err) => Err(format!(
+                "cannot check whether docker image {reference} already exists: {}",
+                engine::describe(&err)
+            )),
+        }
+    }
+}
+
+pub struct StepCheckTag {
+    target: Target,
+}
+
+impl StepCheckTag {
+    pub fn new(target: Target) -> Self {
+        StepCheckTag { target }
+    }
+}
+
+#[async_trait]
+impl Step<DockerState> for StepCheckTag {
+    fn name(&self) -> &'static str {
+        "check_tag"
+    }
+
+    async fn run(&mut self, state: &mut DockerState, cx: &StepContext) -> Result<(), StepError> {
+        self.target
+            .ensure_free(&state.engine)
+            .await
+            .map_err(StepError::failed)?;
+        cx.log.info(format!(
+            "will commit docker image {}",
+            self.target.reference()
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,453 @@
+//! The EC2 builder (what Packer calls amazon-ebs): launches an instance
+//! from a source AMI, provisions it over SSH, stops it, and snapshots it
+//! into a new EBS-backed AMI, copied to other regions and shared as asked.
+//!
+//! Steps, in order: check that the AMI name is free, resolve the source
+//! AMI, key pair, security group, run the instance, connect over SSH,
+//! provision, stop the instance, create the AMI, copy it to other regions,
+//! set launch permissions. Everything made along the way is recorded in the
+//! run journal before the call that makes it; cleanup terminates the
+//! instance and deletes the temporary key pair and security group always,
+//! and the AMIs (with their snapshots) unless the build succeeded.
+
+mod client;
+pub mod config;
+mod poll;
+mod step_check_ami;
+mod step_connect;
+mod step_copy_regions;
+mod step_create_image;
+mod step_key_pair;
+mod step_launch_permissions;
+mod step_run_instance;
+mod step_security_group;
+mod step_source_ami;
+mod step_stop_instance;
+
+pub use config::{Ec2Config, SourceAmiFilter, SshInterface};
+
+use crate::common::step_provision::{HasCommunicator, StepProvision};
+use crate::{
+    Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
+    SourceIdentity,
+};
+use async_trait::async_trait;
+use client::{Ec2Clients, RUN_ID_TAG};
+use imgbuild_core::{CleanupOutcome, Resource, Step, StepContext, StepError, run_steps};
+use imgbuild_provisioners::Communicator;
+use imgbuild_provisioners::ssh::TemporaryKey;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Ec2Builder {
+    config: Ec2Config,
+}
+
+impl Ec2Builder {
+    pub fn new(config: Ec2Config) -> Self {
+        Ec2Builder { config }
+    }
+
+    fn ami_name(&self, image: &ImageInfo) -> String {
+        self.config
+            .ami_name
+            .clone()
+            .unwrap_or_else(|| image.artifact_stem())
+    }
+
+    /// Everything the steps share, once the region is known.
+    async fn plan(&self, request: &BuildRequest, cx: &StepContext) -> Result<Plan, BuildError> {
+        let clients = Ec2Clients::load(
+            self.config.region.as_deref(),
+            self.config.endpoint_url.as_deref(),
+        )
+        .await;
+        let region = clients.default_region().ok_or_else(|| {
+            BuildError::Refused(format!(
+                "build {}: no AWS region: set `region` in the builder, or AWS_REGION, or a region in the AWS profile",
+                request.build_name
+            ))
+        })?;
+        if let Some(message) = config::region_problem(&region) {
+            return Err(BuildError::Refused(format!(
+                "the AWS region from the environment: {message}"
+            )));
+        }
+        let ami_name = self.ami_name(&request.image);
+        if let Some(message) = config::ami_name_problem(&ami_name) {
+            let hint = if self.config.ami_name.is_none() {
+                "; the default is `<image name>-<image version>`: set `ami_name` to a name EC2 accepts"
+            } else {
+                ""
+            };
+            return Err(BuildError::Refused(format!("{message}{hint}")));
+        }
+        Ok(Plan {
+            config: self.config.clone(),
+            copy_regions: self.config.copy_regions(&region),
+            region,
+            endpoint_url: self.config.endpoint_url.clone(),
+            ami_description: self
+                .config
+                .ami_description
+                .clone()
+                .or_else(|| request.image.description.clone()),
+            ami_name,
+            image: request.image.clone(),
+            build_name: request.build_name.clone(),
+            run_id: cx.run_id.clone(),
+            config_dir: request.config_dir.clone(),
+            clients,
+        })
+    }
+
+    fn steps(&self, plan: &Arc<Plan>, request: &BuildRequest) -> Vec<Box<dyn Step<Ec2State>>> {
+        vec![
+            Box::new(step_check_ami::StepCheckAmi::new(plan.clone())),
+            Box::new(step_source_ami::StepSourceAmi::new(plan.clone())),
+            Box::new(step_key_pair::StepKeyPair::new(plan.clone())),
+            Box::new(step_security_group::StepSecurityGroup::new(plan.clone())),
+            Box::new(step_run_instance::StepRunInstance::new(plan.clone())),
+            Box::new(step_connect::StepConnect::new(plan.clone())),
+            Box::new(StepProvision::new(request.provisioners.clone())),
+            Box::new(step_stop_instance::StepStopInstance::new(plan.clone())),
+            Box::new(step_create_image::StepCreateImage::new(plan.clone())),
+            Box::new(step_copy_regions::StepCopyRegions::new(plan.clone())),
+            Box::new(step_launch_permissions::StepLaunchPermissions::new(
+                plan.clone(),
+            )),
+        ]
+    }
+}
+
+/// The build's settings, resolved: region, AMI name, clients.
+pub(crate) struct Plan {
+    pub config: Ec2Config,
+    pub region: String,
+    pub endpoint_url: Option<String>,
+    /// `ami_regions` without the build region.
+    pub copy_regions: Vec<String>,
+    pub ami_name: String,
+    pub ami_description: Option<String>,
+    pub image: ImageInfo,
+    pub build_name: String,
+    pub run_id: String,
+    pub config_dir: PathBuf,
+    pub clients: Ec2Clients,
+}
+
+impl Plan {
+    pub fn client(&self) -> aws_sdk_ec2::Client {
+        self.clients.get(&self.region)
+    }
+
+    /// The name of a temporary key pair or security group:
+    /// `imgbuild-<build>-<run id>`, in the characters both accept.
+    pub fn temporary_name(&self) -> String {
+        let raw = format!("imgbuild-{}-{}", self.build_name, self.run_id);
+        raw.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(200)
+            .collect()
+    }
+
+    /// On everything temporary: the run and build it belongs to.
+    pub fn base_tags(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (RUN_ID_TAG.to_owned(), self.run_id.clone()),
+            ("imgbuild:build".to_owned(), self.build_name.clone()),
+        ])
+    }
+
+    /// On the instance and its volumes: `run_tags` plus a `Name` (unless
+    /// given) and the base tags; the client token goes on separately.
+    pub fn run_tags(&self) -> BTreeMap<String, String> {
+        let mut tags = BTreeMap::from([(
+            "Name".to_owned(),
+            format!("imgbuild {} ({})", self.build_name, self.ami_name),
+        )]);
+        tags.extend(self.config.run_tags.clone());
+        tags.extend(self.base_tags());
+        tags
+    }
+
+    /// On the AMI and every copy; on the snapshots with `snapshot_tags`.
+    /// Exactly `config::DEFAULT_AMI_TAG_COUNT` tags of imgbuild's own.
+    pub fn artifact_tags(
+        &self,
+        user: &BTreeMap<String, String>,
+        source: &SourceAmi,
+    ) -> BTreeMap<String, String> {
+        let mut tags = user.clone();
+        tags.extend(self.base_tags());
+        tags.insert("imgbuild:image".to_owned(), self.image.name.clone());
+        tags.insert("imgbuild:version".to_owned(), self.image.version.clone());
+        tags.insert(
+            "imgbuild:source-ami".to_owned(),
+            format!("{}:{}", self.region, source.id),
+        );
+        tags
+    }
+
+    pub fn journal_image(&self, region: &str, image_id: Option<String>) -> Resource {
+        Resource::Ec2Image {
+            region: region.to_owned(),
+            endpoint_url: self.endpoint_url.clone(),
+            name: self.ami_name.clone(),
+            image_id,
+        }
+    }
+
+    /// The KMS key copies into `region` are encrypted with, if any.
+    pub fn copy_kms_key(&self, region: &str) -> Option<String> {
+        self.config.region_kms_key_ids.get(region).cloned()
+    }
+
+    pub fn instance_timeout(&self) -> Duration {
+        self.config.instance_timeout
+    }
+}
+
+/// The AMI the build starts from.
+#[derive(Debug, Clone)]
+pub struct SourceAmi {
+    pub id: String,
+    pub name: Option<String>,
+    pub owner: Option<String>,
+    pub creation_date: Option<String>,
+    pub root_device_name: Option<String>,
+}
+
+/// The build instance, as it was when it reached `running`.
+#[derive(Debug, Clone)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub public_ip: Option<String>,
+    pub private_ip: Option<String>,
+    pub public_dns: Option<String>,
+    pub private_dns: Option<String>,
+}
+
+/// One finished AMI.
+#[derive(Debug, Clone)]
+pub struct AmiInfo {
+    pub image_id: String,
+    pub snapshot_ids: Vec<String>,
+}
+
+/// What the steps hand each other.
+#[derive(Default)]
+pub struct Ec2State {
+    pub source: Option<SourceAmi>,
+    /// The key pair the instance is launched with, if any.
+    pub key_pair_name: Option<String>,
+    pub temporary_key: Option<Arc<TemporaryKey>>,
+    pub security_group_ids: Vec<String>,
+    pub instance: Option<InstanceInfo>,
+    pub communicator: Option<Arc<dyn Communicator>>,
+    /// Finished AMIs by region, the build region first to be added.
+    pub amis: BTreeMap<String, AmiInfo>,
+}
+
+impl HasCommunicator for Ec2State {
+    fn communicator(&self) -> Option<Arc<dyn Communicator>> {
+        self.communicator.clone()
+    }
+}
+
+fn artifact(plan: &Plan, state: &Ec2State) -> Result<Artifact, String> {
+    let source = state.source.as_ref().ok_or("no source AMI was resolved")?;
+    let home = state
+        .amis
+        .get(&plan.region)
+        .ok_or_else(|| format!("no AMI was made in {}", plan.region))?;
+    let amis: BTreeMap<&str, &str> = state
+        .amis
+        .iter()
+        .map(|(region, ami)| (region.as_str(), ami.image_id.as_str()))
+        .collect();
+    let snapshots: BTreeMap<&str, &Vec<String>> = state
+        .amis
+        .iter()
+        .map(|(region, ami)| (region.as_str(), &ami.snapshot_ids))
+        .collect();
+    Ok(Artifact {
+        builder: "ec2".to_owned(),
+        id: format!("{}:{}", plan.region, home.image_id),
+        files: Vec::new(),
+        source: SourceIdentity {
+            kind: "ami".to_owned(),
+            reference: format!("{}:{}", plan.region, source.id),
+            sha256: None,
+        },
+        details: serde_json::json!({
+            "region": plan.region,
+            "ami_name": plan.ami_name,
+            "amis": amis,
+            "snapshots": snapshots,
+            "source_ami": {
+                "id": source.id,
+                "name": source.name,
+                "owner": source.owner,
+                "creation_date": source.creation_date,
+            },
+            "instance_type": plan.config.instance_type,
+            "encrypted": plan.config.encrypt_boot,
+        }),
+    })
+}
+
+#[async_trait]
+impl Builder for Ec2Builder {
+    fn kind(&self) -> &'static str {
+        "ec2"
+    }
+
+    fn validate(&self, config_dir: &Path) -> Vec<ConfigProblem> {
+        self.config.problems(config_dir)
+    }
+
+    fn resolved_config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).unwrap_or_default()
+    }
+
+    fn planned_artifact(&self, image: &ImageInfo, _config_dir: &Path) -> PlannedArtifact {
+        let region = self
+            .config
+            .region
+            .as_deref()
+            .unwrap_or("the default region");
+        let mut description = format!("AMI {} in {region}", self.ami_name(image));
+        let copies = self.config.copy_regions(region);
+        if !copies.is_empty() {
+            description.push_str(&format!(", copied to {}", copies.join(", ")));
+        }
+        PlannedArtifact {
+            description,
+            files: Vec::new(),
+        }
+    }
+
+    async fn preflight(&self, request: &BuildRequest, cx: &StepContext) -> Result<(), BuildError> {
+        let plan = self.plan(request, cx).await?;
+        let check = cx.cancellable(async { step_check_ami::refuse_existing(&plan).await });
+        match check.await {
+            Ok(()) => Ok(()),
+            Err(StepError::Cancelled) => Err(BuildError::Cancelled),
+            Err(StepError::Failed(message)) => Err(BuildError::Refused(message)),
+        }
+    }
+
+    async fn build(
+        &self,
+        request: &BuildRequest,
+        cx: &StepContext,
+    ) -> Result<Artifact, BuildError> {
+        let plan = Arc::new(self.plan(request, cx).await?);
+        let mut state = Ec2State::default();
+        let mut steps = self.steps(&plan, request);
+        let report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
+        if report.left_for_debugging
+            && let Some(instance) = &state.instance
+        {
+            cx.log.warn(format!(
+                "left instance {} running in {} for debugging (--on-error abort); `imgbuild clean` removes it and everything else the run made",
+                instance.id, plan.region
+            ));
+        }
+        match report.outcome {
+            CleanupOutcome::Succeeded => {
+                artifact(&plan, &state).map_err(|message| BuildError::Failed {
+                    step: "create_image".into(),
+                    message,
+                })
+            }
+            CleanupOutcome::Cancelled => Err(BuildError::Cancelled),
+            CleanupOutcome::Failed => {
+                let (step, err) = report.failure.expect("a failed run names its failure");
+                match err {
+                    StepError::Cancelled => Err(BuildError::Cancelled),
+                    StepError::Failed(message) => Err(BuildError::Failed { step, message }),
+                }
+            }
+        }
+    }
+}
+
+/// How long `imgbuild clean` waits for an instance to terminate or a
+/// security group to become deletable.
+const ORPHAN_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// Removes an EC2 resource a dead run left behind, from its journal entry
+/// alone. Something already gone counts as removed.
+pub async fn clean_orphan(resource: &Resource) -> Result<(), String> {
+    let (region, endpoint_url) = match resource {
+        Resource::Ec2Instance {
+            region,
+            endpoint_url,
+            ..
+        }
+        | Resource::Ec2KeyPair {
+            region,
+            endpoint_url,
+            ..
+        }
+        | Resource::Ec2SecurityGroup {
+            region,
+            endpoint_url,
+            ..
+        }
+        | Resource::Ec2Image {
+            region,
+            endpoint_url,
+            ..
+        } => (region, endpoint_url),
+        other => return Err(format!("{} is not an EC2 resource", other.describe())),
+    };
+    let clients = Ec2Clients::load(Some(region), endpoint_url.as_deref()).await;
+    let client = clients.get(region);
+    let result = match resource {
+        Resource::Ec2Instance {
+            client_token,
+            instance_id,
+            ..
+        } => step_run_instance::terminate(
+            &client,
+            region,
+            instance_id.as_deref(),
+            client_token,
+            ORPHAN_TIMEOUT,
+            None,
+        )
+        .await
+        .map(|_| ()),
+        Resource::Ec2KeyPair { name, .. } => step_key_pair::delete_key_pair(&client, region, name)
+            .await
+            .map_err(StepError::from),
+        Resource::Ec2SecurityGroup { name, group_id, .. } => {
+            step_security_group::delete_group(
+                &client,
+                region,
+                group_id.as_deref(),
+                name,
+                ORPHAN_TIMEOUT,
+                None,
+            )
+            .await
+        }
+        Resource::Ec2Image { name, image_id, .. } => {
+            step_create_image::deregister(&client, region, image_id.as_deref(), name, None, None)
+                .await
+        }
+        _ => unreachable!("matched above"),
+    };
+    result.map_err(|err| err.to_string())
+}

@@ -1,0 +1,148 @@
+//! How imgbuild gets a machine and snapshots it.
+//!
+//! Every builder reads as a list of steps (one file per step, each owning its
+//! run and its cleanup), run by [`imgbuild_core::run_steps`].
+
+pub mod common;
+pub mod docker;
+#[cfg(feature = "ec2")]
+pub mod ec2;
+pub mod qemu;
+
+use async_trait::async_trait;
+use imgbuild_core::{OnError, StepContext};
+use imgbuild_provisioners::Provisioner;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+pub use common::artifact::{Artifact, ArtifactFile, SourceIdentity};
+
+/// The image every build of a config produces a version of.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub name: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The git commit of the repository holding the config, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// When the run started (RFC 3339), the image's creation time.
+    pub created: String,
+}
+
+impl ImageInfo {
+    /// `<name>-<version>`, the stem of every artifact name.
+    pub fn artifact_stem(&self) -> String {
+        format!("{}-{}", self.name, self.version)
+    }
+}
+
+/// Everything one build needs besides its builder's config.
+pub struct BuildRequest {
+    pub image: ImageInfo,
+    pub build_name: String,
+    pub provisioners: Vec<Provisioner>,
+    pub on_error: OnError,
+    /// Relative paths in the config are relative to this directory.
+    pub config_dir: PathBuf,
+}
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("step {step} failed: {message}")]
+    Failed { step: String, message: String },
+    /// Refused before anything was created (immutability, preflight).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A config problem a builder found on its own, beyond what the types catch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The field within the builder's table, dotted (`ssh.private_key_file`).
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigProblem {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigProblem {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What a build will produce, for `inspect` and for the version check.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedArtifact {
+    pub description: String,
+    /// Files that must not exist yet.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<PathBuf>,
+}
+
+#[async_trait]
+pub trait Builder: Send + Sync {
+    /// The `type` in the config: "qemu", "docker", "ec2".
+    fn kind(&self) -> &'static str;
+
+    /// Checks that need no machine: files exist, options fit together.
+    fn validate(&self, config_dir: &Path) -> Vec<ConfigProblem>;
+
+    /// The config as resolved, for `inspect` and the inputs hash.
+    fn resolved_config(&self) -> serde_json::Value;
+
+    fn planned_artifact(&self, image: &ImageInfo, config_dir: &Path) -> PlannedArtifact;
+
+    /// Checks made before anything is created, such as refusing a version
+    /// that already exists. May read remote state, never change it.
+    async fn preflight(&self, request: &BuildRequest, cx: &StepContext) -> Result<(), BuildError>;
+
+    async fn build(&self, request: &BuildRequest, cx: &StepContext)
+    -> Result<Artifact, BuildError>;
+}
+
+/// The builder types this imgbuild knows, for messages.
+pub fn known_kinds() -> &'static [&'static str] {
+    &["qemu", "docker", "ec2"]
+}
+
+/// Builds a builder of `kind` from its config table. Unknown fields are
+/// errors, reported by the deserializer with their location.
+pub fn deserialize_builder<'de, D: serde::Deserializer<'de>>(
+    kind: &str,
+    table: D,
+) -> Result<Box<dyn Builder>, BuilderKindError<D::Error>> {
+    match kind {
+        "qemu" => qemu::QemuConfig::deserialize(table)
+            .map(|config| Box::new(qemu::QemuBuilder::new(config)) as Box<dyn Builder>)
+            .map_err(BuilderKindError::Invalid),
+        "docker" => docker::DockerConfig::deserialize(table)
+            .map(|config| Box::new(docker::DockerBuilder::new(config)) as Box<dyn Builder>)
+            .map_err(BuilderKindError::Invalid),
+        #[cfg(feature = "ec2")]
+        "ec2" => ec2::Ec2Config::deserialize(table)
+            .map(|config| Box::new(ec2::Ec2Builder::new(config)) as Box<dyn Builder>)
+            .map_err(BuilderKindError::Invalid),
+        #[cfg(not(feature = "ec2"))]
+        "ec2" => Err(BuilderKindError::NotCompiledIn(
+            "this imgbuild was compiled without the `ec2` feature; rebuild with default features",
+        )),
+        _ => Err(BuilderKindError::Unknown),
+    }
+}
+
+#[derive(Debug)]
+pub enum BuilderKindError<E> {
+    Unknown,
+    NotCompiledIn(&'static str),
+    Invalid(E),
+}

@@ -1,0 +1,87 @@
+//! Powers the VM off from inside with `shutdown_command`, so the guest
+//! flushes its file systems, then waits for QEMU to exit.
+
+use super::QemuState;
+use super::config::QemuConfig;
+use crate::common::process;
+use async_trait::async_trait;
+use imgbuild_core::{Step, StepContext, StepError, Stream};
+use imgbuild_provisioners::shell::shell_quote;
+use imgbuild_provisioners::{CommError, OutputSink};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct StepShutdown {
+    config: Arc<QemuConfig>,
+}
+
+impl StepShutdown {
+    pub fn new(config: Arc<QemuConfig>) -> Self {
+        StepShutdown { config }
+    }
+}
+
+struct LogLines<'a>(&'a imgbuild_core::BuildLog);
+
+impl OutputSink for LogLines<'_> {
+    fn line(&self, stream: Stream, line: &str) {
+        self.0.output(stream, line);
+    }
+}
+
+#[async_trait]
+impl Step<QemuState> for StepShutdown {
+    fn name(&self) -> &'static str {
+        "shutdown"
+    }
+
+    async fn run(&mut self, state: &mut QemuState, cx: &StepContext) -> Result<(), StepError> {
+        let machine = state
+            .machine
+            .clone()
+            .ok_or_else(|| StepError::failed("the VM is not running"))?;
+        let comm = state
+            .communicator
+            .take()
+            .ok_or_else(|| StepError::failed("no connection to the VM"))?;
+        if let Some(key) = &state.ssh_key {
+            // The build's key must not stay trusted in the image it produced.
+            let forget_key = format!(
+                "f=\"$HOME/.ssh/authorized_keys\"; [ -f \"$f\" ] && grep -vF {} \"$f\" > \"$f.imgbuild\"; [ -f \"$f.imgbuild\" ] && cat \"$f.imgbuild\" > \"$f\" && rm -f \"$f.imgbuild\"; true",
+                shell_quote(
+                    key.public_openssh()
+                        .split_whitespace()
+                        .nth(1)
+                        .unwrap_or("-")
+                )
+            );
+            comm.exec(&forget_key, &LogLines(&cx.log))
+                .await
+                .map_err(|err| {
+                    StepError::failed(format!("cannot remove the build key from the image: {err}"))
+                })?;
+        }
+        let command = self.config.shutdown_command();
+        cx.log.info(format!("shutting down with `{command}`"));
+        match comm.exec(&command, &LogLines(&cx.log)).await {
+            Ok(_) | Err(CommError::Disconnected { .. }) => {}
+            Err(err) => return Err(StepError::failed(format!("`{command}` failed: {err}"))),
+        }
+        drop(comm);
+        let limit = self.config.shutdown_timeout;
+        let exited = cx
+            .cancellable(async { Ok(machine.wait_exit(limit).await) })
+            .await?;
+        if !exited {
+            return Err(StepError::failed(format!(
+                "the VM did not power off within {} of `{command}`; check the command, or raise `shutdown_timeout`\n{}",
+                humantime::format_duration(limit),
+                machine.serial_tail()
+            )));
+        }
+        cx.log.info("the VM powered off");
+        // Belt and braces: the pid must not linger as ours.
+        process::terminate(machine.pid, &machine.marker, Duration::from_secs(1)).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,876 @@
+//! The Docker builder against the real engine on this machine:
+//! `.ci/start-dockerd.sh` starts one if needed, and the base image is the
+//! fixture from `tests/fixtures/docker-base-image.sh`. Every test uses its
+//! own repository and run id, and removes the images it makes.
+
+mod support;
+
+use imgbuild_builders::BuildError;
+use imgbuild_builders::docker::DockerCommunicator;
+use imgbuild_core::Stream;
+use imgbuild_core::journal;
+use imgbuild_core::{Journal, OnError, Resource};
+use imgbuild_provisioners::{CommError, Communicator, ExitStatus, OutputSink};
+use sha2::{Digest, Sha256};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::*;
+
+#[tokio::test]
+async fn a_build_commits_a_tagged_labelled_image_and_leaves_nothing_else() {
+    let base = base_image();
+    let docker = docker();
+    let repository = unique_repository();
+    let mut cleanup = ImageCleanup::default();
+    let harness = Harness::new("app");
+    let builder = builder(serde_json::json!({
+        "image": base,
+        "pull": false,
+        "repository": repository,
+        "tags": ["latest", "stable"],
+        "env": {"BUILD_ENV": "from-the-builder"},
+        "changes": [
+            "ENV GREETING=hello",
+            "LABEL org.example.tier=backend",
+            "EXPOSE 8080/tcp",
+            "WORKDIR /srv",
+            "CMD [\"cat\", \"/etc/imgbuild-built\"]",
+        ],
+        "author": "Infra Team <infra@example.com>",
+        "message": "built by the imgbuild tests",
+    }));
+    assert!(builder.validate(harness.config_dir.path()).is_empty());
+    let image = image_info("app", "1.0.0");
+    let provisioners = vec![
+        shell(&[
+            "echo \"built with $BUILD_ENV\" > /etc/imgbuild-built",
+            "echo provisioning-output-line",
+        ]),
+        upload_content(
+            "port = 8080\n",
+            "/srv/app/config.toml",
+            harness.config_dir.path(),
+        ),
+    ];
+    let request = harness.request(image.clone(), provisioners);
+
+    let started = Instant::now();
+    builder.preflight(&request, &harness.cx).await.unwrap();
+    let artifact = builder.build(&request, &harness.cx).await.unwrap();
+    eprintln!(
+        "build took {:.1}s ({})",
+        started.elapsed().as_secs_f64(),
+        harness.step_timings()
+    );
+    cleanup.0.push(artifact.id.clone());
+
+    assert_eq!(artifact.builder, "docker");
+    assert!(artifact.id.starts_with("sha256:"), "{}", artifact.id);
+    assert_eq!(artifact.details["repository"], repository);
+    assert_eq!(
+        artifact.details["tags"],
+        serde_json::json!(["1.0.0", "latest", "stable"])
+    );
+    assert_eq!(artifact.source.kind, "docker-image");
+    assert_eq!(artifact.source.reference, base);
+    let base_id = docker.inspect_image(&base).await.unwrap().id.unwrap();
+    assert_eq!(artifact.details["base_image"]["id"], base_id);
+    assert_eq!(
+        artifact.source.sha256.as_deref(),
+        base_id.strip_prefix("sha256:")
+    );
+
+    // Every tag names the new image; the run's temporary tag is gone.
+    for tag in ["1.0.0", "latest", "stable"] {
+        let inspected = docker
+            .inspect_image(&format!("{repository}:{tag}"))
+            .await
+            .unwrap();
+        assert_eq!(inspected.id.as_deref(), Some(artifact.id.as_str()), "{tag}");
+    }
+    let inspected = docker.inspect_image(&artifact.id).await.unwrap();
+    let tags = inspected.repo_tags.clone().unwrap_or_default();
+    assert_eq!(tags.len(), 3, "only the three tags: {tags:?}");
+    assert_eq!(
+        inspected.author.as_deref(),
+        Some("Infra Team <infra@example.com>")
+    );
+    assert_eq!(
+        inspected.comment.as_deref(),
+        Some("built by the imgbuild tests")
+    );
+
+    let config = inspected.config.unwrap();
+    let labels = config.labels.unwrap_or_default();
+    let label = |key: &str| labels.get(key).map(String::as_str);
+    assert_eq!(label("org.opencontainers.image.version"), Some("1.0.0"));
+    assert_eq!(
+        label("org.opencontainers.image.created"),
+        Some(image.created.as_str())
+    );
+    assert_eq!(
+        label("org.opencontainers.image.revision"),
+        Some("0123456789abcdef")
+    );
+    assert_eq!(label("org.opencontainers.image.title"), Some("app"));
+    assert_eq!(
+        label("org.opencontainers.image.description"),
+        Some("imgbuild docker builder test image")
+    );
+    assert_eq!(
+        label("org.opencontainers.image.base.name"),
+        Some(base.as_str())
+    );
+    assert_eq!(label("org.example.owner"), Some("infra-team"));
+    assert_eq!(label("org.example.tier"), Some("backend"));
+    assert_eq!(label(RUN_ID_LABEL), Some(harness.run_id()));
+    // The base image's labels are inherited, as with `FROM`.
+    assert!(label("org.imgbuild.fixture-hash").is_some(), "{labels:?}");
+    let env = config.env.unwrap_or_default();
+    assert!(env.contains(&"GREETING=hello".to_owned()), "{env:?}");
+    assert!(
+        env.contains(&"LANG=C.UTF-8".to_owned()),
+        "base image env kept: {env:?}"
+    );
+    assert!(
+        !env.iter().any(|e| e.starts_with("BUILD_ENV")),
+        "build env leaked: {env:?}"
+    );
+    assert_eq!(
+        config.cmd,
+        Some(vec!["cat".to_owned(), "/etc/imgbuild-built".to_owned()])
+    );
+    assert!(
+        config.entrypoint.unwrap_or_default().is_empty(),
+        "the run command leaked into the image"
+    );
+    assert_eq!(config.exposed_ports, Some(vec!["8080/tcp".to_owned()]));
+    assert_eq!(config.working_dir.as_deref(), Some("/srv"));
+
+    // The image does what the provisioners and changes said.
+    let (code, output) = run_image(&docker, &format!("{repository}:1.0.0"), None).await;
+    assert_eq!((code, output.trim()), (0, "built with from-the-builder"));
+    let (code, output) = run_image(
+        &docker,
+        &format!("{repository}:stable"),
+        Some(vec!["cat", "app/config.toml"]),
+    )
+    .await;
+    assert_eq!((code, output.as_str()), (0, "port = 8080\n"));
+
+    assert!(
+        harness
+            .output_lines()
+            .contains(&"provisioning-output-line".to_owned())
+    );
+    harness.assert_journal_empty();
+    assert!(
+        containers_of_run(&docker, harness.run_id())
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_second_build_of_the_same_version_is_refused_before_anything_starts() {
+    let base = base_image();
+    let docker = docker();
+    let repository = unique_repository();
+    let mut cleanup = ImageCleanup::default();
+    let config = serde_json::json!({"image": base, "pull": false, "repository": repository});
+    let image = image_info("immutable", "2.0.0");
+
+    let first = Harness::new("app");
+    let request = first.request(image.clone(), Vec::new());
+    builder(config.clone())
+        .preflight(&request, &first.cx)
+        .await
+        .unwrap();
+    let artifact = builder(config.clone())
+        .build(&request, &first.cx)
+        .await
+        .unwrap();
+    cleanup.0.push(artifact.id.clone());
+
+    let second = Harness::new("app");
+    let request = second.request(image.clone(), vec![shell(&["echo must-not-run"])]);
+    let err = builder(config.clone())
+        .preflight(&request, &second.cx)
+        .await
+        .unwrap_err();
+    let BuildError::Refused(message) = err else {
+        panic!("expected a refusal, got {err:?}");
+    };
+    let reference = format!("{repository}:2.0.0");
+    assert!(
+        message.contains(&format!("docker image {reference} already exists")),
+        "{message}"
+    );
+    assert!(message.contains(&artifact.id), "{message}");
+    assert!(message.contains("bump `image.version`"), "{message}");
+    assert!(
+        message.contains(&format!("docker image rm {reference}")),
+        "{message}"
+    );
+
+    // The build itself checks again before starting anything.
+    let err = builder(config)
+        .build(&request, &second.cx)
+        .await
+        .unwrap_err();
+    match err {
+        BuildError::Failed { step, message } => {
+            assert_eq!(step, "check_tag");
+            assert!(message.contains("already exists"), "{message}");
+        }
+        other => panic!("expected the tag check to fail, got {other:?}"),
+    }
+    assert!(!second.output_lines().contains(&"must-not-run".to_owned()));
+    assert!(containers_of_run(&docker, second.run_id()).await.is_empty());
+    second.assert_journal_empty();
+    let inspected = docker.inspect_image(&reference).await.unwrap();
+    assert_eq!(
+        inspected.id.as_deref(),
+        Some(artifact.id.as_str()),
+        "the first image is untouched"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_provisioner_fails_the_build_and_leaves_no_container_or_tag() {
+    let base = base_image();
+    let docker = docker();
+    let repository = unique_repository();
+    let mut cleanup = ImageCleanup::default();
+    cleanup.0.push(format!("{repository}:3.0.0"));
+    let harness = Harness::new("app");
+    let builder = builder(
+        serde_json::json!({"image": base, "pull": false, "repository": repository, "tags": ["latest"]}),
+    );
+    let request = harness.request(
+        image_info("failing", "3.0.0"),
+        vec![shell(&["echo about to fail >&2", "exit 3"])],
+    );
+
+    builder.preflight(&request, &harness.cx).await.unwrap();
+    let err = builder.build(&request, &harness.cx).await.unwrap_err();
+    match err {
+        BuildError::Failed { step, message } => {
+            assert_eq!(step, "provision");
+            assert!(message.contains("exit code 3"), "{message}");
+            assert!(
+                message.contains("about to fail"),
+                "the output tail explains it: {message}"
+            );
+        }
+        other => panic!("expected a provisioning failure, got {other:?}"),
+    }
+    assert!(
+        containers_of_run(&docker, harness.run_id())
+            .await
+            .is_empty()
+    );
+    harness.assert_journal_empty();
+    assert!(!image_exists(&docker, &format!("{repository}:3.0.0")).await);
+    assert!(!image_exists(&docker, &format!("{repository}:latest")).await);
+}
+
+#[tokio::test]
+async fn on_error_abort_keeps_the_container_for_debugging_until_cleaned() {
+    let base = base_image();
+    let docker = docker();
+    let harness = Harness::new("debug-me");
+    let builder = builder(serde_json::json!({"image": base, "pull": false, "discard": true}));
+    let mut request = harness.request(
+        image_info("debug", "1.0.0"),
+        vec![shell(&["touch /evidence", "exit 7"])],
+    );
+    request.on_error = OnError::Abort;
+    let err = builder.build(&request, &harness.cx).await.unwrap_err();
+    assert!(
+        matches!(&err, BuildError::Failed { step, .. } if step == "provision"),
+        "{err:?}"
+    );
+
+    let left = containers_of_run(&docker, harness.run_id()).await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    let name = left[0].trim_start_matches('/').to_owned();
+    let warned = harness.sink.events().iter().any(|event| {
+        matches!(event, imgbuild_core::Event::Message { message, .. }
+            if message.contains(&format!("docker exec -it {name} sh")))
+    });
+    assert!(warned, "the log says how to get into the container");
+    let (code, _) = docker_exec(&docker, &name, &["test", "-e", "/evidence"]).await;
+    assert_eq!(
+        code, 0,
+        "the container is still running, as the provisioner left it"
+    );
+
+    let outstanding = harness.journal.outstanding();
+    assert_eq!(outstanding.len(), 1, "{outstanding:?}");
+    assert_eq!(
+        outstanding[0].resource,
+        Resource::DockerContainer { name: name.clone() }
+    );
+    imgbuild_builders::docker::clean_orphan(&outstanding[0].resource)
+        .await
+        .unwrap();
+    assert!(
+        containers_of_run(&docker, harness.run_id())
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn cancelling_during_provisioning_stops_promptly_and_removes_the_container() {
+    let base = base_image();
+    let docker = docker();
+    let repository = unique_repository();
+    let mut cleanup = ImageCleanup::default();
+    cleanup.0.push(format!("{repository}:4.0.0"));
+    let harness = Harness::new("app");
+    let builder =
+        builder(serde_json::json!({"image": base, "pull": false, "repository": repository}));
+    let request = harness.request(
+        image_info("cancelled", "4.0.0"),
+        vec![shell(&["echo going-to-sleep", "sleep 30", "echo woke-up"])],
+    );
+
+    let sink = harness.sink.clone();
+    let cancel = harness.cx.cancel.clone();
+    let cancelled_at = tokio::spawn(async move {
+        loop {
+            let sleeping = sink.events().iter().any(|event| {
+                matches!(event, imgbuild_core::Event::Output { line, .. } if line == "going-to-sleep")
+            });
+            if sleeping {
+                // Well inside `sleep 30`.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                cancel.cancel();
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let started = Instant::now();
+    let result = builder.build(&request, &harness.cx).await;
+    let cancelled_at = cancelled_at.await.unwrap();
+    let after_cancel = cancelled_at.elapsed();
+    eprintln!(
+        "build ran {:.1}s, returned {:.1}s after cancel",
+        started.elapsed().as_secs_f64(),
+        after_cancel.as_secs_f64()
+    );
+    assert!(matches!(result, Err(BuildError::Cancelled)), "{result:?}");
+    assert!(
+        after_cancel < Duration::from_secs(15),
+        "took {after_cancel:?} after the cancel"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the sleep was not cut short"
+    );
+    assert!(!harness.output_lines().contains(&"woke-up".to_owned()));
+    assert!(
+        containers_of_run(&docker, harness.run_id())
+            .await
+            .is_empty()
+    );
+    harness.assert_journal_empty();
+    assert!(!image_exists(&docker, &format!("{repository}:4.0.0")).await);
+}
+
+#[tokio::test]
+async fn directory_trees_travel_both_ways_with_their_modes() {
+    let base = base_image();
+    let harness = Harness::new("files");
+    let dir = harness.config_dir.path();
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("secret")).unwrap();
+    std::fs::create_dir_all(tree.join("empty")).unwrap();
+    std::fs::write(tree.join("bin/run.sh"), "#!/bin/sh\necho run\n").unwrap();
+    std::fs::write(tree.join("secret/key"), "s3cret\n").unwrap();
+    std::fs::write(tree.join("plain.txt"), "plain\n").unwrap();
+    let chmod = |path: &str, mode: u32| {
+        std::fs::set_permissions(tree.join(path), std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    chmod("bin/run.sh", 0o755);
+    chmod("secret/key", 0o600);
+    chmod("secret", 0o700);
+    chmod("plain.txt", 0o644);
+    std::os::unix::fs::symlink("bin/run.sh", tree.join("link")).unwrap();
+
+    let builder = builder(serde_json::json!({"image": base, "pull": false, "discard": true}));
+    let provisioners = vec![
+        // Neither /opt/imgbuild nor anything below it exists yet.
+        upload("tree", "/opt/imgbuild/deep/", dir),
+        upload_content("relative\n", "rel/notes.txt", dir),
+        shell(&[
+            "cd /opt/imgbuild/deep/tree",
+            "stat -c 'mode %a %U %n' bin/run.sh secret secret/key plain.txt",
+            "readlink link",
+            "bin/run.sh",
+            "cat /rel/notes.txt",
+            "echo made-in-container > made.txt",
+        ]),
+        download("/opt/imgbuild/deep/tree", "downloaded/", dir),
+    ];
+    let request = harness.request(image_info("files", "1.0.0"), provisioners);
+    builder.preflight(&request, &harness.cx).await.unwrap();
+    let artifact = builder.build(&request, &harness.cx).await.unwrap();
+    assert_eq!(artifact.id, "discarded");
+
+    let lines = harness.output_lines();
+    for expected in [
+        "mode 755 root bin/run.sh",
+        "mode 700 root secret",
+        "mode 600 root secret/key",
+        "mode 644 root plain.txt",
+        "bin/run.sh",
+        "run",
+        "relative",
+    ] {
+        assert!(
+            lines.contains(&expected.to_owned()),
+            "missing {expected:?} in {lines:?}"
+        );
+    }
+
+    let back = dir.join("downloaded/tree");
+    let mode = |path: &str| {
+        std::fs::symlink_metadata(back.join(path))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("bin/run.sh"), 0o755);
+    assert_eq!(mode("secret"), 0o700);
+    assert_eq!(mode("secret/key"), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(back.join("secret/key")).unwrap(),
+        "s3cret\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(back.join("made.txt")).unwrap(),
+        "made-in-container\n"
+    );
+    assert_eq!(
+        std::fs::read_link(back.join("link")).unwrap(),
+        Path::new("bin/run.sh")
+    );
+    assert!(back.join("empty").is_dir());
+    assert!(
+        containers_of_run(&docker(), harness.run_id())
+            .await
+            .is_empty()
+    );
+    harness.assert_journal_empty();
+}
+
+/// Collects what a command printed, by stream.
+#[derive(Default)]
+struct Lines(std::sync::Mutex<Vec<(Stream, String)>>);
+
+impl OutputSink for Lines {
+    fn line(&self, stream: Stream, line: &str) {
+        self.0.lock().unwrap().push((stream, line.to_owned()));
+    }
+}
+
+impl Lines {
+    fn of(&self, stream: Stream) -> Vec<String> {
+        let lines = self.0.lock().unwrap();
+        lines
+            .iter()
+            .filter(|(s, _)| *s == stream)
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+}
+
+async fn read_all(mut stream: imgbuild_provisioners::communicator::ByteStream) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut bytes)
+        .await
+        .unwrap();
+    bytes
+}
+
+#[tokio::test]
+async fn the_exec_communicator_behaves_like_the_ssh_one() {
+    let base = base_image();
+    let docker = docker();
+    let name = start_sleeper(&docker, &base, Default::default()).await;
+    let _cleanup = ContainerCleanup(vec![name.clone()]);
+    let comm = DockerCommunicator::connect(&name, vec!["FROM_ENV=yes".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(comm.target(), format!("container {name}"));
+
+    // A failing command is an exit status, with its output streamed by line.
+    let lines = Lines::default();
+    let status = comm
+        .exec(
+            "echo out; echo err >&2; echo \"$FROM_ENV\"; printf 'no newline'; exit 5",
+            &lines,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, ExitStatus::Code(5));
+    assert_eq!(lines.of(Stream::Stdout), vec!["out", "yes", "no newline"]);
+    assert_eq!(lines.of(Stream::Stderr), vec!["err"]);
+    let lines = Lines::default();
+    assert_eq!(
+        comm.exec("no-such-command", &lines).await.unwrap(),
+        ExitStatus::Code(127)
+    );
+    assert!(
+        lines
+            .of(Stream::Stderr)
+            .iter()
+            .any(|l| l.contains("not found")),
+        "{:?}",
+        lines.0
+    );
+
+    // Uploads create missing directories; relative paths start in the
+    // working directory.
+    let archive =
+        imgbuild_provisioners::transfer::single_file_archive("hello.txt", b"hello\n", 0o640)
+            .unwrap();
+    comm.upload_tar("/new/nested/dir", archive).await.unwrap();
+    let archive =
+        imgbuild_provisioners::transfer::single_file_archive("rel.txt", b"rel\n", 0o644).unwrap();
+    comm.upload_tar("relative", archive).await.unwrap();
+    let lines = Lines::default();
+    let status = comm
+        .exec(
+            "stat -c '%a %U' /new/nested/dir/hello.txt; cat /relative/rel.txt",
+            &lines,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(lines.of(Stream::Stdout), vec!["640 root", "rel"]);
+
+    // Downloads are named relative to the parent, like `tar -C parent name`.
+    let bytes = read_all(
+        comm.download_tar("/new/nested/dir/hello.txt")
+            .await
+            .unwrap(),
+    )
+    .await;
+    let mut archive = tar::Archive::new(std::io::Cursor::new(bytes));
+    let mut entries = archive.entries().unwrap();
+    let mut entry = entries.next().unwrap().unwrap();
+    assert_eq!(entry.path().unwrap(), Path::new("hello.txt"));
+    assert_eq!(entry.header().mode().unwrap() & 0o777, 0o640);
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+    assert_eq!(text, "hello\n");
+
+    let err = comm
+        .download_tar("/nothing/here")
+        .await
+        .err()
+        .expect("a missing path fails");
+    assert!(
+        err.to_string().contains("/nothing/here does not exist"),
+        "{err}"
+    );
+    let archive = imgbuild_provisioners::transfer::single_file_archive("x", b"x", 0o644).unwrap();
+    let err = comm.upload_tar("/etc/hostname", archive).await.unwrap_err();
+    assert!(
+        err.to_string().contains("exists and is not a directory"),
+        "{err}"
+    );
+
+    // A stopped container is a lost connection, and cannot come back.
+    comm.reconnect().await.unwrap();
+    docker
+        .kill_container(
+            &name,
+            None::<bollard::query_parameters::KillContainerOptions>,
+        )
+        .await
+        .unwrap();
+    let err = comm.exec("true", &Lines::default()).await.unwrap_err();
+    assert!(matches!(err, CommError::Disconnected { .. }), "{err:?}");
+    let err = comm.reconnect().await.unwrap_err();
+    assert!(err.to_string().contains("not running"), "{err}");
+}
+
+#[tokio::test]
+async fn downloading_a_missing_path_fails_with_a_clear_message() {
+    let base = base_image();
+    let harness = Harness::new("files");
+    let builder = builder(serde_json::json!({"image": base, "pull": false, "discard": true}));
+    let request = harness.request(
+        image_info("files", "1.0.0"),
+        vec![download("/no/such/path", "out/", harness.config_dir.path())],
+    );
+    let err = builder.build(&request, &harness.cx).await.unwrap_err();
+    match err {
+        BuildError::Failed { step, message } => {
+            assert_eq!(step, "provision");
+            assert!(
+                message.contains("/no/such/path does not exist"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a failed download, got {other:?}"),
+    }
+    assert!(
+        containers_of_run(&docker(), harness.run_id())
+            .await
+            .is_empty()
+    );
+    harness.assert_journal_empty();
+}
+
+#[tokio::test]
+async fn export_path_writes_the_filesystem_as_a_checksummed_tar() {
+    let base = base_image();
+    let harness = Harness::new("rootfs");
+    let builder = builder(
+        serde_json::json!({"image": base, "pull": false, "export_path": "out/rootfs-1.0.tar"}),
+    );
+    let request = harness.request(
+        image_info("rootfs", "1.0"),
+        vec![shell(&["echo exported > /etc/imgbuild-exported"])],
+    );
+    let planned = builder.planned_artifact(&request.image, harness.config_dir.path());
+    let out_dir = harness.config_dir.path().join("out");
+    assert_eq!(
+        planned.files,
+        vec![
+            out_dir.join("rootfs-1.0.tar.sha256"),
+            out_dir.join("rootfs-1.0.tar")
+        ]
+    );
+
+    builder.preflight(&request, &harness.cx).await.unwrap();
+    let artifact = builder.build(&request, &harness.cx).await.unwrap();
+    let path = std::fs::canonicalize(out_dir.join("rootfs-1.0.tar")).unwrap();
+    assert_eq!(artifact.id, path.display().to_string());
+    assert_eq!(artifact.files.len(), 1);
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(artifact.files[0].size, bytes.len() as u64);
+    assert_eq!(
+        artifact.files[0].sha256,
+        hex::encode(Sha256::digest(&bytes))
+    );
+    let checksum = std::fs::read_to_string(out_dir.join("rootfs-1.0.tar.sha256")).unwrap();
+    assert_eq!(
+        checksum,
+        format!("{}  rootfs-1.0.tar\n", artifact.files[0].sha256)
+    );
+
+    let mut found = None;
+    let mut archive = tar::Archive::new(std::io::Cursor::new(&bytes));
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        if name == "etc/imgbuild-exported" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+            found = Some(text);
+        }
+    }
+    assert_eq!(found.as_deref(), Some("exported\n"));
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec!["rootfs-1.0.tar", "rootfs-1.0.tar.sha256"],
+        "no partial file left"
+    );
+    assert!(
+        containers_of_run(&docker(), harness.run_id())
+            .await
+            .is_empty()
+    );
+    harness.assert_journal_empty();
+
+    // The file is never overwritten.
+    let again = Harness::new("rootfs");
+    let request = harness.request(image_info("rootfs", "1.0"), Vec::new());
+    let err = builder.preflight(&request, &again.cx).await.unwrap_err();
+    assert!(
+        matches!(&err, BuildError::Refused(m) if m.contains("already exists")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn clean_orphan_removes_what_a_dead_run_left_behind() {
+    let base = base_image();
+    let docker = docker();
+    let repository = unique_repository();
+    let mut cleanup = ImageCleanup::default();
+    let state = tempfile::tempdir().unwrap();
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    let container = format!("imgbuild-{run_id}-orphaned");
+    let image = format!("{repository}:imgbuild-{run_id}-orphaned");
+    cleanup.0.push(image.clone());
+    {
+        // What a run killed mid-build leaves: journal entries for a running
+        // container and an image, and no process holding the journal's lock.
+        let journal = Journal::create(state.path(), &run_id, Path::new("image.toml")).unwrap();
+        journal
+            .record(
+                "orphaned",
+                Resource::DockerContainer {
+                    name: container.clone(),
+                },
+            )
+            .unwrap();
+        let body = bollard::models::ContainerCreateBody {
+            image: Some(base.clone()),
+            entrypoint: Some(vec!["sleep".into(), "300".into()]),
+            labels: Some([(RUN_ID_LABEL.to_owned(), run_id.clone())].into()),
+            ..Default::default()
+        };
+        let options = bollard::query_parameters::CreateContainerOptions {
+            name: Some(container.clone()),
+            ..Default::default()
+        };
+        docker.create_container(Some(options), body).await.unwrap();
+        docker.start_container(&container, None).await.unwrap();
+        journal
+            .record(
+                "orphaned",
+                Resource::DockerImage {
+                    reference: image.clone(),
+                },
+            )
+            .unwrap();
+        let (name, tag) = image.rsplit_once(':').unwrap();
+        let options = bollard::query_parameters::TagImageOptions {
+            repo: Some(name.to_owned()),
+            tag: Some(tag.to_owned()),
+        };
+        docker.tag_image(&base, Some(options)).await.unwrap();
+    }
+
+    let mut runs = journal::dead_runs(state.path()).unwrap();
+    assert_eq!(runs.len(), 1);
+    let mut run = runs.pop().unwrap();
+    let outstanding = run.outstanding();
+    assert_eq!(outstanding.len(), 2);
+    for item in outstanding {
+        imgbuild_builders::common::orphans::clean_orphan(&item.resource)
+            .await
+            .unwrap_or_else(|err| panic!("cannot clean {}: {err}", item.resource.describe()));
+        run.release(item.id).unwrap();
+    }
+    assert!(
+        run.finish().unwrap(),
+        "the journal is gone once everything is removed"
+    );
+
+    assert!(containers_of_run(&docker, &run_id).await.is_empty());
+    assert!(!image_exists(&docker, &image).await);
+    assert!(
+        image_exists(&docker, &base).await,
+        "the base image only lost a tag"
+    );
+    // Already gone counts as removed.
+    imgbuild_builders::docker::clean_orphan(&Resource::DockerContainer { name: container })
+        .await
+        .unwrap();
+    imgbuild_builders::docker::clean_orphan(&Resource::DockerImage { reference: image })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn missing_base_images_are_reported_clearly() {
+    base_image();
+    let harness = Harness::new("app");
+    let missing = format!("{}:1", unique_repository());
+    let builder_without_pull = builder(serde_json::json!({"image": missing, "pull": false}));
+    let request = harness.request(image_info("app", "1.0.0"), Vec::new());
+    let err = builder_without_pull
+        .preflight(&request, &harness.cx)
+        .await
+        .unwrap_err();
+    let BuildError::Refused(message) = err else {
+        panic!("expected a refusal, got {err:?}");
+    };
+    assert!(message.contains("is not in the Docker engine"), "{message}");
+    assert!(
+        message.contains(&format!("docker pull {missing}")),
+        "{message}"
+    );
+
+    // Nothing listens on port 1: the pull fails at once.
+    let unreachable = "localhost:1/imgbuild/missing:1";
+    let builder_with_pull = builder(serde_json::json!({"image": unreachable, "discard": true}));
+    let err = builder_with_pull
+        .build(&request, &harness.cx)
+        .await
+        .unwrap_err();
+    match err {
+        BuildError::Failed { step, message } => {
+            assert_eq!(step, "pull");
+            assert!(
+                message.contains(&format!("cannot pull {unreachable}")),
+                "{message}"
+            );
+            assert!(message.contains("pull = false"), "{message}");
+        }
+        other => panic!("expected the pull to fail, got {other:?}"),
+    }
+    harness.assert_journal_empty();
+}
+
+#[test]
+fn config_problems_name_the_field_and_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = builder(serde_json::json!({
+        "image": "debian:bookworm",
+        "changes": ["ENV OK=1", "RUN apt-get update", "CMD ['x']"],
+        "export_path": "out/rootfs.tar",
+        "discard": true,
+    }));
+    let problems = builder.validate(dir.path());
+    let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        vec!["changes[1]", "changes[2]", "discard", "changes"],
+        "{problems:?}"
+    );
+    assert!(
+        problems[0].message.contains("`RUN apt-get update`"),
+        "{}",
+        problems[0].message
+    );
+    assert!(
+        problems[0].message.contains("provisioner"),
+        "{}",
+        problems[0].message
+    );
+    assert!(
+        problems[1].message.contains("JSON"),
+        "{}",
+        problems[1].message
+    );
+    let err = serde_json::from_value::<imgbuild_builders::docker::DockerConfig>(
+        serde_json::json!({"image": "x", "pul": false}),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("unknown field `pul`"), "{err}");
+}

@@ -1,0 +1,350 @@
+//! What a run reports. Builders and provisioners only ever talk to a
+//! [`BuildLog`]; the CLI decides whether events become coloured terminal lines
+//! or one JSON object per line.
+
+use crate::redact::Redactor;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildStatus {
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    RunStarted {
+        run_id: String,
+        builds: Vec<String>,
+    },
+    BuildStarted {
+        build: String,
+        builder: String,
+    },
+    StepStarted {
+        build: String,
+        step: String,
+    },
+    StepFinished {
+        build: String,
+        step: String,
+        duration_ms: u64,
+    },
+    Message {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        build: Option<String>,
+        level: Level,
+        message: String,
+    },
+    Output {
+        build: String,
+        stream: Stream,
+        line: String,
+    },
+    Progress {
+        build: String,
+        task: String,
+        done: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        total: Option<u64>,
+    },
+    CleanupFailed {
+        build: String,
+        step: String,
+        error: String,
+    },
+    Artifact {
+        build: String,
+        artifact: serde_json::Value,
+    },
+    BuildFinished {
+        build: String,
+        status: BuildStatus,
+        duration_ms: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    RunFinished {
+        run_id: String,
+        exit_code: i32,
+        artifacts: Vec<serde_json::Value>,
+    },
+}
+
+impl Event {
+    pub fn build(&self) -> Option<&str> {
+        match self {
+            Event::RunStarted { .. } | Event::RunFinished { .. } => None,
+            Event::Message { build, .. } => build.as_deref(),
+            Event::BuildStarted { build, .. }
+            | Event::StepStarted { build, .. }
+            | Event::StepFinished { build, .. }
+            | Event::Output { build, .. }
+            | Event::Progress { build, .. }
+            | Event::CleanupFailed { build, .. }
+            | Event::Artifact { build, .. }
+            | Event::BuildFinished { build, .. } => Some(build),
+        }
+    }
+
+    /// Masks sensitive values in every free text the event carries. Build
+    /// and step names come from the config's structure, not from values.
+    fn redacted(self, redactor: &Redactor) -> Event {
+        if redactor.is_empty() {
+            return self;
+        }
+        let mask = |text: String| redactor.redact(&text).into_owned();
+        let mask_json = |mut value: serde_json::Value| {
+            redactor.redact_json(&mut value);
+            value
+        };
+        match self {
+            Event::Message {
+                build,
+                level,
+                message,
+            } => Event::Message {
+                build,
+                level,
+                message: mask(message),
+            },
+            Event::Output {
+                build,
+                stream,
+                line,
+            } => Event::Output {
+                build,
+                stream,
+                line: mask(line),
+            },
+            Event::Progress {
+                build,
+                task,
+                done,
+                total,
+            } => Event::Progress {
+                build,
+                task: mask(task),
+                done,
+                total,
+            },
+            Event::CleanupFailed { build, step, error } => Event::CleanupFailed {
+                build,
+                step,
+                error: mask(error),
+            },
+            Event::Artifact { build, artifact } => Event::Artifact {
+                build,
+                artifact: mask_json(artifact),
+            },
+            Event::BuildFinished {
+                build,
+                status,
+                duration_ms,
+                error,
+            } => Event::BuildFinished {
+                build,
+                status,
+                duration_ms,
+                error: error.map(mask),
+            },
+            Event::RunFinished {
+                run_id,
+                exit_code,
+                artifacts,
+            } => Event::RunFinished {
+                run_id,
+                exit_code,
+                artifacts: artifacts.into_iter().map(mask_json).collect(),
+            },
+            other @ (Event::RunStarted { .. }
+            | Event::BuildStarted { .. }
+            | Event::StepStarted { .. }
+            | Event::StepFinished { .. }) => other,
+        }
+    }
+}
+
+/// Receives every event of a run. Implementations must be cheap and must not
+/// block for long: builds call them from their own tasks.
+pub trait EventSink: Send + Sync {
+    fn emit(&self, event: &Event);
+}
+
+/// Redacts, then forwards.
+struct RedactingSink {
+    redactor: Redactor,
+    inner: Arc<dyn EventSink>,
+}
+
+impl EventSink for RedactingSink {
+    fn emit(&self, event: &Event) {
+        let event = event.clone().redacted(&self.redactor);
+        self.inner.emit(&event);
+    }
+}
+
+/// The handle through which one build (or the run itself) reports.
+#[derive(Clone)]
+pub struct BuildLog {
+    build: Arc<str>,
+    sink: Arc<dyn EventSink>,
+    redactor: Redactor,
+}
+
+impl BuildLog {
+    /// A root log for the whole run; all logs derived from it redact with
+    /// `redactor`.
+    pub fn root(sink: Arc<dyn EventSink>, redactor: Redactor) -> Self {
+        let sink: Arc<dyn EventSink> = Arc::new(RedactingSink {
+            redactor: redactor.clone(),
+            inner: sink,
+        });
+        BuildLog {
+            build: Arc::from(""),
+            sink,
+            redactor,
+        }
+    }
+
+    pub fn for_build(&self, build: &str) -> Self {
+        BuildLog {
+            build: Arc::from(build),
+            sink: self.sink.clone(),
+            redactor: self.redactor.clone(),
+        }
+    }
+
+    pub fn build_name(&self) -> &str {
+        &self.build
+    }
+
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    pub fn emit(&self, event: Event) {
+        self.sink.emit(&event);
+    }
+
+    fn message(&self, level: Level, message: String) {
+        let build = (!self.build.is_empty()).then(|| self.build.to_string());
+        self.emit(Event::Message {
+            build,
+            level,
+            message,
+        });
+    }
+
+    pub fn info(&self, message: impl Into<String>) {
+        self.message(Level::Info, message.into());
+    }
+
+    pub fn warn(&self, message: impl Into<String>) {
+        self.message(Level::Warn, message.into());
+    }
+
+    pub fn error(&self, message: impl Into<String>) {
+        self.message(Level::Error, message.into());
+    }
+
+    pub fn output(&self, stream: Stream, line: &str) {
+        self.emit(Event::Output {
+            build: self.build.to_string(),
+            stream,
+            line: line.to_owned(),
+        });
+    }
+
+    pub fn progress(&self, task: &str, done: u64, total: Option<u64>) {
+        self.emit(Event::Progress {
+            build: self.build.to_string(),
+            task: task.to_owned(),
+            done,
+            total,
+        });
+    }
+
+    pub fn step_started(&self, step: &str) {
+        self.emit(Event::StepStarted {
+            build: self.build.to_string(),
+            step: step.to_owned(),
+        });
+    }
+
+    pub fn step_finished(&self, step: &str, elapsed: Duration) {
+        self.emit(Event::StepFinished {
+            build: self.build.to_string(),
+            step: step.to_owned(),
+            duration_ms: elapsed.as_millis() as u64,
+        });
+    }
+
+    pub fn cleanup_failed(&self, step: &str, error: &str) {
+        self.emit(Event::CleanupFailed {
+            build: self.build.to_string(),
+            step: step.to_owned(),
+            error: error.to_owned(),
+        });
+    }
+}
+
+/// Collects events in memory; for tests and for callers that post-process.
+#[derive(Default)]
+pub struct MemorySink {
+    events: std::sync::Mutex<Vec<Event>>,
+}
+
+impl MemorySink {
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().expect("sink lock poisoned").clone()
+    }
+}
+
+impl EventSink for MemorySink {
+    fn emit(&self, event: &Event) {
+        self.events
+            .lock()
+            .expect("sink lock poisoned")
+            .push(event.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_masked_before_reaching_the_sink() {
+        let sink = Arc::new(MemorySink::default());
+        let redactor = Redactor::new();
+        redactor.add("tops3cret");
+        let log = BuildLog::root(sink.clone(), redactor).for_build("vm");
+        log.output(Stream::Stdout, "password is tops3cret");
+        log.info("using tops3cret");
+        log.cleanup_failed("launch", "tops3cret leaked?");
+        let json = serde_json::to_string(&sink.events()).unwrap();
+        assert!(!json.contains("tops3cret"), "{json}");
+        assert_eq!(json.matches("<sensitive>").count(), 3, "{json}");
+    }
+}

@@ -1,0 +1,17 @@
+//! Plumbing shared by every layer of imgbuild: the events a build reports,
+//! the redaction of sensitive values, the durable journal of resources a run
+//! creates, and the step runner that gives every builder its cleanup semantics.
+
+pub mod duration;
+pub mod events;
+pub mod fsutil;
+pub mod journal;
+pub mod redact;
+pub mod step;
+pub mod template;
+
+pub use events::{BuildLog, Event, EventSink, Level, Stream};
+pub use journal::{Journal, Resource, ResourceId};
+pub use redact::Redactor;
+pub use step::{CleanupOutcome, OnError, Step, StepContext, StepError, run_steps};
+pub use tokio_util::sync::CancellationToken;

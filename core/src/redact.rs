@@ -1,0 +1,104 @@
+//! Sensitive values (passwords, tokens) must never reach a log line, an event
+//! or the manifest. Every text that leaves the process passes through one
+//! shared [`Redactor`].
+
+use std::borrow::Cow;
+use std::sync::{Arc, RwLock};
+
+pub const MASK: &str = "<sensitive>";
+
+#[derive(Clone, Default)]
+pub struct Redactor {
+    secrets: Arc<RwLock<Vec<String>>>,
+}
+
+impl Redactor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a value to be masked. Values shorter than 3 characters are
+    /// ignored: masking every "a" or "1" in the output would make it unreadable
+    /// while protecting nothing.
+    pub fn add(&self, secret: impl Into<String>) {
+        let secret = secret.into();
+        if secret.chars().count() < 3 {
+            return;
+        }
+        let mut secrets = self.secrets.write().expect("redactor lock poisoned");
+        if !secrets.contains(&secret) {
+            secrets.push(secret);
+            // Longest first, so a secret containing another is masked whole.
+            secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        }
+    }
+
+    pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let secrets = self.secrets.read().expect("redactor lock poisoned");
+        let mut result = Cow::Borrowed(text);
+        for secret in secrets.iter() {
+            if result.contains(secret.as_str()) {
+                result = Cow::Owned(result.replace(secret.as_str(), MASK));
+            }
+        }
+        result
+    }
+
+    /// Masks every string value inside a JSON value. Keys are structure
+    /// (field names), not data, and stay as they are.
+    pub fn redact_json(&self, value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(text) => {
+                if let Cow::Owned(masked) = self.redact(text) {
+                    *text = masked;
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
+            serde_json::Value::Object(map) => map.values_mut().for_each(|v| self.redact_json(v)),
+            _ => {}
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.secrets
+            .read()
+            .expect("redactor lock poisoned")
+            .is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_every_occurrence_and_longest_first() {
+        let redactor = Redactor::new();
+        redactor.add("hunter2");
+        redactor.add("hunter2-extended");
+        assert_eq!(
+            redactor.redact("pw=hunter2-extended and hunter2"),
+            "pw=<sensitive> and <sensitive>"
+        );
+    }
+
+    #[test]
+    fn ignores_trivially_short_values() {
+        let redactor = Redactor::new();
+        redactor.add("ab");
+        assert_eq!(redactor.redact("abc"), "abc");
+        assert!(redactor.is_empty());
+    }
+
+    #[test]
+    fn masks_json_string_values_but_not_field_names() {
+        let redactor = Redactor::new();
+        redactor.add("s3cret");
+        let mut value = serde_json::json!({"a": ["x s3cret"], "s3cret_field": "s3cret"});
+        redactor.redact_json(&mut value);
+        assert_eq!(
+            value,
+            serde_json::json!({"a": ["x <sensitive>"], "s3cret_field": "<sensitive>"})
+        );
+    }
+}

@@ -1,0 +1,140 @@
+use async_trait::async_trait;
+use imgbuild_core::Stream;
+use thiserror::Error;
+use tokio::io::AsyncRead;
+
+#[derive(Debug, Error)]
+pub enum CommError {
+    /// The connection went away while a command ran, as it does on a reboot.
+    #[error("the connection to {target} was lost: {reason}")]
+    Disconnected { target: String, reason: String },
+    #[error("cannot connect to {target}: {reason}")]
+    Connect { target: String, reason: String },
+    #[error("{operation} on {target} failed: {reason}")]
+    Operation {
+        operation: String,
+        target: String,
+        reason: String,
+    },
+    #[error("reading or writing local data failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How a remote command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(u32),
+    /// Killed by a signal (name as the remote side reported it).
+    Signal(String),
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(code) => write!(f, "exit code {code}"),
+            ExitStatus::Signal(signal) => write!(f, "signal {signal}"),
+        }
+    }
+}
+
+/// Receives a remote command's output, one complete line at a time (the final
+/// line may lack its newline). Lines are not guaranteed valid UTF-8 on the
+/// wire; they arrive lossily decoded.
+pub trait OutputSink: Send + Sync {
+    fn line(&self, stream: Stream, line: &str);
+}
+
+/// A byte stream in one direction of a transfer.
+pub type ByteStream = Box<dyn AsyncRead + Send + Unpin>;
+
+/// Runs commands on, and moves files to and from, one machine.
+///
+/// Files travel as tar streams: a tar archive is what both `tar -x` over SSH
+/// and the Docker archive API take, so modes, directories and symlinks are
+/// carried the same way on every builder.
+#[async_trait]
+pub trait Communicator: Send + Sync {
+    /// Runs `command` with the remote user's shell (`sh -c` semantics),
+    /// streaming output to `output` as it arrives.
+    async fn exec(&self, command: &str, output: &dyn OutputSink) -> Result<ExitStatus, CommError>;
+
+    /// Extracts the tar archive `archive` into the existing-or-created
+    /// directory `dest_dir` on the machine.
+    async fn upload_tar(&self, dest_dir: &str, archive: ByteStream) -> Result<(), CommError>;
+
+    /// A tar archive of `path` (a file or a directory) on the machine, with
+    /// entries named relative to `path`'s parent directory.
+    async fn download_tar(&self, path: &str) -> Result<ByteStream, CommError>;
+
+    /// Brings the communicator back after the machine disconnected on
+    /// purpose (a reboot), waiting for it as on first connect.
+    async fn reconnect(&self) -> Result<(), CommError>;
+
+    /// Where commands run, for messages: "imgbuild@127.0.0.1:2222".
+    fn target(&self) -> String;
+}
+
+/// Splits a byte stream into lines for an [`OutputSink`].
+pub struct LineSplitter {
+    stream: Stream,
+    pending: Vec<u8>,
+}
+
+impl LineSplitter {
+    pub fn new(stream: Stream) -> Self {
+        LineSplitter {
+            stream,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, data: &[u8], sink: &dyn OutputSink) {
+        self.pending.extend_from_slice(data);
+        while let Some(newline) = self.pending.iter().position(|&b| b == b'\n') {
+            let rest = self.pending.split_off(newline + 1);
+            let line = std::mem::replace(&mut self.pending, rest);
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+            sink.line(self.stream, text.trim_end_matches('\r'));
+        }
+    }
+
+    pub fn finish(&mut self, sink: &dyn OutputSink) {
+        if !self.pending.is_empty() {
+            let text = String::from_utf8_lossy(&self.pending).into_owned();
+            sink.line(self.stream, text.trim_end_matches('\r'));
+            self.pending.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Lines(Mutex<Vec<(Stream, String)>>);
+    impl OutputSink for Lines {
+        fn line(&self, stream: Stream, line: &str) {
+            self.0.lock().unwrap().push((stream, line.to_owned()));
+        }
+    }
+
+    #[test]
+    fn splits_lines_across_chunks_and_flushes_the_tail() {
+        let lines = Lines::default();
+        let mut splitter = LineSplitter::new(Stream::Stdout);
+        splitter.push(b"hel", &lines);
+        splitter.push(b"lo\r\nwor", &lines);
+        splitter.push(b"ld\n\nlast", &lines);
+        splitter.finish(&lines);
+        let got: Vec<String> = lines
+            .0
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect();
+        assert_eq!(got, vec!["hello", "world", "", "last"]);
+    }
+}

@@ -1,0 +1,15 @@
+//! How imgbuild talks to a machine and changes it.
+//!
+//! A [`Communicator`] runs commands and moves files; the SSH communicator is
+//! one, the Docker builder's exec API another. Provisioners (shell, file) are
+//! written against the trait and behave the same on every builder.
+
+pub mod communicator;
+pub mod file;
+pub mod provisioner;
+pub mod shell;
+pub mod ssh;
+pub mod transfer;
+
+pub use communicator::{CommError, Communicator, ExitStatus, OutputSink};
+pub use provisioner::{ProvisionContext, ProvisionError, Provisioner};

@@ -1,0 +1,133 @@
+//! What every provisioner shares: the context it runs in, its errors, and the
+//! enum the builders run without knowing which kind they hold.
+
+use crate::communicator::{CommError, Communicator, ExitStatus, OutputSink};
+use crate::file::FileProvisioner;
+use crate::shell::ShellProvisioner;
+use imgbuild_core::{BuildLog, CancellationToken, Stream};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ProvisionError {
+    #[error(
+        "`{command}` failed with {status} (accepted: {accepted}){}",
+        tail_text(.tail)
+    )]
+    CommandFailed {
+        command: String,
+        status: ExitStatus,
+        accepted: String,
+        tail: Vec<String>,
+    },
+    #[error("{what} timed out after {}", humantime::format_duration(*.after))]
+    Timeout { what: String, after: Duration },
+    #[error(
+        "{0}; if this provisioner reboots or shuts down the machine on purpose, set `expect_disconnect = true`"
+    )]
+    UnexpectedDisconnect(CommError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("execute_command template: {0}")]
+    Template(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn tail_text(tail: &[String]) -> String {
+    if tail.is_empty() {
+        return String::new();
+    }
+    format!("; last output lines:\n    {}", tail.join("\n    "))
+}
+
+/// What a provisioner runs with.
+#[derive(Clone)]
+pub struct ProvisionContext {
+    pub log: BuildLog,
+    pub cancel: CancellationToken,
+}
+
+/// A configured provisioner, ready to run against any communicator.
+#[derive(Debug, Clone)]
+pub enum Provisioner {
+    Shell(ShellProvisioner),
+    File(FileProvisioner),
+}
+
+impl Provisioner {
+    pub fn describe(&self) -> String {
+        match self {
+            Provisioner::Shell(shell) => shell.describe(),
+            Provisioner::File(file) => file.describe(),
+        }
+    }
+
+    pub async fn run(
+        &self,
+        comm: &dyn Communicator,
+        cx: &ProvisionContext,
+    ) -> Result<(), ProvisionError> {
+        let work = async {
+            match self {
+                Provisioner::Shell(shell) => shell.run(comm, cx).await,
+                Provisioner::File(file) => file.run(comm, cx).await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = cx.cancel.cancelled() => Err(ProvisionError::Cancelled),
+            result = work => result,
+        }
+    }
+}
+
+/// Forwards remote output to the build log and keeps the last lines for the
+/// error message when the command fails.
+pub(crate) struct LoggingSink<'a> {
+    log: &'a BuildLog,
+    tail: Mutex<VecDeque<String>>,
+    keep: usize,
+}
+
+impl<'a> LoggingSink<'a> {
+    pub(crate) fn new(log: &'a BuildLog, keep: usize) -> Self {
+        LoggingSink {
+            log,
+            tail: Mutex::new(VecDeque::with_capacity(keep)),
+            keep,
+        }
+    }
+
+    pub(crate) fn tail(&self) -> Vec<String> {
+        let tail = self.tail.lock().expect("tail lock poisoned");
+        tail.iter()
+            .map(|line| self.log.redactor().redact(line).into_owned())
+            .collect()
+    }
+}
+
+impl OutputSink for LoggingSink<'_> {
+    fn line(&self, stream: Stream, line: &str) {
+        self.log.output(stream, line);
+        let mut tail = self.tail.lock().expect("tail lock poisoned");
+        if tail.len() == self.keep {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_owned());
+    }
+}

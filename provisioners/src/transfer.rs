@@ -1,0 +1,345 @@
+//! Tar streams for moving files, built and unpacked off the async runtime,
+//! with progress reported as bytes flow.
+
+use crate::communicator::ByteStream;
+use crate::provisioner::ProvisionError;
+use imgbuild_core::BuildLog;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::task::JoinHandle;
+use tokio_util::io::SyncIoBridge;
+
+/// How much of the archive may sit between the tar builder and the wire.
+const PIPE_BUFFER: usize = 1 << 20;
+
+/// An archive of one in-memory file (a script, inline content).
+pub fn single_file_archive(
+    name: &str,
+    content: &[u8],
+    mode: u32,
+) -> Result<ByteStream, ProvisionError> {
+    let mut builder = tar::Builder::new(Vec::with_capacity(content.len() + 1024));
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(mode);
+    header.set_mtime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    );
+    header.set_entry_type(tar::EntryType::Regular);
+    builder
+        .append_data(&mut header, name, content)
+        .and_then(|()| builder.into_inner())
+        .map(|bytes| Box::new(io::Cursor::new(bytes)) as ByteStream)
+        .map_err(|source| ProvisionError::Read {
+            path: name.to_owned(),
+            source,
+        })
+}
+
+/// One local file or directory tree to pack, and the name it gets in the
+/// archive.
+#[derive(Debug, Clone)]
+pub struct PackEntry {
+    pub local: PathBuf,
+    pub name_in_archive: PathBuf,
+}
+
+/// Total bytes of regular files under the entries, for progress bars.
+pub fn total_size(entries: &[PackEntry]) -> u64 {
+    entries
+        .iter()
+        .flat_map(|entry| walkdir::WalkDir::new(&entry.local).follow_links(false))
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// A tar archive produced on a blocking thread while it is read. The archive
+/// stream ends early if packing fails; `finish` then reports why.
+pub struct PackedArchive {
+    pub stream: ByteStream,
+    packer: JoinHandle<io::Result<()>>,
+}
+
+impl PackedArchive {
+    pub async fn finish(self) -> Result<(), ProvisionError> {
+        match self.packer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(ProvisionError::Read {
+                path: "upload source".into(),
+                source,
+            }),
+            Err(join) => Err(ProvisionError::Read {
+                path: "upload source".into(),
+                source: io::Error::other(join.to_string()),
+            }),
+        }
+    }
+}
+
+pub fn pack(entries: Vec<PackEntry>) -> PackedArchive {
+    let (reader, writer) = tokio::io::duplex(PIPE_BUFFER);
+    let packer = tokio::task::spawn_blocking(move || {
+        let mut builder = tar::Builder::new(SyncIoBridge::new(writer));
+        builder.follow_symlinks(false);
+        for entry in &entries {
+            append_tree(&mut builder, &entry.local, &entry.name_in_archive)?;
+        }
+        let mut bridge = builder.into_inner()?;
+        io::Write::flush(&mut bridge)?;
+        bridge.shutdown()
+    });
+    PackedArchive {
+        stream: Box::new(reader),
+        packer,
+    }
+}
+
+fn append_tree<W: io::Write>(
+    builder: &mut tar::Builder<W>,
+    root: &Path,
+    name: &Path,
+) -> io::Result<()> {
+    for item in walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+    {
+        let item = item.map_err(io::Error::other)?;
+        let relative = item.path().strip_prefix(root).map_err(io::Error::other)?;
+        let archive_name = if relative.as_os_str().is_empty() {
+            name.to_path_buf()
+        } else {
+            name.join(relative)
+        };
+        if archive_name.as_os_str().is_empty() {
+            continue; // the root of a "contents of" upload is the destination itself
+        }
+        let metadata = std::fs::symlink_metadata(item.path())?;
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
+        // Ownership on the machine follows whoever extracts (root or the SSH
+        // user), never the uid of the person running the build.
+        header.set_uid(0);
+        header.set_gid(0);
+        let _ = header.set_username("root");
+        let _ = header.set_groupname("root");
+        if metadata.file_type().is_symlink() {
+            let target = std::fs::read_link(item.path())?;
+            header.set_size(0);
+            builder.append_link(&mut header, &archive_name, target)?;
+        } else if metadata.is_dir() {
+            header.set_size(0);
+            builder.append_data(&mut header, &archive_name, io::empty())?;
+        } else if metadata.is_file() {
+            let file = std::fs::File::open(item.path())?;
+            builder.append_data(&mut header, &archive_name, file)?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks a downloaded archive whose entries start with one top-level name.
+/// With `rename_root = Some(path)`, that top-level entry becomes `path`;
+/// otherwise entries are placed inside `dest_dir` as they are.
+pub async fn unpack(
+    stream: ByteStream,
+    dest_dir: PathBuf,
+    rename_root: Option<PathBuf>,
+) -> Result<u64, ProvisionError> {
+    let bridge = SyncIoBridge::new(stream);
+    let task = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        let mut archive = tar::Archive::new(bridge);
+        let mut bytes = 0;
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let path = entry.path()?.into_owned();
+            let target = placed_path(&path, &dest_dir, rename_root.as_deref())?;
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            bytes += entry.header().size().unwrap_or(0);
+            entry.set_preserve_mtime(true);
+            entry.unpack(&target)?;
+        }
+        Ok(bytes)
+    });
+    task.await
+        .map_err(|join| io::Error::other(join.to_string()))
+        .and_then(|r| r)
+        .map_err(|source| ProvisionError::Write {
+            path: "download destination".into(),
+            source,
+        })
+}
+
+fn placed_path(entry: &Path, dest_dir: &Path, rename_root: Option<&Path>) -> io::Result<PathBuf> {
+    let mut components = Vec::new();
+    for component in entry.components() {
+        match component {
+            Component::Normal(part) => components.push(part),
+            Component::CurDir => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "refusing archive entry {} outside the destination",
+                        entry.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let Some((_, rest)) = components.split_first() else {
+        return Ok(rename_root
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dest_dir.to_path_buf()));
+    };
+    Ok(match rename_root {
+        Some(root) => rest
+            .iter()
+            .fold(root.to_path_buf(), |path, part| path.join(part)),
+        None => components
+            .iter()
+            .fold(dest_dir.to_path_buf(), |path, part| path.join(part)),
+    })
+}
+
+/// Counts bytes through a stream and reports progress at most a few times a
+/// second, so a 1 GiB transfer does not become a million events.
+pub struct ProgressReader<R> {
+    inner: R,
+    log: BuildLog,
+    task: String,
+    total: Option<u64>,
+    done: u64,
+    last_report: Instant,
+}
+
+const REPORT_EVERY: Duration = Duration::from_millis(250);
+
+impl<R> ProgressReader<R> {
+    pub fn new(inner: R, log: BuildLog, task: String, total: Option<u64>) -> Self {
+        log.progress(&task, 0, total);
+        ProgressReader {
+            inner,
+            log,
+            task,
+            total,
+            done: 0,
+            last_report: Instant::now(),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ProgressReader<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            let read = (buf.filled().len() - before) as u64;
+            this.done += read;
+            let at_end = read == 0;
+            if at_end || this.last_report.elapsed() >= REPORT_EVERY {
+                this.last_report = Instant::now();
+                // Tar headers and padding make the stream a little longer
+                // than the payload; never report past the total.
+                let done = this.total.map_or(this.done, |total| this.done.min(total));
+                let done = if at_end {
+                    this.total.unwrap_or(done)
+                } else {
+                    done
+                };
+                this.log.progress(&this.task, done, this.total);
+            }
+        }
+        poll
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn archive_paths_cannot_escape_the_destination() {
+        let dest = Path::new("/dest");
+        assert_eq!(
+            placed_path(Path::new("a/b"), dest, None).unwrap(),
+            Path::new("/dest/a/b")
+        );
+        assert_eq!(
+            placed_path(Path::new("a/b"), dest, Some(Path::new("/x/y"))).unwrap(),
+            Path::new("/x/y/b")
+        );
+        assert_eq!(
+            placed_path(Path::new("a"), dest, Some(Path::new("/x/y"))).unwrap(),
+            Path::new("/x/y")
+        );
+        assert!(placed_path(Path::new("../etc/passwd"), dest, None).is_err());
+        assert!(placed_path(Path::new("/etc/passwd"), dest, None).is_err());
+    }
+
+    #[tokio::test]
+    async fn pack_then_unpack_preserves_tree_modes_and_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let src = tempfile::tempdir().unwrap();
+        let tree = src.path().join("tree");
+        std::fs::create_dir_all(tree.join("sub")).unwrap();
+        std::fs::write(tree.join("run.sh"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(tree.join("run.sh"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::write(tree.join("sub/secret"), b"s").unwrap();
+        std::fs::set_permissions(
+            tree.join("sub/secret"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("run.sh", tree.join("link")).unwrap();
+
+        let mut packed = pack(vec![PackEntry {
+            local: tree.clone(),
+            name_in_archive: "tree".into(),
+        }]);
+        let mut bytes = Vec::new();
+        packed.stream.read_to_end(&mut bytes).await.unwrap();
+        packed.finish().await.unwrap();
+
+        let out = tempfile::tempdir().unwrap();
+        let renamed = out.path().join("copy");
+        unpack(
+            Box::new(io::Cursor::new(bytes)),
+            out.path().to_path_buf(),
+            Some(renamed.clone()),
+        )
+        .await
+        .unwrap();
+        let mode = |p: &str| {
+            std::fs::metadata(renamed.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("run.sh"), 0o755);
+        assert_eq!(mode("sub/secret"), 0o600);
+        assert_eq!(
+            std::fs::read_link(renamed.join("link")).unwrap(),
+            Path::new("run.sh")
+        );
+    }
+}

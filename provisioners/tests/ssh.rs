@@ -1,0 +1,914 @@
+//! The SSH communicator against a real OpenSSH server on loopback.
+
+mod support;
+
+use imgbuild_core::{CancellationToken, Event, Level, Stream};
+use imgbuild_provisioners::communicator::{ByteStream, CommError, Communicator, ExitStatus};
+use imgbuild_provisioners::ssh::{SshAuth, SshCommunicator, TemporaryKey, load_private_key};
+use sha2::{Digest, Sha256};
+use std::io::{self, Write};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{Lines, ServerOptions, SshServer, test_log, test_wait_options};
+use tokio::io::AsyncReadExt;
+use tokio_util::io::SyncIoBridge;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Builds a tar archive on a blocking thread and streams it, so nothing
+/// holds the whole archive in memory.
+fn tar_stream<F>(build: F) -> (ByteStream, tokio::task::JoinHandle<io::Result<()>>)
+where
+    F: FnOnce(&mut tar::Builder<SyncIoBridge<tokio::io::DuplexStream>>) -> io::Result<()>
+        + Send
+        + 'static,
+{
+    let (writer, reader) = tokio::io::duplex(MIB as usize);
+    let bridge = SyncIoBridge::new(writer);
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut builder = tar::Builder::new(bridge);
+        builder.follow_symlinks(false);
+        build(&mut builder)?;
+        let mut bridge = builder.into_inner()?;
+        bridge.shutdown()
+    });
+    (Box::new(reader), producer)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `size` bytes of incompressible pseudo-random data, returning
+/// their sha256.
+fn write_pseudo_random(path: &Path, size: u64) -> io::Result<String> {
+    let mut file = io::BufWriter::new(std::fs::File::create(path)?);
+    let mut hasher = Sha256::new();
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut chunk = vec![0u8; MIB as usize];
+    for _ in 0..size / MIB {
+        for word in chunk.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk)?;
+    }
+    file.flush()?;
+    Ok(hex(&hasher.finalize()))
+}
+
+fn sha256_file(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut chunk = vec![0u8; MIB as usize];
+    loop {
+        let read = file.read(&mut chunk)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&chunk[..read]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn info_messages(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message {
+                level: Level::Info,
+                message,
+                ..
+            } => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn run(comm: &SshCommunicator, command: &str) -> (ExitStatus, Lines) {
+    let lines = Lines::default();
+    let status = comm.exec(command, &lines).await.unwrap();
+    (status, lines)
+}
+
+#[tokio::test]
+async fn runs_commands_and_streams_their_output() {
+    let server = SshServer::started().unwrap();
+    let key = server.authorized_key().unwrap();
+    let comm = server.connect(key.auth()).await.unwrap();
+    assert_eq!(
+        comm.target(),
+        format!("{}@127.0.0.1:{}", server.username(), server.port())
+    );
+    eprintln!("negotiated cipher: {:?}", comm.cipher());
+
+    let (status, lines) = run(
+        &comm,
+        "echo out1; echo err1 >&2; echo 'out 2'; printf 'no newline'; exit 3",
+    )
+    .await;
+    assert_eq!(status, ExitStatus::Code(3));
+    assert_eq!(lines.of(Stream::Stdout), ["out1", "out 2", "no newline"]);
+    assert_eq!(lines.of(Stream::Stderr), ["err1"]);
+
+    let (status, _) = run(&comm, "true").await;
+    assert_eq!(status, ExitStatus::Code(0));
+
+    let (status, _) = run(&comm, "kill -TERM $$").await;
+    assert_eq!(status, ExitStatus::Signal("TERM".to_owned()));
+}
+
+#[tokio::test]
+async fn many_lines_arrive_complete_and_in_order() {
+    let server = SshServer::started().unwrap();
+    let comm = server
+        .connect(server.authorized_key().unwrap().auth())
+        .await
+        .unwrap();
+    let (status, lines) = run(&comm, "seq 1 200000; seq 1 5000 >&2").await;
+    assert_eq!(status, ExitStatus::Code(0));
+    let expected: Vec<String> = (1..=200_000).map(|n| n.to_string()).collect();
+    assert!(lines.of(Stream::Stdout) == expected, "stdout lines differ");
+    let expected: Vec<String> = (1..=5000).map(|n| n.to_string()).collect();
+    assert!(lines.of(Stream::Stderr) == expected, "stderr lines differ");
+}
+
+#[tokio::test]
+async fn commands_from_several_tasks_run_side_by_side() {
+    let server = SshServer::started().unwrap();
+    let comm = server
+        .connect(server.authorized_key().unwrap().auth())
+        .await
+        .unwrap();
+    // The first command only finishes once the second has run, so running
+    // them one after the other would hang.
+    let flag = server.home().join("flag");
+    let waiter = format!(
+        "until [ -e {0} ]; do sleep 0.05; done; echo a",
+        flag.display()
+    );
+    let setter = format!("sleep 0.3; touch {0}; echo b", flag.display());
+    let (a, b) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(run(&comm, &waiter), run(&comm, &setter))
+    })
+    .await
+    .expect("the commands did not run side by side");
+    assert_eq!(a.1.of(Stream::Stdout), ["a"]);
+    assert_eq!(b.1.of(Stream::Stdout), ["b"]);
+}
+
+#[tokio::test]
+async fn uploads_and_downloads_a_tree_with_modes_and_symlinks() {
+    let server = SshServer::started().unwrap();
+    let comm = server
+        .connect(server.authorized_key().unwrap().auth())
+        .await
+        .unwrap();
+
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("tree");
+    std::fs::create_dir_all(src.join("nested/deeper")).unwrap();
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    std::fs::write(src.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(src.join("run.sh"), PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(src.join("secret.txt"), "s3cret\n").unwrap();
+    std::fs::set_permissions(src.join("secret.txt"), PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::write(src.join("nested/deeper/file.txt"), "deep\n").unwrap();
+    symlink("run.sh", src.join("link")).unwrap();
+
+    // A destination that needs quoting and does not exist yet.
+    let dest = server.home().join("it's a dest/sub");
+    let tree = src.clone();
+    let (archive, producer) = tar_stream(move |b| b.append_dir_all("tree", &tree));
+    comm.upload_tar(dest.to_str().unwrap(), archive)
+        .await
+        .unwrap();
+    producer.await.unwrap().unwrap();
+
+    let up = dest.join("tree");
+    assert_eq!(mode(&up.join("run.sh")), 0o755);
+    assert_eq!(mode(&up.join("secret.txt")), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(up.join("nested/deeper/file.txt")).unwrap(),
+        "deep\n"
+    );
+    assert_eq!(
+        std::fs::read_link(up.join("link")).unwrap(),
+        PathBuf::from("run.sh")
+    );
+    assert!(up.join("empty").is_dir());
+    let script = up.join("run.sh");
+    let script = shell_escape::unix::escape(script.to_str().unwrap().into());
+    let (_, lines) = run(&comm, &script).await;
+    assert_eq!(lines.of(Stream::Stdout), ["hi"]);
+
+    // And back again, trailing slash and all.
+    let mut download = comm
+        .download_tar(&format!("{}/", up.display()))
+        .await
+        .unwrap();
+    let mut bytes = Vec::new();
+    download.read_to_end(&mut bytes).await.unwrap();
+    let back = local.path().join("back");
+    let mut archive = tar::Archive::new(io::Cursor::new(bytes));
+    archive.set_preserve_permissions(true);
+    let names: Vec<String> = archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(names.iter().all(|n| n.starts_with("tree")), "{names:?}");
+    let mut archive = tar::Archive::new(io::Cursor::new(archive.into_inner().into_inner()));
+    archive.set_preserve_permissions(true);
+    archive.unpack(&back).unwrap();
+    assert_eq!(mode(&back.join("tree/run.sh")), 0o755);
+    assert_eq!(mode(&back.join("tree/secret.txt")), 0o600);
+    assert_eq!(
+        std::fs::read_link(back.join("tree/link")).unwrap(),
+        PathBuf::from("run.sh")
+    );
+    assert_eq!(
+        std::fs::read_to_string(back.join("tree/nested/deeper/file.txt")).unwrap(),
+        "deep\n"
+    );
+}
+
+#[tokio::test]
+async fn failing_transfers_report_tar_errors() {
+    let server = SshServer::started().unwrap();
+    let comm = server
+        .connect(server.authorized_key().unwrap().auth())
+        .await
+        .unwrap();
+
+    // mkdir fails while 16 MiB are still to be sent: the upload must end
+    // with tar's story instead of waiting for window space forever.
+    let blocker = server.home().join("a-file");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let (archive, _producer) = tar_stream(|b| {
+        let data = vec![7u8; 16 * MIB as usize];
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        b.append_data(&mut header, "big", data.as_slice())
+    });
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        comm.upload_tar(blocker.join("sub").to_str().unwrap(), archive),
+    )
+    .await
+    .expect("the upload hung")
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, CommError::Operation { .. }), "{text}");
+    assert!(text.contains("tar failed with exit code"), "{text}");
+    assert!(text.contains("Not a directory"), "{text}");
+
+    let mut download = comm.download_tar("/nonexistent/imgbuild").await.unwrap();
+    let mut bytes = Vec::new();
+    let err = download.read_to_end(&mut bytes).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("tar -c of /nonexistent/imgbuild"), "{text}");
+    assert!(text.contains("exit code 2"), "{text}");
+    assert!(text.contains("No such file"), "{text}");
+
+    // The connection is still good afterwards.
+    let (status, _) = run(&comm, "true").await;
+    assert_eq!(status, ExitStatus::Code(0));
+}
+
+/// A directory on tmpfs if there is one, else in the server's home.
+fn scratch_dir(server: &SshServer) -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let parent = if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        server.home()
+    };
+    tempfile::Builder::new()
+        .prefix("imgbuild-ssh-test-")
+        .tempdir_in(parent)
+        .unwrap()
+}
+
+/// CPU seconds used so far by this process (`RUSAGE_SELF`) or by its
+/// waited-for children (`RUSAGE_CHILDREN`).
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// How fast a transfer went, and the CPU the sending side spent on it
+/// (wall-clock rates are at the mercy of whatever else the host runs).
+struct Rate {
+    mib_per_second: f64,
+    cpu_seconds: f64,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} MiB/s, {:.2} s CPU",
+            self.mib_per_second, self.cpu_seconds
+        )
+    }
+}
+
+/// Uploads `file` (as `big.bin`) into `dest`. The CPU is the whole test
+/// process's, so it is only meaningful when this test runs alone.
+async fn timed_upload(comm: &SshCommunicator, file: &Path, dest: &Path) -> Rate {
+    let size = std::fs::metadata(file).unwrap().len();
+    let file = file.to_owned();
+    let cpu = cpu_seconds(libc::RUSAGE_SELF);
+    let started = Instant::now();
+    let (archive, producer) = tar_stream(move |b| b.append_path_with_name(&file, "big.bin"));
+    comm.upload_tar(dest.to_str().unwrap(), archive)
+        .await
+        .unwrap();
+    producer.await.unwrap().unwrap();
+    Rate {
+        mib_per_second: size as f64 / MIB as f64 / started.elapsed().as_secs_f64(),
+        cpu_seconds: cpu_seconds(libc::RUSAGE_SELF) - cpu,
+    }
+}
+
+/// Copies `file` to `dest` with OpenSSH's scp (SFTP protocol in 9.x).
+fn timed_scp(
+    server: &SshServer,
+    key_file: &Path,
+    file: &Path,
+    dest: &Path,
+    cipher: Option<&str>,
+) -> Rate {
+    let size = std::fs::metadata(file).unwrap().len();
+    let mut command = Command::new("scp");
+    command
+        .args([
+            "-q",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+        ])
+        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+        .arg("-i")
+        .arg(key_file)
+        .arg("-P")
+        .arg(server.port().to_string());
+    if let Some(cipher) = cipher {
+        command.arg("-c").arg(cipher);
+    }
+    let cpu = cpu_seconds(libc::RUSAGE_CHILDREN);
+    let started = Instant::now();
+    let status = command
+        .arg(file)
+        .arg(format!(
+            "{}@127.0.0.1:{}",
+            server.username(),
+            dest.display()
+        ))
+        .status()
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert!(status.success(), "scp failed: {status}");
+    Rate {
+        mib_per_second: size as f64 / MIB as f64 / elapsed.as_secs_f64(),
+        cpu_seconds: cpu_seconds(libc::RUSAGE_CHILDREN) - cpu,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_256_mib_streaming_and_compares_with_scp() {
+    let local = tempfile::tempdir().unwrap();
+    let big = local.path().join("big.bin");
+    let expected = write_pseudo_random(&big, 256 * MIB).unwrap();
+    let key = TemporaryKey::generate().unwrap();
+    let key_file = local.path().join("id_ed25519");
+    key.write_private_openssh(&key_file).unwrap();
+
+    let server = SshServer::started_with(ServerOptions {
+        log_level: "DEBUG1".to_owned(),
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    server.authorize_key(key.public_openssh()).unwrap();
+    let comm = server.connect(key.auth()).await.unwrap();
+
+    // Both copies land in memory when possible, so that the disk's mood
+    // does not drown the difference between the two transports.
+    let scratch = scratch_dir(&server);
+    let dest = scratch.path().join("upload");
+    let russh_rate = timed_upload(&comm, &big, &dest).await;
+    // Checked on the far side of the connection, with the machine's tools.
+    let remote_file = dest.join("big.bin");
+    let remote_file = shell_escape::unix::escape(remote_file.to_str().unwrap().into());
+    let (status, lines) = run(&comm, &format!("sha256sum {remote_file}")).await;
+    assert_eq!(status, ExitStatus::Code(0));
+    let remote = lines.of(Stream::Stdout).join("");
+    assert!(remote.starts_with(&expected), "{remote} != {expected}");
+    std::fs::remove_file(dest.join("big.bin")).unwrap();
+
+    let scp_dest = scratch.path().join("scp.bin");
+    let scp_rate = timed_scp(&server, &key_file, &big, &scp_dest, None);
+    assert_eq!(sha256_file(&scp_dest).unwrap(), expected);
+    std::fs::remove_file(&scp_dest).unwrap();
+    let negotiated: Vec<String> = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("kex: client->server cipher"))
+        .map(|l| l.to_owned())
+        .collect();
+    eprintln!(
+        "256 MiB upload: russh {} (cipher {}); scp {}",
+        russh_rate,
+        comm.cipher().unwrap_or_default(),
+        scp_rate
+    );
+    eprintln!("sshd saw: {negotiated:#?}");
+
+    // The same with each cipher forced by the server.
+    for cipher in ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"] {
+        let server = SshServer::started_with(ServerOptions {
+            extra_config: vec![format!("Ciphers {cipher}")],
+            ..ServerOptions::default()
+        })
+        .unwrap();
+        server.authorize_key(key.public_openssh()).unwrap();
+        let comm = server.connect(key.auth()).await.unwrap();
+        assert_eq!(comm.cipher().as_deref(), Some(cipher));
+        let dest = scratch.path().join("upload");
+        let russh_rate = timed_upload(&comm, &big, &dest).await;
+        assert_eq!(sha256_file(&dest.join("big.bin")).unwrap(), expected);
+        std::fs::remove_file(dest.join("big.bin")).unwrap();
+        let scp_dest = scratch.path().join("scp.bin");
+        let scp_rate = timed_scp(&server, &key_file, &big, &scp_dest, Some(cipher));
+        std::fs::remove_file(&scp_dest).unwrap();
+        eprintln!("256 MiB upload with {cipher}: russh {russh_rate}; scp {scp_rate}");
+    }
+}
+
+#[tokio::test]
+async fn waits_for_an_sshd_that_starts_later() {
+    let mut server = SshServer::new(ServerOptions::default()).unwrap();
+    server.keep_port();
+    let key = server.authorized_key().unwrap();
+    let (log, sink) = test_log();
+    let started = Instant::now();
+    let connecting = tokio::spawn(SshCommunicator::connect(
+        server.target(),
+        server.username(),
+        key.auth(),
+        test_wait_options(Duration::from_secs(30)),
+        CancellationToken::new(),
+        log,
+        None,
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.start().unwrap();
+    let listening = started.elapsed();
+    let comm = connecting.await.unwrap().unwrap();
+    let connected = started.elapsed();
+    eprintln!("sshd listening after {listening:?}, connected after {connected:?}");
+    // Polling is fast early on: connected soon after sshd listens.
+    assert!(
+        connected - listening < Duration::from_millis(1500),
+        "{connected:?}"
+    );
+    let (status, _) = run(&comm, "true").await;
+    assert_eq!(status, ExitStatus::Code(0));
+    let infos = info_messages(&sink.events());
+    assert_eq!(infos.len(), 2, "{infos:?}");
+    assert!(infos[0].starts_with("Waiting for SSH on"), "{infos:?}");
+    assert!(infos[1].starts_with("Connected to"), "{infos:?}");
+}
+
+#[tokio::test]
+async fn gives_up_after_the_timeout_naming_what_it_saw() {
+    let port = support::free_port().unwrap();
+    let started = Instant::now();
+    let err = SshCommunicator::connect(
+        imgbuild_provisioners::ssh::SshTarget {
+            host: "127.0.0.1".to_owned(),
+            port,
+        },
+        "builder".to_owned(),
+        TemporaryKey::generate().unwrap().auth(),
+        test_wait_options(Duration::from_millis(1500)),
+        CancellationToken::new(),
+        test_log().0,
+        None,
+    )
+    .await
+    .err()
+    .expect("nothing listens, yet it connected");
+    let elapsed = started.elapsed();
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(matches!(err, CommError::Connect { .. }));
+    assert!(
+        text.contains(&format!("builder@127.0.0.1:{port}")),
+        "{text}"
+    );
+    assert!(text.contains("within 1.5s"), "{text}");
+    assert!(text.contains("connection refused"), "{text}");
+    assert!(elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn cancellation_and_liveness_stop_the_wait() {
+    let target = imgbuild_provisioners::ssh::SshTarget {
+        host: "127.0.0.1".to_owned(),
+        port: support::free_port().unwrap(),
+    };
+    let auth = TemporaryKey::generate().unwrap().auth();
+
+    let cancel = CancellationToken::new();
+    let canceller = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        canceller.cancel();
+    });
+    let started = Instant::now();
+    let err = SshCommunicator::connect(
+        target.clone(),
+        "root".to_owned(),
+        auth.clone(),
+        test_wait_options(Duration::from_secs(60)),
+        cancel,
+        test_log().0,
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains("cancelled"), "{err}");
+
+    let started = Instant::now();
+    let liveness: imgbuild_provisioners::ssh::Liveness = Arc::new(move || {
+        (started.elapsed() > Duration::from_millis(400))
+            .then(|| "QEMU exited: exit status: 1".to_owned())
+    });
+    let err = SshCommunicator::connect(
+        target,
+        "root".to_owned(),
+        auth,
+        test_wait_options(Duration::from_secs(60)),
+        CancellationToken::new(),
+        test_log().0,
+        Some(liveness),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.to_string().contains("QEMU exited: exit status: 1"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_reported_as_rejected() {
+    let server = SshServer::started().unwrap();
+    server.authorized_key().unwrap();
+    let wrong = TemporaryKey::generate().unwrap();
+    let fingerprint = wrong.auth().describe();
+    let err = SshCommunicator::connect(
+        server.target(),
+        server.username(),
+        wrong.auth(),
+        test_wait_options(Duration::from_secs(3)),
+        CancellationToken::new(),
+        test_log().0,
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(
+        text.contains("authentication failed: the SSH server rejected the ssh-ed25519 key SHA256:"),
+        "{text}"
+    );
+    assert!(text.contains(&fingerprint), "{text}");
+    assert!(
+        text.contains(&format!("for user {}", server.username())),
+        "{text}"
+    );
+    assert!(text.contains("the server accepts: publickey"), "{text}");
+}
+
+/// Slow (30 s): shows that rejection ends the wait long before `timeout`.
+#[tokio::test]
+async fn persistent_rejection_ends_the_wait_early() {
+    let server = SshServer::started().unwrap();
+    let started = Instant::now();
+    let err = SshCommunicator::connect(
+        server.target(),
+        server.username(),
+        TemporaryKey::generate().unwrap().auth(),
+        test_wait_options(Duration::from_secs(600)),
+        CancellationToken::new(),
+        test_log().0,
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(30) && elapsed < Duration::from_secs(40),
+        "{elapsed:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("on every attempt for 3"), "{text}");
+    assert!(!text.contains("timed out"), "{text}");
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_reported_and_reconnect_waits_for_the_restart() {
+    let mut server = SshServer::started().unwrap();
+    server.keep_port();
+    let comm = Arc::new(
+        server
+            .connect(server.authorized_key().unwrap().auth())
+            .await
+            .unwrap(),
+    );
+
+    // A command whose own connection goes away, as with `reboot`.
+    let err = comm
+        .exec("echo bye; kill -9 $PPID; sleep 5", &Lines::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CommError::Disconnected { .. }), "{err}");
+    comm.reconnect().await.unwrap();
+    let (status, _) = run(&comm, "true").await;
+    assert_eq!(status, ExitStatus::Code(0));
+
+    // The whole server dies in the middle of a command...
+    let running = {
+        let comm = comm.clone();
+        tokio::spawn(async move {
+            let lines = Lines::default();
+            let result = comm.exec("echo started; sleep 30", &lines).await;
+            (result, lines)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let killed = Instant::now();
+    server.stop();
+    let (result, lines) = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("exec did not notice the disconnect")
+        .unwrap();
+    eprintln!("disconnect noticed after {:?}", killed.elapsed());
+    assert_eq!(lines.of(Stream::Stdout), ["started"]);
+    let err = result.unwrap_err();
+    eprintln!("{err}");
+    assert!(matches!(err, CommError::Disconnected { .. }), "{err}");
+    assert!(err.to_string().contains(&comm.target()), "{err}");
+
+    // ...and comes back a second later, on the same port.
+    let restart = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        server.start().unwrap();
+        server
+    });
+    let err = run_expecting_error(&comm).await;
+    assert!(matches!(err, CommError::Disconnected { .. }), "{err}");
+    comm.reconnect().await.unwrap();
+    let _server = restart.await.unwrap();
+    let (status, lines) = run(&comm, "echo back").await;
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(lines.of(Stream::Stdout), ["back"]);
+}
+
+#[tokio::test]
+async fn keepalives_keep_quiet_commands_alive_and_notice_a_hung_machine() {
+    // sshd drops clients that do not answer its own keepalive probes.
+    let mut server = SshServer::started_with(ServerOptions {
+        extra_config: vec![
+            "ClientAliveInterval 1".to_owned(),
+            "ClientAliveCountMax 2".to_owned(),
+        ],
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    let key = server.authorized_key().unwrap();
+    let comm = SshCommunicator::connect(
+        server.target(),
+        server.username(),
+        key.auth(),
+        imgbuild_provisioners::ssh::WaitOptions {
+            keepalive_interval: Duration::from_secs(1),
+            ..test_wait_options(Duration::from_secs(20))
+        },
+        CancellationToken::new(),
+        test_log().0,
+        None,
+    )
+    .await
+    .unwrap();
+    let (status, lines) = run(&comm, "sleep 4; echo still here").await;
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(lines.of(Stream::Stdout), ["still here"]);
+
+    // A machine that stops answering without closing the connection is
+    // only noticed through our own keepalives going unanswered.
+    let comm = Arc::new(comm);
+    let running = {
+        let comm = comm.clone();
+        tokio::spawn(async move { comm.exec("sleep 60", &Lines::default()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.freeze_sessions();
+    let frozen = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("a hung machine was never noticed")
+        .unwrap()
+        .unwrap_err();
+    eprintln!("hung machine noticed after {:?}: {err}", frozen.elapsed());
+    assert!(matches!(err, CommError::Disconnected { .. }), "{err}");
+    assert!(err.to_string().contains("keepalives"), "{err}");
+}
+
+async fn run_expecting_error(comm: &SshCommunicator) -> CommError {
+    comm.exec("true", &Lines::default()).await.unwrap_err()
+}
+
+#[tokio::test]
+async fn key_files_load_or_explain_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let keygen = |name: &str, args: &[&str]| {
+        let path = dir.path().join(name);
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-C", "test"])
+            .args(args)
+            .arg("-f")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        path
+    };
+
+    let missing = dir.path().join("missing");
+    let err = load_private_key(&missing).unwrap_err().to_string();
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+
+    let encrypted = keygen("encrypted", &["-t", "ed25519", "-N", "hunter22"]);
+    let err = load_private_key(&encrypted).unwrap_err().to_string();
+    assert!(err.contains(&encrypted.display().to_string()), "{err}");
+    assert!(err.contains("passphrase"), "{err}");
+
+    let public = encrypted.with_extension("pub");
+    let err = load_private_key(&public).unwrap_err().to_string();
+    assert!(err.contains("does not hold a private key"), "{err}");
+
+    // An RSA key also needs the signature hash negotiated; log in with one.
+    let rsa = keygen("rsa", &["-t", "rsa", "-b", "2048", "-N", ""]);
+    let server = SshServer::started().unwrap();
+    server
+        .authorize_key(&std::fs::read_to_string(rsa.with_extension("pub")).unwrap())
+        .unwrap();
+    let comm = server
+        .connect(SshAuth::from_key_file(&rsa).unwrap())
+        .await
+        .unwrap();
+    let (status, _) = run(&comm, "true").await;
+    assert_eq!(status, ExitStatus::Code(0));
+}
+
+/// A local user with a password, removed again on drop.
+struct PasswordUser {
+    name: String,
+    password: String,
+}
+
+impl PasswordUser {
+    fn create() -> io::Result<PasswordUser> {
+        let name = "imgbuild-ssh-test".to_owned();
+        let exists = Command::new("id").arg(&name).output()?.status.success();
+        if !exists {
+            let status = Command::new("useradd")
+                .args(["-m", "-s", "/bin/sh"])
+                .arg(&name)
+                .status()?;
+            if !status.success() {
+                return Err(io::Error::other(format!("useradd failed: {status}")));
+            }
+        }
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        let mut chpasswd = Command::new("chpasswd")
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        chpasswd
+            .stdin
+            .take()
+            .ok_or_else(|| io::Error::other("no stdin"))?
+            .write_all(format!("{name}:{password}\n").as_bytes())?;
+        let status = chpasswd.wait()?;
+        if !status.success() {
+            return Err(io::Error::other(format!("chpasswd failed: {status}")));
+        }
+        Ok(PasswordUser { name, password })
+    }
+}
+
+impl Drop for PasswordUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg("-r").arg(&self.name).output();
+    }
+}
+
+#[tokio::test]
+async fn logs_in_with_a_password() {
+    if !support::is_root() {
+        eprintln!(
+            "skipped: password logins need a local user with a password, and creating one needs root"
+        );
+        return;
+    }
+    let user = match PasswordUser::create() {
+        Ok(user) => user,
+        Err(err) => {
+            eprintln!("skipped: cannot create a test user with a password: {err}");
+            return;
+        }
+    };
+    let server = SshServer::started_with(ServerOptions {
+        password_authentication: true,
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    let (log, _sink) = test_log();
+    let comm = SshCommunicator::connect(
+        server.target(),
+        user.name.clone(),
+        SshAuth::Password(user.password.clone()),
+        test_wait_options(Duration::from_secs(20)),
+        CancellationToken::new(),
+        log.clone(),
+        None,
+    )
+    .await
+    .unwrap();
+    let (status, lines) = run(&comm, "id -un").await;
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(lines.of(Stream::Stdout), [user.name.as_str()]);
+    // The password is now masked in everything the build reports.
+    assert_eq!(log.redactor().redact(&user.password), "<sensitive>");
+
+    let err = SshCommunicator::connect(
+        server.target(),
+        user.name.clone(),
+        SshAuth::Password("wrong-password".to_owned()),
+        test_wait_options(Duration::from_secs(3)),
+        CancellationToken::new(),
+        test_log().0,
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
+    let text = err.to_string();
+    assert!(
+        text.contains("rejected the password for user imgbuild-ssh-test"),
+        "{text}"
+    );
+    assert!(!text.contains("wrong-password"), "{text}");
+}

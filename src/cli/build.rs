@@ -1,0 +1,117 @@
+//! `imgbuild build`: validate, then build every selected image version.
+
+use super::{ConfigArgs, EXIT_USAGE, GlobalOptions, new_run_id, report_diagnostics, runtime};
+use crate::config;
+use crate::manifest;
+use crate::pipeline::{self, RunOptions, RunStatus};
+use crate::ui::{HumanSink, JsonSink, OutputFormat};
+use clap::{Args, ValueEnum};
+use imgbuild_core::journal::default_state_dir;
+use imgbuild_core::{BuildLog, CancellationToken, EventSink, OnError};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnErrorArg {
+    /// Remove everything the failed build created
+    Cleanup,
+    /// Leave the machine running for debugging; `imgbuild clean` removes it later
+    Abort,
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// How many builds run at once [default: all]
+    #[arg(long, value_name = "N")]
+    parallel: Option<usize>,
+    /// What happens to a failed build's machine
+    #[arg(long, value_enum, default_value = "cleanup")]
+    on_error: OnErrorArg,
+    /// Where to record artifacts [default: imgbuild-manifest.json beside the config]
+    #[arg(long, value_name = "PATH")]
+    manifest: Option<PathBuf>,
+}
+
+pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
+    let run_id = new_run_id();
+    let started = time::OffsetDateTime::now_utc();
+    let options = args.config.load_options(&run_id, started);
+    let config = match config::load(&args.config.config, &options) {
+        Ok(config) => config,
+        Err(diagnostics) => {
+            report_diagnostics(&diagnostics, global);
+            return EXIT_USAGE;
+        }
+    };
+    if args.parallel == Some(0) {
+        eprintln!("error: --parallel must be at least 1");
+        return EXIT_USAGE;
+    }
+    let names: Vec<String> = config.builds.iter().map(|b| b.name.clone()).collect();
+    let sink: Arc<dyn EventSink> = match global.output {
+        OutputFormat::Human => Arc::new(HumanSink::new(
+            global.color.to_anstream(),
+            global.verbosity(),
+            &names,
+        )),
+        OutputFormat::Json => Arc::new(JsonSink::new()),
+    };
+    let log = BuildLog::root(sink, config.redactor.clone());
+    let manifest_path = args
+        .manifest
+        .clone()
+        .unwrap_or_else(|| manifest::default_path(&config.dir));
+    let run_options = RunOptions {
+        run_id,
+        started,
+        parallel: args.parallel.unwrap_or(names.len()),
+        on_error: match args.on_error {
+            OnErrorArg::Cleanup => OnError::Cleanup,
+            OnErrorArg::Abort => OnError::Abort,
+        },
+        manifest: manifest_path.clone(),
+        state_dir: default_state_dir(),
+    };
+    let quiet = global.quiet;
+    let output = global.output;
+    let status = runtime().block_on(async move {
+        let cancel = CancellationToken::new();
+        let watcher = match pipeline::signals::watch(cancel.clone(), log.clone()) {
+            Ok(watcher) => Some(watcher),
+            Err(err) => {
+                log.warn(format!(
+                    "cannot watch for Ctrl-C ({err}); an interrupt will not clean up"
+                ));
+                None
+            }
+        };
+        let status = pipeline::run(config, run_options, log, cancel).await;
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
+        status
+    });
+    if output == OutputFormat::Human && !quiet {
+        summarize(status, &manifest_path);
+    }
+    status.exit_code()
+}
+
+fn summarize(status: RunStatus, manifest_path: &std::path::Path) {
+    match status {
+        RunStatus::Succeeded => {
+            println!(
+                "all builds finished; artifacts are recorded in {}",
+                manifest_path.display()
+            );
+        }
+        RunStatus::Failed => eprintln!(
+            "some builds failed; successful ones are recorded in {}",
+            manifest_path.display()
+        ),
+        RunStatus::Refused => {}
+        RunStatus::Interrupted => eprintln!("interrupted; cleanup is done"),
+    }
+}

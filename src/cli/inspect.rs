@@ -1,0 +1,124 @@
+//! `imgbuild inspect`: the config as imgbuild understands it — builds,
+//! provisioners, variables (sensitive ones masked) and what each build will
+//! produce.
+
+use super::{ConfigArgs, EXIT_OK, EXIT_USAGE, GlobalOptions, new_run_id, report_diagnostics};
+use crate::config;
+use crate::ui::OutputFormat;
+use clap::Args;
+use imgbuild_core::redact::MASK;
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+pub fn run(args: InspectArgs, global: &GlobalOptions) -> i32 {
+    let options = args
+        .config
+        .load_options(&new_run_id(), time::OffsetDateTime::now_utc());
+    let config = match config::load(&args.config.config, &options) {
+        Ok(config) => config,
+        Err(diagnostics) => {
+            report_diagnostics(&diagnostics, global);
+            return EXIT_USAGE;
+        }
+    };
+    let variables: Vec<serde_json::Value> = config
+        .variables
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "name": v.name,
+                "value": if v.sensitive { MASK.to_owned() } else { v.value.clone() },
+                "sensitive": v.sensitive,
+                "description": v.description,
+                "source": v.source,
+            })
+        })
+        .collect();
+    let builds: Vec<serde_json::Value> = config
+        .builds
+        .iter()
+        .map(|build| {
+            let planned = build.builder.planned_artifact(&config.image, &config.dir);
+            serde_json::json!({
+                "name": build.name,
+                "type": build.builder.kind(),
+                "config": build.builder.resolved_config(),
+                "provisioners": build.provisioner_configs,
+                "output": planned,
+            })
+        })
+        .collect();
+    let mut document = serde_json::json!({
+        "config": config.path,
+        "image": config.image,
+        "variables": variables,
+        "builds": builds,
+        "excluded_builds": config.excluded,
+    });
+    config.redactor.redact_json(&mut document);
+
+    match global.output {
+        OutputFormat::Json => println!("{document}"),
+        OutputFormat::Human => print_human(&document),
+    }
+    EXIT_OK
+}
+
+fn print_human(document: &serde_json::Value) {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let image = &document["image"];
+    println!("image {} {}", text(&image["name"]), text(&image["version"]));
+    if let Some(description) = image["description"].as_str() {
+        println!("  {description}");
+    }
+    if let Some(labels) = image["labels"].as_object() {
+        for (key, value) in labels {
+            println!("  label {key} = {}", text(value));
+        }
+    }
+    println!();
+    println!("variables:");
+    for variable in document["variables"].as_array().into_iter().flatten() {
+        println!(
+            "  {} = {}  ({})",
+            text(&variable["name"]),
+            text(&variable["value"]),
+            text(&variable["source"])
+        );
+    }
+    for build in document["builds"].as_array().into_iter().flatten() {
+        println!();
+        println!("build {} ({})", text(&build["name"]), text(&build["type"]));
+        println!("  output: {}", text(&build["output"]["description"]));
+        let pretty = serde_json::to_string_pretty(&build["config"]).unwrap_or_default();
+        for line in pretty.lines() {
+            println!("  {line}");
+        }
+        for (index, provisioner) in build["provisioners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            println!("  provisioner {}: {}", index + 1, provisioner);
+        }
+    }
+    if let Some(excluded) = document["excluded_builds"]
+        .as_array()
+        .filter(|e| !e.is_empty())
+    {
+        println!();
+        println!(
+            "excluded by --only/--except: {}",
+            excluded.iter().map(text).collect::<Vec<_>>().join(", ")
+        );
+    }
+}

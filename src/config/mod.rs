@@ -1,0 +1,830 @@
+//! Reading `image.toml`: parsing, variables, templating and validation, all
+//! before anything is launched. Every problem is reported with its file,
+//! line, column and field.
+
+pub mod diagnostic;
+mod render;
+pub mod variables;
+
+use diagnostic::{Diagnostic, Diagnostics, did_you_mean, explain_serde_message};
+use imgbuild_builders::{Builder, BuilderKindError, ImageInfo, known_kinds};
+use imgbuild_core::{Redactor, template};
+use imgbuild_provisioners::Provisioner;
+use imgbuild_provisioners::file::{Direction, FileConfig, FileProvisioner};
+use imgbuild_provisioners::shell::{Script, ShellConfig, ShellProvisioner, render_execute_command};
+use render::{Renderer, join};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+pub use variables::{Variable, VariableInputs};
+
+const TOP_LEVEL: &[&str] = &["image", "variables", "builders", "provision"];
+const PROVISIONER_TYPES: &[&str] = &["shell", "file"];
+
+/// What a run was asked for, besides the config file.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub variables: VariableInputs,
+    pub run_id: String,
+    pub started: time::OffsetDateTime,
+    /// `--only`: build just these.
+    pub only: Vec<String>,
+    /// `--except`: build all but these.
+    pub except: Vec<String>,
+}
+
+/// A config, fully resolved and validated.
+pub struct Config {
+    pub path: PathBuf,
+    pub dir: PathBuf,
+    pub image: ImageInfo,
+    pub variables: Vec<Variable>,
+    /// The builds selected by `--only`/`--except`, in config order.
+    pub builds: Vec<Build>,
+    /// Builds left out by `--only`/`--except`.
+    pub excluded: Vec<String>,
+    /// Masks the values of sensitive variables everywhere.
+    pub redactor: Redactor,
+}
+
+pub struct Build {
+    pub name: String,
+    pub builder: Box<dyn Builder>,
+    pub provisioners: Vec<Provisioner>,
+    /// The provisioners' tables as resolved for this build.
+    pub provisioner_configs: Vec<serde_json::Value>,
+    /// Local files the build reads (scripts, uploads), for the inputs hash.
+    pub input_files: Vec<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageSection {
+    name: String,
+    version: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionTargets {
+    #[serde(default)]
+    only: Vec<String>,
+    #[serde(default)]
+    except: Vec<String>,
+}
+
+struct Loader<'a> {
+    file: &'a Path,
+    dir: PathBuf,
+    source: Arc<str>,
+    diagnostics: Diagnostics,
+}
+
+pub fn load(path: &Path, options: &LoadOptions) -> Result<Config, Diagnostics> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        Diagnostics(vec![
+            Diagnostic::new(path, format!("cannot read the config: {err}"))
+                .help("pass the path of an image.toml; see `imgbuild build --help`"),
+        ])
+    })?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let mut loader = Loader {
+        file: path,
+        dir,
+        source: Arc::from(text.as_str()),
+        diagnostics: Diagnostics::default(),
+    };
+    let config = loader.load(&text, options);
+    if loader.diagnostics.is_empty() {
+        config
+            .ok_or_else(|| Diagnostics(vec![Diagnostic::new(path, "the config could not be read")]))
+    } else {
+        Err(loader.diagnostics)
+    }
+}
+
+impl Loader<'_> {
+    fn error(&self, message: impl Into<String>, span: Range<usize>, field: &str) -> Diagnostic {
+        Diagnostic::new(self.file, message)
+            .at(&self.source, span)
+            .field(field)
+    }
+
+    fn serde_error(
+        &mut self,
+        err: &toml::de::Error,
+        fallback: Range<usize>,
+        root: &Spanned<DeValue<'_>>,
+        path: &str,
+    ) {
+        let (message, help) = explain_serde_message(err.message());
+        let span = err.span().unwrap_or(fallback);
+        let field = field_at(root, &span, path);
+        let mut diagnostic = self.error(message, span, &field);
+        if let Some(help) = help {
+            diagnostic = diagnostic.help(help);
+        }
+        self.diagnostics.push(diagnostic);
+    }
+
+    fn load(&mut self, text: &str, options: &LoadOptions) -> Option<Config> {
+        let document = match DeTable::parse(text) {
+            Ok(document) => document,
+            Err(err) => {
+                let diagnostic = self
+                    .error(
+                        format!("invalid TOML: {}", err.message().trim()),
+                        err.span().unwrap_or(0..0),
+                        "",
+                    )
+                    .help("see https://toml.io for the syntax");
+                self.diagnostics.push(diagnostic);
+                return None;
+            }
+        };
+        let top = document.get_ref();
+        for (key, _) in top.iter() {
+            let name: &str = key.get_ref();
+            if !TOP_LEVEL.contains(&name) {
+                let mut diagnostic =
+                    self.error(format!("unknown section `{name}`"), key.span(), name);
+                diagnostic = match did_you_mean(name, TOP_LEVEL.iter().copied()) {
+                    Some(best) => diagnostic.help(format!("did you mean `{best}`? a config has [image], [variables], [builders.NAME] and [[provision]]")),
+                    None => diagnostic.help("a config has [image], [variables], [builders.NAME] and [[provision]]"),
+                };
+                self.diagnostics.push(diagnostic);
+            }
+        }
+
+        let variables = variables::resolve(
+            self.file,
+            &self.source,
+            top.get("variables"),
+            &options.variables,
+            &mut self.diagnostics,
+        );
+        if !self.diagnostics.is_empty() {
+            // Every template using a missing variable would fail too; those
+            // echoes would bury the cause.
+            return None;
+        }
+        let redactor = Redactor::new();
+        for variable in variables.iter().filter(|v| v.sensitive) {
+            redactor.add(variable.value.clone());
+        }
+
+        let env = template::environment();
+        let git_sha = git_head(&self.dir);
+        let mut context = serde_json::json!({
+            "var": variables.iter().map(|v| (v.name.clone(), serde_json::Value::String(v.value.clone()))).collect::<serde_json::Map<_, _>>(),
+            "timestamp": options.started.unix_timestamp(),
+            "isotime": options.started.format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z")).unwrap_or_default(),
+            "run_id": options.run_id,
+        });
+        if let Some(sha) = &git_sha {
+            context["git_sha"] = sha.clone().into();
+        }
+
+        let image = self.image(top, &env, &context, options, git_sha.clone());
+        if let Some(image) = &image {
+            context["image"] = serde_json::json!({"name": image.name, "version": image.version});
+        }
+
+        let builders = self.builders(top, &env, &context);
+        let builder_names: Vec<String> = builders.iter().map(|(name, _, _)| name.clone()).collect();
+        let provisioners = self.provisioners(top, &env, &context, &builders);
+
+        // --only / --except must name builders that exist.
+        for (flag, names) in [("--only", &options.only), ("--except", &options.except)] {
+            for name in names {
+                if !builder_names.contains(name) {
+                    let mut diagnostic = Diagnostic::new(
+                        self.file,
+                        format!("{flag} names `{name}`, which is not a builder in this config"),
+                    );
+                    diagnostic = match did_you_mean(name, builder_names.iter().map(String::as_str))
+                    {
+                        Some(best) => diagnostic.help(format!("did you mean `{best}`?")),
+                        None => diagnostic.help(format!("builders: {}", builder_names.join(", "))),
+                    };
+                    self.diagnostics.push(diagnostic);
+                }
+            }
+        }
+        let declared_builders = match top.get("builders").map(|b| b.get_ref()) {
+            Some(DeValue::Table(table)) => table.len(),
+            _ => 0,
+        };
+        if declared_builders == 0 && top.get("builders").is_some() {
+            self.diagnostics.push(
+                Diagnostic::new(self.file, "the config defines no builders")
+                    .help("add a [builders.NAME] table with a `type`"),
+            );
+        }
+        if top.get("builders").is_none() {
+            self.diagnostics.push(
+                Diagnostic::new(self.file, "the config has no [builders.NAME] table").help(
+                    "add for example:\n[builders.vm]\ntype = \"qemu\"\nbase_image = \"base.qcow2\"",
+                ),
+            );
+        }
+        let image = image?;
+        if !self.diagnostics.is_empty() {
+            return None;
+        }
+
+        let mut provisioners_by_build = provisioners;
+        let mut builds = Vec::new();
+        let mut excluded = Vec::new();
+        for (name, builder, _) in builders {
+            let selected = (options.only.is_empty() || options.only.contains(&name))
+                && !options.except.contains(&name);
+            if !selected {
+                excluded.push(name);
+                continue;
+            }
+            let (provisioners, provisioner_configs, input_files) =
+                provisioners_by_build.remove(&name).unwrap_or_default();
+            builds.push(Build {
+                name,
+                builder,
+                provisioners,
+                provisioner_configs,
+                input_files,
+            });
+        }
+        if builds.is_empty() {
+            self.diagnostics.push(Diagnostic::new(
+                self.file,
+                "--only/--except leave no build to run",
+            ));
+            return None;
+        }
+        Some(Config {
+            path: self.file.to_path_buf(),
+            dir: self.dir.clone(),
+            image,
+            variables,
+            builds,
+            excluded,
+            redactor,
+        })
+    }
+
+    fn image(
+        &mut self,
+        top: &DeTable<'_>,
+        env: &minijinja::Environment<'static>,
+        context: &serde_json::Value,
+        options: &LoadOptions,
+        revision: Option<String>,
+    ) -> Option<ImageInfo> {
+        let Some(section) = top.get("image") else {
+            self.diagnostics.push(
+                Diagnostic::new(self.file, "the config has no [image] table")
+                    .help("add:\n[image]\nname = \"my-image\"\nversion = \"1.0.0\""),
+            );
+            return None;
+        };
+        let mut section = section.clone();
+        let before = self.diagnostics.len();
+        let source = self.source.clone();
+        let renderer = Renderer {
+            env,
+            context: &minijinja::Value::from_serialize(context),
+            file: self.file,
+            source: &source,
+        };
+        renderer.render_tree(&mut section, "image", &mut self.diagnostics);
+        if self.diagnostics.len() > before {
+            return None;
+        }
+        let parsed = match ImageSection::deserialize(ValueDeserializer::from(section.clone())) {
+            Ok(parsed) => parsed,
+            Err(err) => {
+                self.serde_error(&err, section.span(), &section, "image");
+                return None;
+            }
+        };
+        let mut ok = true;
+        for (field, value) in [("name", &parsed.name), ("version", &parsed.version)] {
+            if !is_artifact_word(value) {
+                let span = find_span(&section, field).unwrap_or(section.span());
+                let diagnostic = self
+                    .error(format!("`{value}` cannot be used as an image {field}"), span, &format!("image.{field}"))
+                    .help("use letters, digits, `.`, `_` and `-`, starting with a letter or digit: it becomes part of file names, tags and AMI names");
+                self.diagnostics.push(diagnostic);
+                ok = false;
+            }
+        }
+        ok.then(|| ImageInfo {
+            name: parsed.name,
+            version: parsed.version,
+            description: parsed.description,
+            labels: parsed.labels,
+            revision,
+            created: options
+                .started
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        })
+    }
+
+    fn builders(
+        &mut self,
+        top: &DeTable<'_>,
+        env: &minijinja::Environment<'static>,
+        context: &serde_json::Value,
+    ) -> Vec<(String, Box<dyn Builder>, Range<usize>)> {
+        let Some(section) = top.get("builders") else {
+            return Vec::new();
+        };
+        let DeValue::Table(table) = section.get_ref() else {
+            let diagnostic = self.error(
+                "`builders` must be a table of named builders",
+                section.span(),
+                "builders",
+            );
+            self.diagnostics.push(diagnostic);
+            return Vec::new();
+        };
+        let mut builders = Vec::new();
+        for (key, value) in table.iter() {
+            let name = key.get_ref().to_string();
+            let field = format!("builders.{name}");
+            if !is_build_name(&name) {
+                let diagnostic = self
+                    .error(
+                        format!("`{name}` cannot be used as a builder name"),
+                        key.span(),
+                        &field,
+                    )
+                    .help("use letters, digits, `_` and `-`, starting with a letter or digit");
+                self.diagnostics.push(diagnostic);
+                continue;
+            }
+            let DeValue::Table(builder_table) = value.get_ref() else {
+                let diagnostic = self.error("a builder must be a table", value.span(), &field);
+                self.diagnostics.push(diagnostic);
+                continue;
+            };
+            let kind = match builder_table.get("type").map(|v| (v.get_ref(), v.span())) {
+                Some((DeValue::String(kind), _)) => kind.to_string(),
+                Some((_, span)) => {
+                    let diagnostic =
+                        self.error("`type` must be a string", span, &format!("{field}.type"));
+                    self.diagnostics.push(diagnostic);
+                    continue;
+                }
+                None => {
+                    let diagnostic = self
+                        .error(
+                            format!("builder `{name}` has no `type`"),
+                            key.span(),
+                            &field,
+                        )
+                        .help(format!(
+                            "add `type = \"...\"` with one of: {}",
+                            known_kinds().join(", ")
+                        ));
+                    self.diagnostics.push(diagnostic);
+                    continue;
+                }
+            };
+            let type_span = builder_table
+                .get("type")
+                .map(|v| v.span())
+                .unwrap_or(key.span());
+            let mut rendered = value.clone();
+            if let DeValue::Table(inner) = rendered.get_mut() {
+                inner.remove("type");
+            }
+            let mut build_context = context.clone();
+            build_context["build"] = serde_json::json!({"name": name, "type": kind});
+            let source = self.source.clone();
+            let renderer = Renderer {
+                env,
+                context: &minijinja::Value::from_serialize(&build_context),
+                file: self.file,
+                source: &source,
+            };
+            let before = self.diagnostics.len();
+            renderer.render_tree(&mut rendered, &field, &mut self.diagnostics);
+            if self.diagnostics.len() > before {
+                continue;
+            }
+            match imgbuild_builders::deserialize_builder(
+                &kind,
+                ValueDeserializer::from(rendered.clone()),
+            ) {
+                Ok(builder) => {
+                    for problem in builder.validate(&self.dir) {
+                        let span = find_span(value, &problem.field).unwrap_or(key.span());
+                        let diagnostic = self.error(
+                            problem.message,
+                            span,
+                            &format!("{field}.{}", problem.field),
+                        );
+                        self.diagnostics.push(diagnostic);
+                    }
+                    builders.push((name, builder, key.span()));
+                }
+                Err(BuilderKindError::Unknown) => {
+                    let mut diagnostic = self.error(
+                        format!("unknown builder type `{kind}`"),
+                        type_span,
+                        &format!("{field}.type"),
+                    );
+                    diagnostic = match did_you_mean(&kind, known_kinds().iter().copied()) {
+                        Some(best) => diagnostic.help(format!(
+                            "did you mean `{best}`? builder types: {}",
+                            known_kinds().join(", ")
+                        )),
+                        None => {
+                            diagnostic.help(format!("builder types: {}", known_kinds().join(", ")))
+                        }
+                    };
+                    self.diagnostics.push(diagnostic);
+                }
+                Err(BuilderKindError::NotCompiledIn(message)) => {
+                    let diagnostic = self.error(message, type_span, &format!("{field}.type"));
+                    self.diagnostics.push(diagnostic);
+                }
+                Err(BuilderKindError::Invalid(err)) => {
+                    self.serde_error(&err, value.span(), value, &field)
+                }
+            }
+        }
+        builders
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn provisioners(
+        &mut self,
+        top: &DeTable<'_>,
+        env: &minijinja::Environment<'static>,
+        context: &serde_json::Value,
+        builders: &[(String, Box<dyn Builder>, Range<usize>)],
+    ) -> BTreeMap<String, (Vec<Provisioner>, Vec<serde_json::Value>, Vec<PathBuf>)> {
+        let mut by_build: BTreeMap<
+            String,
+            (Vec<Provisioner>, Vec<serde_json::Value>, Vec<PathBuf>),
+        > = BTreeMap::new();
+        let Some(section) = top.get("provision") else {
+            return by_build;
+        };
+        let DeValue::Array(items) = section.get_ref() else {
+            let diagnostic = self
+                .error(
+                    "`provision` must be a list of tables",
+                    section.span(),
+                    "provision",
+                )
+                .help("write each provisioner as a [[provision]] table");
+            self.diagnostics.push(diagnostic);
+            return by_build;
+        };
+        let names: Vec<&str> = builders.iter().map(|(name, _, _)| name.as_str()).collect();
+        for (index, item) in items.iter().enumerate() {
+            let field = format!("provision[{index}]");
+            let DeValue::Table(table) = item.get_ref() else {
+                let diagnostic = self.error("a provisioner must be a table", item.span(), &field);
+                self.diagnostics.push(diagnostic);
+                continue;
+            };
+            let kind = match table.get("type").map(|v| (v.get_ref(), v.span())) {
+                Some((DeValue::String(kind), span))
+                    if PROVISIONER_TYPES.contains(&kind.as_ref()) =>
+                {
+                    let _ = span;
+                    kind.to_string()
+                }
+                Some((DeValue::String(kind), span)) => {
+                    let mut diagnostic = self.error(
+                        format!("unknown provisioner type `{kind}`"),
+                        span,
+                        &format!("{field}.type"),
+                    );
+                    diagnostic = match did_you_mean(kind, PROVISIONER_TYPES.iter().copied()) {
+                        Some(best) => diagnostic.help(format!(
+                            "did you mean `{best}`? provisioner types: shell, file"
+                        )),
+                        None => diagnostic.help("provisioner types: shell, file"),
+                    };
+                    self.diagnostics.push(diagnostic);
+                    continue;
+                }
+                Some((_, span)) => {
+                    let diagnostic =
+                        self.error("`type` must be a string", span, &format!("{field}.type"));
+                    self.diagnostics.push(diagnostic);
+                    continue;
+                }
+                None => {
+                    let diagnostic = self
+                        .error("provisioner has no `type`", item.span(), &field)
+                        .help("add `type = \"shell\"` or `type = \"file\"`");
+                    self.diagnostics.push(diagnostic);
+                    continue;
+                }
+            };
+            let mut targets_table = DeTable::new();
+            let mut body = item.clone();
+            if let DeValue::Table(inner) = body.get_mut() {
+                inner.remove("type");
+                for key in ["only", "except"] {
+                    if let Some((k, v)) = inner.remove_entry(key) {
+                        targets_table.insert(k, v);
+                    }
+                }
+            }
+            let targets_value = Spanned::new(item.span(), DeValue::Table(targets_table));
+            let targets =
+                match ProvisionTargets::deserialize(ValueDeserializer::from(targets_value.clone()))
+                {
+                    Ok(targets) => targets,
+                    Err(err) => {
+                        self.serde_error(&err, item.span(), item, &field);
+                        continue;
+                    }
+                };
+            for (list_name, list) in [("only", &targets.only), ("except", &targets.except)] {
+                for name in list {
+                    if !names.contains(&name.as_str()) {
+                        let span = find_span(item, list_name).unwrap_or(item.span());
+                        let mut diagnostic = self.error(
+                            format!("`{name}` is not a builder in this config"),
+                            span,
+                            &format!("{field}.{list_name}"),
+                        );
+                        diagnostic = match did_you_mean(name, names.iter().copied()) {
+                            Some(best) => diagnostic.help(format!("did you mean `{best}`?")),
+                            None => diagnostic.help(format!("builders: {}", names.join(", "))),
+                        };
+                        self.diagnostics.push(diagnostic);
+                    }
+                }
+            }
+            for (build, builder, _) in builders {
+                let applies = (targets.only.is_empty() || targets.only.contains(build))
+                    && !targets.except.contains(build);
+                if !applies {
+                    continue;
+                }
+                let mut build_context = context.clone();
+                build_context["build"] = serde_json::json!({"name": build, "type": builder.kind()});
+                let source = self.source.clone();
+                let renderer = Renderer {
+                    env,
+                    context: &minijinja::Value::from_serialize(&build_context),
+                    file: self.file,
+                    source: &source,
+                };
+                let mut rendered = body.clone();
+                let before = self.diagnostics.len();
+                renderer.render_tree(&mut rendered, &field, &mut self.diagnostics);
+                if self.diagnostics.len() > before {
+                    // The same template error would repeat for every build.
+                    break;
+                }
+                let made = match kind.as_str() {
+                    "shell" => self.shell(&rendered, item, &field, &build_context, &renderer),
+                    _ => self.file_provisioner(&rendered, item, &field),
+                };
+                let Some((provisioner, resolved, files)) = made else {
+                    break;
+                };
+                let entry = by_build.entry(build.clone()).or_default();
+                entry.0.push(provisioner);
+                entry.1.push(resolved);
+                entry.2.extend(files);
+            }
+        }
+        by_build
+    }
+
+    fn shell(
+        &mut self,
+        rendered: &Spanned<DeValue<'_>>,
+        original: &Spanned<DeValue<'_>>,
+        field: &str,
+        context: &serde_json::Value,
+        renderer: &Renderer<'_>,
+    ) -> Option<(Provisioner, serde_json::Value, Vec<PathBuf>)> {
+        let config = match ShellConfig::deserialize(ValueDeserializer::from(rendered.clone())) {
+            Ok(config) => config,
+            Err(err) => {
+                self.serde_error(&err, original.span(), original, field);
+                return None;
+            }
+        };
+        let mut ok = true;
+        for (name, message) in config.problems() {
+            let span = find_span(original, name).unwrap_or(original.span());
+            let diagnostic = self.error(message, span, &format!("{field}.{name}"));
+            self.diagnostics.push(diagnostic);
+            ok = false;
+        }
+        // Checked now, with a stand-in path, so a typo fails before launch.
+        if let Err(message) = render_execute_command(
+            &config.execute_command,
+            context,
+            "/tmp/script.sh",
+            &config.env,
+        ) {
+            let span = find_span(original, "execute_command").unwrap_or(original.span());
+            let err = template::TemplateError {
+                message,
+                range: None,
+            };
+            let diagnostic = renderer.template_error(
+                &err,
+                &config.execute_command,
+                span,
+                &format!("{field}.execute_command"),
+            );
+            self.diagnostics.push(diagnostic);
+            ok = false;
+        }
+        let mut scripts = Vec::new();
+        let mut files = Vec::new();
+        for (position, path) in config.script_paths().iter().enumerate() {
+            let absolute = self.dir.join(path);
+            match std::fs::read(&absolute) {
+                Ok(content) => {
+                    scripts.push(Script {
+                        name: path.display().to_string(),
+                        content,
+                    });
+                    files.push(absolute);
+                }
+                Err(err) => {
+                    let span = find_span(original, "script")
+                        .or_else(|| find_span(original, &format!("scripts[{}]", position)))
+                        .or_else(|| find_span(original, "scripts"))
+                        .unwrap_or(original.span());
+                    let name = if config.script.is_some() {
+                        "script"
+                    } else {
+                        "scripts"
+                    };
+                    let diagnostic = self
+                        .error(
+                            format!("cannot read script {}: {err}", absolute.display()),
+                            span,
+                            &format!("{field}.{name}"),
+                        )
+                        .help("script paths are relative to the directory of the config file");
+                    self.diagnostics.push(diagnostic);
+                    ok = false;
+                }
+            }
+        }
+        if !ok {
+            return None;
+        }
+        let resolved = serde_json::to_value(&config).unwrap_or_default();
+        Some((
+            Provisioner::Shell(ShellProvisioner::new(config, scripts, context.clone())),
+            resolved,
+            files,
+        ))
+    }
+
+    fn file_provisioner(
+        &mut self,
+        rendered: &Spanned<DeValue<'_>>,
+        original: &Spanned<DeValue<'_>>,
+        field: &str,
+    ) -> Option<(Provisioner, serde_json::Value, Vec<PathBuf>)> {
+        let config = match FileConfig::deserialize(ValueDeserializer::from(rendered.clone())) {
+            Ok(config) => config,
+            Err(err) => {
+                self.serde_error(&err, original.span(), original, field);
+                return None;
+            }
+        };
+        let mut ok = true;
+        for (name, message) in config.problems() {
+            let span = find_span(original, name).unwrap_or(original.span());
+            let diagnostic = self.error(message, span, &format!("{field}.{name}"));
+            self.diagnostics.push(diagnostic);
+            ok = false;
+        }
+        let provisioner = FileProvisioner::new(config.clone(), &self.dir);
+        let mut files = Vec::new();
+        if config.direction == Direction::Upload
+            && config.source.is_some()
+            && let Some(local) = &provisioner.local_path
+        {
+            if let Err(err) = std::fs::metadata(local) {
+                let span = find_span(original, "source").unwrap_or(original.span());
+                let diagnostic = self
+                    .error(
+                        format!("cannot read {}: {err}", local.display()),
+                        span,
+                        &format!("{field}.source"),
+                    )
+                    .help("upload sources are relative to the directory of the config file");
+                self.diagnostics.push(diagnostic);
+                ok = false;
+            } else {
+                files.push(local.clone());
+            }
+        }
+        if !ok {
+            return None;
+        }
+        let resolved = serde_json::to_value(&config).unwrap_or_default();
+        Some((Provisioner::File(provisioner), resolved, files))
+    }
+}
+
+/// The span of a dotted field (`ssh.password`, `scripts[1]`) below `value`.
+fn find_span(value: &Spanned<DeValue<'_>>, dotted: &str) -> Option<Range<usize>> {
+    let mut current = value;
+    for part in dotted.split('.') {
+        let (key, index) = match part.split_once('[') {
+            Some((key, rest)) => (key, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let DeValue::Table(table) = current.get_ref() else {
+            return None;
+        };
+        current = table.get(key)?;
+        if let Some(index) = index {
+            let DeValue::Array(items) = current.get_ref() else {
+                return None;
+            };
+            current = items.get(index)?;
+        }
+    }
+    Some(current.span())
+}
+
+/// The dotted name of the deepest field whose key or value holds `span`.
+fn field_at(value: &Spanned<DeValue<'_>>, span: &Range<usize>, path: &str) -> String {
+    match value.get_ref() {
+        DeValue::Table(table) => {
+            for (key, item) in table.iter() {
+                let inside = |range: Range<usize>| {
+                    range.start <= span.start && span.start < range.end.max(range.start + 1)
+                };
+                if inside(key.span()) || inside(item.span()) {
+                    return field_at(item, span, &join(path, key.get_ref()));
+                }
+            }
+            path.to_owned()
+        }
+        DeValue::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                let range = item.span();
+                if range.start <= span.start && span.start < range.end {
+                    return field_at(item, span, &format!("{path}[{index}]"));
+                }
+            }
+            path.to_owned()
+        }
+        _ => path.to_owned(),
+    }
+}
+
+fn is_artifact_word(text: &str) -> bool {
+    let mut chars = text.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && text.len() <= 128
+}
+
+fn is_build_name(text: &str) -> bool {
+    let mut chars = text.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        && text.len() <= 64
+}
+
+/// The commit checked out where the config lives, if it is in a git
+/// repository.
+pub fn git_head(dir: &Path) -> Option<String> {
+    let output = std::process::Command::new("git")
+        .args(["rev-parse", "--verify", "--quiet", "HEAD"])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let sha = String::from_utf8(output.stdout).ok()?.trim().to_owned();
+    (output.status.success() && sha.len() >= 40).then_some(sha)
+}

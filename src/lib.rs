@@ -1,0 +1,13 @@
+//! imgbuild: builds immutable, versioned machine images (QEMU, Docker, EC2)
+//! from one TOML file.
+//!
+//! The binary is a thin layer over this library: `cli` parses arguments and
+//! maps results to exit codes, `config` reads and validates `image.toml`,
+//! `pipeline` runs the builds, `manifest` records what they produced, and
+//! `ui` presents it all.
+
+pub mod cli;
+pub mod config;
+pub mod manifest;
+pub mod pipeline;
+pub mod ui;

@@ -1,0 +1,276 @@
+//! The artifact manifest: one JSON file that downstream tools (Terraform,
+//! deploy pipelines, `jq` in CI) read to find what was built.
+//!
+//! Entries are only ever appended, atomically and under a lock, so two builds
+//! finishing at once both land and a reader never sees a half-written file.
+
+use imgbuild_builders::{Artifact, ArtifactFile, SourceIdentity};
+use imgbuild_core::fsutil::{parent_dir, write_atomic};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const DEFAULT_FILE_NAME: &str = "imgbuild-manifest.json";
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("cannot {action} the manifest {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the manifest {path} is not valid JSON in the imgbuild format ({source}); fix or move it, it is never overwritten"
+    )]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "the manifest {path} has format version {found}, newer than this imgbuild understands ({FORMAT_VERSION}); upgrade imgbuild"
+    )]
+    TooNew { path: PathBuf, found: u32 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub builds: Vec<Entry>,
+}
+
+impl Default for Manifest {
+    fn default() -> Self {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            builds: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    pub run_id: String,
+    pub image: ImageRecord,
+    pub build: BuildRecord,
+    /// How downstream tools refer to the artifact: a file path, a Docker
+    /// image id, `<region>:<ami-id>`.
+    pub artifact_id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ArtifactFile>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+    pub source: SourceIdentity,
+    /// SHA-256 over the resolved config of this build, the scripts and files
+    /// it reads and the identity of its base: equal hashes, equal inputs.
+    pub inputs_sha256: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub duration_secs: f64,
+    pub imgbuild_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_commit: Option<String>,
+}
+
+impl Entry {
+    pub fn from_artifact(
+        artifact: &Artifact,
+    ) -> (String, Vec<ArtifactFile>, serde_json::Value, SourceIdentity) {
+        (
+            artifact.id.clone(),
+            artifact.files.clone(),
+            artifact.details.clone(),
+            artifact.source.clone(),
+        )
+    }
+}
+
+pub fn default_path(config_dir: &Path) -> PathBuf {
+    config_dir.join(DEFAULT_FILE_NAME)
+}
+
+pub fn read(path: &Path) -> Result<Manifest, ManifestError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
+        Err(source) => {
+            return Err(ManifestError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|source| ManifestError::Corrupt {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if manifest.format_version > FORMAT_VERSION {
+        return Err(ManifestError::TooNew {
+            path: path.to_path_buf(),
+            found: manifest.format_version,
+        });
+    }
+    Ok(manifest)
+}
+
+/// Holds an exclusive lock on the manifest's directory for as long as it
+/// lives. The directory, not the file, because the file is replaced by
+/// rename on every write, and a lock on a replaced inode protects nothing.
+struct DirectoryLock(File);
+
+impl DirectoryLock {
+    fn acquire(path: &Path) -> Result<Self, ManifestError> {
+        let dir = parent_dir(path);
+        let io = |action: &'static str| {
+            let dir = dir.to_path_buf();
+            move |source| ManifestError::Io {
+                action,
+                path: dir,
+                source,
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(io("create the directory of"))?;
+        let handle = File::open(dir).map_err(io("open the directory of"))?;
+        handle.lock().map_err(io("lock the directory of"))?;
+        Ok(DirectoryLock(handle))
+    }
+}
+
+impl Drop for DirectoryLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+/// Appends `entry`, unless an entry for the same image version and build is
+/// already there: then nothing is written and the existing one is returned.
+pub fn append(path: &Path, entry: Entry) -> Result<Option<Entry>, ManifestError> {
+    let _lock = DirectoryLock::acquire(path)?;
+    let mut manifest = read(path)?;
+    if let Some(existing) = find(
+        &manifest,
+        &entry.image.name,
+        &entry.image.version,
+        &entry.build.name,
+    ) {
+        return Ok(Some(existing.clone()));
+    }
+    manifest.builds.push(entry);
+    let mut text = serde_json::to_vec_pretty(&manifest).expect("manifests always serialize");
+    text.push(b'\n');
+    write_atomic(path, &text).map_err(|source| ManifestError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(None)
+}
+
+pub fn find<'a>(
+    manifest: &'a Manifest,
+    image: &str,
+    version: &str,
+    build: &str,
+) -> Option<&'a Entry> {
+    manifest
+        .builds
+        .iter()
+        .find(|e| e.image.name == image && e.image.version == version && e.build.name == build)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn entry(build: &str, version: &str) -> Entry {
+        Entry {
+            run_id: "run".into(),
+            image: ImageRecord {
+                name: "img".into(),
+                version: version.into(),
+                description: None,
+                labels: BTreeMap::new(),
+            },
+            build: BuildRecord {
+                name: build.into(),
+                kind: "qemu".into(),
+            },
+            artifact_id: format!("/out/{build}"),
+            files: Vec::new(),
+            details: serde_json::Value::Null,
+            source: SourceIdentity {
+                kind: "file".into(),
+                reference: "/base".into(),
+                sha256: None,
+            },
+            inputs_sha256: "00".into(),
+            started_at: "t0".into(),
+            finished_at: "t1".into(),
+            duration_secs: 1.0,
+            imgbuild_version: "0".into(),
+            git_commit: None,
+        }
+    }
+
+    #[test]
+    fn appends_and_refuses_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        assert!(append(&path, entry("a", "1")).unwrap().is_none());
+        assert!(append(&path, entry("b", "1")).unwrap().is_none());
+        assert!(append(&path, entry("a", "1")).unwrap().is_some());
+        let manifest = read(&path).unwrap();
+        assert_eq!(manifest.builds.len(), 2);
+        assert_eq!(manifest.format_version, FORMAT_VERSION);
+    }
+
+    #[test]
+    fn concurrent_appends_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || append(&path, entry(&format!("b{i}"), "1")).unwrap())
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(read(&path).unwrap().builds.len(), 16);
+    }
+
+    #[test]
+    fn a_corrupt_manifest_is_reported_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        std::fs::write(&path, "{ not json").unwrap();
+        let err = append(&path, entry("a", "1")).unwrap_err();
+        assert!(err.to_string().contains("never overwritten"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{ not json");
+    }
+}

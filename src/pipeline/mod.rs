@@ -1,0 +1,439 @@
+//! Runs the builds of one config: checks that nothing would be overwritten,
+//! opens the run journal, runs builds in parallel, records each artifact in
+//! the manifest as it lands, and reports.
+
+pub mod inputs;
+pub mod signals;
+
+use crate::config::{Build, Config};
+use crate::manifest::{self, BuildRecord, Entry, ImageRecord};
+use imgbuild_builders::{BuildError, BuildRequest};
+use imgbuild_core::events::BuildStatus;
+use imgbuild_core::journal::{self, Journal};
+use imgbuild_core::{BuildLog, CancellationToken, Event, OnError, StepContext};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct RunOptions {
+    pub run_id: String,
+    pub started: time::OffsetDateTime,
+    pub parallel: usize,
+    pub on_error: OnError,
+    pub manifest: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// How the run ended, as the exit code says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Succeeded,
+    /// At least one build failed.
+    Failed,
+    /// Refused before anything was launched (an existing version, ...).
+    Refused,
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            RunStatus::Succeeded => 0,
+            RunStatus::Failed => 1,
+            RunStatus::Refused => 2,
+            RunStatus::Interrupted => 130,
+        }
+    }
+}
+
+struct Outcome {
+    status: BuildStatus,
+    artifact: Option<serde_json::Value>,
+}
+
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    log: BuildLog,
+    cancel: CancellationToken,
+) -> RunStatus {
+    let config = Arc::new(config);
+    warn_about_leftovers(&options, &log);
+
+    let journal = match Journal::create(&options.state_dir, &options.run_id, &config.path) {
+        Ok(journal) => Arc::new(journal),
+        Err(err) => {
+            log.error(format!(
+                "{err}; set IMGBUILD_STATE_DIR to a writable directory"
+            ));
+            return RunStatus::Refused;
+        }
+    };
+    let names: Vec<String> = config.builds.iter().map(|b| b.name.clone()).collect();
+    log.emit(Event::RunStarted {
+        run_id: options.run_id.clone(),
+        builds: names,
+    });
+
+    let contexts: Vec<StepContext> = config
+        .builds
+        .iter()
+        .map(|build| StepContext {
+            log: log.for_build(&build.name),
+            journal: journal.clone(),
+            cancel: cancel.clone(),
+            run_id: options.run_id.clone(),
+        })
+        .collect();
+
+    let status = match preflight(&config, &options, &contexts).await {
+        Err(status) => status,
+        Ok(()) => run_builds(config.clone(), &options, contexts, cancel.clone(), &log).await,
+    };
+
+    finish_journal(journal, &log, &options);
+    status
+}
+
+fn warn_about_leftovers(options: &RunOptions, log: &BuildLog) {
+    match journal::dead_runs(&options.state_dir) {
+        Ok(runs) => {
+            let resources: usize = runs.iter().map(|run| run.outstanding().len()).sum();
+            if resources > 0 {
+                log.warn(format!(
+                    "{} earlier run(s) ended without cleaning up {resources} resource(s) (instances, VMs, containers or files may still exist); run `imgbuild clean` to list and remove them",
+                    runs.len()
+                ));
+            }
+        }
+        Err(err) => log.warn(format!("cannot check for leftovers of earlier runs: {err}")),
+    }
+}
+
+/// Refuses the whole run, before anything is created, when any build would
+/// overwrite an existing version or cannot start.
+async fn preflight(
+    config: &Config,
+    options: &RunOptions,
+    contexts: &[StepContext],
+) -> Result<(), RunStatus> {
+    let existing = match manifest::read(&options.manifest) {
+        Ok(existing) => existing,
+        Err(err) => {
+            contexts[0].log.error(err.to_string());
+            return Err(RunStatus::Refused);
+        }
+    };
+    let mut refused = false;
+    for (build, cx) in config.builds.iter().zip(contexts) {
+        if let Some(entry) = manifest::find(
+            &existing,
+            &config.image.name,
+            &config.image.version,
+            &build.name,
+        ) {
+            cx.log.error(format!(
+                "image {} version {} was already built by this builder (run {}, {}; recorded in {}); versions are immutable: bump `image.version` to build a new one",
+                config.image.name,
+                config.image.version,
+                entry.run_id,
+                entry.artifact_id,
+                options.manifest.display()
+            ));
+            refused = true;
+            continue;
+        }
+        let request = request_for(config, build, options.on_error);
+        match build.builder.preflight(&request, cx).await {
+            Ok(()) => {}
+            Err(BuildError::Refused(message)) | Err(BuildError::Failed { message, .. }) => {
+                cx.log.error(message);
+                refused = true;
+            }
+            Err(BuildError::Cancelled) => return Err(RunStatus::Interrupted),
+        }
+    }
+    if refused {
+        contexts[0]
+            .log
+            .error("nothing was launched: the problems above must be fixed first");
+        return Err(RunStatus::Refused);
+    }
+    Ok(())
+}
+
+fn request_for(config: &Config, build: &Build, on_error: OnError) -> BuildRequest {
+    BuildRequest {
+        image: config.image.clone(),
+        build_name: build.name.clone(),
+        provisioners: build.provisioners.clone(),
+        on_error,
+        config_dir: config.dir.clone(),
+    }
+}
+
+async fn run_builds(
+    config: Arc<Config>,
+    options: &RunOptions,
+    contexts: Vec<StepContext>,
+    cancel: CancellationToken,
+    log: &BuildLog,
+) -> RunStatus {
+    let permits = Arc::new(tokio::sync::Semaphore::new(options.parallel.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, cx) in contexts.into_iter().enumerate() {
+        let config = config.clone();
+        let permits = permits.clone();
+        let manifest_path = options.manifest.clone();
+        let on_error = options.on_error;
+        let run_id = options.run_id.clone();
+        tasks.spawn(async move {
+            let _permit = tokio::select! {
+                permit = permits.acquire_owned() => permit.expect("semaphore never closes"),
+                _ = cx.cancel.cancelled() => {
+                    return (index, Outcome { status: BuildStatus::Cancelled, artifact: None });
+                }
+            };
+            (
+                index,
+                run_one(
+                    &config,
+                    &config.builds[index],
+                    cx,
+                    on_error,
+                    &manifest_path,
+                    &run_id,
+                )
+                .await,
+            )
+        });
+    }
+    let mut outcomes: Vec<Option<Outcome>> = (0..config.builds.len()).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((index, outcome)) => outcomes[index] = Some(outcome),
+            Err(err) => log.error(format!("a build task crashed: {err}")),
+        }
+    }
+    let outcomes: Vec<Outcome> = outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or(Outcome {
+                status: BuildStatus::Failed,
+                artifact: None,
+            })
+        })
+        .collect();
+    let status = if cancel.is_cancelled() {
+        RunStatus::Interrupted
+    } else if outcomes.iter().all(|o| o.status == BuildStatus::Succeeded) {
+        RunStatus::Succeeded
+    } else {
+        RunStatus::Failed
+    };
+    log.emit(Event::RunFinished {
+        run_id: options.run_id.clone(),
+        exit_code: status.exit_code(),
+        artifacts: outcomes.into_iter().filter_map(|o| o.artifact).collect(),
+    });
+    status
+}
+
+async fn run_one(
+    config: &Config,
+    build: &Build,
+    cx: StepContext,
+    on_error: OnError,
+    manifest_path: &std::path::Path,
+    run_id: &str,
+) -> Outcome {
+    let started_at = now_rfc3339();
+    let started = Instant::now();
+    cx.log.emit(Event::BuildStarted {
+        build: build.name.clone(),
+        builder: build.builder.kind().to_owned(),
+    });
+    let request = request_for(config, build, on_error);
+    let result = build.builder.build(&request, &cx).await;
+    let finish = |status: BuildStatus, error: Option<String>| {
+        cx.log.emit(Event::BuildFinished {
+            build: build.name.clone(),
+            status,
+            duration_ms: started.elapsed().as_millis() as u64,
+            error,
+        });
+    };
+    let artifact = match result {
+        Ok(artifact) => artifact,
+        Err(BuildError::Cancelled) => {
+            finish(BuildStatus::Cancelled, None);
+            return Outcome {
+                status: BuildStatus::Cancelled,
+                artifact: None,
+            };
+        }
+        Err(err) => {
+            finish(BuildStatus::Failed, Some(err.to_string()));
+            return Outcome {
+                status: BuildStatus::Failed,
+                artifact: None,
+            };
+        }
+    };
+
+    let description = serde_json::json!({
+        "image": {
+            "name": config.image.name,
+            "version": config.image.version,
+            "description": config.image.description,
+            "labels": config.image.labels,
+        },
+        "build": build.name,
+        "type": build.builder.kind(),
+        "builder": build.builder.resolved_config(),
+        "provisioners": build.provisioner_configs,
+    });
+    let inputs = inputs::Inputs {
+        description,
+        files: build.input_files.clone(),
+    };
+    let (source, dir, redactor) = (
+        artifact.source.clone(),
+        config.dir.clone(),
+        config.redactor.clone(),
+    );
+    let inputs_sha256 =
+        match tokio::task::spawn_blocking(move || inputs::hash(&inputs, &source, &dir, &redactor))
+            .await
+        {
+            Ok(Ok(digest)) => digest,
+            Ok(Err(err)) => {
+                cx.log
+                    .warn(format!("cannot hash the build's input files: {err}"));
+                String::new()
+            }
+            Err(err) => {
+                cx.log
+                    .warn(format!("cannot hash the build's input files: {err}"));
+                String::new()
+            }
+        };
+    let entry = Entry {
+        run_id: run_id.to_owned(),
+        image: ImageRecord {
+            name: config.image.name.clone(),
+            version: config.image.version.clone(),
+            description: config.image.description.clone(),
+            labels: config.image.labels.clone(),
+        },
+        build: BuildRecord {
+            name: build.name.clone(),
+            kind: build.builder.kind().to_owned(),
+        },
+        artifact_id: artifact.id.clone(),
+        files: artifact.files.clone(),
+        details: artifact.details.clone(),
+        source: artifact.source.clone(),
+        inputs_sha256,
+        started_at,
+        finished_at: now_rfc3339(),
+        duration_secs: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        imgbuild_version: env!("CARGO_PKG_VERSION").to_owned(),
+        git_commit: config.image.revision.clone(),
+    };
+    let mut entry_json = serde_json::to_value(&entry).expect("entries serialize");
+    config.redactor.redact_json(&mut entry_json);
+    let entry: Entry = match serde_json::from_value(entry_json.clone()) {
+        Ok(entry) => entry,
+        Err(err) => {
+            finish(
+                BuildStatus::Failed,
+                Some(format!("cannot record the artifact: {err}")),
+            );
+            return Outcome {
+                status: BuildStatus::Failed,
+                artifact: None,
+            };
+        }
+    };
+    match tokio::task::spawn_blocking({
+        let path = manifest_path.to_path_buf();
+        move || manifest::append(&path, entry)
+    })
+    .await
+    {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(existing))) => {
+            cx.log.error(format!(
+                "the manifest already records this version (run {}); the new artifact {} is not recorded",
+                existing.run_id, artifact.id
+            ));
+            finish(BuildStatus::Failed, Some("version recorded twice".into()));
+            return Outcome {
+                status: BuildStatus::Failed,
+                artifact: None,
+            };
+        }
+        Ok(Err(err)) => {
+            cx.log.error(format!(
+                "the artifact {} was built but cannot be recorded: {err}",
+                artifact.id
+            ));
+            finish(BuildStatus::Failed, Some(err.to_string()));
+            return Outcome {
+                status: BuildStatus::Failed,
+                artifact: None,
+            };
+        }
+        Err(err) => {
+            finish(BuildStatus::Failed, Some(err.to_string()));
+            return Outcome {
+                status: BuildStatus::Failed,
+                artifact: None,
+            };
+        }
+    }
+    cx.log.emit(Event::Artifact {
+        build: build.name.clone(),
+        artifact: entry_json.clone(),
+    });
+    finish(BuildStatus::Succeeded, None);
+    Outcome {
+        status: BuildStatus::Succeeded,
+        artifact: Some(entry_json),
+    }
+}
+
+fn finish_journal(journal: Arc<Journal>, log: &BuildLog, options: &RunOptions) {
+    let Ok(journal) = Arc::try_unwrap(journal) else {
+        log.warn("the run journal is still in use; it is kept");
+        return;
+    };
+    match journal.finish() {
+        Ok(outstanding) if outstanding.is_empty() => {}
+        Ok(outstanding) => {
+            let list: Vec<String> = outstanding
+                .iter()
+                .map(|o| format!("  {}: {}", o.build, o.resource.describe()))
+                .collect();
+            let why = if options.on_error == OnError::Abort {
+                "left in place for debugging (--on-error abort)"
+            } else {
+                "could not be cleaned up"
+            };
+            log.warn(format!(
+                "{} resource(s) {why}:\n{}\nremove them with `imgbuild clean --run {}`",
+                outstanding.len(),
+                list.join("\n"),
+                options.run_id
+            ));
+        }
+        Err(err) => log.warn(format!("cannot close the run journal: {err}")),
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
