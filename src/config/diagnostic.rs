@@ -200,10 +200,15 @@ pub fn did_you_mean<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
+    // Similar spelling (jaro-winkler) catches typos in long names; a small
+    // edit distance catches swapped letters in short ones ("mv" for "vm").
+    let allowed_edits = (word.chars().count() / 3).max(1);
     candidates
         .into_iter()
         .map(|candidate| (candidate, strsim::jaro_winkler(word, candidate)))
-        .filter(|(_, score)| *score >= 0.8)
+        .filter(|(candidate, score)| {
+            *score >= 0.8 || strsim::damerau_levenshtein(word, candidate) <= allowed_edits
+        })
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(candidate, _)| candidate)
 }
@@ -262,6 +267,7 @@ mod tests {
     fn suggests_close_names_only() {
         assert_eq!(did_you_mean("memroy", ["memory", "cpus"]), Some("memory"));
         assert_eq!(did_you_mean("zzz", ["memory", "cpus"]), None);
+        assert_eq!(did_you_mean("mv", ["vm", "docker"]), Some("vm"));
     }
 
     #[test]

@@ -169,6 +169,7 @@ impl Loader<'_> {
             }
         }
 
+        let before_variables = self.diagnostics.len();
         let variables = variables::resolve(
             self.file,
             &self.source,
@@ -176,7 +177,7 @@ impl Loader<'_> {
             &options.variables,
             &mut self.diagnostics,
         );
-        if !self.diagnostics.is_empty() {
+        if self.diagnostics.len() > before_variables {
             // Every template using a missing variable would fail too; those
             // echoes would bury the cause.
             return None;
@@ -203,9 +204,9 @@ impl Loader<'_> {
             context["image"] = serde_json::json!({"name": image.name, "version": image.version});
         }
 
-        let builders = self.builders(top, &env, &context);
-        let builder_names: Vec<String> = builders.iter().map(|(name, _, _)| name.clone()).collect();
-        let provisioners = self.provisioners(top, &env, &context, &builders);
+        let (builders, kinds) = self.builders(top, &env, &context);
+        let builder_names: Vec<String> = kinds.iter().map(|(name, _)| name.clone()).collect();
+        let provisioners = self.provisioners(top, &env, &context, &kinds);
 
         // --only / --except must name builders that exist.
         for (flag, names) in [("--only", &options.only), ("--except", &options.except)] {
@@ -249,7 +250,7 @@ impl Loader<'_> {
         let mut provisioners_by_build = provisioners;
         let mut builds = Vec::new();
         let mut excluded = Vec::new();
-        for (name, builder, _) in builders {
+        for (name, builder) in builders {
             let selected = (options.only.is_empty() || options.only.contains(&name))
                 && !options.except.contains(&name);
             if !selected {
@@ -348,9 +349,9 @@ impl Loader<'_> {
         top: &DeTable<'_>,
         env: &minijinja::Environment<'static>,
         context: &serde_json::Value,
-    ) -> Vec<(String, Box<dyn Builder>, Range<usize>)> {
+    ) -> (Vec<(String, Box<dyn Builder>)>, Vec<(String, String)>) {
         let Some(section) = top.get("builders") else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let DeValue::Table(table) = section.get_ref() else {
             let diagnostic = self.error(
@@ -359,9 +360,12 @@ impl Loader<'_> {
                 "builders",
             );
             self.diagnostics.push(diagnostic);
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let mut builders = Vec::new();
+        // Every builder with a known name and type, valid or not, so the
+        // provisioners' checks still run against it.
+        let mut kinds = Vec::new();
         for (key, value) in table.iter() {
             let name = key.get_ref().to_string();
             let field = format!("builders.{name}");
@@ -408,6 +412,9 @@ impl Loader<'_> {
                 .get("type")
                 .map(|v| v.span())
                 .unwrap_or(key.span());
+            if known_kinds().contains(&kind.as_str()) {
+                kinds.push((name.clone(), kind.clone()));
+            }
             let mut rendered = value.clone();
             if let DeValue::Table(inner) = rendered.get_mut() {
                 inner.remove("type");
@@ -440,7 +447,7 @@ impl Loader<'_> {
                         );
                         self.diagnostics.push(diagnostic);
                     }
-                    builders.push((name, builder, key.span()));
+                    builders.push((name, builder));
                 }
                 Err(BuilderKindError::Unknown) => {
                     let mut diagnostic = self.error(
@@ -468,7 +475,7 @@ impl Loader<'_> {
                 }
             }
         }
-        builders
+        (builders, kinds)
     }
 
     #[allow(clippy::type_complexity)]
@@ -477,7 +484,7 @@ impl Loader<'_> {
         top: &DeTable<'_>,
         env: &minijinja::Environment<'static>,
         context: &serde_json::Value,
-        builders: &[(String, Box<dyn Builder>, Range<usize>)],
+        builders: &[(String, String)],
     ) -> BTreeMap<String, (Vec<Provisioner>, Vec<serde_json::Value>, Vec<PathBuf>)> {
         let mut by_build: BTreeMap<
             String,
@@ -497,7 +504,7 @@ impl Loader<'_> {
             self.diagnostics.push(diagnostic);
             return by_build;
         };
-        let names: Vec<&str> = builders.iter().map(|(name, _, _)| name.as_str()).collect();
+        let names: Vec<&str> = builders.iter().map(|(name, _)| name.as_str()).collect();
         for (index, item) in items.iter().enumerate() {
             let field = format!("provision[{index}]");
             let DeValue::Table(table) = item.get_ref() else {
@@ -578,14 +585,14 @@ impl Loader<'_> {
                     }
                 }
             }
-            for (build, builder, _) in builders {
+            for (build, kind_of_build) in builders {
                 let applies = (targets.only.is_empty() || targets.only.contains(build))
                     && !targets.except.contains(build);
                 if !applies {
                     continue;
                 }
                 let mut build_context = context.clone();
-                build_context["build"] = serde_json::json!({"name": build, "type": builder.kind()});
+                build_context["build"] = serde_json::json!({"name": build, "type": kind_of_build});
                 let source = self.source.clone();
                 let renderer = Renderer {
                     env,

@@ -1,0 +1,361 @@
+//! `imgbuild validate` and `build` reject bad configs before anything is
+//! launched, naming the file, line, column and field, and saying what is
+//! expected. Exit code 2.
+
+mod support;
+
+use support::*;
+
+/// A valid config around `builder_extra` and `provision`, with a real local
+/// base image file so only the part under test can be wrong.
+fn config(builder_extra: &str, provision: &str) -> String {
+    format!(
+        r#"[image]
+name = "web"
+version = "1.2.3"
+
+[variables]
+password = {{ default = "hunter2-secret", sensitive = true }}
+mirror = "http://deb.debian.org/debian"
+
+[builders.vm]
+type = "qemu"
+base_image = "base.qcow2"
+cloud_init = false
+{builder_extra}
+[builders.vm.ssh]
+username = "admin"
+password = "{{{{ var.password }}}}"
+
+{provision}
+"#
+    )
+}
+
+fn workspace_with(config_text: &str) -> Workspace {
+    let workspace = Workspace::new();
+    workspace.write("base.qcow2", "not really a disk, but a file");
+    workspace.write("image.toml", config_text);
+    workspace
+}
+
+fn validate(workspace: &Workspace) -> Outcome {
+    workspace.imgbuild().args(["validate", "image.toml"]).run()
+}
+
+#[test]
+fn a_valid_config_validates() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"shell\"\ninline = [\"true\"]\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_OK)
+        .stdout_has("image.toml is valid: image web 1.2.3, builds: vm");
+}
+
+#[test]
+fn bad_toml_points_at_the_line() {
+    let workspace = workspace_with("[image]\nname = \"web\nversion = \"1\"\n");
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("invalid TOML")
+        .stderr_has("image.toml:2:");
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_a_suggestion() {
+    let workspace = workspace_with(&config("memroy = 2048\n", ""));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("builders.vm.memroy: unknown field `memroy`")
+        .stderr_has("image.toml:13:1")
+        .stderr_has("memroy = 2048")
+        .stderr_has("did you mean `memory`?");
+}
+
+#[test]
+fn wrong_types_name_the_field_and_the_expected_type() {
+    let workspace = workspace_with(&config("memory = \"lots\"\n", ""));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("builders.vm.memory")
+        .stderr_has("image.toml:13:10")
+        .stderr_has("expected u32");
+}
+
+#[test]
+fn missing_required_fields_are_named() {
+    let text = config("", "").replace("base_image = \"base.qcow2\"\n", "");
+    let workspace = workspace_with(&text);
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("missing field `base_image`")
+        .stderr_has("builders.vm");
+}
+
+#[test]
+fn a_missing_image_version_is_named() {
+    let text = config("", "").replace("version = \"1.2.3\"\n", "");
+    let workspace = workspace_with(&text);
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("missing field `version`")
+        .stderr_has("image.toml:1:");
+}
+
+#[test]
+fn unknown_builder_types_are_rejected_with_the_known_ones() {
+    let text = config("", "").replace("type = \"qemu\"", "type = \"qemo\"");
+    let workspace = workspace_with(&text);
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("unknown builder type `qemo`")
+        .stderr_has("image.toml:10:8")
+        .stderr_has("did you mean `qemu`?");
+}
+
+#[test]
+fn unknown_variables_in_templates_point_at_the_reference() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"shell\"\ninline = [\"echo {{ var.mirorr }}\"]\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("`var.mirorr` is not defined")
+        .stderr_has("image.toml:20:20")
+        .stderr_has("provision[0].inline[0]");
+}
+
+#[test]
+fn unknown_template_functions_are_errors() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"shell\"\ninline = [\"echo {{ nosuch() }}\"]\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("unknown function");
+}
+
+#[test]
+fn values_given_for_unknown_variables_are_rejected() {
+    let workspace = workspace_with(&config("", ""));
+    workspace
+        .imgbuild()
+        .args(["validate", "image.toml", "--var", "mirorr=x"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("`mirorr` is not a variable")
+        .stderr_has("did you mean `mirror`?");
+}
+
+#[test]
+fn required_variables_must_be_given() {
+    let text = config("", "").replace(
+        "mirror = \"http://deb.debian.org/debian\"",
+        "mirror = { description = \"apt mirror\" }",
+    );
+    let workspace = workspace_with(&text);
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("variable `mirror` has no default")
+        .stderr_has("IMGBUILD_VAR_mirror");
+    workspace
+        .imgbuild()
+        .args(["validate", "image.toml"])
+        .env("IMGBUILD_VAR_mirror", "http://mirror")
+        .run()
+        .exits_with(EXIT_OK);
+}
+
+#[test]
+fn an_only_naming_no_builder_is_rejected() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"shell\"\ninline = [\"true\"]\nonly = [\"mv\"]\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("`mv` is not a builder in this config")
+        .stderr_has("provision[0].only")
+        .stderr_has("did you mean `vm`?");
+}
+
+#[test]
+fn an_unreadable_script_path_is_rejected() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"shell\"\nscript = \"scripts/missing.sh\"\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("cannot read script")
+        .stderr_has("scripts/missing.sh")
+        .stderr_has("image.toml:20:10")
+        .stderr_has("provision[0].script");
+}
+
+#[test]
+fn a_missing_upload_source_is_rejected() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"file\"\nsource = \"files/nope\"\ndestination = \"/tmp/x\"\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("provision[0].source")
+        .stderr_has("files/nope");
+}
+
+#[test]
+fn unknown_provisioner_types_and_sections_are_rejected() {
+    let workspace = workspace_with(&format!(
+        "{}\n[imgae]\nx = 1\n",
+        config("", "[[provision]]\ntype = \"shel\"\ninline = [\"true\"]\n")
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("unknown provisioner type `shel`")
+        .stderr_has("did you mean `shell`?")
+        .stderr_has("unknown section `imgae`")
+        .stderr_has("did you mean `image`?");
+}
+
+#[test]
+fn builder_level_checks_name_their_field() {
+    let workspace = workspace_with(&config("disk_size = \"8X\"\n", ""));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("builders.vm.disk_size: unknown size unit `X`")
+        .stderr_has("image.toml:13:13");
+}
+
+#[test]
+fn a_missing_base_image_file_is_reported_before_anything_runs() {
+    let workspace = workspace_with(&config("", ""));
+    std::fs::remove_file(workspace.join("base.qcow2")).unwrap();
+    workspace
+        .imgbuild()
+        .args(["build", "image.toml"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("builders.vm.base_image")
+        .stderr_has("does not exist");
+    assert!(workspace.journals().is_empty(), "no run may have started");
+    assert!(
+        !workspace.join("output").exists(),
+        "nothing may have been created"
+    );
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let workspace = workspace_with(&config(
+        "memroy = 1\n",
+        "[[provision]]\ntype = \"shell\"\nscript = \"nope.sh\"\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("unknown field `memroy`")
+        .stderr_has("cannot read script")
+        .stderr_has("2 problems in the configuration");
+}
+
+#[test]
+fn json_output_lists_problems_with_locations() {
+    let workspace = workspace_with(&config("memroy = 1\n", ""));
+    let outcome = workspace
+        .imgbuild()
+        .args(["--output", "json", "validate", "image.toml"])
+        .run()
+        .exits_with(EXIT_USAGE);
+    let events = outcome.events();
+    assert_eq!(events[0]["event"], "config_invalid");
+    let problem = &events[0]["problems"][0];
+    assert_eq!(problem["line"], 13);
+    assert_eq!(problem["column"], 1);
+    assert_eq!(problem["field"], "builders.vm.memroy");
+}
+
+#[test]
+fn inspect_masks_sensitive_values_and_shows_outputs() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"shell\"\ninline = [\"echo {{ var.password }} > /root/pw\"]\n",
+    ));
+    let outcome = workspace
+        .imgbuild()
+        .args(["inspect", "image.toml"])
+        .run()
+        .exits_with(EXIT_OK);
+    let outcome = outcome
+        .stdout_lacks("hunter2-secret")
+        .stdout_has("<sensitive>")
+        .stdout_has("build vm (qemu)")
+        .stdout_has("web-1.2.3.qcow2");
+    assert!(!outcome.stderr.contains("hunter2-secret"));
+
+    let outcome = workspace
+        .imgbuild()
+        .args(["--output", "json", "inspect", "image.toml"])
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout_lacks("hunter2-secret");
+    let document = &outcome.events()[0];
+    assert_eq!(document["builds"][0]["name"], "vm");
+    let password = document["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "password")
+        .unwrap();
+    assert_eq!(password["value"], "<sensitive>");
+}
+
+#[test]
+fn only_and_except_must_name_builders() {
+    let workspace = workspace_with(&config("", ""));
+    workspace
+        .imgbuild()
+        .args(["validate", "image.toml", "--only", "vn"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("--only names `vn`")
+        .stderr_has("did you mean `vm`?");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let workspace = Workspace::new();
+    workspace
+        .imgbuild()
+        .args(["build"])
+        .run()
+        .exits_with(EXIT_USAGE);
+    workspace
+        .imgbuild()
+        .args(["frobnicate"])
+        .run()
+        .exits_with(EXIT_USAGE);
+    workspace
+        .imgbuild()
+        .args(["validate", "missing.toml"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("cannot read the config");
+}
+
+#[test]
+fn a_var_file_sets_values_and_its_errors_name_the_var_file() {
+    let workspace = workspace_with(&config("", ""));
+    workspace.write("prod.toml", "mirror = \"http://prod\"\nmirorr = \"x\"\n");
+    workspace
+        .imgbuild()
+        .args(["validate", "image.toml", "--var-file", "prod.toml"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("prod.toml:2:1")
+        .stderr_has("`mirorr` is not a declared variable");
+}
