@@ -13,5 +13,5 @@ pub mod template;
 pub use events::{BuildLog, Event, EventSink, Level, Stream};
 pub use journal::{Journal, Resource, ResourceId};
 pub use redact::Redactor;
-pub use step::{CleanupOutcome, OnError, Step, StepContext, StepError, run_steps};
+pub use step::{CleanupOutcome, OnError, Step, StepContext, StepError, cleanup_steps, run_steps};
 pub use tokio_util::sync::CancellationToken;

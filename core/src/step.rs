@@ -110,6 +110,9 @@ pub struct StepsReport {
     pub cleanup_failures: Vec<(String, String)>,
     /// True when cleanup was skipped for `--on-error abort`.
     pub left_for_debugging: bool,
+    /// How many steps were entered; with `left_for_debugging`, the ones
+    /// [`cleanup_steps`] would still have to clean.
+    pub started: usize,
 }
 
 pub async fn run_steps<S: Send>(
@@ -150,23 +153,37 @@ pub async fn run_steps<S: Send>(
             failure,
             cleanup_failures: Vec::new(),
             left_for_debugging: true,
+            started,
         };
     }
 
-    let mut cleanup_failures = Vec::new();
-    for step in steps[..started].iter_mut().rev() {
-        if let Err(err) = step.cleanup(state, cx, outcome).await {
-            let message = err.to_string();
-            cx.log.cleanup_failed(step.name(), &message);
-            cleanup_failures.push((step.name().to_owned(), message));
-        }
-    }
+    let cleanup_failures = cleanup_steps(&mut steps[..started], state, cx, outcome).await;
     StepsReport {
         outcome,
         failure,
         cleanup_failures,
         left_for_debugging: false,
+        started,
     }
+}
+
+/// Cleans up `steps` (the ones that were entered) in reverse order,
+/// carrying on past failures, which are reported and returned.
+pub async fn cleanup_steps<S: Send>(
+    steps: &mut [Box<dyn Step<S>>],
+    state: &mut S,
+    cx: &StepContext,
+    outcome: CleanupOutcome,
+) -> Vec<(String, String)> {
+    let mut failures = Vec::new();
+    for step in steps.iter_mut().rev() {
+        if let Err(err) = step.cleanup(state, cx, outcome).await {
+            let message = err.to_string();
+            cx.log.cleanup_failed(step.name(), &message);
+            failures.push((step.name().to_owned(), message));
+        }
+    }
+    failures
 }
 
 #[cfg(test)]

@@ -23,13 +23,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Cipher preference, most preferred first. See [`connect::client_config`].
+/// Cipher preference, most preferred first (russh's own default puts
+/// ChaCha20-Poly1305 first).
 ///
-/// AES-GCM comes first because both it and ChaCha20-Poly1305 are provided
-/// by aws-lc-rs, whose AES-GCM uses the AES-NI/PMULL instructions every
-/// current server CPU has; in our measurements it moved bulk uploads
-/// noticeably faster. ChaCha20 stays as the fallback for CPUs without AES
-/// acceleration, which servers negotiate down to when they prefer it.
+/// AES-GCM leads because every current server CPU accelerates it (AES-NI,
+/// ARMv8 crypto), on both ends: aws-lc-rs here, OpenSSL in sshd. Uploading
+/// 256 MiB to a local sshd, aes128-gcm cost the client about 20% less CPU
+/// than chacha20-poly1305 and was faster in most runs. ChaCha20 remains
+/// for servers that do not offer AES-GCM.
 const PREFERRED_CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_128_GCM,
     russh::cipher::AES_256_GCM,
@@ -185,7 +186,10 @@ fn human_duration(duration: Duration) -> String {
 /// [`Communicator::reconnect`].
 ///
 /// Operations may be issued from several tasks at once; each runs on its
-/// own channel of the shared connection.
+/// own channel of the shared connection. One caveat: a stream returned by
+/// `download_tar` must be read to its end or dropped, because russh stops
+/// reading the connection while any channel's queue is full, which would
+/// stall every other operation.
 pub struct SshCommunicator {
     dialer: Dialer,
     label: String,

@@ -214,7 +214,8 @@ fn placed_path(entry: &Path, dest_dir: &Path, rename_root: Option<&Path>) -> io:
 }
 
 /// Counts bytes through a stream and reports progress at most a few times a
-/// second, so a 1 GiB transfer does not become a million events.
+/// second, so a 1 GiB transfer does not become a million events. Transfers
+/// under [`PROGRESS_MIN_BYTES`] are too quick to be worth a progress bar.
 pub struct ProgressReader<R> {
     inner: R,
     log: BuildLog,
@@ -225,10 +226,13 @@ pub struct ProgressReader<R> {
 }
 
 const REPORT_EVERY: Duration = Duration::from_millis(250);
+pub const PROGRESS_MIN_BYTES: u64 = 1 << 20;
 
 impl<R> ProgressReader<R> {
     pub fn new(inner: R, log: BuildLog, task: String, total: Option<u64>) -> Self {
-        log.progress(&task, 0, total);
+        if total.is_some_and(|total| total >= PROGRESS_MIN_BYTES) {
+            log.progress(&task, 0, total);
+        }
         ProgressReader {
             inner,
             log,
@@ -237,6 +241,10 @@ impl<R> ProgressReader<R> {
             done: 0,
             last_report: Instant::now(),
         }
+    }
+
+    fn worth_reporting(&self) -> bool {
+        self.total.unwrap_or(self.done) >= PROGRESS_MIN_BYTES
     }
 }
 
@@ -253,7 +261,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for ProgressReader<R> {
             let read = (buf.filled().len() - before) as u64;
             this.done += read;
             let at_end = read == 0;
-            if at_end || this.last_report.elapsed() >= REPORT_EVERY {
+            if this.worth_reporting() && (at_end || this.last_report.elapsed() >= REPORT_EVERY) {
                 this.last_report = Instant::now();
                 // Tar headers and padding make the stream a little longer
                 // than the payload; never report past the total.
@@ -263,7 +271,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for ProgressReader<R> {
                 } else {
                     done
                 };
-                this.log.progress(&this.task, done, this.total);
+                let total = if at_end { Some(done) } else { this.total };
+                this.log.progress(&this.task, done, total);
             }
         }
         poll

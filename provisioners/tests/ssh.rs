@@ -292,6 +292,58 @@ async fn failing_transfers_report_tar_errors() {
     assert_eq!(status, ExitStatus::Code(0));
 }
 
+/// Whether a process whose command line contains `pattern` is running.
+fn process_running(pattern: &str) -> bool {
+    Command::new("pgrep")
+        .arg("-f")
+        .arg("--")
+        .arg(pattern)
+        .output()
+        .map(|out| out.status.success())
+        .unwrap_or(false)
+}
+
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_abandoned_upload_ends_the_remote_tar() {
+    let server = SshServer::started().unwrap();
+    let comm = Arc::new(
+        server
+            .connect(server.authorized_key().unwrap().auth())
+            .await
+            .unwrap(),
+    );
+    // An archive that starts and then stalls: tar waits for the rest.
+    let (mut writer, reader) = tokio::io::duplex(64 * 1024);
+    tokio::io::AsyncWriteExt::write_all(&mut writer, &[0u8; 1000])
+        .await
+        .unwrap();
+    let dest = server.home().join("abandoned");
+    let remote_tar = format!("tar -x -f - -C {}", dest.display());
+    let upload = {
+        let (comm, dest) = (comm.clone(), dest.clone());
+        tokio::spawn(async move {
+            comm.upload_tar(dest.to_str().unwrap(), Box::new(reader))
+                .await
+        })
+    };
+    wait_until("tar runs", || process_running(&remote_tar)).await;
+    // Cancelling the build drops the upload; the channel must be closed so
+    // tar sees the end of its input instead of waiting forever.
+    upload.abort();
+    wait_until("tar is gone", || !process_running(&remote_tar)).await;
+    drop(writer);
+    let (status, _) = run(&comm, "true").await;
+    assert_eq!(status, ExitStatus::Code(0));
+}
+
 /// A directory on tmpfs if there is one, else in the server's home.
 fn scratch_dir(server: &SshServer) -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
@@ -428,6 +480,38 @@ async fn uploads_256_mib_streaming_and_compares_with_scp() {
     assert_eq!(status, ExitStatus::Code(0));
     let remote = lines.of(Stream::Stdout).join("");
     assert!(remote.starts_with(&expected), "{remote} != {expected}");
+
+    // And back, streamed through a tar reader without landing anywhere.
+    let started = Instant::now();
+    let download = comm
+        .download_tar(dest.join("big.bin").to_str().unwrap())
+        .await
+        .unwrap();
+    let reader = SyncIoBridge::new(download);
+    let downloaded = tokio::task::spawn_blocking(move || -> io::Result<(String, u64)> {
+        let mut archive = tar::Archive::new(reader);
+        let mut entry = archive.entries()?.next().expect("an empty archive")?;
+        assert_eq!(entry.path()?.to_str(), Some("big.bin"));
+        let mut hasher = Sha256::new();
+        let mut chunk = vec![0u8; MIB as usize];
+        let mut total = 0;
+        loop {
+            let read = io::Read::read(&mut entry, &mut chunk)?;
+            if read == 0 {
+                break;
+            }
+            total += read as u64;
+            hasher.update(&chunk[..read]);
+        }
+        // Drain the end-of-archive blocks, so tar's exit status is seen.
+        io::copy(&mut archive.into_inner(), &mut io::sink())?;
+        Ok((hex(&hasher.finalize()), total))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(downloaded, (expected.clone(), 256 * MIB));
+    let download_rate = 256.0 / started.elapsed().as_secs_f64();
     std::fs::remove_file(dest.join("big.bin")).unwrap();
 
     let scp_dest = scratch.path().join("scp.bin");
@@ -446,6 +530,7 @@ async fn uploads_256_mib_streaming_and_compares_with_scp() {
         comm.cipher().unwrap_or_default(),
         scp_rate
     );
+    eprintln!("256 MiB download: russh {download_rate:.0} MiB/s");
     eprintln!("sshd saw: {negotiated:#?}");
 
     // The same with each cipher forced by the server.
@@ -679,18 +764,15 @@ async fn a_dropped_connection_is_reported_and_reconnect_waits_for_the_restart() 
     assert_eq!(status, ExitStatus::Code(0));
 
     // The whole server dies in the middle of a command...
+    let lines = Arc::new(Lines::default());
     let running = {
-        let comm = comm.clone();
-        tokio::spawn(async move {
-            let lines = Lines::default();
-            let result = comm.exec("echo started; sleep 30", &lines).await;
-            (result, lines)
-        })
+        let (comm, lines) = (comm.clone(), lines.clone());
+        tokio::spawn(async move { comm.exec("echo started; sleep 30", &*lines).await })
     };
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(lines.wait_for("started", Duration::from_secs(20)).await);
     let killed = Instant::now();
     server.stop();
-    let (result, lines) = tokio::time::timeout(Duration::from_secs(10), running)
+    let result = tokio::time::timeout(Duration::from_secs(10), running)
         .await
         .expect("exec did not notice the disconnect")
         .unwrap();
@@ -749,11 +831,12 @@ async fn keepalives_keep_quiet_commands_alive_and_notice_a_hung_machine() {
     // A machine that stops answering without closing the connection is
     // only noticed through our own keepalives going unanswered.
     let comm = Arc::new(comm);
+    let lines = Arc::new(Lines::default());
     let running = {
-        let comm = comm.clone();
-        tokio::spawn(async move { comm.exec("sleep 60", &Lines::default()).await })
+        let (comm, lines) = (comm.clone(), lines.clone());
+        tokio::spawn(async move { comm.exec("echo started; sleep 60", &*lines).await })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(lines.wait_for("started", Duration::from_secs(20)).await);
     server.freeze_sessions();
     let frozen = Instant::now();
     let err = tokio::time::timeout(Duration::from_secs(20), running)

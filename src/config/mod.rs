@@ -81,6 +81,19 @@ struct ProvisionTargets {
     except: Vec<String>,
 }
 
+/// A build name and its builder, parsed.
+type NamedBuilder = (String, Box<dyn Builder>);
+/// A build name and its builder type, whether or not its config parsed.
+type BuilderKind = (String, String);
+
+/// The provisioners that apply to one build, resolved for it.
+#[derive(Default)]
+struct Provisioning {
+    provisioners: Vec<Provisioner>,
+    configs: Vec<serde_json::Value>,
+    input_files: Vec<PathBuf>,
+}
+
 struct Loader<'a> {
     file: &'a Path,
     dir: PathBuf,
@@ -257,14 +270,13 @@ impl Loader<'_> {
                 excluded.push(name);
                 continue;
             }
-            let (provisioners, provisioner_configs, input_files) =
-                provisioners_by_build.remove(&name).unwrap_or_default();
+            let provisioning = provisioners_by_build.remove(&name).unwrap_or_default();
             builds.push(Build {
                 name,
                 builder,
-                provisioners,
-                provisioner_configs,
-                input_files,
+                provisioners: provisioning.provisioners,
+                provisioner_configs: provisioning.configs,
+                input_files: provisioning.input_files,
             });
         }
         if builds.is_empty() {
@@ -349,7 +361,7 @@ impl Loader<'_> {
         top: &DeTable<'_>,
         env: &minijinja::Environment<'static>,
         context: &serde_json::Value,
-    ) -> (Vec<(String, Box<dyn Builder>)>, Vec<(String, String)>) {
+    ) -> (Vec<NamedBuilder>, Vec<BuilderKind>) {
         let Some(section) = top.get("builders") else {
             return (Vec::new(), Vec::new());
         };
@@ -478,18 +490,14 @@ impl Loader<'_> {
         (builders, kinds)
     }
 
-    #[allow(clippy::type_complexity)]
     fn provisioners(
         &mut self,
         top: &DeTable<'_>,
         env: &minijinja::Environment<'static>,
         context: &serde_json::Value,
         builders: &[(String, String)],
-    ) -> BTreeMap<String, (Vec<Provisioner>, Vec<serde_json::Value>, Vec<PathBuf>)> {
-        let mut by_build: BTreeMap<
-            String,
-            (Vec<Provisioner>, Vec<serde_json::Value>, Vec<PathBuf>),
-        > = BTreeMap::new();
+    ) -> BTreeMap<String, Provisioning> {
+        let mut by_build: BTreeMap<String, Provisioning> = BTreeMap::new();
         let Some(section) = top.get("provision") else {
             return by_build;
         };
@@ -615,9 +623,9 @@ impl Loader<'_> {
                     break;
                 };
                 let entry = by_build.entry(build.clone()).or_default();
-                entry.0.push(provisioner);
-                entry.1.push(resolved);
-                entry.2.extend(files);
+                entry.provisioners.push(provisioner);
+                entry.configs.push(resolved);
+                entry.input_files.extend(files);
             }
         }
         by_build

@@ -86,8 +86,13 @@ pub async fn run(
         })
         .collect();
 
+    // The contexts share the journal; every one must be gone before the
+    // journal can be closed.
     let status = match preflight(&config, &options, &contexts).await {
-        Err(status) => status,
+        Err(status) => {
+            drop(contexts);
+            status
+        }
         Ok(()) => run_builds(config.clone(), &options, contexts, cancel.clone(), &log).await,
     };
 

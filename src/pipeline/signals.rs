@@ -34,3 +34,48 @@ pub fn watch(
         }
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgbuild_core::Redactor;
+    use imgbuild_core::events::{Event, MemorySink};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn the_first_signal_cancels_and_later_ones_are_only_acknowledged() {
+        let sink = Arc::new(MemorySink::default());
+        let log = BuildLog::root(sink.clone(), Redactor::new());
+        let cancel = CancellationToken::new();
+        let watcher = watch(cancel.clone(), log).unwrap();
+        let messages = || -> Vec<String> {
+            sink.events()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Message { message, .. } => Some(message),
+                    _ => None,
+                })
+                .collect()
+        };
+        let wait_for = |count: usize| async move {
+            for _ in 0..200 {
+                if messages().len() >= count {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("no acknowledgement of signal {count}");
+        };
+
+        unsafe { libc::raise(libc::SIGINT) };
+        wait_for(1).await;
+        assert!(cancel.is_cancelled());
+        assert!(messages()[0].contains("cancelling all builds"));
+
+        unsafe { libc::raise(libc::SIGTERM) };
+        wait_for(2).await;
+        assert!(messages()[1].contains("still cleaning up launched machines"));
+        watcher.abort();
+    }
+}

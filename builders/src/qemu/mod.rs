@@ -24,7 +24,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use config::{Accelerator, Compression};
-use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError, run_steps};
+use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError, cleanup_steps, run_steps};
 use imgbuild_provisioners::Communicator;
 use imgbuild_provisioners::ssh::TemporaryKey;
 use std::path::{Path, PathBuf};
@@ -144,7 +144,12 @@ impl Builder for QemuBuilder {
             let kvm_broke = accelerator == Accelerator::Kvm
                 && self.config.accelerator == Accelerator::Auto
                 && accel::is_kvm_failure(&message);
-            if kvm_broke && !candidates.is_empty() && !report.left_for_debugging {
+            if kvm_broke && !candidates.is_empty() {
+                if report.left_for_debugging {
+                    // A VM that never ran is nothing to debug.
+                    cleanup_steps(&mut steps[..report.started], &mut state, cx, report.outcome)
+                        .await;
+                }
                 accel::mark_kvm_unusable();
                 cx.log.warn(format!(
                     "KVM does not work here ({}); falling back to TCG software emulation, which is much slower. Set `accelerator = \"tcg\"` to skip the attempt.",
@@ -152,9 +157,46 @@ impl Builder for QemuBuilder {
                 ));
                 continue;
             }
+            if report.left_for_debugging {
+                cx.log.warn(debugging_hint(&state, &self.config, cx));
+            }
             return Err(BuildError::Failed { step, message });
         }
     }
+}
+
+/// How to reach a VM left running by `--on-error abort`, and how to get rid
+/// of it afterwards.
+fn debugging_hint(state: &QemuState, config: &QemuConfig, cx: &StepContext) -> String {
+    let clean = format!(
+        "remove it and its files with `imgbuild clean --run {}`",
+        cx.run_id
+    );
+    let Some(machine) = state.machine.as_ref().filter(|m| !m.has_exited()) else {
+        return format!("the build's files are left for debugging; {clean}");
+    };
+    let port = config.ssh.port.unwrap_or(machine.ssh_port);
+    let user = &config.ssh.username;
+    let login = match (&state.ssh_key, &state.work_dir) {
+        (Some(key), Some(work_dir)) => {
+            let key_file = work_dir.join("ssh-key");
+            match key.write_private_openssh(&key_file) {
+                Ok(()) => format!(
+                    "ssh -i {} -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {user}@127.0.0.1",
+                    key_file.display()
+                ),
+                Err(err) => format!("(the build key could not be saved: {err})"),
+            }
+        }
+        _ => format!(
+            "ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {user}@127.0.0.1 (with the configured credentials)"
+        ),
+    };
+    format!(
+        "the VM is left running for debugging (QEMU pid {}, serial console in {}):\n  {login}\n{clean}",
+        machine.pid,
+        machine.serial_log.display()
+    )
 }
 
 fn first_line(text: &str) -> &str {

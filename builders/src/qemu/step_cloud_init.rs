@@ -44,15 +44,8 @@ impl Step<QemuState> for StepCloudInit {
             .work_dir
             .clone()
             .ok_or_else(|| StepError::failed("no working directory"))?;
-        let public_key = match &state.ssh_key {
-            Some(key) => Some(key.public_openssh()),
-            None => None,
-        };
-        let user_data = user_data(
-            &ssh.username,
-            public_key.as_deref(),
-            ssh.password.as_deref(),
-        );
+        let public_key = state.ssh_key.as_ref().map(|key| key.public_openssh());
+        let user_data = user_data(&ssh.username, public_key, ssh.password.as_deref());
         let meta_data = format!(
             "instance-id: imgbuild-{}\nlocal-hostname: {}\n",
             cx.run_id,

@@ -8,7 +8,6 @@ use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
 use imgbuild_provisioners::ssh::{Liveness, SshTarget};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 pub struct StepConnect {
     config: Arc<QemuConfig>,
@@ -34,7 +33,6 @@ impl Step<QemuState> for StepConnect {
             .ok_or_else(|| StepError::failed("the VM is not running"))?;
         let watched = machine.clone();
         let liveness: Liveness = Arc::new(move || watched.failure());
-        let started = Instant::now();
         let target = SshTarget {
             host: "127.0.0.1".to_owned(),
             port: machine.ssh_port,
@@ -52,7 +50,7 @@ impl Step<QemuState> for StepConnect {
             Ok(communicator) => {
                 cx.log.info(format!(
                     "connected over SSH {:.1}s after QEMU started",
-                    started.elapsed().as_secs_f64()
+                    machine.started.elapsed().as_secs_f64()
                 ));
                 state.communicator = Some(Arc::new(communicator));
                 Ok(())

@@ -198,7 +198,7 @@ impl Step<QemuState> for StepExport {
                     Compression::Zstd => "zstd",
                 },
                 "checksum_file": checksum_file,
-                "accelerator": format!("{:?}", state.accelerator.unwrap_or_default()).to_lowercase(),
+                "accelerator": state.accelerator.unwrap_or_default().to_string(),
             }),
         });
         Ok(())

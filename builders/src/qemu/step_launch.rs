@@ -27,6 +27,7 @@ pub struct Machine {
     pub marker: String,
     pub ssh_port: u16,
     pub serial_log: PathBuf,
+    pub started: std::time::Instant,
     exit: watch::Receiver<Option<String>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
 }
@@ -239,6 +240,7 @@ impl StepLaunch {
             marker,
             ssh_port: port,
             serial_log: work_dir.join("serial.log"),
+            started: std::time::Instant::now(),
             exit: exit_rx,
             stderr_tail,
         };
@@ -276,15 +278,14 @@ impl Step<QemuState> for StepLaunch {
                 if let Some((id, _)) = self.process.take() {
                     release(cx, id)?;
                 }
-                if failure.contains("hostfwd") || failure.contains("host forwarding") {
-                    if attempt < ATTEMPTS {
-                        continue;
-                    }
+                let port_taken = failure.contains("hostfwd") || failure.contains("host forwarding");
+                if port_taken && attempt < ATTEMPTS {
+                    continue;
                 }
                 return Err(StepError::failed(failure));
             }
             cx.log.info(format!(
-                "QEMU started ({:?}, pid {}), SSH forwarded from 127.0.0.1:{}",
+                "QEMU started ({}, pid {}), SSH forwarded from 127.0.0.1:{}",
                 self.accelerator, machine.pid, machine.ssh_port
             ));
             state.machine = Some(machine);

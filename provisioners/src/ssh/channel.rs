@@ -138,20 +138,63 @@ impl BoundedText {
     }
 }
 
+/// Closes a channel abandoned before it finished (an exec whose future was
+/// dropped on cancellation, a download dropped half-read, an upload cut
+/// short), so that the machine stops producing output nobody reads, and a
+/// remote tar waiting for more input sees the end of it.
+struct CloseOnDrop {
+    channel: Arc<ChannelWriteHalf<Msg>>,
+    armed: bool,
+}
+
+impl CloseOnDrop {
+    fn new(channel: ChannelWriteHalf<Msg>) -> Self {
+        CloseOnDrop {
+            channel: Arc::new(channel),
+            armed: true,
+        }
+    }
+
+    fn channel(&self) -> &ChannelWriteHalf<Msg> {
+        &self.channel
+    }
+
+    /// The channel has ended; there is nothing left to close.
+    fn finished(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        // Drop cannot wait for the close to be sent. Without a runtime the
+        // process is exiting, and the connection goes away with it.
+        if self.armed
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let channel = self.channel.clone();
+            runtime.spawn(async move {
+                let _ = channel.close().await;
+            });
+        }
+    }
+}
+
 pub(super) async fn exec(
     cx: &OpContext<'_>,
     command: &str,
     output: &dyn OutputSink,
 ) -> Result<ExitStatus, CommError> {
     let operation = "running a command";
-    let mut channel = cx.start(operation, command).await?;
+    let (mut read, write) = cx.start(operation, command).await?.split();
+    let mut guard = CloseOnDrop::new(write);
     let mut stdout = LineSplitter::new(Stream::Stdout);
     let mut stderr = LineSplitter::new(Stream::Stderr);
     let mut outcome = Outcome::default();
     // The exit status can arrive before the last output, so read until the
     // server closes the channel (or the connection goes away), not just
     // until the status.
-    while let Some(message) = channel.wait().await {
+    while let Some(message) = read.wait().await {
         match &message {
             ChannelMsg::Data { data } => stdout.push(data, output),
             ChannelMsg::ExtendedData { data, ext } if *ext == STDERR => stderr.push(data, output),
@@ -161,6 +204,7 @@ pub(super) async fn exec(
             break;
         }
     }
+    guard.finished();
     stdout.finish(output);
     stderr.finish(output);
     match outcome.status {
@@ -235,28 +279,30 @@ pub(super) async fn upload_tar(
     let dest = shell_escape::unix::escape(dest_dir.into());
     let command = format!("mkdir -p {dest} && tar -x -f - -C {dest}");
     let (read, write) = cx.start(&operation, &command).await?.split();
-
-    let feed = feed_archive(&write, archive);
-    tokio::pin!(feed);
-    let collect = collect(read);
-    tokio::pin!(collect);
-    let mut fed = false;
-    let outcome = loop {
-        tokio::select! {
-            result = &mut feed, if !fed => match result {
-                Ok(()) | Err(FeedError::Remote) => fed = true,
-                Err(FeedError::Local(err)) => {
-                    // Closing makes the remote tar stop on a truncated
-                    // archive instead of waiting for more.
-                    let _ = write.close().await;
-                    return Err(CommError::Io(err));
-                }
-            },
-            // The channel can end before the archive does, when tar fails
-            // early; then the feed would wait forever for window space.
-            outcome = &mut collect => break outcome,
+    // On a local read error (and if this future is dropped) the guard
+    // closes the channel, so the remote tar stops on a truncated archive
+    // instead of waiting for more.
+    let mut guard = CloseOnDrop::new(write);
+    let (outcome, fed) = {
+        let feed = feed_archive(guard.channel(), archive);
+        tokio::pin!(feed);
+        let collect = collect(read);
+        tokio::pin!(collect);
+        let mut fed = false;
+        loop {
+            tokio::select! {
+                result = &mut feed, if !fed => match result {
+                    Ok(()) | Err(FeedError::Remote) => fed = true,
+                    Err(FeedError::Local(err)) => return Err(CommError::Io(err)),
+                },
+                // The channel can end before the archive does, when tar
+                // fails early; then the feed would wait forever for window
+                // space.
+                outcome = &mut collect => break (outcome, fed),
+            }
         }
     };
+    guard.finished();
     match outcome.status {
         Some(ExitStatus::Code(0)) if fed => Ok(()),
         Some(ExitStatus::Code(0)) => Err(cx.failed(
@@ -316,7 +362,7 @@ pub(super) async fn download_tar(cx: &OpContext<'_>, path: &str) -> Result<ByteS
         state: ReadState::Idle(read),
         pending: Bytes::new(),
         outcome: Outcome::default(),
-        _write: write,
+        guard: CloseOnDrop::new(write),
         connection: cx.connection.clone(),
         describe: format!("tar -c of {path} on {}", cx.target),
     }))
@@ -341,9 +387,7 @@ struct TarDownload {
     state: ReadState,
     pending: Bytes,
     outcome: Outcome,
-    // Dropping the write half does not close the channel, but keeping it
-    // keeps the session's sender alive for the stream's lifetime.
-    _write: ChannelWriteHalf<Msg>,
+    guard: CloseOnDrop,
     connection: Arc<Connection>,
     describe: String,
 }
@@ -401,6 +445,7 @@ impl AsyncRead for TarDownload {
             this.state = ReadState::Idle(read);
             let Some(message) = message else {
                 this.state = ReadState::Done;
+                this.guard.finished();
                 continue;
             };
             match &message {
@@ -412,6 +457,7 @@ impl AsyncRead for TarDownload {
             }
             if !this.outcome.observe(&message) {
                 this.state = ReadState::Done;
+                this.guard.finished();
             }
         }
     }

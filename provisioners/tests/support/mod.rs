@@ -32,6 +32,10 @@ pub struct ServerOptions {
     pub log_level: String,
     /// Extra sshd_config lines, e.g. `Ciphers aes128-gcm@openssh.com`.
     pub extra_config: Vec<String>,
+    /// Keeps the login user's ~/.bashrc out of the sessions (see
+    /// `write_config`), so tests see only their own commands' output and do
+    /// not depend on, or disturb, the host user's shell setup.
+    pub skip_shell_rc: bool,
 }
 
 impl Default for ServerOptions {
@@ -40,6 +44,7 @@ impl Default for ServerOptions {
             password_authentication: false,
             log_level: "INFO".to_owned(),
             extra_config: Vec::new(),
+            skip_shell_rc: true,
         }
     }
 }
@@ -222,6 +227,13 @@ impl SshServer {
             },
             level = self.options.log_level,
         );
+        if self.options.skip_shell_rc {
+            // Debian's bash sources ~/.bashrc for commands run by sshd, but
+            // only in a top-level shell; SHLVL=1 makes it count as nested.
+            // (The tests run as the real user, e.g. root, whose .bashrc may
+            // do slow or noisy things such as `pyenv rehash`.)
+            config.push_str("SetEnv SHLVL=1\n");
+        }
         for line in &self.options.extra_config {
             config.push_str(line);
             config.push('\n');
@@ -487,6 +499,19 @@ pub fn test_log() -> (BuildLog, Arc<MemorySink>) {
 pub struct Lines(Mutex<Vec<(Stream, String)>>);
 
 impl Lines {
+    /// Waits until `line` has arrived, e.g. to know that a command is past
+    /// the shell's startup before killing its session.
+    pub async fn wait_for(&self, line: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.all().iter().any(|(_, l)| l == line) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     pub fn all(&self) -> Vec<(Stream, String)> {
         self.0.lock().map(|l| l.clone()).unwrap_or_default()
     }
