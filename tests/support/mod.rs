@@ -369,3 +369,83 @@ pub fn sha256_of(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap();
     hex::encode(sha2::Sha256::digest(&bytes))
 }
+
+/// Makes sure a Docker engine answers (starting dockerd like CI does).
+pub fn docker_ready() {
+    let status = Command::new("bash")
+        .arg(repo_root().join(".ci/start-dockerd.sh"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("bash runs");
+    assert!(
+        status.success(),
+        "no Docker engine: .ci/start-dockerd.sh failed"
+    );
+}
+
+/// The Debian base image for Docker builds, imported from a debootstrap
+/// rootfs (no registry is needed).
+pub fn docker_base_image() -> String {
+    docker_ready();
+    fixture("IMGBUILD_TEST_DOCKER_IMAGE", "docker-base-image.sh", &[])
+}
+
+/// Runs the docker CLI (for checking what the builder made, never for
+/// building) and returns its stdout.
+pub fn docker(args: &[&str]) -> String {
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker runs");
+    assert!(
+        output.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Containers carrying `label`, running or not.
+pub fn containers_labelled(label: &str) -> Vec<String> {
+    let listing = docker(&["ps", "-aq", "--filter", &format!("label={label}")]);
+    listing
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// A version string no earlier run has used, since image tags are global to
+/// the engine and versions are immutable.
+pub fn unique_version() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("1.0.{}-t{:x}", std::process::id(), nanos & 0xffffffff)
+}
+
+/// Removes the images of `repository` tagged `version` and `latest` when
+/// dropped, so tests leave the engine as they found it.
+pub struct ImageCleanup(pub Vec<String>);
+
+impl Drop for ImageCleanup {
+    fn drop(&mut self) {
+        for reference in &self.0 {
+            let _ = Command::new("docker")
+                .args(["image", "rm", "--force", reference])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The run id a human-output log announces ("imgbuild run <id>: ...").
+pub fn run_id_in(log: &str) -> String {
+    log.split("imgbuild run ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .expect("the log names the run")
+        .to_owned()
+}

@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 pub struct DockerConfig {
     /// The base image ("debian:bookworm", "registry.example.com/base@sha256:...").
     pub image: String,
-    /// Pull `image` before the build, so a moved tag is followed. With
-    /// `false` the engine must already have it; nothing is ever pulled.
-    #[serde(default = "default_true")]
-    pub pull: bool,
+    /// Whether to pull `image` before the build: `true`/`"always"` (so a
+    /// moved tag is followed), `"missing"` (only when the engine lacks it),
+    /// `false`/`"never"` (the engine must already have it).
+    #[serde(default)]
+    pub pull: PullPolicy,
     /// Repository of the committed image; the `[image]` name by default.
     /// The image is tagged `<repository>:<version>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,8 +68,43 @@ pub struct DockerConfig {
     pub discard: bool,
 }
 
-fn default_true() -> bool {
-    true
+/// When to pull the base image. Written as a boolean or as the words of
+/// `docker run --pull`, which also lets a template choose it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    #[default]
+    Always,
+    Missing,
+    Never,
+}
+
+impl<'de> Deserialize<'de> for PullPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PullPolicy;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false, \"always\", \"missing\" or \"never\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<PullPolicy, E> {
+                Ok(if value {
+                    PullPolicy::Always
+                } else {
+                    PullPolicy::Never
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<PullPolicy, E> {
+                match value {
+                    "always" | "true" => Ok(PullPolicy::Always),
+                    "missing" => Ok(PullPolicy::Missing),
+                    "never" | "false" => Ok(PullPolicy::Never),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 pub fn default_run_command() -> Vec<String> {
@@ -711,9 +747,22 @@ mod tests {
     }
 
     #[test]
+    fn pull_takes_booleans_and_docker_words() {
+        let pull = |value: serde_json::Value| {
+            serde_json::from_value::<DockerConfig>(serde_json::json!({"image": "x", "pull": value}))
+                .map(|c| c.pull)
+        };
+        assert_eq!(pull(true.into()).unwrap(), PullPolicy::Always);
+        assert_eq!(pull(false.into()).unwrap(), PullPolicy::Never);
+        assert_eq!(pull("missing".into()).unwrap(), PullPolicy::Missing);
+        assert_eq!(pull("false".into()).unwrap(), PullPolicy::Never);
+        assert!(pull("sometimes".into()).is_err());
+    }
+
+    #[test]
     fn defaults_and_unknown_fields() {
         let c = config(serde_json::json!({"image": "debian:bookworm"}));
-        assert!(c.pull);
+        assert_eq!(c.pull, PullPolicy::Always);
         assert_eq!(c.run_command, default_run_command());
         assert_eq!(c.output(Path::new("/cfg")), Output::Commit);
         assert!(c.problems(Path::new("/cfg")).is_empty());

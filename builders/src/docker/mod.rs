@@ -30,7 +30,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use bollard::query_parameters::{RemoveContainerOptions, RemoveImageOptions};
-use config::Output;
+use config::{Output, PullPolicy};
 use engine::Engine;
 use imgbuild_core::{CleanupOutcome, Resource, Step, StepContext, StepError, run_steps};
 use imgbuild_provisioners::Communicator;
@@ -129,7 +129,7 @@ impl Builder for DockerBuilder {
                 .await
                 .map_err(BuildError::Refused)?;
         }
-        if !self.config.pull {
+        if self.config.pull == PullPolicy::Never {
             step_pull::inspect_local(&engine, &self.config.image, false)
                 .await
                 .map_err(BuildError::Refused)?;

@@ -4,7 +4,7 @@
 //! meanwhile cannot change the base under the build.
 
 use super::DockerState;
-use super::config::{DockerConfig, split_reference};
+use super::config::{DockerConfig, PullPolicy, split_reference};
 use super::engine::{self, Engine};
 use crate::common::artifact::SourceIdentity;
 use async_trait::async_trait;
@@ -187,10 +187,17 @@ impl Step<DockerState> for StepPull {
     }
 
     async fn run(&mut self, state: &mut DockerState, cx: &StepContext) -> Result<(), StepError> {
-        if self.config.pull {
+        let pull = match self.config.pull {
+            PullPolicy::Always => true,
+            PullPolicy::Never => false,
+            PullPolicy::Missing => inspect_local(&state.engine, &self.config.image, false)
+                .await
+                .is_err(),
+        };
+        if pull {
             self.pull(&state.engine, cx).await?;
         }
-        let base = inspect_local(&state.engine, &self.config.image, self.config.pull)
+        let base = inspect_local(&state.engine, &self.config.image, pull)
             .await
             .map_err(StepError::failed)?;
         cx.log.info(format!(

@@ -1,0 +1,181 @@
+//! `imgbuild build` end to end against the real Docker Engine: the template
+//! produces a tagged, labelled image that runs with the provisioners'
+//! changes; failures and interrupts leave no container and no tag.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+fn build_template(workspace: &Workspace, version: &str) -> Outcome {
+    workspace
+        .imgbuild()
+        .args([
+            "build",
+            "docker-debian.toml",
+            "--var",
+            "pull=never",
+            "--var",
+        ])
+        .arg(format!("base_image={}", docker_base_image()))
+        .arg("--var")
+        .arg(format!("version={version}"))
+        .run()
+}
+
+#[test]
+fn the_template_builds_a_tagged_image_that_runs_with_the_changes() {
+    let workspace = Workspace::with_templates();
+    let version = unique_version();
+    let reference = format!("debian-app:{version}");
+    let _cleanup = ImageCleanup(vec![reference.clone()]);
+    build_template(&workspace, &version)
+        .exits_with(EXIT_OK)
+        .stderr_has("container | ==> provision");
+
+    // The image runs as the app user with the uploaded script and the
+    // Dockerfile-style changes applied.
+    let output = docker(&["run", "--rm", &reference]);
+    assert_eq!(
+        output,
+        format!("app debian-app {version} as app on port 8080")
+    );
+    let config = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config}}",
+        &reference,
+    ]);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert!(
+        config["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "APP_PORT=8080"),
+        "{config}"
+    );
+    assert_eq!(config["User"], "app");
+    assert_eq!(config["WorkingDir"], "/srv/app");
+    assert!(config["ExposedPorts"].get("8080/tcp").is_some(), "{config}");
+    let labels = &config["Labels"];
+    assert_eq!(labels["org.opencontainers.image.version"], version);
+    assert_eq!(labels["org.opencontainers.image.title"], "debian-app");
+    assert!(labels["org.opencontainers.image.created"].is_string());
+    assert_eq!(labels["org.example.component"], "app");
+    assert_eq!(labels["team"], "platform");
+    assert_eq!(
+        docker(&[
+            "run",
+            "--rm",
+            "--entrypoint",
+            "stat",
+            &reference,
+            "-c",
+            "%a %U",
+            "/srv/app/app.conf"
+        ]),
+        "644 app"
+    );
+
+    // The manifest records the image id, repository and tags.
+    let manifest = workspace.manifest();
+    let entry = &manifest["builds"][0];
+    assert_eq!(entry["build"]["type"], "docker");
+    let id = docker(&["image", "inspect", "--format", "{{.Id}}", &reference]);
+    assert_eq!(entry["artifact_id"], id);
+    assert_eq!(entry["details"]["repository"], "debian-app");
+    let tags: Vec<&str> = entry["details"]["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        tags.contains(&reference.as_str()) || tags.contains(&version.as_str()),
+        "{tags:?}"
+    );
+    assert_eq!(entry["source"]["kind"], "docker-image");
+
+    // Nothing of the build is left running.
+    let run_id = entry["run_id"].as_str().unwrap();
+    assert!(containers_labelled(&format!("org.imgbuild.run-id={run_id}")).is_empty());
+    assert!(workspace.journals().is_empty());
+
+    // The version is immutable.
+    build_template(&workspace, &version)
+        .exits_with(EXIT_USAGE)
+        .stderr_has(&version)
+        .stderr_has("nothing was launched");
+}
+
+fn failing_config(version: &str, command: &str) -> String {
+    format!(
+        r#"[image]
+name = "imgbuild-failing"
+version = "{version}"
+
+[variables]
+base = {{ description = "base image" }}
+
+[builders.box]
+type = "docker"
+image = "{{{{ var.base }}}}"
+pull = "never"
+
+[[provision]]
+type = "shell"
+inline = ["echo provisioning-started", "{command}"]
+"#
+    )
+}
+
+#[test]
+fn a_failing_provisioner_leaves_no_container_and_no_tag() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    workspace.write("image.toml", &failing_config(&version, "exit 4"));
+    let _cleanup = ImageCleanup(vec![format!("imgbuild-failing:{version}")]);
+    let outcome = workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--var"])
+        .arg(format!("base={}", docker_base_image()))
+        .run()
+        .exits_with(EXIT_BUILD_FAILED)
+        .stderr_has("exit code 4");
+    let run_id = run_id_in(&outcome.stderr);
+    assert!(containers_labelled(&format!("org.imgbuild.run-id={run_id}")).is_empty());
+    let tagged = std::process::Command::new("docker")
+        .args(["image", "inspect", &format!("imgbuild-failing:{version}")])
+        .output()
+        .unwrap();
+    assert!(!tagged.status.success(), "the version tag must not exist");
+    assert!(workspace.journals().is_empty());
+}
+
+#[test]
+fn an_interrupt_mid_provisioning_exits_130_and_removes_the_container() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    workspace.write("image.toml", &failing_config(&version, "sleep 600"));
+    let mut running = workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--var"])
+        .arg(format!("base={}", docker_base_image()))
+        .spawn(&workspace.join("build.log"));
+    running.wait_for_output("provisioning-started", Duration::from_secs(300));
+    let run_id = run_id_in(&running.log());
+    assert_eq!(
+        containers_labelled(&format!("org.imgbuild.run-id={run_id}")).len(),
+        1
+    );
+    running.signal(libc::SIGINT);
+    let (status, log) = running.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(EXIT_INTERRUPTED), "{log}");
+    assert!(
+        containers_labelled(&format!("org.imgbuild.run-id={run_id}")).is_empty(),
+        "{log}"
+    );
+    assert!(workspace.journals().is_empty());
+}

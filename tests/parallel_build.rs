@@ -1,0 +1,89 @@
+//! One config, a VM and a container image of the same version, built at the
+//! same time with their output kept apart.
+
+mod support;
+
+use support::*;
+
+#[test]
+fn qemu_and_docker_builds_of_one_image_run_in_parallel() {
+    let workspace = Workspace::with_templates();
+    let version = unique_version();
+    std::fs::write(
+        workspace.join("qemu-and-docker.toml"),
+        workspace
+            .read("qemu-and-docker.toml")
+            .replace("version = \"0.9.0\"", &format!("version = \"{version}\"")),
+    )
+    .unwrap();
+    let _cleanup = ImageCleanup(vec![format!("edge-node:{version}")]);
+    let outcome = workspace
+        .imgbuild()
+        .args([
+            "build",
+            "qemu-and-docker.toml",
+            "--var",
+            "pull=never",
+            "--var",
+        ])
+        .arg(format!("base_vm_image={}", base_vm_image()))
+        .arg("--var")
+        .arg(format!("base_container_image={}", docker_base_image()))
+        .run()
+        .exits_with(EXIT_OK);
+
+    // Every line of a build carries its prefix; both builds' provisioner
+    // output is there, each under its own name.
+    assert!(
+        outcome
+            .stderr
+            .lines()
+            .any(|l| l.starts_with("       vm | ==> provision")),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome
+            .stderr
+            .lines()
+            .any(|l| l.starts_with("container | ==> provision")),
+        "{}",
+        outcome.stderr
+    );
+
+    let manifest = workspace.manifest();
+    let entries = manifest["builds"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    let by_name = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e["build"]["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (vm, container) = (by_name("vm"), by_name("container"));
+    assert_eq!(vm["build"]["type"], "qemu");
+    assert_eq!(container["build"]["type"], "docker");
+    assert_eq!(vm["run_id"], container["run_id"]);
+    // They overlapped in time: each started before the other finished.
+    let time = |e: &serde_json::Value, field: &str| e[field].as_str().unwrap().to_owned();
+    assert!(time(&vm, "started_at") < time(&container, "finished_at"));
+    assert!(time(&container, "started_at") < time(&vm, "finished_at"));
+
+    // Both carry the same provisioner's work.
+    let release = docker(&[
+        "run",
+        "--rm",
+        &format!("edge-node:{version}"),
+        "cat",
+        "/etc/node-release",
+    ]);
+    assert_eq!(release, format!("edge-node {version} (edge, docker)"));
+    assert!(
+        workspace
+            .join(&format!("output/edge-node-{version}.qcow2"))
+            .is_file()
+    );
+    assert!(workspace.journals().is_empty());
+    assert!(workspace.qemu_processes().is_empty());
+}
