@@ -179,3 +179,51 @@ fn an_interrupt_mid_provisioning_exits_130_and_removes_the_container() {
     );
     assert!(workspace.journals().is_empty());
 }
+
+#[test]
+fn a_killed_run_is_reported_by_the_next_build_and_removed_by_clean() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    workspace.write("image.toml", &failing_config(&version, "sleep 600"));
+    let _cleanup = ImageCleanup(vec![format!("imgbuild-failing:{version}")]);
+    let mut running = workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--var"])
+        .arg(format!("base={}", docker_base_image()))
+        .spawn(&workspace.join("killed.log"));
+    running.wait_for_output("provisioning-started", Duration::from_secs(300));
+    let run_id = run_id_in(&running.log());
+    running.signal(libc::SIGKILL);
+    running.wait(Duration::from_secs(30));
+    let label = format!("org.imgbuild.run-id={run_id}");
+    assert_eq!(
+        containers_labelled(&label).len(),
+        1,
+        "SIGKILL allows no cleanup"
+    );
+
+    // The next build warns before doing anything else (here it then fails
+    // validation-free preflight on purpose: its base image does not exist).
+    workspace
+        .imgbuild()
+        .args([
+            "build",
+            "image.toml",
+            "--var",
+            "base=imgbuild-no/such-image:1",
+        ])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("ended without cleaning up 1 resource(s)")
+        .stderr_has("imgbuild clean");
+
+    workspace
+        .imgbuild()
+        .args(["--output", "json", "clean"])
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout_has("\"event\":\"removed\"")
+        .stdout_has("docker_container");
+    assert!(containers_labelled(&label).is_empty());
+    assert!(workspace.journals().is_empty());
+}
