@@ -359,3 +359,43 @@ fn a_var_file_sets_values_and_its_errors_name_the_var_file() {
         .stderr_has("prod.toml:2:1")
         .stderr_has("`mirorr` is not a declared variable");
 }
+
+#[test]
+fn templates_see_variables_environment_names_and_the_git_commit() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"shell\"\ninline = [\"{{ var.mirror }} {{ env('IMGBUILD_TEST_VALUE') }} {{ image.name }}-{{ image.version }} {{ build.name }}/{{ build.type }} {{ git_sha }} a&b\"]\n",
+    ));
+    let git = |args: &[&str]| {
+        let status = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(workspace.path())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["add", "image.toml"]);
+    git(&["commit", "-qm", "config"]);
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(workspace.path())
+        .output()
+        .unwrap();
+    let head = String::from_utf8(head.stdout).unwrap().trim().to_owned();
+
+    let outcome = workspace
+        .imgbuild()
+        .args(["--output", "json", "inspect", "image.toml"])
+        .env("IMGBUILD_TEST_VALUE", "from-env")
+        .run()
+        .exits_with(EXIT_OK);
+    let document = &outcome.events()[0];
+    assert_eq!(
+        document["builds"][0]["provisioners"][0]["inline"][0],
+        format!("http://deb.debian.org/debian from-env web-1.2.3 vm/qemu {head} a&b")
+    );
+    assert_eq!(document["image"]["revision"], head);
+}
