@@ -9,5 +9,6 @@
 pub mod cli;
 pub mod config;
 pub mod manifest;
+pub mod outputs;
 pub mod pipeline;
 pub mod ui;

@@ -34,10 +34,12 @@ fn json_output_is_one_event_per_line_ending_with_the_artifacts() {
     let version = unique_version();
     workspace.write("image.toml", &config(&version, "echo token is $TOKEN"));
     let _cleanup = ImageCleanup(vec![format!("imgbuild-json:{version}")]);
+    let github_output = workspace.join("github-output");
     let outcome = workspace
         .imgbuild()
         .args(["--output", "json", "build", "image.toml", "--var"])
         .arg(format!("base={}", docker_base_image()))
+        .env("GITHUB_OUTPUT", &github_output)
         .run()
         .exits_with(EXIT_OK);
     let events = outcome.events();

@@ -5,6 +5,7 @@
 mod build;
 mod clean;
 mod inspect;
+mod output;
 mod validate;
 
 use crate::config::{LoadOptions, VariableInputs, variables::parse_cli_assignment};
@@ -91,6 +92,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// List and remove what interrupted or killed runs left behind
     Clean(clean::CleanArgs),
+    /// Print the latest AMI id or artifact of a build from a manifest
+    Output(output::OutputArgs),
 }
 
 /// Inputs shared by every command that reads a config.
@@ -147,6 +150,7 @@ pub fn main() -> i32 {
         Command::Validate(args) => validate::run(args, &cli.global),
         Command::Inspect(args) => inspect::run(args, &cli.global),
         Command::Clean(args) => clean::run(args, &cli.global),
+        Command::Output(args) => output::run(args, &cli.global),
     }
 }
 

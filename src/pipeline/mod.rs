@@ -398,6 +398,20 @@ async fn run_one(
             };
         }
     }
+    if let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty()) {
+        let written = serde_json::from_value::<Entry>(entry_json.clone())
+            .map_err(|err| err.to_string())
+            .and_then(|entry| {
+                crate::outputs::write_github_outputs(std::path::Path::new(&path), &entry)
+                    .map_err(|err| err.to_string())
+            });
+        if let Err(err) = written {
+            cx.log.warn(format!(
+                "cannot write the step outputs to GITHUB_OUTPUT ({}): {err}",
+                std::path::Path::new(&path).display()
+            ));
+        }
+    }
     cx.log.emit(Event::Artifact {
         build: build.name.clone(),
         artifact: entry_json.clone(),

@@ -1,0 +1,234 @@
+//! Handing artifacts to the next tool: the latest artifact of a build as a
+//! bare id for scripts, a Terraform variables file, and GitHub Actions step
+//! outputs.
+
+use crate::manifest::{Entry, Manifest};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// The most recent entry of each build in the manifest (entries are
+/// appended in the order builds finished).
+pub fn latest_by_build(manifest: &Manifest) -> BTreeMap<String, &Entry> {
+    let mut latest = BTreeMap::new();
+    for entry in &manifest.builds {
+        latest.insert(entry.build.name.clone(), entry);
+    }
+    latest
+}
+
+/// AMI ids by region, for EC2 entries.
+pub fn amis(entry: &Entry) -> BTreeMap<String, String> {
+    entry
+        .details
+        .get("amis")
+        .and_then(Value::as_object)
+        .map(|amis| {
+            amis.iter()
+                .filter_map(|(region, id)| Some((region.clone(), id.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The build's own region, for EC2 entries.
+pub fn home_region(entry: &Entry) -> Option<String> {
+    entry
+        .details
+        .get("region")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+/// What a script wants from an entry: the AMI id (in `region`, or the
+/// build's own), or the artifact id for other builders.
+pub fn artifact_for(entry: &Entry, region: Option<&str>) -> Result<String, String> {
+    if entry.build.kind != "ec2" {
+        if let Some(region) = region {
+            return Err(format!(
+                "--region {region} only applies to EC2 builds; build {} is a {} build",
+                entry.build.name, entry.build.kind
+            ));
+        }
+        return Ok(entry.artifact_id.clone());
+    }
+    let amis = amis(entry);
+    let region = match region {
+        Some(region) => region.to_owned(),
+        None => home_region(entry).ok_or_else(|| "the entry names no region".to_owned())?,
+    };
+    amis.get(&region).cloned().ok_or_else(|| {
+        format!(
+            "build {} version {} has no AMI in {region}; it has AMIs in: {}",
+            entry.build.name,
+            entry.image.version,
+            amis.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+/// Output names are `<build>_<what>`, with characters outside
+/// `[A-Za-z0-9_]` turned into `_` so they are valid identifiers everywhere
+/// (Terraform variables, GitHub expressions).
+pub fn output_name(build: &str, what: &str) -> String {
+    let clean = |text: &str| -> String {
+        text.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("{}_{}", clean(build), clean(what))
+}
+
+/// Flat name → value pairs describing one entry.
+pub fn named_outputs(entry: &Entry) -> Vec<(String, Value)> {
+    let build = &entry.build.name;
+    let mut outputs = vec![
+        (
+            output_name(build, "version"),
+            Value::from(entry.image.version.clone()),
+        ),
+        (
+            output_name(build, "artifact_id"),
+            Value::from(entry.artifact_id.clone()),
+        ),
+    ];
+    if entry.build.kind == "ec2" {
+        let amis = amis(entry);
+        if let Some(home) = home_region(entry).and_then(|region| amis.get(&region).cloned()) {
+            outputs.push((output_name(build, "ami_id"), Value::from(home)));
+        }
+        for (region, id) in &amis {
+            outputs.push((
+                output_name(build, &format!("ami_id_{region}")),
+                Value::from(id.clone()),
+            ));
+        }
+    }
+    outputs
+}
+
+/// A Terraform `*.auto.tfvars.json` document for the latest entry of every
+/// build: `<build>_ami_id`, `<build>_ami_ids` (a map by region),
+/// `<build>_artifact_id`, `<build>_version`.
+pub fn tfvars(manifest: &Manifest) -> Value {
+    let mut document = Map::new();
+    for (build, entry) in latest_by_build(manifest) {
+        document.insert(
+            output_name(&build, "version"),
+            entry.image.version.clone().into(),
+        );
+        document.insert(
+            output_name(&build, "artifact_id"),
+            entry.artifact_id.clone().into(),
+        );
+        if entry.build.kind == "ec2" {
+            if let Ok(id) = artifact_for(entry, None) {
+                document.insert(output_name(&build, "ami_id"), id.into());
+            }
+            let by_region: Map<String, Value> = amis(entry)
+                .into_iter()
+                .map(|(region, id)| (region, id.into()))
+                .collect();
+            document.insert(output_name(&build, "ami_ids"), Value::Object(by_region));
+        }
+    }
+    Value::Object(document)
+}
+
+/// Appends `name=value` lines to the file GitHub Actions names in
+/// `GITHUB_OUTPUT`, so later steps read `steps.<id>.outputs.<build>_ami_id`.
+pub fn write_github_outputs(path: &Path, entry: &Entry) -> std::io::Result<()> {
+    let mut text = String::new();
+    for (name, value) in named_outputs(entry) {
+        let value = match value {
+            Value::String(text) => text,
+            other => other.to_string(),
+        };
+        // Values are ids and versions: single-line, so the simple form works.
+        text.push_str(&format!("{name}={}\n", value.replace('\n', " ")));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(build: &str, kind: &str, version: &str, details: Value) -> Entry {
+        serde_json::from_value(serde_json::json!({
+            "run_id": "r", "image": {"name": "web", "version": version},
+            "build": {"name": build, "type": kind},
+            "artifact_id": if kind == "ec2" { "eu-west-1:ami-1".to_owned() } else { format!("/out/{build}-{version}") },
+            "details": details,
+            "source": {"kind": "file", "reference": "/b"},
+            "inputs_sha256": "0", "started_at": "a", "finished_at": "b", "duration_secs": 1.0,
+            "imgbuild_version": "0.1.0"
+        }))
+        .unwrap()
+    }
+
+    fn ec2(version: &str, home: &str) -> Entry {
+        entry(
+            "web-ami",
+            "ec2",
+            version,
+            serde_json::json!({"region": "eu-west-1", "amis": {"eu-west-1": home, "us-east-1": "ami-copy"}}),
+        )
+    }
+
+    #[test]
+    fn picks_the_ami_of_the_home_region_or_the_one_asked_for() {
+        let entry = ec2("1", "ami-home");
+        assert_eq!(artifact_for(&entry, None).unwrap(), "ami-home");
+        assert_eq!(artifact_for(&entry, Some("us-east-1")).unwrap(), "ami-copy");
+        let err = artifact_for(&entry, Some("ap-south-1")).unwrap_err();
+        assert!(err.contains("eu-west-1, us-east-1"), "{err}");
+        let disk = entry_of_qemu();
+        assert_eq!(artifact_for(&disk, None).unwrap(), "/out/vm-2");
+        assert!(artifact_for(&disk, Some("eu-west-1")).is_err());
+    }
+
+    fn entry_of_qemu() -> Entry {
+        entry("vm", "qemu", "2", Value::Null)
+    }
+
+    #[test]
+    fn tfvars_hold_the_latest_of_each_build() {
+        let manifest = Manifest {
+            format_version: 1,
+            builds: vec![ec2("1", "ami-old"), entry_of_qemu(), ec2("2", "ami-new")],
+        };
+        let vars = tfvars(&manifest);
+        assert_eq!(vars["web_ami_ami_id"], "ami-new");
+        assert_eq!(vars["web_ami_version"], "2");
+        assert_eq!(vars["web_ami_ami_ids"]["us-east-1"], "ami-copy");
+        assert_eq!(vars["vm_artifact_id"], "/out/vm-2");
+    }
+
+    #[test]
+    fn github_outputs_are_appended_as_name_value_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("github_output");
+        std::fs::write(&path, "earlier=1\n").unwrap();
+        write_github_outputs(&path, &ec2("3", "ami-3")).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("earlier=1\n"));
+        assert!(text.contains("web_ami_ami_id=ami-3\n"), "{text}");
+        assert!(
+            text.contains("web_ami_ami_id_us_east_1=ami-copy\n"),
+            "{text}"
+        );
+        assert!(text.contains("web_ami_version=3\n"), "{text}");
+    }
+}
