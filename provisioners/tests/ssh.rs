@@ -575,18 +575,53 @@ async fn waits_for_an_sshd_that_starts_later() {
     let listening = started.elapsed();
     let comm = connecting.await.unwrap().unwrap();
     let connected = started.elapsed();
+    // How soon after sshd listens the connection lands is a speed matter,
+    // measured by the benchmarks, not asserted here.
     eprintln!("sshd listening after {listening:?}, connected after {connected:?}");
-    // Polling is fast early on: connected soon after sshd listens.
-    assert!(
-        connected - listening < Duration::from_millis(1500),
-        "{connected:?}"
-    );
     let (status, _) = run(&comm, "true").await;
     assert_eq!(status, ExitStatus::Code(0));
     let infos = info_messages(&sink.events());
     assert_eq!(infos.len(), 2, "{infos:?}");
     assert!(infos[0].starts_with("Waiting for SSH on"), "{infos:?}");
     assert!(infos[1].starts_with("Connected to"), "{infos:?}");
+}
+
+/// QEMU's user-mode networking accepts a forwarded connection before the
+/// guest listens, then says nothing. Such a silent connection must not use
+/// up the whole wait: the attempt is retried on a new connection.
+#[tokio::test]
+async fn a_port_that_accepts_but_stays_silent_is_retried_on_a_new_connection() {
+    let mut server = SshServer::new(ServerOptions::default()).unwrap();
+    server.keep_port();
+    let key = server.authorized_key().unwrap();
+    let silent = std::net::TcpListener::bind(("127.0.0.1", server.port())).unwrap();
+    let held = std::thread::spawn(move || {
+        // Accept one connection and hold it open without a word.
+        let (connection, _) = silent.accept().unwrap();
+        connection
+    });
+    let (log, _sink) = test_log();
+    let mut options = test_wait_options(Duration::from_secs(30));
+    // Longer than the whole wait: one attempt on the silent connection
+    // would exhaust it.
+    options.connect_timeout = Duration::from_secs(120);
+    let connecting = tokio::spawn(SshCommunicator::connect(
+        server.target(),
+        server.username(),
+        key.auth(),
+        options,
+        CancellationToken::new(),
+        log,
+        None,
+    ));
+    let silent_connection = tokio::task::spawn_blocking(move || held.join().unwrap())
+        .await
+        .unwrap();
+    server.start().unwrap();
+    let comm = connecting.await.unwrap().unwrap();
+    let (status, _) = run(&comm, "true").await;
+    assert_eq!(status, ExitStatus::Code(0));
+    drop(silent_connection);
 }
 
 #[tokio::test]

@@ -16,6 +16,13 @@ use tokio::net::TcpStream;
 /// hundred milliseconds after the port was first refused.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(150);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// How long a fresh connection may stay silent before the attempt is
+/// retried. QEMU's user-mode networking accepts a forwarded connection at
+/// once and then keeps retrying the guest with TCP backoff (1 s, 2 s, 4 s...),
+/// so a connection opened while the guest boots greets many seconds after
+/// sshd is up; a new connection gets a new, immediate try. The wait grows
+/// after each silent attempt, for servers that are merely slow to greet.
+const FIRST_GREETING_WAIT: Duration = Duration::from_secs(2);
 /// A server that answers but rejects the credentials is retried this long,
 /// because cloud-init may not have installed the key yet; beyond that the
 /// credentials are most likely wrong, and waiting out a 10-minute timeout
@@ -141,6 +148,8 @@ impl Connection {
 /// Why one connection attempt failed.
 enum AttemptError {
     Refused,
+    /// The connection opened but the server said nothing in time.
+    Silent(Duration),
     Network(io::Error),
     TimedOut(Duration),
     /// The port answered, but not with a completed SSH handshake: typical
@@ -158,6 +167,11 @@ impl std::fmt::Display for AttemptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AttemptError::Refused => f.write_str("connection refused (nothing is listening yet)"),
+            AttemptError::Silent(wait) => write!(
+                f,
+                "the port accepted the connection but sent no SSH greeting within {} (sshd is not up yet)",
+                human_duration(*wait)
+            ),
             AttemptError::Network(err) => write!(f, "cannot open a TCP connection: {err}"),
             AttemptError::TimedOut(limit) => {
                 write!(f, "no SSH login within {}", human_duration(*limit))
@@ -264,6 +278,7 @@ impl Dialer {
             human_duration(timeout)
         ));
         let mut delay = FIRST_RETRY_DELAY;
+        let mut greeting_wait = FIRST_GREETING_WAIT;
         let mut attempts: u32 = 0;
         let mut last_error: Option<AttemptError> = None;
         let mut rejected_since: Option<Instant> = None;
@@ -281,7 +296,7 @@ impl Dialer {
                 biased;
                 _ = self.cancel.cancelled() => return Err(self.cancelled_error(started)),
                 reason = self.watch_liveness() => return Err(self.gone_error(started, &reason)),
-                result = tokio::time::timeout(limit, self.attempt()) => result,
+                result = tokio::time::timeout(limit, self.attempt(greeting_wait.min(limit))) => result,
             };
             let error = match attempt {
                 Ok(Ok(connection)) => {
@@ -297,6 +312,9 @@ impl Dialer {
             };
             match &error {
                 AttemptError::Fatal(reason) => return Err(self.connect_error(reason.clone())),
+                AttemptError::Silent(_) => {
+                    greeting_wait = (greeting_wait * 3 / 2).min(self.options.connect_timeout);
+                }
                 AttemptError::Rejected { .. } => {
                     let since = *rejected_since.get_or_insert_with(|| {
                         self.log.info(format!(
@@ -327,14 +345,23 @@ impl Dialer {
         }
     }
 
-    /// One TCP connect, SSH handshake and login.
-    async fn attempt(&self) -> Result<Connection, AttemptError> {
+    /// One TCP connect, SSH handshake and login. The server must start its
+    /// greeting within `greeting_wait`.
+    async fn attempt(&self, greeting_wait: Duration) -> Result<Connection, AttemptError> {
         let stream = TcpStream::connect((self.target.host.as_str(), self.target.port))
             .await
             .map_err(|err| match err.kind() {
                 io::ErrorKind::ConnectionRefused => AttemptError::Refused,
                 _ => AttemptError::Network(err),
             })?;
+        // Peeking leaves the greeting in place for the handshake to read.
+        let mut first_byte = [0u8; 1];
+        match tokio::time::timeout(greeting_wait, stream.peek(&mut first_byte)).await {
+            Err(_) => return Err(AttemptError::Silent(greeting_wait)),
+            Ok(Ok(0)) => return Err(handshake_error(russh::Error::HUP)),
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => return Err(AttemptError::Network(err)),
+        }
         // Command output and protocol replies are small packets that must
         // not sit in Nagle's buffer; bulk transfers fill packets anyway.
         let _ = stream.set_nodelay(true);
