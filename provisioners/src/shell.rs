@@ -255,9 +255,8 @@ impl ShellProvisioner {
                     }
                     if self.config.expect_disconnect {
                         comm.reconnect().await?;
-                    } else {
-                        remove_quietly(comm, &remote_path).await;
                     }
+                    remove_quietly(comm, &remote_path).await;
                 }
                 Err(err @ CommError::Disconnected { .. }) => {
                     if !self.config.expect_disconnect {
@@ -266,6 +265,8 @@ impl ShellProvisioner {
                     cx.log
                         .info("the machine disconnected as expected; waiting for it to come back");
                     comm.reconnect().await?;
+                    // Not every reboot clears `remote_folder` (or even /tmp).
+                    remove_quietly(comm, &remote_path).await;
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -283,8 +284,8 @@ fn codes_text(codes: &[u32]) -> String {
 }
 
 /// The script is only useful while it runs; leaving it would leak into the
-/// image. Failure to remove it is not worth failing the build over, and a
-/// reboot (expect_disconnect) already cleared /tmp on most systems.
+/// image. Failure to remove it is not worth failing the build over (after a
+/// reboot, expect_disconnect, it is usually gone with /tmp already).
 async fn remove_quietly(comm: &dyn Communicator, remote_path: &str) {
     struct Discard;
     impl crate::communicator::OutputSink for Discard {

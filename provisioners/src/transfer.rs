@@ -7,6 +7,7 @@ use imgbuild_core::BuildLog;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -155,9 +156,13 @@ pub async fn unpack(
     dest_dir: PathBuf,
     rename_root: Option<PathBuf>,
 ) -> Result<u64, ProvisionError> {
-    let bridge = SyncIoBridge::new(stream);
+    let read_error = Arc::new(Mutex::new(None));
+    let source = FirstReadError {
+        inner: SyncIoBridge::new(stream),
+        first: read_error.clone(),
+    };
     let task = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-        let mut archive = tar::Archive::new(bridge);
+        let mut archive = tar::Archive::new(source);
         let mut bytes = 0;
         for entry in archive.entries()? {
             let mut entry = entry?;
@@ -170,15 +175,49 @@ pub async fn unpack(
             entry.set_preserve_mtime(true);
             entry.unpack(&target)?;
         }
+        // tar stops at the end-of-archive marker, but the stream only
+        // reports how the remote tar ended once read to its end: a missing
+        // or unreadable source still yields a valid (empty or partial)
+        // archive, and its error comes after it.
+        io::copy(&mut archive.into_inner(), &mut io::sink())?;
         Ok(bytes)
     });
-    task.await
+    let result = task
+        .await
         .map_err(|join| io::Error::other(join.to_string()))
-        .and_then(|r| r)
-        .map_err(|source| ProvisionError::Write {
-            path: "download destination".into(),
-            source,
+        .and_then(|r| r);
+    result.map_err(|source| {
+        let read_error = read_error.lock().ok().and_then(|mut first| first.take());
+        match read_error {
+            // The tar crate wraps errors from the stream in messages of its
+            // own that hide them; the remote side's account is the useful one.
+            Some(source) => ProvisionError::Read {
+                path: "download source".into(),
+                source,
+            },
+            None => ProvisionError::Write {
+                path: "download destination".into(),
+                source,
+            },
+        }
+    })
+}
+
+/// Keeps the first error reading a downloaded stream, so that a failure on
+/// the machine is not reported as a failure to write the local files.
+struct FirstReadError<R> {
+    inner: R,
+    first: Arc<Mutex<Option<io::Error>>>,
+}
+
+impl<R: io::Read> io::Read for FirstReadError<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).inspect_err(|err| {
+            if let Ok(mut first) = self.first.lock() {
+                first.get_or_insert_with(|| io::Error::new(err.kind(), err.to_string()));
+            }
         })
+    }
 }
 
 fn placed_path(entry: &Path, dest_dir: &Path, rename_root: Option<&Path>) -> io::Result<PathBuf> {

@@ -1,0 +1,625 @@
+//! The file provisioner against a real OpenSSH server on loopback: what a
+//! `[[provision]] type = "file"` table puts on, or fetches from, a machine.
+
+mod support;
+
+use imgbuild_core::events::MemorySink;
+use imgbuild_core::{CancellationToken, Event, Stream};
+use imgbuild_provisioners::file::{Direction, FileConfig, FileProvisioner};
+use imgbuild_provisioners::ssh::SshCommunicator;
+use imgbuild_provisioners::{
+    Communicator, ExitStatus, ProvisionContext, ProvisionError, Provisioner,
+};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use support::{Lines, SshServer, test_log};
+
+const MIB: usize = 1024 * 1024;
+
+/// A machine to provision: a started sshd, a connection to it, and a
+/// directory of this test's own on it.
+struct Machine {
+    _server: SshServer,
+    comm: SshCommunicator,
+    /// Per-test scratch directory on the machine (not created).
+    dir: PathBuf,
+}
+
+async fn machine() -> Machine {
+    let server = SshServer::started().unwrap();
+    let comm = server
+        .connect(server.authorized_key().unwrap().auth())
+        .await
+        .unwrap();
+    let dir = server.home().join("provisioned");
+    Machine {
+        _server: server,
+        comm,
+        dir,
+    }
+}
+
+impl Machine {
+    /// Runs `command` on the machine, expecting success; its stdout lines.
+    async fn sh(&self, command: &str) -> Vec<String> {
+        let lines = Lines::default();
+        let status = self.comm.exec(command, &lines).await.unwrap();
+        assert_eq!(
+            status,
+            ExitStatus::Code(0),
+            "`{command}` failed: {:?}",
+            lines.all()
+        );
+        lines.of(Stream::Stdout)
+    }
+
+    /// A path in the test's directory on the machine.
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// Everything under `dir` on the machine, as `type ./relative/path`
+    /// lines (`d` directory, `f` file, `l` symlink), sorted.
+    async fn tree(&self, dir: &str) -> Vec<String> {
+        self.sh(&format!(
+            "cd '{dir}' && find . -mindepth 1 -printf '%y %p\\n' | LC_ALL=C sort"
+        ))
+        .await
+    }
+
+    async fn cat(&self, path: &str) -> Vec<String> {
+        self.sh(&format!("cat '{path}'")).await
+    }
+
+    /// `mode path` of each path, modes in octal as `stat` prints them.
+    async fn modes(&self, dir: &str, paths: &[&str]) -> Vec<String> {
+        self.sh(&format!(
+            "cd '{dir}' && stat -c '%a %n' {}",
+            paths.join(" ")
+        ))
+        .await
+    }
+
+    /// Creates a tree on the machine for downloads:
+    /// `tree/{run.sh (0755), secret.txt (0600), nested/deeper/file.txt, link -> run.sh}`.
+    async fn make_tree(&self) -> String {
+        let tree = self.path("tree");
+        self.sh(&format!(
+            "mkdir -p '{tree}/nested/deeper' && cd '{tree}' && \
+             printf '#!/bin/sh\\necho hi\\n' > run.sh && chmod 0755 run.sh && \
+             printf 's3cret\\n' > secret.txt && chmod 0600 secret.txt && \
+             printf 'deep\\n' > nested/deeper/file.txt && ln -s run.sh link"
+        ))
+        .await;
+        tree
+    }
+}
+
+fn context() -> (ProvisionContext, Arc<MemorySink>) {
+    let (log, sink) = test_log();
+    (
+        ProvisionContext {
+            log,
+            cancel: CancellationToken::new(),
+        },
+        sink,
+    )
+}
+
+fn file(
+    source: Option<&str>,
+    content: Option<&str>,
+    destination: &str,
+    direction: Direction,
+    base_dir: &Path,
+) -> Provisioner {
+    let config = FileConfig {
+        source: source.map(str::to_owned),
+        content: content.map(str::to_owned),
+        destination: destination.to_owned(),
+        direction,
+    };
+    let problems = config.problems();
+    assert!(
+        problems.is_empty(),
+        "the test's config is invalid: {problems:?}"
+    );
+    Provisioner::File(FileProvisioner::new(config, base_dir))
+}
+
+fn upload(source: &str, destination: &str, base_dir: &Path) -> Provisioner {
+    file(Some(source), None, destination, Direction::Upload, base_dir)
+}
+
+fn download(source: &str, destination: &str, base_dir: &Path) -> Provisioner {
+    file(
+        Some(source),
+        None,
+        destination,
+        Direction::Download,
+        base_dir,
+    )
+}
+
+async fn provision(machine: &Machine, provisioner: &Provisioner) -> Result<(), ProvisionError> {
+    provision_logged(machine, provisioner).await.0
+}
+
+async fn provision_logged(
+    machine: &Machine,
+    provisioner: &Provisioner,
+) -> (Result<(), ProvisionError>, Vec<Event>) {
+    let (cx, sink) = context();
+    let result = provisioner.run(&machine.comm, &cx).await;
+    (result, sink.events())
+}
+
+/// `(task, done, total)` of each progress event.
+fn progress(events: &[Event]) -> Vec<(String, u64, Option<u64>)> {
+    events
+        .iter()
+        .filter_map(|event| match event {
+            Event::Progress {
+                task, done, total, ..
+            } => Some((task.clone(), *done, *total)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Everything under `dir` locally, in the format of [`Machine::tree`].
+fn local_tree(dir: &Path) -> Vec<String> {
+    let mut lines: Vec<String> = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .into_iter()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let kind = if entry.file_type().is_symlink() {
+                'l'
+            } else if entry.file_type().is_dir() {
+                'd'
+            } else {
+                'f'
+            };
+            let relative = entry.path().strip_prefix(dir).unwrap();
+            format!("{kind} ./{}", relative.display())
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn local_mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// A local tree to upload:
+/// `site/{index.html, css/app.css, bin/run.sh (0755), secret.key (0600), current -> index.html}`.
+fn site(parent: &Path) -> PathBuf {
+    let site = parent.join("site");
+    std::fs::create_dir_all(site.join("css")).unwrap();
+    std::fs::create_dir_all(site.join("bin")).unwrap();
+    std::fs::write(site.join("index.html"), "<h1>hi</h1>\n").unwrap();
+    std::fs::write(site.join("css/app.css"), "body {}\n").unwrap();
+    std::fs::write(site.join("bin/run.sh"), "#!/bin/sh\necho run\n").unwrap();
+    std::fs::set_permissions(site.join("bin/run.sh"), PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(site.join("secret.key"), "k\n").unwrap();
+    std::fs::set_permissions(site.join("secret.key"), PermissionsExt::from_mode(0o600)).unwrap();
+    symlink("index.html", site.join("current")).unwrap();
+    site
+}
+
+const SITE_TREE: [&str; 7] = [
+    "d ./bin",
+    "d ./css",
+    "f ./bin/run.sh",
+    "f ./css/app.css",
+    "f ./index.html",
+    "f ./secret.key",
+    "l ./current",
+];
+
+fn sorted(lines: &[&str]) -> Vec<String> {
+    let mut lines: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test]
+async fn uploads_a_file_to_an_explicit_path_creating_its_directory() {
+    let machine = machine().await;
+    let local = tempfile::tempdir().unwrap();
+    std::fs::write(local.path().join("app.conf"), "port = 80\n").unwrap();
+    let destination = machine.path("etc/app/renamed.conf");
+    provision(&machine, &upload("app.conf", &destination, local.path()))
+        .await
+        .unwrap();
+    assert_eq!(
+        machine.tree(&machine.path("etc")).await,
+        ["d ./app", "f ./app/renamed.conf"]
+    );
+    assert_eq!(machine.cat(&destination).await, ["port = 80"]);
+}
+
+#[tokio::test]
+async fn uploading_to_an_existing_file_replaces_it() {
+    let machine = machine().await;
+    let local = tempfile::tempdir().unwrap();
+    let destination = machine.path("motd");
+    machine
+        .sh(&format!(
+            "mkdir -p '{}' && echo old > '{destination}'",
+            machine.dir.display()
+        ))
+        .await;
+    std::fs::write(local.path().join("motd"), "new\n").unwrap();
+    provision(&machine, &upload("motd", &destination, local.path()))
+        .await
+        .unwrap();
+    assert_eq!(machine.cat(&destination).await, ["new"]);
+}
+
+#[tokio::test]
+async fn uploads_a_file_into_a_directory_when_the_destination_ends_in_a_slash() {
+    let machine = machine().await;
+    let local = tempfile::tempdir().unwrap();
+    std::fs::write(local.path().join("app.conf"), "port = 80\n").unwrap();
+    let destination = format!("{}/", machine.path("conf.d"));
+    provision(&machine, &upload("app.conf", &destination, local.path()))
+        .await
+        .unwrap();
+    assert_eq!(
+        machine.tree(&machine.path("conf.d")).await,
+        ["f ./app.conf"]
+    );
+    assert_eq!(
+        machine.cat(&machine.path("conf.d/app.conf")).await,
+        ["port = 80"]
+    );
+}
+
+#[tokio::test]
+async fn uploads_content_as_a_file() {
+    let machine = machine().await;
+    let base = tempfile::tempdir().unwrap();
+    let destination = machine.path("motd.d/welcome");
+    let content = "Welcome to $HOSTNAME\nit's `built`\n";
+    provision(
+        &machine,
+        &file(
+            None,
+            Some(content),
+            &destination,
+            Direction::Upload,
+            base.path(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&destination).unwrap(),
+        content,
+        "content arrives byte for byte"
+    );
+    assert_eq!(
+        machine.modes(&machine.path("motd.d"), &["welcome"]).await,
+        ["644 welcome"]
+    );
+}
+
+#[tokio::test]
+async fn a_directory_source_ending_in_a_slash_uploads_its_contents() {
+    let machine = machine().await;
+    let local = tempfile::tempdir().unwrap();
+    site(local.path());
+    let destination = machine.path("www");
+    provision(&machine, &upload("site/", &destination, local.path()))
+        .await
+        .unwrap();
+    assert_eq!(machine.tree(&destination).await, sorted(&SITE_TREE));
+    assert_eq!(
+        machine.cat(&format!("{destination}/css/app.css")).await,
+        ["body {}"]
+    );
+}
+
+#[tokio::test]
+async fn a_directory_source_without_a_slash_uploads_the_directory_itself() {
+    let machine = machine().await;
+    let local = tempfile::tempdir().unwrap();
+    site(local.path());
+    let destination = machine.path("www");
+    // With or without a slash on the destination: the directory goes inside.
+    provision(&machine, &upload("site", &destination, local.path()))
+        .await
+        .unwrap();
+    let mut expected = vec!["d ./site".to_owned()];
+    expected.extend(SITE_TREE.iter().map(|l| l.replace("./", "./site/")));
+    expected.sort();
+    assert_eq!(machine.tree(&destination).await, expected);
+
+    let other = format!("{}/", machine.path("www2"));
+    provision(&machine, &upload("site", &other, local.path()))
+        .await
+        .unwrap();
+    assert_eq!(machine.tree(&other).await, expected);
+}
+
+#[tokio::test]
+async fn uploads_keep_file_modes_and_symlinks() {
+    let machine = machine().await;
+    let local = tempfile::tempdir().unwrap();
+    site(local.path());
+    let destination = machine.path("www");
+    provision(&machine, &upload("site/", &destination, local.path()))
+        .await
+        .unwrap();
+    assert_eq!(
+        machine
+            .modes(&destination, &["bin/run.sh", "secret.key", "index.html"])
+            .await,
+        ["755 bin/run.sh", "600 secret.key", "644 index.html"]
+    );
+    assert_eq!(
+        machine
+            .sh(&format!(
+                "readlink '{destination}/current' && cat '{destination}/current'"
+            ))
+            .await,
+        ["index.html", "<h1>hi</h1>"]
+    );
+    assert_eq!(
+        machine.sh(&format!("'{destination}/bin/run.sh'")).await,
+        ["run"],
+        "the executable bit is usable"
+    );
+}
+
+#[tokio::test]
+async fn downloads_a_file_to_a_path() {
+    let machine = machine().await;
+    let tree = machine.make_tree().await;
+    let local = tempfile::tempdir().unwrap();
+    provision(
+        &machine,
+        &download(&format!("{tree}/secret.txt"), "out/copy.txt", local.path()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(local_tree(local.path()), ["d ./out", "f ./out/copy.txt"]);
+    let copy = local.path().join("out/copy.txt");
+    assert_eq!(std::fs::read_to_string(&copy).unwrap(), "s3cret\n");
+    assert_eq!(local_mode(&copy), 0o600);
+}
+
+#[tokio::test]
+async fn downloads_a_file_into_a_directory() {
+    let machine = machine().await;
+    let tree = machine.make_tree().await;
+    let local = tempfile::tempdir().unwrap();
+    // Into an existing directory, and into a new one named with a slash.
+    std::fs::create_dir(local.path().join("existing")).unwrap();
+    provision(
+        &machine,
+        &download(&format!("{tree}/run.sh"), "existing", local.path()),
+    )
+    .await
+    .unwrap();
+    provision(
+        &machine,
+        &download(&format!("{tree}/run.sh"), "new/", local.path()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        local_tree(local.path()),
+        [
+            "d ./existing",
+            "d ./new",
+            "f ./existing/run.sh",
+            "f ./new/run.sh"
+        ]
+    );
+    assert_eq!(local_mode(&local.path().join("new/run.sh")), 0o755);
+}
+
+#[tokio::test]
+async fn downloads_a_directory_into_an_existing_local_directory() {
+    let machine = machine().await;
+    let tree = machine.make_tree().await;
+    let local = tempfile::tempdir().unwrap();
+    std::fs::create_dir(local.path().join("fetched")).unwrap();
+    provision(&machine, &download(&tree, "fetched", local.path()))
+        .await
+        .unwrap();
+    let fetched = local.path().join("fetched");
+    assert_eq!(
+        local_tree(&fetched),
+        sorted(&[
+            "d ./tree",
+            "d ./tree/nested",
+            "d ./tree/nested/deeper",
+            "f ./tree/nested/deeper/file.txt",
+            "f ./tree/run.sh",
+            "f ./tree/secret.txt",
+            "l ./tree/link",
+        ])
+    );
+    assert_eq!(local_mode(&fetched.join("tree/run.sh")), 0o755);
+    assert_eq!(local_mode(&fetched.join("tree/secret.txt")), 0o600);
+    assert_eq!(
+        std::fs::read_link(fetched.join("tree/link")).unwrap(),
+        Path::new("run.sh")
+    );
+    assert_eq!(
+        std::fs::read_to_string(fetched.join("tree/nested/deeper/file.txt")).unwrap(),
+        "deep\n"
+    );
+}
+
+#[tokio::test]
+async fn downloads_a_directory_s_contents_when_the_source_ends_in_a_slash() {
+    let machine = machine().await;
+    let tree = machine.make_tree().await;
+    let local = tempfile::tempdir().unwrap();
+    provision(
+        &machine,
+        &download(&format!("{tree}/"), "copy", local.path()),
+    )
+    .await
+    .unwrap();
+    let copy = local.path().join("copy");
+    assert_eq!(
+        local_tree(&copy),
+        sorted(&[
+            "d ./nested",
+            "d ./nested/deeper",
+            "f ./nested/deeper/file.txt",
+            "f ./run.sh",
+            "f ./secret.txt",
+            "l ./link",
+        ])
+    );
+    assert_eq!(local_mode(&copy.join("secret.txt")), 0o600);
+
+    // The same into a directory that already exists: still the contents.
+    std::fs::create_dir(local.path().join("existing")).unwrap();
+    provision(
+        &machine,
+        &download(&format!("{tree}/"), "existing", local.path()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        local_tree(&local.path().join("existing")),
+        local_tree(&copy)
+    );
+}
+
+#[tokio::test]
+async fn downloading_a_missing_remote_source_fails_naming_it() {
+    let machine = machine().await;
+    machine
+        .sh(&format!("mkdir -p '{}'", machine.dir.display()))
+        .await;
+    let missing = machine.path("no-such-file");
+    let local = tempfile::tempdir().unwrap();
+    let err = provision(&machine, &download(&missing, "out", local.path()))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert!(text.contains(&missing), "{text}");
+    assert!(text.contains("No such file or directory"), "{text}");
+    assert!(
+        !text.contains("cannot write"),
+        "blames the destination: {text}"
+    );
+    assert!(!local.path().join("out").exists(), "nothing was created");
+}
+
+#[tokio::test]
+async fn uploading_a_missing_local_source_fails_naming_it() {
+    let machine = machine().await;
+    let local = tempfile::tempdir().unwrap();
+    let err = provision(
+        &machine,
+        &upload("absent.conf", &machine.path("x"), local.path()),
+    )
+    .await
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ProvisionError::Read { .. }), "{text}");
+    assert!(
+        text.contains(&local.path().join("absent.conf").display().to_string()),
+        "{text}"
+    );
+    assert!(text.contains("No such file or directory"), "{text}");
+}
+
+#[tokio::test]
+async fn a_large_upload_reports_progress_ending_at_the_total() {
+    let machine = machine().await;
+    let local = tempfile::tempdir().unwrap();
+    let size = 2 * MIB + 12_345;
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    std::fs::write(local.path().join("big.bin"), &data).unwrap();
+    let destination = machine.path("big.bin");
+    let (result, events) =
+        provision_logged(&machine, &upload("big.bin", &destination, local.path())).await;
+    result.unwrap();
+    assert_eq!(std::fs::read(&destination).unwrap(), data);
+
+    let progress = progress(&events);
+    eprintln!("{} progress events", progress.len());
+    let total = Some(size as u64);
+    assert_eq!(
+        progress.first().unwrap(),
+        &("upload big.bin".to_owned(), 0, total)
+    );
+    assert_eq!(
+        progress.last().unwrap(),
+        &("upload big.bin".to_owned(), size as u64, total)
+    );
+    for pair in progress.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].1,
+            "progress went backwards: {progress:?}"
+        );
+    }
+    assert!(
+        progress
+            .iter()
+            .all(|(_, done, total)| Some(*done) <= *total),
+        "{progress:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_small_upload_reports_no_progress() {
+    let machine = machine().await;
+    let local = tempfile::tempdir().unwrap();
+    std::fs::write(local.path().join("small.txt"), "tiny\n").unwrap();
+    let (result, events) = provision_logged(
+        &machine,
+        &upload("small.txt", &machine.path("small.txt"), local.path()),
+    )
+    .await;
+    result.unwrap();
+    assert_eq!(progress(&events), []);
+    assert_eq!(machine.cat(&machine.path("small.txt")).await, ["tiny"]);
+}
+
+#[tokio::test]
+async fn a_large_download_reports_progress_ending_complete() {
+    let machine = machine().await;
+    let size = 2 * MIB + 777;
+    let remote = machine.path("big.bin");
+    machine
+        .sh(&format!(
+            "mkdir -p '{}' && head -c {size} /dev/urandom > '{remote}'",
+            machine.dir.display()
+        ))
+        .await;
+    let local = tempfile::tempdir().unwrap();
+    let (result, events) =
+        provision_logged(&machine, &download(&remote, "big.bin", local.path())).await;
+    result.unwrap();
+    assert_eq!(
+        std::fs::read(local.path().join("big.bin")).unwrap(),
+        std::fs::read(&remote).unwrap()
+    );
+
+    let progress = progress(&events);
+    eprintln!("{} progress events", progress.len());
+    let (task, done, total) = progress.last().expect("no progress reported");
+    assert_eq!(task, &format!("download {remote}"));
+    // The size is only known at the end; the stream counts tar's headers.
+    assert_eq!(*total, Some(*done), "{progress:?}");
+    assert!(*done >= size as u64, "{progress:?}");
+}
