@@ -303,9 +303,16 @@ async fn a_build_makes_tagged_shared_amis_in_every_region_and_leaves_nothing_els
         "successful build with 2 copies took {:.1}s",
         started.elapsed().as_secs_f64()
     );
+    let build_key = cloud_init
+        .await
+        .unwrap()
+        .expect("the build never imported its key pair");
+    // The image must not keep trusting the build's key.
+    let key_body = build_key.split_whitespace().nth(1).unwrap();
+    let left = target.authorized_keys();
     assert!(
-        cloud_init.await.unwrap(),
-        "the build never imported its key pair"
+        !left.contains(key_body),
+        "the build key is still trusted: {left}"
     );
     assert_eq!(target.exec("cat /tmp/imgbuild-proof").trim(), "provisioned");
 

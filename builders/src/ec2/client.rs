@@ -240,3 +240,56 @@ pub const RUN_ID_TAG: &str = "imgbuild:run-id";
 /// lost (EC2's own `client-token` filter is not implemented everywhere,
 /// moto included; a tag applied at launch is as atomic).
 pub const CLIENT_TOKEN_TAG: &str = "imgbuild:client-token";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(operation: &'static str, code: Option<&str>, message: &str) -> AwsError {
+        AwsError {
+            operation,
+            region: "eu-west-1".to_owned(),
+            code: code.map(str::to_owned),
+            message: message.to_owned(),
+            request_id: Some("req-1".to_owned()),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_call_the_region_the_code_and_what_to_do() {
+        let denied = error(
+            "RunInstances",
+            Some("UnauthorizedOperation"),
+            "You are not authorized",
+        );
+        let text = denied.to_string();
+        assert!(
+            text.starts_with(
+                "EC2 RunInstances in eu-west-1 failed: UnauthorizedOperation: You are not authorized (request id req-1); check the AWS credentials"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("allow ec2:RunInstances"), "{text}");
+        assert!(denied.is("UnauthorizedOperation"));
+
+        let unknown = error("CreateTags", Some("SomethingNew"), "odd");
+        assert_eq!(
+            unknown.to_string(),
+            "EC2 CreateTags in eu-west-1 failed: SomethingNew: odd (request id req-1)"
+        );
+
+        let unreachable = AwsError {
+            request_id: None,
+            ..error(
+                "DescribeImages",
+                None,
+                "the request could not be sent: dns error",
+            )
+        };
+        assert!(
+            unreachable
+                .to_string()
+                .ends_with("; check the network, any HTTPS proxy settings and `endpoint_url`")
+        );
+    }
+}

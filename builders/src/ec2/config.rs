@@ -208,13 +208,16 @@ pub fn ami_name_problem(name: &str) -> Option<String> {
             "AMI name `{name}` must be 3 to 128 characters long"
         ));
     }
-    let bad: String = name
+    let mut bad: Vec<char> = name
         .chars()
         .filter(|c| !(c.is_ascii_alphanumeric() || "()[]./-'@_ ".contains(*c)))
         .collect();
+    bad.dedup();
     if !bad.is_empty() {
+        let shown: Vec<String> = bad.iter().map(|c| format!("`{c}`")).collect();
         return Some(format!(
-            "AMI name `{name}` contains characters EC2 does not allow ({bad:?}); AMI names take letters, digits, spaces and ( ) [ ] . / - ' @ _ only"
+            "AMI name `{name}` contains {}, which EC2 does not allow; AMI names take letters, digits, spaces and ( ) [ ] . / - ' @ _ only",
+            shown.join(" ")
         ));
     }
     None
@@ -561,12 +564,12 @@ mod tests {
 
     fn config(extra: &str) -> Ec2Config {
         let text = format!("instance_type = \"t3.micro\"\n{extra}");
-        toml_like(&text)
+        from_lines(&text)
     }
 
-    /// The tests write configs as JSON objects built from `key = value`
-    /// lines, which keeps them readable without a TOML dependency here.
-    fn toml_like(text: &str) -> Ec2Config {
+    /// A config from `key = <JSON value>` lines: TOML-looking, without a
+    /// TOML dependency in this crate.
+    fn from_lines(text: &str) -> Ec2Config {
         let mut object = serde_json::Map::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let (key, value) = line.split_once(" = ").expect("key = value");
@@ -715,7 +718,7 @@ ami_regions = ["eu-west-1", "us-east-1", "eu-west-1", "ap-south-1"]"#,
         assert!(
             ami_name_problem("web-1.2.3+build5")
                 .unwrap()
-                .contains("'+'")
+                .contains("contains `+`,")
         );
         assert!(ami_name_problem(&"x".repeat(129)).is_some());
     }

@@ -89,11 +89,14 @@ impl Ec2Builder {
             copy_regions: self.config.copy_regions(&region),
             region,
             endpoint_url: self.config.endpoint_url.clone(),
-            ami_description: self
-                .config
-                .ami_description
-                .clone()
-                .or_else(|| request.image.description.clone()),
+            // EC2 takes 255 characters; the image's description may be longer.
+            ami_description: self.config.ami_description.clone().or_else(|| {
+                request
+                    .image
+                    .description
+                    .as_ref()
+                    .map(|d| d.chars().take(255).collect())
+            }),
             ami_name,
             image: request.image.clone(),
             build_name: request.build_name.clone(),
@@ -305,6 +308,54 @@ fn artifact(plan: &Plan, state: &Ec2State) -> Result<Artifact, String> {
     })
 }
 
+/// How to reach an instance left running by `--on-error abort`, and how to
+/// get rid of it afterwards. A temporary key is saved next to the run
+/// journal, recorded in it, so `imgbuild clean` removes it too.
+fn debugging_hint(plan: &Plan, state: &Ec2State, cx: &StepContext) -> String {
+    let clean = format!(
+        "`imgbuild clean --run {}` terminates it and removes everything else the run made",
+        cx.run_id
+    );
+    let Some(instance) = &state.instance else {
+        return format!("what the build made is left for debugging; {clean}");
+    };
+    let ssh = &plan.config.ssh;
+    let host = ssh
+        .host
+        .clone()
+        .or_else(|| step_connect::address(instance, plan.config.ssh_interface).ok())
+        .unwrap_or_else(|| "<its address>".to_owned());
+    let port = ssh.port.unwrap_or(22);
+    let options = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null";
+    let login = match &state.temporary_key {
+        Some(key) => {
+            let dir = cx.journal.path().parent().unwrap_or(Path::new("."));
+            let key_file = dir.join(format!("{}-{}.ssh-key", cx.run_id, plan.build_name));
+            let saved =
+                crate::common::tracked::TrackedPath::file(cx, key_file.clone()).and_then(|_| {
+                    key.write_private_openssh(&key_file)
+                        .map_err(StepError::failed)
+                });
+            match saved {
+                Ok(()) => format!(
+                    "ssh -i {} -p {port} {options} {}@{host}",
+                    key_file.display(),
+                    ssh.username
+                ),
+                Err(err) => format!("(the build's temporary key could not be saved: {err})"),
+            }
+        }
+        None => format!(
+            "ssh -p {port} {options} {}@{host} (with the configured credentials)",
+            ssh.username
+        ),
+    };
+    format!(
+        "instance {} in {} is left as it was for debugging:\n  {login}\n{clean}",
+        instance.id, plan.region
+    )
+}
+
 #[async_trait]
 impl Builder for Ec2Builder {
     fn kind(&self) -> &'static str {
@@ -355,13 +406,8 @@ impl Builder for Ec2Builder {
         let mut state = Ec2State::default();
         let mut steps = self.steps(&plan, request);
         let report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
-        if report.left_for_debugging
-            && let Some(instance) = &state.instance
-        {
-            cx.log.warn(format!(
-                "left instance {} running in {} for debugging (--on-error abort); `imgbuild clean` removes it and everything else the run made",
-                instance.id, plan.region
-            ));
+        if report.left_for_debugging {
+            cx.log.warn(debugging_hint(&plan, &state, cx));
         }
         match report.outcome {
             CleanupOutcome::Succeeded => {

@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The address SSH goes to, per `ssh_interface`.
-fn address(instance: &InstanceInfo, interface: Option<SshInterface>) -> Result<String, String> {
+pub(super) fn address(
+    instance: &InstanceInfo,
+    interface: Option<SshInterface>,
+) -> Result<String, String> {
     let (interface, found) = match interface {
         Some(SshInterface::PublicIp) => (SshInterface::PublicIp, instance.public_ip.clone()),
         Some(SshInterface::PrivateIp) => (SshInterface::PrivateIp, instance.private_ip.clone()),

@@ -1,7 +1,11 @@
 //! Copies the finished AMI to `ami_regions`, all at once: each copy is
 //! recorded in the journal before its CopyImage, tagged like the original,
-//! waited for and logged as it lands. The first copy to fail stops the
-//! others; cleanup then deregisters every copy made so far, as it does on
+//! waited for and logged as it lands.
+//!
+//! Two phases: every CopyImage call runs to its answer even when another
+//! fails, so no copy exists whose id is unknown (dropping a call in flight
+//! could leave one behind); then the waits, where the first failure stops
+//! the rest. Cleanup deregisters every copy made, as it does on
 //! cancellation or when a later step fails.
 
 use super::client::{AwsResultExt, tag_spec, tags};
@@ -45,13 +49,14 @@ impl StepCopyRegions {
             .insert(region.to_owned(), copy);
     }
 
-    async fn copy_to(
+    /// Records and starts the copy into `region`; returns the copy's id.
+    async fn start_copy(
         &self,
         cx: &StepContext,
         source_image_id: &str,
         source: &SourceAmi,
         region: &str,
-    ) -> Result<AmiInfo, StepError> {
+    ) -> Result<String, StepError> {
         let plan = &self.plan;
         let client = plan.clients.get(region);
         let ami_tags = plan.artifact_tags(&plan.config.ami_tags, source);
@@ -100,7 +105,6 @@ impl StepCopyRegions {
             )
             .map_err(StepError::failed)?;
         cx.log.info(format!("copying to {region} as {image_id}"));
-
         // Tag specifications on CopyImage are not honoured everywhere (moto
         // drops them); tagging again is harmless.
         client
@@ -110,8 +114,21 @@ impl StepCopyRegions {
             .send()
             .await
             .aws("CreateTags", region)?;
+        Ok(image_id)
+    }
+
+    /// Waits for the copy to land and tags its snapshots.
+    async fn finish_copy(
+        &self,
+        cx: &StepContext,
+        source: &SourceAmi,
+        region: &str,
+        image_id: &str,
+    ) -> Result<AmiInfo, StepError> {
+        let plan = &self.plan;
+        let client = plan.clients.get(region);
         let image =
-            wait_for_image(&client, region, &image_id, plan.config.ami_timeout, &cx.log).await?;
+            wait_for_image(&client, region, image_id, plan.config.ami_timeout, &cx.log).await?;
         let snapshots = snapshot_ids(&image);
         tag_snapshots(
             &client,
@@ -123,7 +140,7 @@ impl StepCopyRegions {
         cx.log
             .info(format!("copy {image_id} is available in {region}"));
         Ok(AmiInfo {
-            image_id,
+            image_id: image_id.to_owned(),
             snapshot_ids: snapshots,
         })
     }
@@ -154,16 +171,32 @@ impl Step<Ec2State> for StepCopyRegions {
             plan.copy_regions.join(", ")
         ));
         let this = &*self;
-        let copies = plan.copy_regions.iter().map(|region| {
-            let (home, source) = (&home, &source);
-            async move {
-                this.copy_to(cx, home, source, region)
-                    .await
-                    .map(|ami| (region.clone(), ami))
-                    .map_err(|err| err.context(format!("copy to {region}")))
-            }
+        let (home, source) = (&home, &source);
+        let starts = plan.copy_regions.iter().map(|region| async move {
+            let started = this.start_copy(cx, home, source, region).await;
+            (region.clone(), started)
         });
-        let done = try_join_all(copies).await?;
+        let mut started = Vec::new();
+        let mut failures = Vec::new();
+        for (region, result) in join_all(starts).await {
+            match result {
+                Ok(image_id) => started.push((region, image_id)),
+                Err(StepError::Cancelled) => return Err(StepError::Cancelled),
+                Err(StepError::Failed(message)) => {
+                    failures.push(format!("copy to {region}: {message}"))
+                }
+            }
+        }
+        if !failures.is_empty() {
+            return Err(StepError::failed(failures.join("; ")));
+        }
+        let waits = started.iter().map(|(region, image_id)| async move {
+            this.finish_copy(cx, source, region, image_id)
+                .await
+                .map(|ami| (region.clone(), ami))
+                .map_err(|err| err.context(format!("copy to {region}")))
+        });
+        let done = try_join_all(waits).await?;
         state.amis.extend(done);
         Ok(())
     }

@@ -233,7 +233,14 @@ impl Step<Ec2State> for StepSecurityGroup {
             )
             .map_err(StepError::failed)?;
 
-        let port = i32::from(plan.config.ssh.port.unwrap_or(22));
+        // `ssh.port` alone means sshd listens there; with `ssh.host` too it
+        // is the port of whatever stands in between (a bastion's forward),
+        // and the instance still takes SSH on 22.
+        let ssh = &plan.config.ssh;
+        let port = match (&ssh.host, ssh.port) {
+            (None, Some(port)) => i32::from(port),
+            _ => 22,
+        };
         let mut permission = IpPermission::builder()
             .ip_protocol("tcp")
             .from_port(port)

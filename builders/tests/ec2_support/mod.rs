@@ -4,15 +4,12 @@
 //! answers chosen EC2 calls with AWS-shaped errors, for failures moto does
 //! not produce on its own.
 
-#![allow(dead_code)]
-
 use imgbuild_builders::{BuildRequest, ImageInfo};
 use imgbuild_core::events::{Event, EventSink, MemorySink};
 use imgbuild_core::journal::Journal;
 use imgbuild_core::{BuildLog, CancellationToken, OnError, Redactor, StepContext};
 use imgbuild_provisioners::Provisioner;
 use imgbuild_provisioners::shell::{ShellConfig, ShellProvisioner};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, Once, OnceLock};
@@ -97,14 +94,13 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// An sshd container that trusts the keys in a host file it reads on
-/// every login, so a test can add the key a build generates, the way
-/// cloud-init installs an EC2 key pair on a real instance.
+/// An sshd container standing in for the instance; keys are added to the
+/// login user's `~/.ssh/authorized_keys` as cloud-init does on EC2.
 pub struct SshTarget {
     pub cid: String,
+    pub user: String,
     pub host: String,
     pub port: u16,
-    pub authorized_keys: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -125,13 +121,7 @@ impl SshTarget {
         set_mode(&authorized_keys, 0o644);
         let out = run_script(
             "tests/fixtures/sshd-target/start.sh",
-            &[
-                user,
-                authorized_keys.to_str().unwrap(),
-                "--",
-                "-o",
-                "AuthorizedKeysFile=/run/imgbuild/authorized_keys",
-            ],
+            &[user, authorized_keys.to_str().unwrap()],
         );
         let mut fields = out.split_whitespace();
         let cid = fields.next().expect("container id").to_owned();
@@ -139,22 +129,16 @@ impl SshTarget {
         let port = fields.next().expect("port").parse().expect("port number");
         SshTarget {
             cid,
+            user: user.to_owned(),
             host,
             port,
-            authorized_keys,
             _dir: dir,
         }
     }
 
-    /// Replaces the trusted keys in place: the file is bind-mounted, so it
-    /// must stay the same inode.
-    pub fn trust(&self, public_key: &str) {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&self.authorized_keys)
-            .unwrap();
-        writeln!(file, "{public_key}").unwrap();
+    /// The login user's `authorized_keys`.
+    pub fn authorized_keys(&self) -> String {
+        self.exec(&format!("cat ~{}/.ssh/authorized_keys", self.user))
     }
 
     pub fn exec(&self, command: &str) -> String {
@@ -174,21 +158,39 @@ impl Drop for SshTarget {
     }
 }
 
+/// What cloud-init does with an instance's key pair.
+fn append_authorized_key(cid: &str, user: &str, public_key: &str) {
+    let output = Command::new("docker")
+        .args(["exec", "-u", user, cid, "sh", "-c"])
+        .arg(format!(
+            "printf '%s\\n' \"$0\" >> ~{user}/.ssh/authorized_keys"
+        ))
+        .arg(public_key)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "cannot add a key in {cid}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// Plays cloud-init: once the build has imported its temporary key pair
-/// (found by the run's tag), the target trusts that public key.
+/// (found by the run's tag), the target trusts that public key. Returns the
+/// key.
 pub fn trust_imported_key(
     region: &str,
     run_id: &str,
     target: &SshTarget,
-) -> tokio::task::JoinHandle<bool> {
+) -> tokio::task::JoinHandle<Option<String>> {
     let region = region.to_owned();
     let run_id = run_id.to_owned();
-    let path = target.authorized_keys.clone();
+    let (cid, user) = (target.cid.clone(), target.user.clone());
     tokio::spawn(async move {
         let client = ec2(&region).await;
         for _ in 0..600 {
@@ -206,17 +208,13 @@ pub fn trust_imported_key(
             if let Ok(output) = found
                 && let Some(key) = output.key_pairs().first().and_then(|k| k.public_key())
             {
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .truncate(true)
-                    .open(&path)
-                    .unwrap();
-                writeln!(file, "{}", key.trim()).unwrap();
-                return true;
+                let key = key.trim().to_owned();
+                append_authorized_key(&cid, &user, &key);
+                return Some(key);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        false
+        None
     })
 }
 
@@ -241,7 +239,8 @@ impl EventSink for CancelOn {
 pub struct Harness {
     pub cx: StepContext,
     pub events: Arc<MemorySink>,
-    pub state_dir: tempfile::TempDir,
+    /// Holds the run journal.
+    _state_dir: tempfile::TempDir,
     pub config_dir: tempfile::TempDir,
 }
 
@@ -277,7 +276,7 @@ impl Harness {
                 run_id,
             },
             events,
-            state_dir,
+            _state_dir: state_dir,
             config_dir: tempfile::tempdir().unwrap(),
         }
     }
@@ -406,11 +405,8 @@ impl Rule {
 /// handles like any server that does not keep connections alive.
 pub struct FaultProxy {
     pub url: String,
-    rules: Arc<Mutex<Vec<Rule>>>,
-    /// (action, region) of every request seen, in order.
-    pub seen: Arc<Mutex<Vec<(String, String)>>>,
     /// (action, code) of every fault injected.
-    pub injected: Arc<Mutex<Vec<(String, String)>>>,
+    injected: Arc<Mutex<Vec<(String, String)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -426,24 +422,21 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let rules = Arc::new(Mutex::new(rules));
-        let seen = Arc::new(Mutex::new(Vec::new()));
         let injected = Arc::new(Mutex::new(Vec::new()));
-        let (r, s, i) = (rules.clone(), seen.clone(), injected.clone());
+        let i = injected.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (r, s, i, upstream) = (r.clone(), s.clone(), i.clone(), upstream.clone());
+                let (r, i, upstream) = (rules.clone(), i.clone(), upstream.clone());
                 tokio::spawn(async move {
-                    let _ = handle(stream, &upstream, &r, &s, &i).await;
+                    let _ = handle(stream, &upstream, &r, &i).await;
                 });
             }
         });
         FaultProxy {
             url,
-            rules,
-            seen,
             injected,
             task,
         }
@@ -451,10 +444,6 @@ impl FaultProxy {
 
     pub fn injected(&self) -> Vec<(String, String)> {
         self.injected.lock().unwrap().clone()
-    }
-
-    pub fn seen(&self) -> Vec<(String, String)> {
-        self.seen.lock().unwrap().clone()
     }
 }
 
@@ -542,14 +531,12 @@ async fn handle(
     mut client: TcpStream,
     upstream: &str,
     rules: &Mutex<Vec<Rule>>,
-    seen: &Mutex<Vec<(String, String)>>,
     injected: &Mutex<Vec<(String, String)>>,
 ) -> std::io::Result<()> {
     let (head, body) = read_message(&mut client).await?;
     let text = String::from_utf8_lossy(&body).into_owned();
     let action = form_value(&text, "Action").unwrap_or_default();
     let region = signed_region(&head);
-    seen.lock().unwrap().push((action.clone(), region.clone()));
 
     let fault = {
         let mut rules = rules.lock().unwrap();
