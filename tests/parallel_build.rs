@@ -81,7 +81,7 @@ fn qemu_and_docker_builds_of_one_image_run_in_parallel() {
     assert_eq!(release, format!("edge-node {version} (edge, docker)"));
     assert!(
         workspace
-            .join(&format!("output/edge-node-{version}.qcow2"))
+            .join(&format!("output/edge-node-{version}.raw"))
             .is_file()
     );
     assert!(workspace.journals().is_empty());

@@ -451,3 +451,22 @@ impl Drop for HttpServer {
         let _ = self.child.wait();
     }
 }
+
+#[test]
+fn an_ssh_wait_that_times_out_shows_the_serial_console_and_cleans_up() {
+    let workspace = Workspace::new();
+    let config = vm_config("1.0.0", "").replace(
+        "password = \"fixture-password\"",
+        "password = \"fixture-password\"\ntimeout = \"3s\"",
+    );
+    workspace.write("image.toml", &config);
+    workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--var"])
+        .arg(format!("base_image={}", base_vm_image()))
+        .run()
+        .exits_with(EXIT_BUILD_FAILED)
+        .stderr_has("imgbuild@127.0.0.1:")
+        .stderr_has("serial console");
+    assert_nothing_left(&workspace);
+}
