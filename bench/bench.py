@@ -1,0 +1,788 @@
+#!/usr/bin/env python3
+"""imgbuild vs Packer 1.6.6 on the same builds. Started by bench/run.sh,
+which documents the usage; bench/README.md documents the method.
+
+Python 3 standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+import sampler  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+SCENARIOS = ["qemu", "docker", "ec2", "upload", "parallel"]
+TOOLS = ["imgbuild", "packer"]
+FIXTURE_PASSWORD = "fixture-password"
+MOTO_REGION = "us-east-1"
+KEY_PAIR = "imgbuild-bench"
+SSH_USER = "bench"
+PAYLOAD_VM = 64 * 2**20
+PAYLOAD_CONTAINER = 256 * 2**20
+HASH_FILE_SIZE = 2**30
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(argv, *, env=None, cwd=None, check=True, capture=True, timeout=None) -> str:
+    res = subprocess.run(
+        argv,
+        env=env,
+        cwd=cwd,
+        check=False,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+        timeout=timeout,
+    )
+    if check and res.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(map(str, argv))} failed ({res.returncode}):\n"
+            f"{(res.stderr or '')[-3000:]}"
+        )
+    return (res.stdout or "").strip()
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def cpu_of_comms(comms: set[str]) -> float:
+    """Seconds of CPU used so far by every process whose comm is in `comms`."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = sampler.read_stat(int(name))
+            if st and st[0] in comms:
+                total += st[2]
+    return total / sampler.CLK_TCK
+
+
+def cpu_of_pid(pid: int | None) -> float:
+    if not pid:
+        return 0.0
+    st = sampler.read_stat(pid)
+    return st[2] / sampler.CLK_TCK if st else 0.0
+
+
+ENGINE_COMMS = {"dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2", "docker-proxy"}
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ---------------------------------------------------------------------------
+# moto: the EC2 Query API without an SDK (moto does not check signatures; the
+# Authorization header only tells it the region and account).
+# ---------------------------------------------------------------------------
+
+
+class Moto:
+    def __init__(self, port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def call(self, action: str, **params) -> str:
+        data = {"Action": action, "Version": "2016-11-15"}
+        data.update(params)
+        req = urllib.request.Request(
+            self.url + "/",
+            data=urllib.parse.urlencode(data).encode(),
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Authorization": "AWS4-HMAC-SHA256 Credential=testing/20260101/"
+                f"{MOTO_REGION}/ec2/aws4_request, SignedHeaders=host, Signature=bench",
+            },
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.read().decode()
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.url + "/moto-api/reset", data=b"", method="POST")
+        urllib.request.urlopen(req, timeout=30).read()
+
+    def import_key(self, name: str, public_key: bytes) -> None:
+        self.call(
+            "ImportKeyPair",
+            KeyName=name,
+            PublicKeyMaterial=base64.b64encode(public_key).decode(),
+        )
+
+    def image_ids(self, name: str) -> list[str]:
+        xml = self.call(
+            "DescribeImages", **{"Owner.1": "self", "Filter.1.Name": "name", "Filter.1.Value.1": name}
+        )
+        return re.findall(r"<imageId>(ami-[0-9a-f]+)</imageId>", xml)
+
+    def pid(self) -> int | None:
+        try:
+            return int(Path(f"/tmp/imgbuild-moto-{self.port}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+
+# ---------------------------------------------------------------------------
+# Environment: tools, fixtures, moto, the SSH target
+# ---------------------------------------------------------------------------
+
+
+class Env:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work).expanduser().resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.run_dir = self.work / "runs" / self.stamp
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.imgbuild = ROOT / "target" / "release" / "imgbuild"
+        self.moto = Moto(args.moto_port)
+        self.target_cid = None
+        self.target_ip = None
+        self.key = self.work / "ec2" / "key"
+        self.base_image = None
+        self.base_sha256 = None
+        self.docker_image = None
+        self.payload_vm = self.work / "payload-64MiB.bin"
+        self.payload_container = self.work / "payload-256MiB.bin"
+        self.versions = {}
+
+    # -- setup ---------------------------------------------------------------
+
+    def apt_install(self, *packages):
+        missing = [p for p in packages if subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True
+        ).stdout.find("install ok installed") < 0]
+        if not missing:
+            return
+        log(f"apt-get install {' '.join(missing)}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        sh(["apt-get", "update", "-q"], env=env, capture=False)
+        sh(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env, capture=False)
+
+    def setup(self, wanted: set):
+        """Installs and starts what the `wanted` scenarios need."""
+        if not self.args.skip_setup:
+            if shutil.which("packer") is None:
+                self.apt_install("packer")
+            self.apt_install("sshpass", "openssl", "openssh-client")
+            log("tests/setup.sh (QEMU, Docker, moto, fixtures)")
+            sh(["bash", "tests/setup.sh"], cwd=ROOT, capture=False)
+            log("cargo build --release")
+            sh(["cargo", "build", "--release"], cwd=ROOT, capture=False)
+        if not self.imgbuild.exists():
+            raise SystemExit(f"{self.imgbuild} is missing: run without --skip-setup")
+        self.versions = {
+            "imgbuild": sh([str(self.imgbuild), "--version"]),
+            "imgbuild_git": sh(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=False),
+            "imgbuild_dirty": bool(sh(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, check=False)),
+            "packer": sh(["packer", "version"]).splitlines()[0],
+            "qemu": sh(["qemu-system-x86_64", "--version"]).splitlines()[0],
+            "docker": sh(["docker", "version", "--format", "{{.Server.Version}}"], check=False),
+            "openssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
+        }
+        if wanted & {"qemu", "upload", "parallel", "scp"}:
+            self.base_image = Path(sh(["bash", "tests/fixtures/base-vm-image.sh"], cwd=ROOT))
+            self.base_sha256 = self.cached_sha256(self.base_image)
+            # Both tools read the base image: start both with it in the page cache.
+            with open(self.base_image, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        if wanted & {"docker", "upload", "parallel", "ec2"}:
+            sh(["bash", ".ci/start-dockerd.sh"], cwd=ROOT, capture=False)
+        if wanted & {"docker", "upload", "parallel"}:
+            self.docker_image = sh(["bash", "tests/fixtures/docker-base-image.sh"], cwd=ROOT)
+        if wanted & {"ec2", "parallel"}:
+            self.start_moto()
+            self.start_target()
+        if wanted & {"upload", "scp"}:
+            self.make_payload(self.payload_vm, PAYLOAD_VM)
+            self.make_payload(self.payload_container, PAYLOAD_CONTAINER)
+
+    def cached_sha256(self, path: Path) -> str:
+        st = path.stat()
+        cache = self.work / "sha256-cache.json"
+        data = json.loads(cache.read_text()) if cache.exists() else {}
+        key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in data:
+            data[key] = sha256_of(path)
+            cache.write_text(json.dumps(data, indent=1))
+        return data[key]
+
+    def make_payload(self, path: Path, size: int):
+        if path.exists() and path.stat().st_size == size:
+            return
+        log(f"writing {size >> 20} MiB of random data to {path}")
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 1 << 20)
+                f.write(os.urandom(n))
+                left -= n
+        tmp.rename(path)
+
+    def start_moto(self):
+        env = dict(os.environ, IMGBUILD_MOTO_PORT=str(self.moto.port))
+        sh(["bash", ".ci/start-moto.sh"], cwd=ROOT, env=env, capture=False)
+        self.key.parent.mkdir(parents=True, exist_ok=True)
+        if not self.key.exists():
+            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "imgbuild-bench", "-f", str(self.key)])
+        os.chmod(self.key.with_suffix(".pub"), 0o644)
+        self.reset_moto()
+
+    def reset_moto(self):
+        """Our own moto server (not the tests' one): a clean state per run."""
+        self.moto.reset()
+        self.moto.import_key(KEY_PAIR, self.key.with_suffix(".pub").read_bytes())
+
+    def start_target(self):
+        net = Path("/run/imgbuild-dockerd.network")
+        if net.exists() and net.read_text().strip() == "host-only":
+            raise SystemExit("the ec2 scenarios need dockerd with a bridge network (see .ci/start-dockerd.sh)")
+        out = sh(["bash", "tests/fixtures/sshd-target/start.sh", SSH_USER, str(self.key.with_suffix(".pub"))], cwd=ROOT)
+        self.target_cid = out.split()[0]
+        # Both tools connect to the container's bridge address, port 22: the
+        # committed configs need no per-run port, and no docker-proxy hop.
+        self.target_ip = sh(["docker", "inspect", "-f", "{{.NetworkSettings.IPAddress}}", self.target_cid])
+        log(f"SSH target container {self.target_cid[:12]} at {self.target_ip}:22")
+
+    def teardown(self):
+        if self.target_cid:
+            subprocess.run(["docker", "rm", "-f", self.target_cid], capture_output=True)
+
+    # -- per tool/run configuration ------------------------------------------
+
+    def aws_env(self, env):
+        env.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION=MOTO_REGION,
+            AWS_REGION=MOTO_REGION,
+            AWS_EC2_METADATA_DISABLED="true",
+            AWS_CONFIG_FILE="/nonexistent/imgbuild-bench-aws-config",
+            AWS_SHARED_CREDENTIALS_FILE="/nonexistent/imgbuild-bench-aws-credentials",
+            NO_PROXY="127.0.0.1,localhost",
+        )
+        env.pop("AWS_PROFILE", None)
+        env.pop("AWS_SESSION_TOKEN", None)
+        return env
+
+    def variables(self, scenario: str, tool: str, version: str, out: Path) -> dict:
+        v = {}
+        if scenario in ("qemu", "upload", "parallel"):
+            v.update(base_image=str(self.base_image), base_sha256=self.base_sha256, output_dir=str(out / "output"))
+            if tool == "packer":
+                v["serial_log"] = str(out / "serial.log")
+        if scenario in ("docker", "upload", "parallel"):
+            key = "base_image" if scenario == "docker" else "docker_image"
+            v[key] = self.docker_image
+            v["repository"] = f"bench-{scenario}-{tool}"
+        if scenario in ("ec2", "parallel"):
+            v.update(
+                endpoint=self.moto.url,
+                ssh_host=self.target_ip,
+                ssh_username=SSH_USER,
+                private_key_file=str(self.key),
+                key_pair_name=KEY_PAIR,
+                ami_name=f"bench-{scenario}-{tool}-{version}",
+            )
+        if scenario == "upload":
+            v.update(payload_vm=str(self.payload_vm), payload_container=str(self.payload_container))
+        v["version"] = version
+        return v
+
+    def command(self, scenario: str, tool: str, version: str, out: Path):
+        sdir = BENCH / "scenarios" / scenario
+        v = self.variables(scenario, tool, version, out)
+        env = self.aws_env(dict(os.environ))
+        if tool == "imgbuild":
+            argv = [str(self.imgbuild), "build", "--output", "json", "-v", "--color", "never",
+                    "--manifest", str(out / "manifest.json")]
+            if scenario == "upload":
+                argv += ["--parallel", "1"]
+            for k, val in v.items():
+                argv += ["--var", f"{k}={val}"]
+            argv.append(str(sdir / "imgbuild.toml"))
+            env["IMGBUILD_STATE_DIR"] = str(self.work / "imgbuild-state")
+            env["NO_COLOR"] = "1"
+        else:
+            argv = ["packer", "build", "-color=false"]
+            if scenario == "upload":
+                argv.append("-parallel-builds=1")
+            for k, val in v.items():
+                argv += ["-var", f"{k}={val}"]
+            argv.append(str(sdir / "packer.json"))
+            env["PACKER_CACHE_DIR"] = str(self.work / "packer_cache")
+            # No update check against checkpoint-api.hashicorp.com: a network
+            # call that is not part of building.
+            env["CHECKPOINT_DISABLE"] = "1"
+            env.pop("PACKER_LOG", None)
+        return argv, env, v
+
+    # -- checks and cleanup ----------------------------------------------------
+
+    def check_artifacts(self, scenario: str, tool: str, v: dict) -> list[str]:
+        """What the run should have produced and did not."""
+        problems = []
+        if scenario in ("qemu", "upload", "parallel"):
+            outdir = Path(v["output_dir"])
+            images = [p for p in outdir.glob("*.qcow2")] if outdir.exists() else []
+            sums = [p for p in outdir.glob("*.sha256")] if outdir.exists() else []
+            if not images:
+                problems.append(f"no qcow2 in {outdir}")
+            if not sums:
+                problems.append(f"no .sha256 in {outdir}")
+            for img in images:
+                info = json.loads(sh(["qemu-img", "info", "--output", "json", str(img)]))
+                if info.get("backing-filename"):
+                    problems.append(f"{img} has a backing file")
+        if scenario in ("docker", "upload", "parallel"):
+            ref = f"{v['repository']}:{v['version']}"
+            if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode != 0:
+                problems.append(f"no Docker image {ref}")
+        if scenario in ("ec2", "parallel"):
+            if not self.moto.image_ids(v["ami_name"]):
+                problems.append(f"no AMI named {v['ami_name']}")
+        return problems
+
+    def cleanup(self, scenario: str, tool: str, v: dict, out: Path):
+        if scenario in ("docker", "upload", "parallel"):
+            ref = f"{v['repository']}:{v['version']}"
+            subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)
+        shutil.rmtree(out / "output", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Output parsing
+# ---------------------------------------------------------------------------
+
+MARK = re.compile(r"BENCH_MARK ([abc]) ([0-9]+\.[0-9]+)")
+PACKER_PREFIX = re.compile(r"^\s*(?:==> )?([A-Za-z0-9_.-]+)(?: \([^)]*\))?: ")
+
+
+def parse_imgbuild(lines):
+    steps, marks, errors = [], {}, []
+    for t, text in lines:
+        try:
+            ev = json.loads(text)
+        except ValueError:
+            continue
+        if not isinstance(ev, dict):
+            continue
+        kind = ev.get("event")
+        if kind == "step_finished":
+            steps.append({"build": ev.get("build"), "step": ev.get("step"),
+                          "s": round(ev.get("duration_ms", 0) / 1000, 3), "at": round(t, 3)})
+        elif kind == "output":
+            m = MARK.search(ev.get("line", ""))
+            if m:
+                marks.setdefault(ev.get("build"), {})[m.group(1)] = float(m.group(2))
+        elif kind == "build_finished" and ev.get("status") != "succeeded":
+            errors.append(f"{ev.get('build')}: {ev.get('error')}")
+    return steps, marks, errors
+
+
+def parse_packer(lines):
+    timeline, marks = [], {}
+    for t, text in lines:
+        m = MARK.search(text)
+        if m:
+            p = PACKER_PREFIX.match(text)
+            build = p.group(1) if p else "?"
+            marks.setdefault(build, {})[m.group(1)] = float(m.group(2))
+        if text.startswith("==> ") or text.startswith("Build '"):
+            timeline.append({"at": round(t, 3), "line": text[:160]})
+    return timeline, marks
+
+
+def transfer_times(marks: dict) -> dict:
+    """(c - b) - (b - a) per build: the upload minus one provisioner hand-over."""
+    out = {}
+    for build, m in marks.items():
+        if all(k in m for k in "abc"):
+            out[build] = {
+                "handover_s": round(m["b"] - m["a"], 3),
+                "upload_gap_s": round(m["c"] - m["b"], 3),
+                "transfer_s": round((m["c"] - m["b"]) - (m["b"] - m["a"]), 3),
+            }
+    return out
+
+
+def phases_from_timeline(timeline, wall):
+    """Packer: time from each '==>' line to the next, summed by message."""
+    out = {}
+    for i, item in enumerate(timeline):
+        end = timeline[i + 1]["at"] if i + 1 < len(timeline) else wall
+        key = re.sub(r"\s+", " ", item["line"])[:80]
+        out[key] = round(out.get(key, 0) + end - item["at"], 3)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------
+
+
+def run_once(env: Env, scenario: str, tool: str, index: int, order: int) -> dict:
+    version = f"{env.stamp.lower()}.{index}"
+    out = env.run_dir / scenario / f"{tool}-{index}"
+    out.mkdir(parents=True, exist_ok=True)
+    if scenario in ("ec2", "parallel"):
+        env.reset_moto()
+    argv, penv, v = env.command(scenario, tool, version, out)
+    (out / "command.txt").write_text(" ".join(map(str, argv)) + "\n")
+    load0 = loadavg()
+    busy0, total0 = cpu_times()
+    engine0 = cpu_of_comms(ENGINE_COMMS)
+    moto0 = cpu_of_pid(env.moto.pid())
+    log(f"{scenario}: {tool} run {index} ...")
+    res = sampler.run(argv, cwd=str(out), env=penv, log_path=out / "output.log",
+                      interval=env.args.interval, timeout=env.args.timeout)
+    busy1, total1 = cpu_times()
+    record = {
+        "tool": tool,
+        "run": index,
+        "order": order,
+        "version": version,
+        **res.to_json(),
+        # The footprint: PSS summed over the tool's processes, but never less
+        # than the exact high-water mark of its largest process.
+        "peak_mem_mib": round(max(res.own_peak_pss, res.own_max_hwm) / 2**20, 2),
+        "loadavg_start": load0,
+        "loadavg_end": loadavg(),
+        "machine_cpu_busy_pct": round(100 * (busy1 - busy0) / max(1, total1 - total0), 1),
+        "engine_cpu_s": round(cpu_of_comms(ENGINE_COMMS) - engine0, 3),
+        "moto_cpu_s": round(cpu_of_pid(env.moto.pid()) - moto0, 3),
+        "log": str(out / "output.log"),
+    }
+    if tool == "imgbuild":
+        steps, marks, errors = parse_imgbuild(res.lines)
+        record["steps"] = steps
+        if errors:
+            record["errors"] = errors
+    else:
+        timeline, marks = parse_packer(res.lines)
+        record["timeline"] = timeline
+        record["phases"] = phases_from_timeline(timeline, res.wall_s)
+    if scenario == "upload":
+        record["marks"] = marks
+        record["transfer"] = transfer_times(marks)
+    problems = []
+    if res.returncode != 0:
+        problems.append(f"exit code {res.returncode}")
+        tail = [text for _, text in res.lines[-15:]]
+        record["log_tail"] = tail
+    if res.timed_out:
+        problems.append("timed out")
+    if res.returncode == 0:
+        problems += env.check_artifacts(scenario, tool, v)
+    record["ok"] = not problems
+    if problems:
+        record["problems"] = problems
+    env.cleanup(scenario, tool, v, out)
+    status = "ok" if record["ok"] else "FAILED: " + "; ".join(problems)
+    log(f"{scenario}: {tool} run {index}: {res.wall_s:.1f} s wall, {res.own_cpu_s:.2f} s CPU, "
+        f"{record['peak_mem_mib']:.1f} MiB peak, load {load0[0]:.1f} -> {record['loadavg_end'][0]:.1f}: {status}")
+    return record
+
+
+def summarize(records: list[dict]) -> dict:
+    ok = [r for r in records if r["ok"]]
+    s = {
+        "runs": len(records),
+        "ok_runs": len(ok),
+        "wall_s": median([r["wall_s"] for r in ok]),
+        "own_cpu_s": median([r["own_cpu_s"] for r in ok]),
+        "peak_mem_mib": median([r["peak_mem_mib"] for r in ok]),
+        "max_peak_mem_mib": max([r["peak_mem_mib"] for r in records if r["peak_mem_mib"] is not None], default=None),
+        "external_cpu_s": median([r["external_cpu_s"] for r in ok]),
+        "engine_cpu_s": median([r["engine_cpu_s"] for r in ok]),
+        "loadavg_start": median([r["loadavg_start"][0] for r in records]),
+    }
+    if any("transfer" in r for r in ok):
+        builds = sorted({b for r in ok for b in r.get("transfer", {})})
+        s["transfer_s"] = {b: median([r["transfer"][b]["transfer_s"] for r in ok if b in r.get("transfer", {})]) for b in builds}
+    if not ok and records:
+        s["failure"] = records[-1].get("problems", ["?"]) + records[-1].get("errors", [])
+    return s
+
+
+def run_guarded(env: Env, scenario: str, tool: str, index: int, order: int) -> dict:
+    try:
+        return run_once(env, scenario, tool, index, order)
+    except Exception as err:  # noqa: BLE001 - one broken run must not end the benchmark
+        log(f"{scenario}: {tool} run {index}: bench error: {err}")
+        return {"tool": tool, "run": index, "order": order, "ok": False, "problems": [f"bench error: {err}"],
+                "wall_s": None, "own_cpu_s": None, "peak_mem_mib": None, "external_cpu_s": None,
+                "engine_cpu_s": None, "loadavg_start": loadavg(), "loadavg_end": loadavg()}
+
+
+def run_scenarios(env: Env, results: dict) -> dict:
+    for scenario in env.args.scenario:
+        records = {t: [] for t in TOOLS}
+        for i in range(1, env.args.runs + 1):
+            # Alternate who goes first, so neither tool always meets a
+            # machine the other has just warmed up (or loaded).
+            order = TOOLS if i % 2 == 1 else list(reversed(TOOLS))
+            for pos, tool in enumerate(order):
+                records[tool].append(run_guarded(env, scenario, tool, i, pos))
+                time.sleep(env.args.pause)
+        summary = {t: summarize(records[t]) for t in TOOLS}
+        results[scenario] = {"records": records, "summary": summary, "ratios": ratios(summary)}
+        report.write_partial(env, results)
+    return results
+
+
+def ratios(summary: dict) -> dict:
+    a, b = summary["imgbuild"], summary["packer"]
+
+    def r(x, y):
+        return round(x / y, 3) if x is not None and y not in (None, 0) else None
+
+    out = {
+        "wall": r(a["wall_s"], b["wall_s"]),
+        "cpu": r(a["own_cpu_s"], b["own_cpu_s"]),
+        "peak_mem": r(a["peak_mem_mib"], b["peak_mem_mib"]),
+    }
+    if "transfer_s" in a and "transfer_s" in b:
+        for build in a["transfer_s"]:
+            ta, tb = a["transfer_s"].get(build), b["transfer_s"].get(build)
+            # Throughput ratio: Packer's transfer time over imgbuild's.
+            out[f"upload_{build}_throughput"] = r(tb, ta) if ta and ta > 0 else None
+    return out
+
+
+# ---------------------------------------------------------------------------
+# scp baseline: one QEMU VM from an overlay of the fixture, as the tools boot it
+# ---------------------------------------------------------------------------
+
+
+def scp_baseline(env: Env) -> dict:
+    vmdir = env.run_dir / "scp-vm"
+    vmdir.mkdir(parents=True, exist_ok=True)
+    overlay = vmdir / "overlay.qcow2"
+    sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(env.base_image), "-F", "qcow2", str(overlay)])
+    port = free_port()
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "max",
+         "-m", "1024", "-smp", "2", "-nodefaults", "-display", "none",
+         "-serial", f"file:{vmdir / 'serial.log'}",
+         "-drive", f"file={overlay},if=virtio,format=qcow2,cache=writeback",
+         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22",
+         "-device", "virtio-net-pci,netdev=net0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(vmdir / "qemu.log", "w"),
+        start_new_session=True,
+    )
+    ctl = vmdir / "ctl"
+    key = env.work / "scp" / "key"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    if not key.exists():
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "imgbuild-bench-scp", "-f", str(key)])
+    common = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+              "-o", "ConnectTimeout=10", "-o", "IdentitiesOnly=yes", "-i", str(key)]
+    ssh_opts = common + ["-p", str(port)]
+    scp_opts = common + ["-P", str(port)]
+    mux = ["-o", f"ControlPath={ctl}"]
+    dest = "imgbuild@127.0.0.1"
+    result = {"method": "OpenSSH scp (SFTP protocol), key login, of the 64 MiB payload to /tmp/payload.bin in a QEMU VM "
+                        "booted like the builders boot it (TCG, -cpu max, 1024 MiB, 2 vCPUs, virtio, user networking); "
+                        "transfer_s: over an open master connection (ControlMaster), plain_s: a new connection each time"}
+
+    def run(argv):
+        subprocess.run(argv, check=True, capture_output=True, timeout=600)
+
+    try:
+        log("scp baseline: booting a VM from an overlay of the fixture")
+        t0 = time.monotonic()
+        pub = key.with_suffix(".pub").read_bytes()
+        while True:
+            if qemu.poll() is not None:
+                raise RuntimeError("QEMU exited while booting the scp VM")
+            if time.monotonic() - t0 > 600:
+                raise RuntimeError("no SSH on the scp VM after 10 minutes")
+            # Password login once, to authorize the key.
+            rc = subprocess.run(
+                ["sshpass", "-p", FIXTURE_PASSWORD, "ssh", *ssh_opts, "-o", "PubkeyAuthentication=no", dest,
+                 "mkdir -p ~/.ssh && cat >> ~/.ssh/authorized_keys && chmod 600 ~/.ssh/authorized_keys"],
+                input=pub, capture_output=True).returncode
+            if rc == 0:
+                break
+            time.sleep(2)
+        log(f"scp baseline: SSH up after {time.monotonic() - t0:.0f} s")
+        run(["ssh", *ssh_opts, *mux, "-o", "ControlMaster=yes", "-o", "ControlPersist=600", "-fN", dest])
+        plain, muxed, connect = [], [], []
+        for _ in range(max(3, env.args.runs)):
+            t = time.monotonic()
+            run(["ssh", *ssh_opts, dest, "true"])
+            connect.append(time.monotonic() - t)
+            t = time.monotonic()
+            run(["scp", "-q", *scp_opts, str(env.payload_vm), f"{dest}:/tmp/payload.bin"])
+            plain.append(time.monotonic() - t)
+            run(["ssh", *ssh_opts, *mux, dest, "rm -f /tmp/payload.bin; sync"])
+            t = time.monotonic()
+            run(["scp", "-q", *scp_opts, *mux, str(env.payload_vm), f"{dest}:/tmp/payload.bin"])
+            muxed.append(time.monotonic() - t)
+            run(["ssh", *ssh_opts, *mux, dest, "rm -f /tmp/payload.bin; sync"])
+        result.update(
+            runs=len(plain),
+            plain_s=[round(x, 3) for x in plain],
+            connection_reused_s=[round(x, 3) for x in muxed],
+            ssh_connect_login_s=[round(x, 3) for x in connect],
+            transfer_s=round(median(muxed), 3),
+            plain_median_s=round(median(plain), 3),
+            mib_per_s=round(64 / median(muxed), 1),
+        )
+        subprocess.run(["ssh", *ssh_opts, *mux, "-O", "exit", dest], capture_output=True)
+    except Exception as err:  # noqa: BLE001 - reported, not fatal
+        result["error"] = str(err)
+        log(f"scp baseline failed: {err}")
+    finally:
+        try:
+            os.killpg(qemu.pid, signal.SIGTERM)
+            qemu.wait(20)
+        except Exception:  # noqa: BLE001
+            os.killpg(qemu.pid, signal.SIGKILL)
+        shutil.rmtree(vmdir, ignore_errors=True)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Micro-benchmarks: criterion (cargo bench) and openssl speed
+# ---------------------------------------------------------------------------
+
+
+def micro(env: Env) -> dict:
+    out = {}
+    hash_file = env.work / "hash-1GiB.bin"
+    env.make_payload(hash_file, HASH_FILE_SIZE)
+    big_config = env.work / "config-bench"
+    menv = dict(os.environ, IMGBUILD_BENCH_HASH_FILE=str(hash_file), IMGBUILD_BENCH_CONFIG_DIR=str(big_config))
+    log("cargo bench (criterion): hashing and config loading")
+    res = subprocess.run(["cargo", "bench", "--bench", "hash", "--bench", "config_load", "--", "--noplot"],
+                         cwd=ROOT, env=menv, text=True, capture_output=True)
+    (env.run_dir / "criterion.log").write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        out["error"] = "cargo bench failed; see " + str(env.run_dir / "criterion.log")
+        log(out["error"])
+    crit = ROOT / "target" / "criterion"
+
+    def estimate(group, name):
+        p = crit / group / name / "new" / "estimates.json"
+        if not p.exists():
+            return None
+        e = json.loads(p.read_text())
+        return e["median"]["point_estimate"] / 1e9  # seconds
+
+    for name in ("imgbuild_sha256_file", "sha256sum"):
+        s = estimate("sha256_1GiB", name)
+        if s:
+            out[name] = {"s_per_GiB": round(s, 3), "GB_per_s": round(HASH_FILE_SIZE / s / 1e9, 3)}
+    for name in ("load_200_builders_1000_provisioners",):
+        s = estimate("config", name)
+        if s:
+            out[name] = {"ms": round(s * 1000, 2)}
+    meta = big_config / "stats.json"
+    if meta.exists():
+        out["config_stats"] = json.loads(meta.read_text())
+    # The SHA-NI limit: OpenSSL's SHA-256 on 16 KiB blocks in memory.
+    try:
+        text = sh(["openssl", "speed", "-evp", "sha256", "-bytes", "16384", "-seconds", "3", "-mr"])
+        m = re.search(r"\+F:\d+:sha256:([0-9.]+)", text)
+        if m:
+            out["openssl_speed_evp_sha256"] = {"block": 16384, "GB_per_s": round(float(m.group(1)) / 1e9, 3)}
+    except Exception as err:  # noqa: BLE001
+        out["openssl_error"] = str(err)
+    out["cpu_flags_sha_ni"] = "sha_ni" in Path("/proc/cpuinfo").read_text()
+    return out
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="bench/run.sh", description="imgbuild vs Packer 1.6.6 on the same builds")
+    p.add_argument("--runs", type=int, default=3, help="runs per tool and scenario (default 3)")
+    p.add_argument("--scenario", action="append", choices=SCENARIOS + ["scp", "micro"],
+                   help="run only this (repeatable); default: every scenario, then scp and micro")
+    p.add_argument("--skip-setup", action="store_true", help="no apt-get, tests/setup.sh or cargo build")
+    p.add_argument("--no-micro", action="store_true", help="leave out the criterion micro-benchmarks")
+    p.add_argument("--work", default="~/.cache/imgbuild/bench", help="work directory (payloads, outputs, logs)")
+    p.add_argument("--moto-port", type=int, default=5057, help="port of the benchmark's own moto server (default 5057)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds one tool run may take (default 1800)")
+    p.add_argument("--pause", type=float, default=3, help="seconds between runs (default 3)")
+    p.add_argument("--interval", type=float, default=0.05, help="sampling interval in seconds (default 0.05)")
+    args = p.parse_args(argv)
+    selected = args.scenario or SCENARIOS + ["scp", "micro"]
+    if args.no_micro:
+        selected = [s for s in selected if s != "micro"]
+    args.scenario = [s for s in SCENARIOS if s in selected]
+    extras = [s for s in ("scp", "micro") if s in selected]
+    env = Env(args)
+    started = time.time()
+    load_start = loadavg()
+    scenarios, scp, micro_results = {}, None, None
+    try:
+        env.setup(set(selected))
+        run_scenarios(env, scenarios)
+        if "scp" in extras:
+            scp = scp_baseline(env)
+        if "micro" in extras:
+            micro_results = micro(env)
+    except KeyboardInterrupt:
+        log("interrupted: reporting what was measured so far")
+    finally:
+        env.teardown()
+    doc = report.build(env, scenarios, scp, micro_results, load_start, started)
+    report.write(env, doc)
+
+
+if __name__ == "__main__":
+    main()
