@@ -119,3 +119,21 @@ fn a_failed_build_reports_its_error_and_exit_code_in_json() {
     assert_eq!(events.last().unwrap()["exit_code"], 1);
     assert_eq!(events.last().unwrap()["artifacts"], serde_json::json!([]));
 }
+
+#[test]
+fn a_reader_that_stops_early_gets_no_panic_and_the_command_still_succeeds() {
+    let workspace = Workspace::new();
+    workspace.write("image.toml", &config("1.0.0", "true"));
+    for command in [
+        &["inspect", "image.toml", "--var", "base=debian"][..],
+        &["validate", "image.toml", "--var", "base=debian"],
+        &["inspect", "--output", "json", "image.toml", "--var", "base=debian"],
+    ] {
+        workspace
+            .imgbuild()
+            .args(command)
+            .run_with_stdout_closed()
+            .exits_with(EXIT_OK)
+            .stderr_lacks("panicked");
+    }
+}

@@ -102,10 +102,10 @@ pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
 fn summarize(status: RunStatus, manifest_path: &std::path::Path) {
     match status {
         RunStatus::Succeeded => {
-            println!(
+            super::print_result(&format!(
                 "all builds finished; artifacts are recorded in {}",
                 manifest_path.display()
-            );
+            ));
         }
         RunStatus::Failed => eprintln!(
             "some builds failed; successful ones are recorded in {}",

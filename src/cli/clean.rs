@@ -41,9 +41,9 @@ async fn clean(args: CleanArgs, state_dir: PathBuf, global: &GlobalOptions) -> i
     let json = global.output == OutputFormat::Json;
     let say = |value: serde_json::Value, text: String| {
         if json {
-            println!("{value}");
+            super::print_result(&value.to_string());
         } else {
-            println!("{text}");
+            super::print_result(&text);
         }
     };
     if runs.is_empty() {

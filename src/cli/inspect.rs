@@ -2,7 +2,9 @@
 //! provisioners, variables (sensitive ones masked) and what each build will
 //! produce.
 
-use super::{ConfigArgs, EXIT_OK, EXIT_USAGE, GlobalOptions, new_run_id, report_diagnostics};
+use super::{
+    ConfigArgs, EXIT_OK, EXIT_USAGE, GlobalOptions, new_run_id, print_result, report_diagnostics,
+};
 use crate::config;
 use crate::ui::OutputFormat;
 use clap::Args;
@@ -62,32 +64,40 @@ pub fn run(args: InspectArgs, global: &GlobalOptions) -> i32 {
     config.redactor.redact_json(&mut document);
 
     match global.output {
-        OutputFormat::Json => println!("{document}"),
-        OutputFormat::Human => print_human(&document),
+        OutputFormat::Json => print_result(&document.to_string()),
+        OutputFormat::Human => print_result(render_human(&document).trim_end()),
     }
     EXIT_OK
 }
 
-fn print_human(document: &serde_json::Value) {
+fn render_human(document: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let text = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => String::new(),
         other => other.to_string(),
     };
     let image = &document["image"];
-    println!("image {} {}", text(&image["name"]), text(&image["version"]));
+    let _ = writeln!(
+        out,
+        "image {} {}",
+        text(&image["name"]),
+        text(&image["version"])
+    );
     if let Some(description) = image["description"].as_str() {
-        println!("  {description}");
+        let _ = writeln!(out, "  {description}");
     }
     if let Some(labels) = image["labels"].as_object() {
         for (key, value) in labels {
-            println!("  label {key} = {}", text(value));
+            let _ = writeln!(out, "  label {key} = {}", text(value));
         }
     }
-    println!();
-    println!("variables:");
+    out.push('\n');
+    let _ = writeln!(out, "variables:");
     for variable in document["variables"].as_array().into_iter().flatten() {
-        println!(
+        let _ = writeln!(
+            out,
             "  {} = {}  ({})",
             text(&variable["name"]),
             text(&variable["value"]),
@@ -95,12 +105,17 @@ fn print_human(document: &serde_json::Value) {
         );
     }
     for build in document["builds"].as_array().into_iter().flatten() {
-        println!();
-        println!("build {} ({})", text(&build["name"]), text(&build["type"]));
-        println!("  output: {}", text(&build["output"]["description"]));
+        out.push('\n');
+        let _ = writeln!(
+            out,
+            "build {} ({})",
+            text(&build["name"]),
+            text(&build["type"])
+        );
+        let _ = writeln!(out, "  output: {}", text(&build["output"]["description"]));
         let pretty = serde_json::to_string_pretty(&build["config"]).unwrap_or_default();
         for line in pretty.lines() {
-            println!("  {line}");
+            let _ = writeln!(out, "  {line}");
         }
         for (index, provisioner) in build["provisioners"]
             .as_array()
@@ -108,17 +123,19 @@ fn print_human(document: &serde_json::Value) {
             .flatten()
             .enumerate()
         {
-            println!("  provisioner {}: {}", index + 1, provisioner);
+            let _ = writeln!(out, "  provisioner {}: {}", index + 1, provisioner);
         }
     }
     if let Some(excluded) = document["excluded_builds"]
         .as_array()
         .filter(|e| !e.is_empty())
     {
-        println!();
-        println!(
+        out.push('\n');
+        let _ = writeln!(
+            out,
             "excluded by --only/--except: {}",
             excluded.iter().map(text).collect::<Vec<_>>().join(", ")
         );
     }
+    out
 }

@@ -162,6 +162,14 @@ pub fn new_run_id() -> String {
     id[..16].to_owned()
 }
 
+/// Prints a command's result on stdout. A reader that stops early (`| head`,
+/// `| grep -q`) closes the pipe; that is not an error worth a panic.
+fn print_result(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+}
+
 /// Prints config problems the way the output format asks.
 fn report_diagnostics(
     diagnostics: &crate::config::diagnostic::Diagnostics,
@@ -173,9 +181,8 @@ fn report_diagnostics(
         }
         OutputFormat::Json => {
             let problems: Vec<_> = diagnostics.iter().map(|d| d.to_json()).collect();
-            println!(
-                "{}",
-                serde_json::json!({"event": "config_invalid", "problems": problems})
+            print_result(
+                &serde_json::json!({"event": "config_invalid", "problems": problems}).to_string(),
             );
         }
     }

@@ -36,7 +36,7 @@ pub struct OutputArgs {
 pub fn run(args: OutputArgs, _global: &GlobalOptions) -> i32 {
     match render(&args) {
         Ok(text) => {
-            println!("{text}");
+            super::print_result(&text);
             EXIT_OK
         }
         Err(message) => {

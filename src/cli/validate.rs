@@ -23,18 +23,18 @@ pub fn run(args: ValidateArgs, global: &GlobalOptions) -> i32 {
                     if !global.quiet {
                         let names: Vec<&str> =
                             config.builds.iter().map(|b| b.name.as_str()).collect();
-                        println!(
+                        super::print_result(&format!(
                             "{} is valid: image {} {}, builds: {}",
                             config.path.display(),
                             config.image.name,
                             config.image.version,
                             names.join(", ")
-                        );
+                        ));
                     }
                 }
-                OutputFormat::Json => println!(
-                    "{}",
-                    serde_json::json!({"event": "config_valid", "config": config.path})
+                OutputFormat::Json => super::print_result(
+                    &serde_json::json!({"event": "config_valid", "config": config.path})
+                        .to_string(),
                 ),
             }
             EXIT_OK

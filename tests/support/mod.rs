@@ -152,6 +152,15 @@ impl Imgbuild {
         }
     }
 
+    /// Runs imgbuild with a stdout whose reader has gone, as when its output
+    /// is piped to `head` or `grep -q`; stdout in the outcome stays empty.
+    pub fn run_with_stdout_closed(mut self) -> Outcome {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        self.command.stdout(writer);
+        self.run()
+    }
+
     /// Starts imgbuild with its output captured to files, for tests that
     /// signal it mid-run.
     pub fn spawn(mut self, log: &Path) -> Running {
