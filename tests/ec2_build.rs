@@ -1,0 +1,356 @@
+//! `imgbuild build templates/ec2-debian.toml` end to end against moto (a
+//! local EC2 API): the AMI and its copy are made, tagged and shared, the
+//! build's instance, key pair and security group are gone afterwards, and
+//! `imgbuild output` hands the AMI id on.
+//!
+//! moto's instances have no SSH, so the build's SSH goes to an sshd
+//! container (tests/fixtures/sshd-target) through `ssh.host`/`ssh.port`, and
+//! the test plays cloud-init: once the build has imported its temporary key
+//! pair into moto, the container trusts that key.
+#![cfg(feature = "ec2")]
+
+mod support;
+
+use aws_sdk_ec2::types::Filter;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+const HOME_REGION: &str = "eu-west-1";
+const COPY_REGION: &str = "eu-central-1";
+/// Canonical's account: moto ships Ubuntu AMIs owned by it, where real EC2
+/// would find Debian's.
+const SOURCE_OWNER: &str = "099720109477";
+
+fn moto_endpoint() -> String {
+    let output = Command::new("bash")
+        .arg(repo_root().join(".ci/start-moto.sh"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        output.status.success(),
+        "moto does not start: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let port = std::env::var("IMGBUILD_MOTO_PORT").unwrap_or_else(|_| "5055".to_owned());
+    format!("http://127.0.0.1:{port}")
+}
+
+/// Fake credentials and nothing from ~/.aws: neither imgbuild nor the test
+/// may reach real AWS or an instance metadata service.
+const AWS_ENV: [(&str, &str); 5] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_CONFIG_FILE", "/nonexistent/imgbuild-test-aws-config"),
+    (
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "/nonexistent/imgbuild-test-aws-credentials",
+    ),
+];
+
+async fn ec2(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::v2026_01_12())
+        .region(aws_config::Region::new(region.to_owned()))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::for_tests())
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&sdk)
+}
+
+fn tag_filter(key: &str, value: &str) -> Filter {
+    Filter::builder()
+        .name(format!("tag:{key}"))
+        .values(value)
+        .build()
+}
+
+/// An sshd container standing in for the instance.
+struct SshTarget {
+    cid: String,
+    host: String,
+    port: u16,
+    _keys: tempfile::TempDir,
+}
+
+impl SshTarget {
+    fn start(user: &str) -> SshTarget {
+        docker_ready();
+        let image = fixture(
+            "IMGBUILD_TEST_SSHD_IMAGE",
+            "docker-base-image.sh",
+            &["--with-sshd"],
+        );
+        let keys = tempfile::tempdir().unwrap();
+        let authorized_keys = keys.path().join("authorized_keys");
+        std::fs::write(&authorized_keys, "# filled in by the test\n").unwrap();
+        let output = Command::new("bash")
+            .arg(repo_root().join("tests/fixtures/sshd-target/start.sh"))
+            .arg(user)
+            .arg(&authorized_keys)
+            .arg(image)
+            .output()
+            .expect("bash runs");
+        assert!(
+            output.status.success(),
+            "the sshd target does not start: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let line = String::from_utf8(output.stdout).unwrap();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        SshTarget {
+            cid: fields[0].to_owned(),
+            host: fields[1].to_owned(),
+            port: fields[2].parse().unwrap(),
+            _keys: keys,
+        }
+    }
+
+    fn exec(&self, user: &str, script: &str, args: &[&str]) -> String {
+        let output = Command::new("docker")
+            .args(["exec", "-u", user, &self.cid, "sh", "-c", script, "sh"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "`{script}` in the target failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for SshTarget {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.cid])
+            .output();
+    }
+}
+
+#[test]
+fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
+    let endpoint = moto_endpoint();
+    let target = SshTarget::start("admin");
+    let workspace = Workspace::with_templates();
+    let version = unique_version();
+    let github_output = workspace.join("github-output");
+
+    // The one change to the template: SSH goes to the container instead of
+    // the instance's address, as it would through a bastion's port forward.
+    let template = workspace.read("ec2-debian.toml");
+    let patched = template.replacen(
+        "username = \"admin\"",
+        &format!(
+            "username = \"admin\"\nhost = \"{}\"\nport = {}",
+            target.host, target.port
+        ),
+        1,
+    );
+    assert_ne!(patched, template, "the template's [builders.ami.ssh] moved");
+    workspace.write("ec2-debian.toml", &patched);
+
+    let mut command = workspace.imgbuild().args([
+        "build",
+        "ec2-debian.toml",
+        "--var",
+        &format!("version={version}"),
+        "--var",
+        "source_ami_name=ubuntu/images/hvm-ssd/ubuntu-*-amd64-server-*",
+        "--var",
+        &format!("source_ami_owner={SOURCE_OWNER}"),
+    ]);
+    for (key, value) in AWS_ENV {
+        command = command.env(key, value);
+    }
+    let mut build = command
+        .env("AWS_ENDPOINT_URL_EC2", &endpoint)
+        .env("GITHUB_OUTPUT", &github_output)
+        .spawn(&workspace.join("build.log"));
+
+    build.wait_for_output("imgbuild run ", Duration::from_secs(60));
+    let run_id = run_id_in(&build.log());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let home = runtime.block_on(ec2(&endpoint, HOME_REGION));
+
+    // Cloud-init's part: trust the key pair the instance was launched with.
+    let public_key = runtime.block_on(async {
+        for _ in 0..1200 {
+            let found = home
+                .describe_key_pairs()
+                .filters(tag_filter("imgbuild:run-id", &run_id))
+                .include_public_key(true)
+                .send()
+                .await;
+            if let Some(key) = found
+                .ok()
+                .and_then(|out| out.key_pairs().first()?.public_key().map(str::to_owned))
+            {
+                return key;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no key pair tagged with run {run_id} appeared in moto");
+    });
+    assert!(public_key.starts_with("ssh-ed25519 "), "{public_key}");
+    target.exec(
+        "admin",
+        "printf '%s\\n' \"$1\" >> ~/.ssh/authorized_keys",
+        &[public_key.trim()],
+    );
+
+    let (status, log) = build.wait(Duration::from_secs(600));
+    assert!(status.success(), "the build failed ({status}):\n{log}");
+    assert!(log.contains("ami | ==> provision"), "{log}");
+
+    // The provisioners ran on the "instance", as the temporary key's user.
+    assert_eq!(
+        target.exec("admin", "cat /etc/imgbuild-release", &[]),
+        format!("web-base {version} built by imgbuild (run {run_id})")
+    );
+    assert_eq!(
+        target.exec(
+            "admin",
+            "dpkg-query -W -f '${Version}' imgbuild-baseline",
+            &[]
+        ),
+        version
+    );
+
+    // The manifest records both AMIs and the source picked by the filter.
+    let manifest = workspace.manifest();
+    let entry = manifest["builds"]
+        .as_array()
+        .expect("builds in the manifest")
+        .last()
+        .expect("an entry")
+        .clone();
+    assert_eq!(entry["build"]["type"], "ec2");
+    let details = &entry["details"];
+    let home_ami = details["amis"][HOME_REGION].as_str().unwrap().to_owned();
+    let copy_ami = details["amis"][COPY_REGION].as_str().unwrap().to_owned();
+    assert_eq!(entry["artifact_id"], format!("{HOME_REGION}:{home_ami}"));
+    assert_eq!(details["source_ami"]["owner"], SOURCE_OWNER);
+    assert!(
+        details["source_ami"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("ubuntu/images/hvm-ssd/ubuntu-"),
+        "{details}"
+    );
+
+    runtime.block_on(async {
+        let copy = ec2(&endpoint, COPY_REGION).await;
+        for (client, ami) in [(&home, &home_ami), (&copy, &copy_ami)] {
+            let image = client
+                .describe_images()
+                .image_ids(ami)
+                .send()
+                .await
+                .unwrap()
+                .images()
+                .first()
+                .cloned()
+                .unwrap_or_else(|| panic!("{ami} is not in moto"));
+            assert_eq!(image.name(), Some(format!("web-base-{version}").as_str()));
+            let tags: Vec<(String, String)> = image
+                .tags()
+                .iter()
+                .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+                .collect();
+            for expected in [
+                ("team", "platform"),
+                ("imgbuild:version", version.as_str()),
+                ("imgbuild:run-id", run_id.as_str()),
+            ] {
+                assert!(
+                    tags.iter()
+                        .any(|(k, v)| (k.as_str(), v.as_str()) == expected),
+                    "{ami} lacks the tag {expected:?}: {tags:?}"
+                );
+            }
+            let launch = client
+                .describe_image_attribute()
+                .image_id(ami)
+                .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                launch
+                    .launch_permissions()
+                    .iter()
+                    .any(|p| p.user_id() == Some("123456789012")),
+                "{ami} is not shared: {launch:?}"
+            );
+        }
+
+        // Nothing of the build's own is left: the instance is terminated,
+        // the temporary key pair and security group are deleted.
+        let instances = home
+            .describe_instances()
+            .filters(tag_filter("imgbuild:run-id", &run_id))
+            .send()
+            .await
+            .unwrap();
+        let states: Vec<_> = instances
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| i.state().and_then(|s| s.name()).cloned())
+            .collect();
+        assert!(!states.is_empty(), "the build's instance is not tagged");
+        assert!(
+            states
+                .iter()
+                .all(|s| s == &Some(aws_sdk_ec2::types::InstanceStateName::Terminated)),
+            "{states:?}"
+        );
+        let keys = home
+            .describe_key_pairs()
+            .filters(tag_filter("imgbuild:run-id", &run_id))
+            .send()
+            .await
+            .unwrap();
+        assert!(keys.key_pairs().is_empty(), "{keys:?}");
+        let groups = home
+            .describe_security_groups()
+            .filters(tag_filter("imgbuild:run-id", &run_id))
+            .send()
+            .await
+            .unwrap();
+        assert!(groups.security_groups().is_empty(), "{groups:?}");
+    });
+    assert!(workspace.journals().is_empty());
+
+    // The next tool gets the id three ways.
+    workspace
+        .imgbuild()
+        .args(["output"])
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout_has(&format!("{home_ami}\n"));
+    workspace
+        .imgbuild()
+        .args(["output", "--region", COPY_REGION])
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout_has(&format!("{copy_ami}\n"));
+    let tfvars = workspace
+        .imgbuild()
+        .args(["output", "--format", "tfvars"])
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout;
+    let tfvars: serde_json::Value = serde_json::from_str(&tfvars).unwrap();
+    assert_eq!(tfvars["ami_ami_id"], home_ami.as_str());
+    assert_eq!(tfvars["ami_ami_ids"][COPY_REGION], copy_ami.as_str());
+    assert_eq!(tfvars["ami_version"], version.as_str());
+    let steps = std::fs::read_to_string(&github_output).unwrap();
+    assert!(
+        steps.lines().any(|l| l == format!("ami_ami_id={home_ami}")),
+        "{steps}"
+    );
+}
