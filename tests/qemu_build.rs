@@ -36,6 +36,14 @@ password = "fixture-password"
     )
 }
 
+/// `imgbuild build image.toml` on the fixture base image.
+fn build_image_toml(workspace: &Workspace) -> Imgbuild {
+    workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--var"])
+        .arg(format!("base_image={}", base_vm_image()))
+}
+
 fn assert_nothing_left(workspace: &Workspace) {
     assert!(
         workspace.qemu_processes().is_empty(),
@@ -127,12 +135,17 @@ fn the_template_builds_an_image_that_boots_with_the_provisioners_changes() {
             r#"
 [[provision]]
 type = "shell"
-inline = ["dpkg-query -W -f '${Package} ${Version}\n' imgbuild-baseline > /tmp/packages"]
+# Downloads run as the login user, who cannot read all of /etc (a
+# download that cannot read everything fails): copy what is checked.
+inline = [
+  "dpkg-query -W -f '${Package} ${Version}\n' imgbuild-baseline > /tmp/packages",
+  "mkdir /tmp/etc && cp /etc/imgbuild-release /etc/imgbuild-greeting /etc/motd /tmp/etc/",
+]
 
 [[provision]]
 type = "file"
 direction = "download"
-source = "/etc/"
+source = "/tmp/etc/"
 destination = "from-image/etc/"
 
 [[provision]]
@@ -200,10 +213,7 @@ fn a_failing_provisioner_exits_1_and_leaves_no_vm_disk_or_artifact() {
             "[[provision]]\ntype = \"shell\"\ninline = [\"echo about to fail\", \"exit 3\"]\n",
         ),
     );
-    workspace
-        .imgbuild()
-        .args(["build", "image.toml", "--var"])
-        .arg(format!("base_image={}", base_vm_image()))
+    build_image_toml(&workspace)
         .run()
         .exits_with(EXIT_BUILD_FAILED)
         .stderr_has("failed with exit code 3")
@@ -227,11 +237,7 @@ fn build_stuck_in_provisioning(workspace: &Workspace) -> Running {
             "[[provision]]\ntype = \"shell\"\ninline = [\"echo provisioning-started\", \"sleep 600\"]\n",
         ),
     );
-    let mut running = workspace
-        .imgbuild()
-        .args(["build", "image.toml", "--var"])
-        .arg(format!("base_image={}", base_vm_image()))
-        .spawn(&workspace.join("build.log"));
+    let mut running = build_image_toml(workspace).spawn(&workspace.join("build.log"));
     running.wait_for_output("provisioning-started", BUILD_LIMIT);
     running
 }
@@ -460,10 +466,7 @@ fn an_ssh_wait_that_times_out_shows_the_serial_console_and_cleans_up() {
         "password = \"fixture-password\"\ntimeout = \"3s\"",
     );
     workspace.write("image.toml", &config);
-    workspace
-        .imgbuild()
-        .args(["build", "image.toml", "--var"])
-        .arg(format!("base_image={}", base_vm_image()))
+    build_image_toml(&workspace)
         .run()
         .exits_with(EXIT_BUILD_FAILED)
         .stderr_has("imgbuild@127.0.0.1:")
