@@ -4,61 +4,17 @@
 mod support;
 
 use imgbuild_core::events::MemorySink;
-use imgbuild_core::{CancellationToken, Event, Stream};
+use imgbuild_core::{CancellationToken, Event};
 use imgbuild_provisioners::file::{Direction, FileConfig, FileProvisioner};
-use imgbuild_provisioners::ssh::SshCommunicator;
-use imgbuild_provisioners::{
-    Communicator, ExitStatus, ProvisionContext, ProvisionError, Provisioner,
-};
+use imgbuild_provisioners::{ProvisionContext, ProvisionError, Provisioner};
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use support::{Lines, SshServer, test_log};
+use support::{Machine, test_log};
 
 const MIB: usize = 1024 * 1024;
 
-/// A machine to provision: a started sshd, a connection to it, and a
-/// directory of this test's own on it.
-struct Machine {
-    _server: SshServer,
-    comm: SshCommunicator,
-    /// Per-test scratch directory on the machine (not created).
-    dir: PathBuf,
-}
-
-async fn machine() -> Machine {
-    let server = SshServer::started().unwrap();
-    let comm = server
-        .connect(server.authorized_key().unwrap().auth())
-        .await
-        .unwrap();
-    let dir = server.home().join("provisioned");
-    Machine {
-        _server: server,
-        comm,
-        dir,
-    }
-}
-
 impl Machine {
-    /// Runs `command` on the machine, expecting success; its stdout lines.
-    async fn sh(&self, command: &str) -> Vec<String> {
-        let lines = Lines::default();
-        let status = self.comm.exec(command, &lines).await.unwrap();
-        assert_eq!(
-            status,
-            ExitStatus::Code(0),
-            "`{command}` failed: {:?}",
-            lines.all()
-        );
-        lines.of(Stream::Stdout)
-    }
-
-    /// A path in the test's directory on the machine.
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-
     /// Everything under `dir` on the machine, as `type ./relative/path`
     /// lines (`d` directory, `f` file, `l` symlink), sorted.
     async fn tree(&self, dir: &str) -> Vec<String> {
@@ -151,7 +107,7 @@ async fn provision_logged(
     provisioner: &Provisioner,
 ) -> (Result<(), ProvisionError>, Vec<Event>) {
     let (cx, sink) = context();
-    let result = provisioner.run(&machine.comm, &cx).await;
+    let result = provisioner.run(machine.comm.as_ref(), &cx).await;
     (result, sink.events())
 }
 
@@ -232,7 +188,7 @@ fn sorted(lines: &[&str]) -> Vec<String> {
 
 #[tokio::test]
 async fn uploads_a_file_to_an_explicit_path_creating_its_directory() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     std::fs::write(local.path().join("app.conf"), "port = 80\n").unwrap();
     let destination = machine.path("etc/app/renamed.conf");
@@ -248,7 +204,7 @@ async fn uploads_a_file_to_an_explicit_path_creating_its_directory() {
 
 #[tokio::test]
 async fn uploading_to_an_existing_file_replaces_it() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     let destination = machine.path("motd");
     machine
@@ -266,7 +222,7 @@ async fn uploading_to_an_existing_file_replaces_it() {
 
 #[tokio::test]
 async fn uploads_a_file_into_a_directory_when_the_destination_ends_in_a_slash() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     std::fs::write(local.path().join("app.conf"), "port = 80\n").unwrap();
     let destination = format!("{}/", machine.path("conf.d"));
@@ -285,7 +241,7 @@ async fn uploads_a_file_into_a_directory_when_the_destination_ends_in_a_slash() 
 
 #[tokio::test]
 async fn uploads_content_as_a_file() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let base = tempfile::tempdir().unwrap();
     let destination = machine.path("motd.d/welcome");
     let content = "Welcome to $HOSTNAME\nit's `built`\n";
@@ -314,7 +270,7 @@ async fn uploads_content_as_a_file() {
 
 #[tokio::test]
 async fn a_directory_source_ending_in_a_slash_uploads_its_contents() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     site(local.path());
     let destination = machine.path("www");
@@ -330,7 +286,7 @@ async fn a_directory_source_ending_in_a_slash_uploads_its_contents() {
 
 #[tokio::test]
 async fn a_directory_source_without_a_slash_uploads_the_directory_itself() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     site(local.path());
     let destination = machine.path("www");
@@ -352,7 +308,7 @@ async fn a_directory_source_without_a_slash_uploads_the_directory_itself() {
 
 #[tokio::test]
 async fn uploads_keep_file_modes_and_symlinks() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     site(local.path());
     let destination = machine.path("www");
@@ -382,7 +338,7 @@ async fn uploads_keep_file_modes_and_symlinks() {
 
 #[tokio::test]
 async fn downloads_a_file_to_a_path() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let tree = machine.make_tree().await;
     let local = tempfile::tempdir().unwrap();
     provision(
@@ -399,7 +355,7 @@ async fn downloads_a_file_to_a_path() {
 
 #[tokio::test]
 async fn downloads_a_file_into_a_directory() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let tree = machine.make_tree().await;
     let local = tempfile::tempdir().unwrap();
     // Into an existing directory, and into a new one named with a slash.
@@ -430,7 +386,7 @@ async fn downloads_a_file_into_a_directory() {
 
 #[tokio::test]
 async fn downloads_a_directory_into_an_existing_local_directory() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let tree = machine.make_tree().await;
     let local = tempfile::tempdir().unwrap();
     std::fs::create_dir(local.path().join("fetched")).unwrap();
@@ -464,7 +420,7 @@ async fn downloads_a_directory_into_an_existing_local_directory() {
 
 #[tokio::test]
 async fn downloads_a_directory_s_contents_when_the_source_ends_in_a_slash() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let tree = machine.make_tree().await;
     let local = tempfile::tempdir().unwrap();
     provision(
@@ -503,7 +459,7 @@ async fn downloads_a_directory_s_contents_when_the_source_ends_in_a_slash() {
 
 #[tokio::test]
 async fn downloading_a_missing_remote_source_fails_naming_it() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     machine
         .sh(&format!("mkdir -p '{}'", machine.dir.display()))
         .await;
@@ -525,7 +481,7 @@ async fn downloading_a_missing_remote_source_fails_naming_it() {
 
 #[tokio::test]
 async fn uploading_a_missing_local_source_fails_naming_it() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     let err = provision(
         &machine,
@@ -544,7 +500,7 @@ async fn uploading_a_missing_local_source_fails_naming_it() {
 
 #[tokio::test]
 async fn a_large_upload_reports_progress_ending_at_the_total() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     let size = 2 * MIB + 12_345;
     let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
@@ -582,7 +538,7 @@ async fn a_large_upload_reports_progress_ending_at_the_total() {
 
 #[tokio::test]
 async fn a_small_upload_reports_no_progress() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     std::fs::write(local.path().join("small.txt"), "tiny\n").unwrap();
     let (result, events) = provision_logged(
@@ -597,7 +553,7 @@ async fn a_small_upload_reports_no_progress() {
 
 #[tokio::test]
 async fn a_large_download_reports_progress_ending_complete() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let size = 2 * MIB + 777;
     let remote = machine.path("big.bin");
     machine

@@ -6,58 +6,16 @@ mod support;
 use imgbuild_core::events::MemorySink;
 use imgbuild_core::{CancellationToken, Event, Level, Stream};
 use imgbuild_provisioners::shell::{Script, ShellConfig, ShellProvisioner};
-use imgbuild_provisioners::ssh::SshCommunicator;
 use imgbuild_provisioners::{
     Communicator, ExitStatus, ProvisionContext, ProvisionError, Provisioner,
 };
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{Lines, SshServer, test_log};
-
-/// A machine to provision: a started sshd, a connection to it, and a
-/// directory of this test's own on it.
-struct Machine {
-    server: SshServer,
-    comm: Arc<SshCommunicator>,
-    /// Per-test scratch directory on the machine (not created).
-    dir: PathBuf,
-}
-
-async fn machine() -> Machine {
-    let server = SshServer::started().unwrap();
-    let comm = server
-        .connect(server.authorized_key().unwrap().auth())
-        .await
-        .unwrap();
-    let dir = server.home().join("provisioned");
-    Machine {
-        server,
-        comm: Arc::new(comm),
-        dir,
-    }
-}
+use support::{Machine, test_log};
 
 impl Machine {
-    /// Runs `command` on the machine, expecting success; its stdout lines.
-    async fn sh(&self, command: &str) -> Vec<String> {
-        let lines = Lines::default();
-        let status = self.comm.exec(command, &lines).await.unwrap();
-        assert_eq!(
-            status,
-            ExitStatus::Code(0),
-            "`{command}` failed: {:?}",
-            lines.all()
-        );
-        lines.of(Stream::Stdout)
-    }
-
-    /// A path in the test's directory, as the shell sees it.
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-
     /// Like [`shell_in_tmp`], but scripts go to this test's own folder
     /// unless the config names one: a script whose run fails is left
     /// behind, and this "machine" is the host the tests run on.
@@ -197,7 +155,7 @@ sleep 5"#;
 
 #[tokio::test]
 async fn inline_commands_run_as_one_script_so_cd_and_variables_carry_over() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     machine
         .sh(&format!("mkdir -p {}/sub", machine.dir.display()))
         .await;
@@ -223,7 +181,7 @@ async fn inline_commands_run_as_one_script_so_cd_and_variables_carry_over() {
 
 #[tokio::test]
 async fn inline_commands_run_under_the_default_shebang_which_stops_at_the_first_failure() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     let provisioner =
         machine.shell(json!({"inline": ["echo before", "false", "echo not reached"]}));
@@ -243,7 +201,7 @@ async fn inline_commands_run_under_the_default_shebang_which_stops_at_the_first_
 
 #[tokio::test]
 async fn inline_shebang_chooses_the_interpreter() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     // `[[ ]]` and BASH_VERSION exist in bash, not in a POSIX sh like dash.
     let provisioner = machine.shell(json!({
@@ -256,7 +214,7 @@ async fn inline_shebang_chooses_the_interpreter() {
 
 #[tokio::test]
 async fn env_values_arrive_verbatim_however_shell_like_they_are() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     // Would be created if a value were ever run instead of passed on.
     let canary = machine.dir.join("pwned");
     let backticks = format!("`touch {}` `id`", canary.display());
@@ -295,7 +253,7 @@ async fn env_values_arrive_verbatim_however_shell_like_they_are() {
 
 #[tokio::test]
 async fn a_script_file_is_uploaded_and_run() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     let (paths, scripts) = script_files(
         local.path(),
@@ -322,7 +280,7 @@ async fn a_script_file_is_uploaded_and_run() {
 
 #[tokio::test]
 async fn scripts_run_in_the_order_given() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let log = machine.path("order.log");
     let local = tempfile::tempdir().unwrap();
     // Names that sort the other way round, so order is not alphabetical.
@@ -362,7 +320,7 @@ async fn scripts_run_in_the_order_given() {
 
 #[tokio::test]
 async fn the_default_execute_command_runs_the_script_itself_with_env_set() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     // Run directly, the script's own shebang applies: bash, not sh.
     let local = tempfile::tempdir().unwrap();
@@ -387,7 +345,7 @@ async fn the_default_execute_command_runs_the_script_itself_with_env_set() {
 
 #[tokio::test]
 async fn a_custom_execute_command_wraps_the_script_with_path_vars_and_config_values() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     let provisioner = machine.shell(json!({
         "inline": [r#"echo "$PREFIX $NAME $0""#],
@@ -410,7 +368,7 @@ async fn a_custom_execute_command_wraps_the_script_with_path_vars_and_config_val
 
 #[tokio::test]
 async fn stdout_and_stderr_lines_arrive_as_output_events_in_order_on_their_streams() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     // Pauses between the streams: they travel separately, so only the order
     // within one stream is guaranteed without them.
@@ -440,7 +398,7 @@ async fn stdout_and_stderr_lines_arrive_as_output_events_in_order_on_their_strea
 
 #[tokio::test]
 async fn a_failing_script_reports_its_name_the_exit_code_and_the_last_output_lines() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let local = tempfile::tempdir().unwrap();
     let (paths, scripts) = script_files(
         local.path(),
@@ -482,7 +440,7 @@ async fn a_failing_script_reports_its_name_the_exit_code_and_the_last_output_lin
 
 #[tokio::test]
 async fn valid_exit_codes_accept_the_listed_codes_and_only_those() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     let accepted =
         machine.shell(json!({"inline": ["echo partial", "exit 3"], "valid_exit_codes": [0, 3]}));
@@ -498,7 +456,7 @@ async fn valid_exit_codes_accept_the_listed_codes_and_only_those() {
 
 #[tokio::test]
 async fn the_uploaded_script_is_removed_from_tmp_after_the_run() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     run.provision(&machine, &shell_in_tmp(json!({"inline": ["echo \"$0\""]})))
         .await
@@ -516,7 +474,7 @@ async fn the_uploaded_script_is_removed_from_tmp_after_the_run() {
 
 #[tokio::test]
 async fn scripts_go_to_a_custom_remote_folder_and_are_removed_from_it() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     // Not there yet, and in need of quoting.
     let folder = machine.path("script folder/it's here");
     let run = Run::new();
@@ -544,7 +502,7 @@ async fn scripts_go_to_a_custom_remote_folder_and_are_removed_from_it() {
 
 #[tokio::test]
 async fn a_timeout_stops_a_script_that_runs_too_long() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     let provisioner =
         machine.shell(json!({"inline": ["echo started", "sleep 30"], "timeout": "1s"}));
@@ -568,7 +526,7 @@ async fn a_timeout_stops_a_script_that_runs_too_long() {
 
 #[tokio::test]
 async fn max_retries_runs_a_failing_script_again_until_it_succeeds() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     machine
         .sh(&format!("mkdir -p {}", machine.dir.display()))
         .await;
@@ -599,7 +557,7 @@ async fn max_retries_runs_a_failing_script_again_until_it_succeeds() {
 
 #[tokio::test]
 async fn without_retries_a_failing_script_fails_the_first_time() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     machine
         .sh(&format!("mkdir -p {}", machine.dir.display()))
         .await;
@@ -613,7 +571,7 @@ async fn without_retries_a_failing_script_fails_the_first_time() {
 
 #[tokio::test]
 async fn pause_before_waits_before_running_the_script() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     let provisioner = machine.shell(json!({"inline": ["echo ran"], "pause_before": "400ms"}));
     let started = Instant::now();
@@ -633,7 +591,7 @@ async fn pause_before_waits_before_running_the_script() {
 #[tokio::test]
 async fn with_expect_disconnect_a_dropped_connection_succeeds_and_the_next_provisioner_reconnects()
 {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     // Outside /tmp, which a real reboot might have cleared.
     let folder = machine.path("scripts");
     let run = Run::new();
@@ -671,7 +629,7 @@ async fn with_expect_disconnect_a_dropped_connection_succeeds_and_the_next_provi
 
 #[tokio::test]
 async fn with_expect_disconnect_a_script_that_exits_normally_also_succeeds_and_is_removed() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     let provisioner = shell_in_tmp(json!({
         "inline": ["echo no reboot after all", r#"echo "$0""#],
@@ -697,7 +655,7 @@ async fn with_expect_disconnect_a_script_that_exits_normally_also_succeeds_and_i
 
 #[tokio::test]
 async fn an_unexpected_disconnect_fails_and_says_to_set_expect_disconnect() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Run::new();
     let rebooting = machine.shell(json!({"inline": ["echo going down", DROP_OWN_CONNECTION]}));
     let started = Instant::now();
@@ -715,7 +673,7 @@ async fn an_unexpected_disconnect_fails_and_says_to_set_expect_disconnect() {
 
 #[tokio::test]
 async fn a_disconnect_caused_from_outside_is_also_survived_with_expect_disconnect() {
-    let mut machine = machine().await;
+    let mut machine = Machine::start().await;
     let run = Arc::new(Run::new());
     let provisioner = machine.shell(json!({
         "inline": ["echo waiting to be cut off", "sleep 30"],
@@ -744,7 +702,7 @@ async fn a_disconnect_caused_from_outside_is_also_survived_with_expect_disconnec
 
 #[tokio::test]
 async fn cancelling_the_build_stops_a_running_script_promptly() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Arc::new(Run::new());
     let provisioner =
         machine.shell(json!({"inline": ["echo working", "sleep 30", "echo finished"]}));
@@ -770,7 +728,7 @@ async fn cancelling_the_build_stops_a_running_script_promptly() {
 
 #[tokio::test]
 async fn cancelling_during_pause_before_returns_cancelled_without_running() {
-    let machine = machine().await;
+    let machine = Machine::start().await;
     let run = Arc::new(Run::new());
     let provisioner = machine.shell(json!({"inline": ["echo ran"], "pause_before": "30s"}));
     let running = {

@@ -12,9 +12,9 @@
 
 use imgbuild_core::events::MemorySink;
 use imgbuild_core::{BuildLog, CancellationToken, Redactor, Stream};
-use imgbuild_provisioners::OutputSink;
 use imgbuild_provisioners::communicator::CommError;
 use imgbuild_provisioners::ssh::{SshAuth, SshCommunicator, SshTarget, TemporaryKey, WaitOptions};
+use imgbuild_provisioners::{Communicator, ExitStatus, OutputSink};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -530,5 +530,48 @@ impl OutputSink for Lines {
         if let Ok(mut lines) = self.0.lock() {
             lines.push((stream, line.to_owned()));
         }
+    }
+}
+
+/// A machine to provision: a started sshd, a connection to it, and a
+/// directory of the test's own on it.
+pub struct Machine {
+    pub server: SshServer,
+    pub comm: Arc<SshCommunicator>,
+    /// Per-test scratch directory on the machine (not created).
+    pub dir: PathBuf,
+}
+
+impl Machine {
+    pub async fn start() -> Machine {
+        let server = SshServer::started().unwrap();
+        let comm = server
+            .connect(server.authorized_key().unwrap().auth())
+            .await
+            .unwrap();
+        let dir = server.home().join("provisioned");
+        Machine {
+            server,
+            comm: Arc::new(comm),
+            dir,
+        }
+    }
+
+    /// Runs `command` on the machine, expecting success; its stdout lines.
+    pub async fn sh(&self, command: &str) -> Vec<String> {
+        let lines = Lines::default();
+        let status = self.comm.exec(command, &lines).await.unwrap();
+        assert_eq!(
+            status,
+            ExitStatus::Code(0),
+            "`{command}` failed: {:?}",
+            lines.all()
+        );
+        lines.of(Stream::Stdout)
+    }
+
+    /// A path in the test's directory on the machine, as the shell sees it.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
     }
 }
