@@ -3,6 +3,7 @@
 
 pub mod artifact;
 pub mod orphans;
+pub mod outcome;
 pub mod process;
 pub mod ssh;
 pub mod step_provision;

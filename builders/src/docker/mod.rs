@@ -24,6 +24,7 @@ mod step_pull;
 pub use communicator::DockerCommunicator;
 pub use config::DockerConfig;
 
+use crate::common::outcome::steps_result;
 use crate::common::step_provision::{HasCommunicator, StepProvision};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
@@ -32,7 +33,7 @@ use async_trait::async_trait;
 use bollard::query_parameters::{RemoveContainerOptions, RemoveImageOptions};
 use config::{Output, PullPolicy};
 use engine::Engine;
-use imgbuild_core::{CleanupOutcome, Resource, Step, StepContext, StepError, run_steps};
+use imgbuild_core::{Resource, Step, StepContext, StepError, run_steps};
 use imgbuild_provisioners::Communicator;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -156,7 +157,7 @@ impl Builder for DockerBuilder {
             artifact: None,
         };
         let mut steps = self.steps(request)?;
-        let report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
+        let mut report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
         if report.left_for_debugging
             && let Some(container) = &state.container
         {
@@ -165,23 +166,11 @@ impl Builder for DockerBuilder {
                 name = container.name
             ));
         }
-        match report.outcome {
-            CleanupOutcome::Succeeded => state.artifact.ok_or_else(|| BuildError::Failed {
-                step: "commit".to_owned(),
-                message: "the steps finished without producing an artifact".to_owned(),
-            }),
-            CleanupOutcome::Cancelled => Err(BuildError::Cancelled),
-            CleanupOutcome::Failed => match report.failure {
-                Some((step, StepError::Failed(message))) => {
-                    Err(BuildError::Failed { step, message })
-                }
-                Some((_, StepError::Cancelled)) => Err(BuildError::Cancelled),
-                None => Err(BuildError::Failed {
-                    step: "unknown".to_owned(),
-                    message: "the build failed without naming a step".to_owned(),
-                }),
-            },
-        }
+        steps_result(&mut report)?;
+        state.artifact.ok_or_else(|| BuildError::Failed {
+            step: "commit".to_owned(),
+            message: "the steps finished without producing an artifact".to_owned(),
+        })
     }
 }
 

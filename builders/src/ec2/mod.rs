@@ -26,6 +26,7 @@ mod step_stop_instance;
 
 pub use config::{Ec2Config, SourceAmiFilter, SshInterface};
 
+use crate::common::outcome::steps_result;
 use crate::common::step_provision::{HasCommunicator, StepProvision};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
@@ -33,7 +34,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use client::{Ec2Clients, RUN_ID_TAG};
-use imgbuild_core::{CleanupOutcome, Resource, Step, StepContext, StepError, run_steps};
+use imgbuild_core::{Resource, Step, StepContext, StepError, run_steps};
 use imgbuild_provisioners::Communicator;
 use imgbuild_provisioners::ssh::TemporaryKey;
 use std::collections::BTreeMap;
@@ -405,26 +406,15 @@ impl Builder for Ec2Builder {
         let plan = Arc::new(self.plan(request, cx).await?);
         let mut state = Ec2State::default();
         let mut steps = self.steps(&plan, request);
-        let report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
+        let mut report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
         if report.left_for_debugging {
             cx.log.warn(debugging_hint(&plan, &state, cx));
         }
-        match report.outcome {
-            CleanupOutcome::Succeeded => {
-                artifact(&plan, &state).map_err(|message| BuildError::Failed {
-                    step: "create_image".into(),
-                    message,
-                })
-            }
-            CleanupOutcome::Cancelled => Err(BuildError::Cancelled),
-            CleanupOutcome::Failed => {
-                let (step, err) = report.failure.expect("a failed run names its failure");
-                match err {
-                    StepError::Cancelled => Err(BuildError::Cancelled),
-                    StepError::Failed(message) => Err(BuildError::Failed { step, message }),
-                }
-            }
-        }
+        steps_result(&mut report)?;
+        artifact(&plan, &state).map_err(|message| BuildError::Failed {
+            step: "create_image".into(),
+            message,
+        })
     }
 }
 

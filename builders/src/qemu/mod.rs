@@ -18,13 +18,14 @@ mod step_shutdown;
 
 pub use config::QemuConfig;
 
+use crate::common::outcome::steps_result;
 use crate::common::step_provision::{HasCommunicator, StepProvision};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
 };
 use async_trait::async_trait;
 use config::{Accelerator, Compression};
-use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError, cleanup_steps, run_steps};
+use imgbuild_core::{Step, StepContext, cleanup_steps, run_steps};
 use imgbuild_provisioners::Communicator;
 use imgbuild_provisioners::ssh::TemporaryKey;
 use std::path::{Path, PathBuf};
@@ -125,21 +126,16 @@ impl Builder for QemuBuilder {
                 ..QemuState::default()
             };
             let mut steps = self.steps(request, accelerator);
-            let report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
-            match report.outcome {
-                CleanupOutcome::Succeeded => {
+            let mut report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
+            let (step, message) = match steps_result(&mut report) {
+                Ok(()) => {
                     return state.artifact.ok_or_else(|| BuildError::Failed {
                         step: "export".into(),
                         message: "no artifact was produced".into(),
                     });
                 }
-                CleanupOutcome::Cancelled => return Err(BuildError::Cancelled),
-                CleanupOutcome::Failed => {}
-            }
-            let (step, err) = report.failure.expect("a failed run names its failure");
-            let message = match err {
-                StepError::Cancelled => return Err(BuildError::Cancelled),
-                StepError::Failed(message) => message,
+                Err(BuildError::Failed { step, message }) => (step, message),
+                Err(other) => return Err(other),
             };
             let kvm_broke = accelerator == Accelerator::Kvm
                 && self.config.accelerator == Accelerator::Auto
