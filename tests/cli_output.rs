@@ -127,7 +127,14 @@ fn a_reader_that_stops_early_gets_no_panic_and_the_command_still_succeeds() {
     for command in [
         &["inspect", "image.toml", "--var", "base=debian"][..],
         &["validate", "image.toml", "--var", "base=debian"],
-        &["inspect", "--output", "json", "image.toml", "--var", "base=debian"],
+        &[
+            "inspect",
+            "--output",
+            "json",
+            "image.toml",
+            "--var",
+            "base=debian",
+        ],
     ] {
         workspace
             .imgbuild()
