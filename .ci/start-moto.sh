@@ -37,9 +37,12 @@ STAMP="$VENV/.imgbuild-ready"
 log() { printf 'start-moto: %s\n' "$*" >&2; }
 
 # True when a moto server answers on the port (its management API is moto-only,
-# so some other service on the same port is not mistaken for it).
+# so some other service on the same port is not mistaken for it). The dashboard
+# page stays small; data.json dumps every resource and grows slow enough over
+# a test run to be mistaken for a dead server.
 moto_answers() {
-    curl -fsS -m 3 -o /dev/null "$URL/moto-api/data.json" 2>/dev/null
+    local page
+    page="$(curl -fsS -m 3 "$URL/moto-api/" 2>/dev/null)" && [[ "$page" == *Moto* ]]
 }
 
 if moto_answers; then
