@@ -130,78 +130,147 @@ impl Drop for SshTarget {
     }
 }
 
+/// The template, started against moto with SSH to `target`, its key
+/// trusted by the target once imported; `extra` is appended to the config.
+struct Ec2Build {
+    endpoint: String,
+    version: String,
+    run_id: String,
+    runtime: tokio::runtime::Runtime,
+    home: aws_sdk_ec2::Client,
+}
+
+impl Ec2Build {
+    fn start(workspace: &Workspace, target: &SshTarget, extra: &str) -> (Ec2Build, Running) {
+        let endpoint = moto_endpoint();
+        let version = unique_version();
+
+        // The one change to the template: SSH goes to the container instead
+        // of the instance's address, as it would through a bastion's port
+        // forward.
+        let template = workspace.read("ec2-debian.toml");
+        let patched = template.replacen(
+            "username = \"admin\"",
+            &format!(
+                "username = \"admin\"\nhost = \"{}\"\nport = {}",
+                target.host, target.port
+            ),
+            1,
+        );
+        assert_ne!(patched, template, "the template's [builders.ami.ssh] moved");
+        workspace.write("ec2-debian.toml", &format!("{patched}{extra}"));
+
+        let mut command = workspace.imgbuild().args([
+            "build",
+            "ec2-debian.toml",
+            "--var",
+            &format!("version={version}"),
+            "--var",
+            "source_ami_name=ubuntu/images/hvm-ssd/ubuntu-*-amd64-server-*",
+            "--var",
+            &format!("source_ami_owner={SOURCE_OWNER}"),
+        ]);
+        for (key, value) in AWS_ENV {
+            command = command.env(key, value);
+        }
+        let mut running = command
+            .env("AWS_ENDPOINT_URL_EC2", &endpoint)
+            .env("GITHUB_OUTPUT", workspace.join("github-output"))
+            .spawn(&workspace.join("build.log"));
+
+        running.wait_for_output("imgbuild run ", Duration::from_secs(60));
+        let run_id = run_id_in(&running.log());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let home = runtime.block_on(ec2(&endpoint, HOME_REGION));
+
+        // Cloud-init's part: trust the key pair the instance was launched
+        // with.
+        let public_key = runtime.block_on(async {
+            for _ in 0..1200 {
+                let found = home
+                    .describe_key_pairs()
+                    .filters(tag_filter("imgbuild:run-id", &run_id))
+                    .include_public_key(true)
+                    .send()
+                    .await;
+                if let Some(key) = found
+                    .ok()
+                    .and_then(|out| out.key_pairs().first()?.public_key().map(str::to_owned))
+                {
+                    return key;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("no key pair tagged with run {run_id} appeared in moto");
+        });
+        assert!(public_key.starts_with("ssh-ed25519 "), "{public_key}");
+        target.exec(
+            "admin",
+            "printf '%s\\n' \"$1\" >> ~/.ssh/authorized_keys",
+            &[public_key.trim()],
+        );
+        let build = Ec2Build {
+            endpoint,
+            version,
+            run_id,
+            runtime,
+            home,
+        };
+        (build, running)
+    }
+
+    /// Asserts that the build's instance is terminated and its temporary key
+    /// pair and security group are gone.
+    fn assert_nothing_of_the_run_left(&self) {
+        let (home, run_id) = (&self.home, &self.run_id);
+        self.runtime.block_on(async {
+            let instances = home
+                .describe_instances()
+                .filters(tag_filter("imgbuild:run-id", run_id))
+                .send()
+                .await
+                .unwrap();
+            let states: Vec<_> = instances
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .map(|i| i.state().and_then(|s| s.name()).cloned())
+                .collect();
+            assert!(!states.is_empty(), "the build's instance is not tagged");
+            assert!(
+                states
+                    .iter()
+                    .all(|s| s == &Some(aws_sdk_ec2::types::InstanceStateName::Terminated)),
+                "{states:?}"
+            );
+            let keys = home
+                .describe_key_pairs()
+                .filters(tag_filter("imgbuild:run-id", run_id))
+                .send()
+                .await
+                .unwrap();
+            assert!(keys.key_pairs().is_empty(), "{keys:?}");
+            let groups = home
+                .describe_security_groups()
+                .filters(tag_filter("imgbuild:run-id", run_id))
+                .send()
+                .await
+                .unwrap();
+            assert!(groups.security_groups().is_empty(), "{groups:?}");
+        });
+    }
+}
+
 #[test]
 fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
-    let endpoint = moto_endpoint();
     let target = SshTarget::start("admin");
     let workspace = Workspace::with_templates();
-    let version = unique_version();
+    let (build, running) = Ec2Build::start(&workspace, &target, "");
+    let (endpoint, version, run_id, home) =
+        (&build.endpoint, &build.version, &build.run_id, &build.home);
     let github_output = workspace.join("github-output");
 
-    // The one change to the template: SSH goes to the container instead of
-    // the instance's address, as it would through a bastion's port forward.
-    let template = workspace.read("ec2-debian.toml");
-    let patched = template.replacen(
-        "username = \"admin\"",
-        &format!(
-            "username = \"admin\"\nhost = \"{}\"\nport = {}",
-            target.host, target.port
-        ),
-        1,
-    );
-    assert_ne!(patched, template, "the template's [builders.ami.ssh] moved");
-    workspace.write("ec2-debian.toml", &patched);
-
-    let mut command = workspace.imgbuild().args([
-        "build",
-        "ec2-debian.toml",
-        "--var",
-        &format!("version={version}"),
-        "--var",
-        "source_ami_name=ubuntu/images/hvm-ssd/ubuntu-*-amd64-server-*",
-        "--var",
-        &format!("source_ami_owner={SOURCE_OWNER}"),
-    ]);
-    for (key, value) in AWS_ENV {
-        command = command.env(key, value);
-    }
-    let mut build = command
-        .env("AWS_ENDPOINT_URL_EC2", &endpoint)
-        .env("GITHUB_OUTPUT", &github_output)
-        .spawn(&workspace.join("build.log"));
-
-    build.wait_for_output("imgbuild run ", Duration::from_secs(60));
-    let run_id = run_id_in(&build.log());
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let home = runtime.block_on(ec2(&endpoint, HOME_REGION));
-
-    // Cloud-init's part: trust the key pair the instance was launched with.
-    let public_key = runtime.block_on(async {
-        for _ in 0..1200 {
-            let found = home
-                .describe_key_pairs()
-                .filters(tag_filter("imgbuild:run-id", &run_id))
-                .include_public_key(true)
-                .send()
-                .await;
-            if let Some(key) = found
-                .ok()
-                .and_then(|out| out.key_pairs().first()?.public_key().map(str::to_owned))
-            {
-                return key;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("no key pair tagged with run {run_id} appeared in moto");
-    });
-    assert!(public_key.starts_with("ssh-ed25519 "), "{public_key}");
-    target.exec(
-        "admin",
-        "printf '%s\\n' \"$1\" >> ~/.ssh/authorized_keys",
-        &[public_key.trim()],
-    );
-
-    let (status, log) = build.wait(Duration::from_secs(600));
+    let (status, log) = running.wait(Duration::from_secs(600));
     assert!(status.success(), "the build failed ({status}):\n{log}");
     assert!(log.contains("ami | ==> provision"), "{log}");
 
@@ -216,7 +285,7 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
             "dpkg-query -W -f '${Version}' imgbuild-baseline",
             &[]
         ),
-        version
+        *version
     );
 
     // The manifest records both AMIs and the source picked by the filter.
@@ -241,9 +310,9 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
         "{details}"
     );
 
-    runtime.block_on(async {
-        let copy = ec2(&endpoint, COPY_REGION).await;
-        for (client, ami) in [(&home, &home_ami), (&copy, &copy_ami)] {
+    build.runtime.block_on(async {
+        let copy = ec2(endpoint, COPY_REGION).await;
+        for (client, ami) in [(home, &home_ami), (&copy, &copy_ami)] {
             let image = client
                 .describe_images()
                 .image_ids(ami)
@@ -286,43 +355,8 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
                 "{ami} is not shared: {launch:?}"
             );
         }
-
-        // Nothing of the build's own is left: the instance is terminated,
-        // the temporary key pair and security group are deleted.
-        let instances = home
-            .describe_instances()
-            .filters(tag_filter("imgbuild:run-id", &run_id))
-            .send()
-            .await
-            .unwrap();
-        let states: Vec<_> = instances
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .map(|i| i.state().and_then(|s| s.name()).cloned())
-            .collect();
-        assert!(!states.is_empty(), "the build's instance is not tagged");
-        assert!(
-            states
-                .iter()
-                .all(|s| s == &Some(aws_sdk_ec2::types::InstanceStateName::Terminated)),
-            "{states:?}"
-        );
-        let keys = home
-            .describe_key_pairs()
-            .filters(tag_filter("imgbuild:run-id", &run_id))
-            .send()
-            .await
-            .unwrap();
-        assert!(keys.key_pairs().is_empty(), "{keys:?}");
-        let groups = home
-            .describe_security_groups()
-            .filters(tag_filter("imgbuild:run-id", &run_id))
-            .send()
-            .await
-            .unwrap();
-        assert!(groups.security_groups().is_empty(), "{groups:?}");
     });
+    build.assert_nothing_of_the_run_left();
     assert!(workspace.journals().is_empty());
 
     // The next tool gets the id three ways.
@@ -353,4 +387,33 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
         steps.lines().any(|l| l == format!("ami_ami_id={home_ami}")),
         "{steps}"
     );
+}
+
+#[test]
+fn an_interrupt_mid_provisioning_exits_130_and_leaves_nothing_in_ec2() {
+    let target = SshTarget::start("admin");
+    let workspace = Workspace::with_templates();
+    let (build, mut running) = Ec2Build::start(
+        &workspace,
+        &target,
+        "\n[[provision]]\ntype = \"shell\"\ninline = [\"echo provisioning-started\", \"sleep 600\"]\n",
+    );
+    running.wait_for_output("provisioning-started", Duration::from_secs(120));
+    running.signal(libc::SIGINT);
+    let (status, log) = running.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(EXIT_INTERRUPTED), "{log}");
+
+    build.assert_nothing_of_the_run_left();
+    let images = build.runtime.block_on(async {
+        build
+            .home
+            .describe_images()
+            .filters(tag_filter("imgbuild:run-id", &build.run_id))
+            .send()
+            .await
+            .unwrap()
+    });
+    assert!(images.images().is_empty(), "{images:?}");
+    assert!(workspace.journals().is_empty());
+    assert!(!workspace.join("imgbuild-manifest.json").exists());
 }
