@@ -771,7 +771,7 @@ async fn clean_orphan_removes_what_a_dead_run_left_behind() {
     let outstanding = run.outstanding();
     assert_eq!(outstanding.len(), 2);
     for item in outstanding {
-        imgbuild_builders::common::orphans::clean_orphan(&item.resource)
+        imgbuild_builders::common::orphans::clean_orphan(&item.resource, "dead-run")
             .await
             .unwrap_or_else(|err| panic!("cannot clean {}: {err}", item.resource.describe()));
         run.release(item.id).unwrap();

@@ -890,9 +890,9 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
             instance_id: None,
         },
     ] {
-        clean_orphan(&resource).await.unwrap();
+        clean_orphan(&resource, "dead-run").await.unwrap();
         // Already gone is fine.
-        clean_orphan(&resource).await.unwrap();
+        clean_orphan(&resource, "dead-run").await.unwrap();
     }
     assert_eq!(state_of(&known).await, "terminated");
     assert_eq!(state_of(&unknown).await, "terminated");
@@ -914,8 +914,8 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
         endpoint_url: endpoint.clone(),
         name: key_name.clone(),
     };
-    clean_orphan(&resource).await.unwrap();
-    clean_orphan(&resource).await.unwrap();
+    clean_orphan(&resource, "dead-run").await.unwrap();
+    clean_orphan(&resource, "dead-run").await.unwrap();
     assert!(
         client
             .describe_key_pairs()
@@ -944,8 +944,8 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
             name,
             group_id: by_id.then(|| id.clone()),
         };
-        clean_orphan(&resource).await.unwrap();
-        clean_orphan(&resource).await.unwrap();
+        clean_orphan(&resource, "dead-run").await.unwrap();
+        clean_orphan(&resource, "dead-run").await.unwrap();
         assert!(
             client
                 .describe_security_groups()
@@ -972,12 +972,15 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
         .to_owned();
     let by_id_snapshots = snapshots_described_for(&client, &by_id).await;
     assert!(!by_id_snapshots.is_empty());
-    clean_orphan(&Resource::Ec2Image {
-        region: REGION.into(),
-        endpoint_url: endpoint.clone(),
-        name: name.clone(),
-        image_id: Some(by_id.clone()),
-    })
+    clean_orphan(
+        &Resource::Ec2Image {
+            region: REGION.into(),
+            endpoint_url: endpoint.clone(),
+            name: name.clone(),
+            image_id: Some(by_id.clone()),
+        },
+        "dead-run",
+    )
     .await
     .unwrap();
     assert_eq!(images_named(&client, &name).await, Vec::<String>::new());
@@ -1008,15 +1011,32 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
         .image_id()
         .unwrap()
         .to_owned();
+    // A later run may have made an AMI of that name once the dead run's
+    // never came to be; it is not the dead run's to remove.
+    let later_run = client
+        .create_image()
+        .instance_id(&source)
+        .name(&name)
+        .tag_specifications(tagged(ResourceType::Image, RUN_ID_TAG, "later-run"))
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned();
     let resource = Resource::Ec2Image {
         region: REGION.into(),
         endpoint_url: endpoint.clone(),
         name: name.clone(),
         image_id: None,
     };
-    clean_orphan(&resource).await.unwrap();
-    clean_orphan(&resource).await.unwrap();
-    assert_eq!(images_named(&client, &name).await, vec![foreign.clone()]);
+    clean_orphan(&resource, "dead-run").await.unwrap();
+    clean_orphan(&resource, "dead-run").await.unwrap();
+    let mut survivors = vec![foreign.clone(), later_run.clone()];
+    survivors.sort();
+    let mut left = images_named(&client, &name).await;
+    left.sort();
+    assert_eq!(left, survivors);
     assert_eq!(
         snapshots_described_for(&client, &ours).await,
         Vec::<String>::new()
@@ -1028,9 +1048,12 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
         .await
         .unwrap();
 
-    let err = clean_orphan(&Resource::DockerImage {
-        reference: "x".into(),
-    })
+    let err = clean_orphan(
+        &Resource::DockerImage {
+            reference: "x".into(),
+        },
+        "dead-run",
+    )
     .await
     .unwrap_err();
     assert!(err.contains("not an EC2 resource"), "{err}");

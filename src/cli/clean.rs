@@ -82,7 +82,9 @@ async fn clean(args: CleanArgs, state_dir: PathBuf, global: &GlobalOptions) -> i
                 );
                 continue;
             }
-            match imgbuild_builders::common::orphans::clean_orphan(&item.resource).await {
+            match imgbuild_builders::common::orphans::clean_orphan(&item.resource, &run.run_id)
+                .await
+            {
                 Ok(()) => {
                     if let Err(err) = run.release(item.id) {
                         eprintln!("warning: {err}");

@@ -5,8 +5,11 @@ use super::tracked::remove_path;
 use imgbuild_core::Resource;
 use std::time::Duration;
 
-/// Removes one leftover resource. Something already gone counts as removed.
-pub async fn clean_orphan(resource: &Resource) -> Result<(), String> {
+/// Removes one leftover resource of the run `run_id`. Something already gone
+/// counts as removed.
+pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<(), String> {
+    #[cfg(not(feature = "ec2"))]
+    let _ = run_id;
     match resource {
         Resource::Process {
             pidfile, marker, ..
@@ -32,7 +35,7 @@ pub async fn clean_orphan(resource: &Resource) -> Result<(), String> {
         Resource::Ec2Instance { .. }
         | Resource::Ec2KeyPair { .. }
         | Resource::Ec2SecurityGroup { .. }
-        | Resource::Ec2Image { .. } => crate::ec2::clean_orphan(resource).await,
+        | Resource::Ec2Image { .. } => crate::ec2::clean_orphan(resource, run_id).await,
         #[cfg(not(feature = "ec2"))]
         other => Err(format!(
             "{} cannot be removed: this imgbuild was compiled without the `ec2` feature",

@@ -422,9 +422,11 @@ impl Builder for Ec2Builder {
 /// security group to become deletable.
 const ORPHAN_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
-/// Removes an EC2 resource a dead run left behind, from its journal entry
-/// alone. Something already gone counts as removed.
-pub async fn clean_orphan(resource: &Resource) -> Result<(), String> {
+/// Removes an EC2 resource the dead run `run_id` left behind, from its
+/// journal entry alone. Something already gone counts as removed. An AMI
+/// whose id was never learned is looked up by name among those tagged with
+/// `run_id`, so a later run's AMI of the same name is never touched.
+pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<(), String> {
     let (region, endpoint_url) = match resource {
         Resource::Ec2Instance {
             region,
@@ -480,8 +482,15 @@ pub async fn clean_orphan(resource: &Resource) -> Result<(), String> {
             .await
         }
         Resource::Ec2Image { name, image_id, .. } => {
-            step_create_image::deregister(&client, region, image_id.as_deref(), name, None, None)
-                .await
+            step_create_image::deregister(
+                &client,
+                region,
+                image_id.as_deref(),
+                name,
+                Some(run_id),
+                None,
+            )
+            .await
         }
         _ => unreachable!("matched above"),
     };
