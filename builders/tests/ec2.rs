@@ -959,17 +959,16 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
     // AMIs with their snapshots: by id, and by name when the id was never
     // learned, where only an AMI imgbuild tagged may be touched.
     let source = launch(&unique("token")).await;
+    // An AMI of `source` named `name`, tagged with a run id when given.
+    let image_of = async |name: &str, run_id: Option<&str>| {
+        let mut request = client.create_image().instance_id(&source).name(name);
+        if let Some(run_id) = run_id {
+            request = request.tag_specifications(tagged(ResourceType::Image, RUN_ID_TAG, run_id));
+        }
+        request.send().await.unwrap().image_id().unwrap().to_owned()
+    };
     let name = unique("orphan-ami");
-    let by_id = client
-        .create_image()
-        .instance_id(&source)
-        .name(&name)
-        .send()
-        .await
-        .unwrap()
-        .image_id()
-        .unwrap()
-        .to_owned();
+    let by_id = image_of(&name, None).await;
     let by_id_snapshots = snapshots_described_for(&client, &by_id).await;
     assert!(!by_id_snapshots.is_empty());
     clean_orphan(
@@ -990,40 +989,11 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
     );
 
     let name = unique("orphan-ami");
-    let ours = client
-        .create_image()
-        .instance_id(&source)
-        .name(&name)
-        .tag_specifications(tagged(ResourceType::Image, RUN_ID_TAG, "dead-run"))
-        .send()
-        .await
-        .unwrap()
-        .image_id()
-        .unwrap()
-        .to_owned();
-    let foreign = client
-        .create_image()
-        .instance_id(&source)
-        .name(&name)
-        .send()
-        .await
-        .unwrap()
-        .image_id()
-        .unwrap()
-        .to_owned();
+    let ours = image_of(&name, Some("dead-run")).await;
+    let foreign = image_of(&name, None).await;
     // A later run may have made an AMI of that name once the dead run's
     // never came to be; it is not the dead run's to remove.
-    let later_run = client
-        .create_image()
-        .instance_id(&source)
-        .name(&name)
-        .tag_specifications(tagged(ResourceType::Image, RUN_ID_TAG, "later-run"))
-        .send()
-        .await
-        .unwrap()
-        .image_id()
-        .unwrap()
-        .to_owned();
+    let later_run = image_of(&name, Some("later-run")).await;
     let resource = Resource::Ec2Image {
         region: REGION.into(),
         endpoint_url: endpoint.clone(),
