@@ -76,7 +76,9 @@ fn the_template_builds_an_image_that_boots_with_the_provisioners_changes() {
         .arg(format!("base_image={base}"))
         .run()
         .exits_with(EXIT_OK)
-        .stdout_has("all builds finished");
+        .stdout_has("all builds finished")
+        // Without a terminal, progress is a line now and then, and at the end.
+        .stderr_has("debian |     write image: 100%\n");
     assert_nothing_left(&workspace);
     assert_eq!(
         workspace.files_in("output"),

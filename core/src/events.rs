@@ -15,6 +15,14 @@ pub enum Level {
     Error,
 }
 
+/// What a progress event counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgressUnit {
+    Bytes,
+    Percent,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
@@ -67,6 +75,8 @@ pub enum Event {
         done: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         total: Option<u64>,
+        /// What `done` and `total` count.
+        unit: ProgressUnit,
     },
     CleanupFailed {
         build: String,
@@ -142,11 +152,13 @@ impl Event {
                 task,
                 done,
                 total,
+                unit,
             } => Event::Progress {
                 build,
                 task: mask(task),
                 done,
                 total,
+                unit,
             },
             Event::CleanupFailed { build, step, error } => Event::CleanupFailed {
                 build,
@@ -276,12 +288,25 @@ impl BuildLog {
         });
     }
 
+    /// Progress of a transfer, in bytes.
     pub fn progress(&self, task: &str, done: u64, total: Option<u64>) {
         self.emit(Event::Progress {
             build: self.build.to_string(),
             task: task.to_owned(),
             done,
             total,
+            unit: ProgressUnit::Bytes,
+        });
+    }
+
+    /// Progress of work that only reports how far along it is.
+    pub fn progress_percent(&self, task: &str, percent: u64) {
+        self.emit(Event::Progress {
+            build: self.build.to_string(),
+            task: task.to_owned(),
+            done: percent.min(100),
+            total: Some(100),
+            unit: ProgressUnit::Percent,
         });
     }
 

@@ -4,7 +4,7 @@
 
 use super::Verbosity;
 use anstyle::{AnsiColor, Color, Style};
-use imgbuild_core::events::BuildStatus;
+use imgbuild_core::events::{BuildStatus, ProgressUnit};
 use imgbuild_core::{Event, EventSink, Level, Stream};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::HashMap;
@@ -169,13 +169,8 @@ impl EventSink for HumanSink {
                     Stream::Stderr => format!("{prefix}    {DIM}!{DIM:#} {line}"),
                 }
             }
-            Event::Progress {
-                build,
-                task,
-                done,
-                total,
-            } => {
-                self.progress_event(&mut state, build, task, *done, *total, &prefix);
+            Event::Progress { .. } => {
+                self.progress_event(&mut state, event, &prefix);
                 return;
             }
             Event::CleanupFailed { step, error, .. } => {
@@ -210,15 +205,17 @@ impl EventSink for HumanSink {
 }
 
 impl HumanSink {
-    fn progress_event(
-        &self,
-        state: &mut State,
-        build: &str,
-        task: &str,
-        done: u64,
-        total: Option<u64>,
-        prefix: &str,
-    ) {
+    fn progress_event(&self, state: &mut State, event: &Event, prefix: &str) {
+        let &Event::Progress {
+            ref build,
+            ref task,
+            done,
+            total,
+            unit,
+        } = event
+        else {
+            return;
+        };
         if self.verbosity == Verbosity::Quiet {
             return;
         }
@@ -230,12 +227,11 @@ impl HumanSink {
                     Some(total) => ProgressBar::new(total),
                     None => ProgressBar::new_spinner(),
                 };
-                let unit = if task == "write image" {
-                    "{pos}%"
-                } else {
-                    "{bytes}/{total_bytes} {bytes_per_sec}"
+                let amount = match unit {
+                    ProgressUnit::Percent => "{pos}%",
+                    ProgressUnit::Bytes => "{bytes}/{total_bytes} {bytes_per_sec}",
                 };
-                let template = format!("{prefix}    {{msg}} [{{bar:30}}] {unit} ({{eta}})");
+                let template = format!("{prefix}    {{msg}} [{{bar:30}}] {amount} ({{eta}})");
                 bar.set_style(
                     ProgressStyle::with_template(&template)
                         .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -259,10 +255,12 @@ impl HumanSink {
             .or_insert((now - Duration::from_secs(3600), u64::MAX));
         if (now.duration_since(entry.0) >= Duration::from_secs(10) && entry.1 != done) || finished {
             *entry = (now, done);
-            let amount = match total {
-                Some(total) if task == "write image" => format!("{done}% of {total}%"),
-                Some(total) => format!("{} of {}", human_bytes(done), human_bytes(total)),
-                None => human_bytes(done),
+            let amount = match (unit, total) {
+                (ProgressUnit::Percent, _) => format!("{done}%"),
+                (ProgressUnit::Bytes, Some(total)) => {
+                    format!("{} of {}", human_bytes(done), human_bytes(total))
+                }
+                (ProgressUnit::Bytes, None) => human_bytes(done),
             };
             let line = format!("{prefix}    {task}: {amount}");
             let mut stream = self.stream.lock().expect("stderr lock poisoned");

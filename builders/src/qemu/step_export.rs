@@ -69,7 +69,7 @@ impl StepExport {
                     let whole = percent as i64;
                     if whole != last {
                         last = whole;
-                        cx.log.progress("write image", whole as u64, Some(100));
+                        cx.log.progress_percent("write image", whole as u64);
                     }
                 }
             }
