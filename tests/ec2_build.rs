@@ -130,8 +130,8 @@ impl Drop for SshTarget {
     }
 }
 
-/// The template, started against moto with SSH to `target`, its key
-/// trusted by the target once imported; `extra` is appended to the config.
+/// A running build of the template against moto, with SSH going to
+/// `target`, which trusts the build's key once it is imported.
 struct Ec2Build {
     endpoint: String,
     version: String,
@@ -141,6 +141,7 @@ struct Ec2Build {
 }
 
 impl Ec2Build {
+    /// Starts the build; `extra` is appended to the template.
     fn start(workspace: &Workspace, target: &SshTarget, extra: &str) -> (Ec2Build, Running) {
         let endpoint = moto_endpoint();
         let version = unique_version();
