@@ -23,7 +23,7 @@
 # ~/.cache/imgbuild/bench/runs/<timestamp>/ (--work DIR to move it).
 # Method and what exactly is measured: bench/README.md.
 #
-# Takes about 40-60 minutes with --runs 3 on the 2-core machine, most of it
+# Takes about 30 minutes with --runs 3 on the 2-core machine, most of it
 # booting VMs under TCG (KVM is unusable there). Python 3 standard library
 # only.
 set -Eeuo pipefail
