@@ -10,6 +10,7 @@ pub mod provisioner;
 pub mod shell;
 pub mod ssh;
 pub mod transfer;
+mod unpack;
 
 pub use communicator::{CommError, Communicator, ExitStatus, OutputSink};
 pub use provisioner::{ProvisionContext, ProvisionError, Provisioner};

@@ -3,9 +3,10 @@
 
 use crate::communicator::ByteStream;
 use crate::provisioner::ProvisionError;
+use crate::unpack::{UnpackError, Unpacker};
 use imgbuild_core::BuildLog;
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -151,53 +152,57 @@ fn append_tree<W: io::Write>(
 /// Unpacks a downloaded archive whose entries start with one top-level name.
 /// With `rename_root = Some(path)`, that top-level entry becomes `path`;
 /// otherwise entries are placed inside `dest_dir` as they are.
+///
+/// The archive comes from the machine under build and is not trusted: see
+/// the `unpack` module for what is refused. Nothing reaches the destination
+/// unless the whole archive was accepted and read to its end.
 pub async fn unpack(
     stream: ByteStream,
     dest_dir: PathBuf,
     rename_root: Option<PathBuf>,
 ) -> Result<u64, ProvisionError> {
+    let destination = rename_root.clone().unwrap_or_else(|| dest_dir.clone());
     let read_error = Arc::new(Mutex::new(None));
     let source = FirstReadError {
         inner: SyncIoBridge::new(stream),
         first: read_error.clone(),
     };
-    let task = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+    let task = tokio::task::spawn_blocking(move || -> Result<u64, UnpackError> {
+        let mut unpacker = Unpacker::new(&dest_dir, rename_root.as_deref())?;
         let mut archive = tar::Archive::new(source);
-        let mut bytes = 0;
-        for entry in archive.entries()? {
-            let mut entry = entry?;
-            let path = entry.path()?.into_owned();
-            let target = placed_path(&path, &dest_dir, rename_root.as_deref())?;
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            bytes += entry.header().size().unwrap_or(0);
-            entry.set_preserve_mtime(true);
-            entry.unpack(&target)?;
+        for entry in archive.entries().map_err(UnpackError::Archive)? {
+            unpacker.add(&mut entry.map_err(UnpackError::Archive)?)?;
         }
         // tar stops at the end-of-archive marker, but the stream only
         // reports how the remote tar ended once read to its end: a missing
         // or unreadable source still yields a valid (empty or partial)
         // archive, and its error comes after it.
-        io::copy(&mut archive.into_inner(), &mut io::sink())?;
-        Ok(bytes)
+        io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(UnpackError::Archive)?;
+        unpacker.finish()
     });
     let result = task
         .await
-        .map_err(|join| io::Error::other(join.to_string()))
-        .and_then(|r| r);
-    result.map_err(|source| {
+        .unwrap_or_else(|join| Err(UnpackError::Archive(io::Error::other(join.to_string()))));
+    result.map_err(|err| {
         let read_error = read_error.lock().ok().and_then(|mut first| first.take());
         match read_error {
             // The tar crate wraps errors from the stream in messages of its
-            // own that hide them; the remote side's account is the useful one.
-            Some(source) => ProvisionError::Read {
+            // own that hide them; the remote side's account is the useful
+            // one, unless the machine's archive was refused outright.
+            Some(source) if !err.is_refusal() => ProvisionError::Read {
                 path: "download source".into(),
                 source,
             },
-            None => ProvisionError::Write {
-                path: "download destination".into(),
-                source,
+            _ => ProvisionError::Write {
+                path: destination.display().to_string(),
+                source: io::Error::new(
+                    if err.is_refusal() {
+                        io::ErrorKind::InvalidData
+                    } else {
+                        io::ErrorKind::Other
+                    },
+                    err,
+                ),
             },
         }
     })
@@ -218,38 +223,6 @@ impl<R: io::Read> io::Read for FirstReadError<R> {
             }
         })
     }
-}
-
-fn placed_path(entry: &Path, dest_dir: &Path, rename_root: Option<&Path>) -> io::Result<PathBuf> {
-    let mut components = Vec::new();
-    for component in entry.components() {
-        match component {
-            Component::Normal(part) => components.push(part),
-            Component::CurDir => {}
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "refusing archive entry {} outside the destination",
-                        entry.display()
-                    ),
-                ));
-            }
-        }
-    }
-    let Some((_, rest)) = components.split_first() else {
-        return Ok(rename_root
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| dest_dir.to_path_buf()));
-    };
-    Ok(match rename_root {
-        Some(root) => rest
-            .iter()
-            .fold(root.to_path_buf(), |path, part| path.join(part)),
-        None => components
-            .iter()
-            .fold(dest_dir.to_path_buf(), |path, part| path.join(part)),
-    })
 }
 
 /// Counts bytes through a stream and reports progress at most a few times a
@@ -322,25 +295,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for ProgressReader<R> {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
-
-    #[test]
-    fn archive_paths_cannot_escape_the_destination() {
-        let dest = Path::new("/dest");
-        assert_eq!(
-            placed_path(Path::new("a/b"), dest, None).unwrap(),
-            Path::new("/dest/a/b")
-        );
-        assert_eq!(
-            placed_path(Path::new("a/b"), dest, Some(Path::new("/x/y"))).unwrap(),
-            Path::new("/x/y/b")
-        );
-        assert_eq!(
-            placed_path(Path::new("a"), dest, Some(Path::new("/x/y"))).unwrap(),
-            Path::new("/x/y")
-        );
-        assert!(placed_path(Path::new("../etc/passwd"), dest, None).is_err());
-        assert!(placed_path(Path::new("/etc/passwd"), dest, None).is_err());
-    }
 
     #[tokio::test]
     async fn pack_then_unpack_preserves_tree_modes_and_links() {

@@ -579,3 +579,378 @@ async fn a_large_download_reports_progress_ending_complete() {
     assert_eq!(*total, Some(*done), "{progress:?}");
     assert!(*done >= size as u64, "{progress:?}");
 }
+
+/// Archives as a hostile machine could send them, entry by entry, including
+/// names tar's own builder refuses to write (`..`, absolute paths).
+struct Crafted(tar::Builder<Vec<u8>>);
+
+/// The mtime every crafted entry carries.
+const CRAFTED_MTIME: u64 = 1_700_000_000;
+
+impl Crafted {
+    fn new() -> Crafted {
+        Crafted(tar::Builder::new(Vec::new()))
+    }
+
+    fn append(
+        mut self,
+        kind: tar::EntryType,
+        name: &str,
+        link: Option<&str>,
+        data: &[u8],
+        mode: u32,
+    ) -> Crafted {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_size(data.len() as u64);
+        header.set_mtime(CRAFTED_MTIME);
+        if let Some(link) = link {
+            header.set_link_name_literal(link).unwrap();
+        }
+        if name.len() < 100 {
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.set_cksum();
+            self.0.append(&header, data).unwrap();
+        } else {
+            // A GNU long-name entry precedes this one.
+            self.0.append_data(&mut header, name, data).unwrap();
+        }
+        self
+    }
+
+    fn dir(self, name: &str) -> Crafted {
+        self.append(tar::EntryType::Directory, name, None, b"", 0o755)
+    }
+
+    fn file(self, name: &str, content: &str) -> Crafted {
+        self.file_mode(name, content, 0o644)
+    }
+
+    fn file_mode(self, name: &str, content: &str, mode: u32) -> Crafted {
+        self.append(
+            tar::EntryType::Regular,
+            name,
+            None,
+            content.as_bytes(),
+            mode,
+        )
+    }
+
+    fn symlink(self, name: &str, target: &str) -> Crafted {
+        self.append(tar::EntryType::Symlink, name, Some(target), b"", 0o777)
+    }
+
+    fn hard_link(self, name: &str, target: &str) -> Crafted {
+        self.append(tar::EntryType::Link, name, Some(target), b"", 0o644)
+    }
+
+    fn special(self, kind: tar::EntryType, name: &str) -> Crafted {
+        self.append(kind, name, None, b"", 0o666)
+    }
+
+    fn bytes(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+/// A machine whose `tar` ignores what it is asked to archive and sends
+/// whatever archive the test serves, as a compromised guest could.
+struct HostileMachine {
+    machine: Machine,
+    fake: tempfile::TempDir,
+}
+
+impl HostileMachine {
+    async fn start() -> HostileMachine {
+        let fake = tempfile::tempdir().unwrap();
+        let bin = fake.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let archive = fake.path().join("archive.tar");
+        std::fs::write(
+            bin.join("tar"),
+            format!("#!/bin/sh\nexec cat '{}'\n", archive.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(bin.join("tar"), PermissionsExt::from_mode(0o755)).unwrap();
+        // sshd takes only the first SetEnv line, so this one also does the
+        // harness's SHLVL=1 (see `ServerOptions::skip_shell_rc`).
+        let options = support::ServerOptions {
+            skip_shell_rc: false,
+            extra_config: vec![format!(
+                "SetEnv SHLVL=1 PATH={}:/usr/bin:/bin",
+                bin.display()
+            )],
+            ..Default::default()
+        };
+        let machine = Machine::start_with(options).await;
+        HostileMachine { machine, fake }
+    }
+
+    fn serve(&self, archive: Vec<u8>) {
+        std::fs::write(self.fake.path().join("archive.tar"), archive).unwrap();
+    }
+
+    async fn download(&self, destination: &str, base_dir: &Path) -> Result<(), ProvisionError> {
+        // The fake tar sends its archive whatever the source.
+        provision(&self.machine, &download("/srv/tree", destination, base_dir)).await
+    }
+}
+
+/// Stands for `~/.ssh` on the host running the build: what a hostile archive
+/// aims at.
+fn canary(parent: &Path) -> PathBuf {
+    let canary = parent.join("canary");
+    std::fs::create_dir(&canary).unwrap();
+    std::fs::write(
+        canary.join("authorized_keys"),
+        "ssh-ed25519 AAAA the-owner\n",
+    )
+    .unwrap();
+    canary
+}
+
+/// Everything under `dir` that an attack could change: kind, name, mode,
+/// link count (a hard link to a file raises it) and content.
+fn snapshot(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut lines: Vec<String> = walkdir::WalkDir::new(dir)
+        .into_iter()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let meta = entry.path().symlink_metadata().unwrap();
+            let content = if meta.is_file() {
+                std::fs::read_to_string(entry.path()).unwrap()
+            } else {
+                String::new()
+            };
+            format!(
+                "{} {:o} nlink={} {content:?}",
+                entry.path().display(),
+                meta.mode(),
+                meta.nlink()
+            )
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test]
+async fn hostile_archives_are_refused_naming_the_entry_and_leave_no_trace() {
+    let hostile = HostileMachine::start().await;
+    let host = tempfile::tempdir().unwrap();
+    let canary = canary(host.path());
+    let keys = canary.join("authorized_keys");
+    let (canary_s, keys_s) = (canary.display().to_string(), keys.display().to_string());
+    let downloads = host.path().join("dl");
+    std::fs::create_dir(&downloads).unwrap();
+    std::fs::write(downloads.join("keep.txt"), "already here\n").unwrap();
+
+    use tar::EntryType::{Block, Char, Fifo};
+    // Each starts with harmless entries, which must not be left behind.
+    let benign = || Crafted::new().dir("tree").file("tree/ok.txt", "fine\n");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "a file through a symlink it planted",
+            benign()
+                .symlink("tree/loot", &canary_s)
+                .file(
+                    "tree/loot/authorized_keys",
+                    "ssh-ed25519 AAAA the-attacker\n",
+                )
+                .bytes(),
+            "tree/loot/authorized_keys",
+        ),
+        (
+            "a directory through a symlink it planted",
+            benign()
+                .symlink("tree/loot", &canary_s)
+                .dir("tree/loot/planted")
+                .bytes(),
+            "tree/loot/planted",
+        ),
+        (
+            "a name climbing out with ..",
+            benign()
+                .file("tree/../../canary/authorized_keys", "attacker\n")
+                .bytes(),
+            "tree/../../canary/authorized_keys",
+        ),
+        (
+            "an absolute name",
+            benign().file(&keys_s, "attacker\n").bytes(),
+            &keys_s,
+        ),
+        (
+            "a hard link to an absolute host path",
+            benign().hard_link("tree/keys", &keys_s).bytes(),
+            "tree/keys",
+        ),
+        (
+            "a hard link climbing out with ..",
+            benign()
+                .hard_link("tree/keys", "tree/../../canary/authorized_keys")
+                .bytes(),
+            "tree/keys",
+        ),
+        (
+            "a hard link through a symlink it planted",
+            benign()
+                .symlink("tree/loot", &canary_s)
+                .hard_link("tree/keys", "tree/loot/authorized_keys")
+                .bytes(),
+            "tree/keys",
+        ),
+        (
+            "a hard link to an entry that comes later",
+            benign()
+                .hard_link("tree/early", "tree/later")
+                .file("tree/later", "x\n")
+                .bytes(),
+            "tree/early",
+        ),
+        (
+            "a character device",
+            benign().special(Char, "tree/null").bytes(),
+            "tree/null",
+        ),
+        (
+            "a block device",
+            benign().special(Block, "tree/disk").bytes(),
+            "tree/disk",
+        ),
+        (
+            "a FIFO",
+            benign().special(Fifo, "tree/pipe").bytes(),
+            "tree/pipe",
+        ),
+    ];
+
+    let canary_before = snapshot(&canary);
+    let downloads_before = local_tree(&downloads);
+    let mut failures = Vec::new();
+    for (case, archive, entry) in cases {
+        hostile.serve(archive);
+        // Into an existing directory, and as a new path inside it.
+        for destination in ["dl", "dl/copy"] {
+            let mut problems = Vec::new();
+            match hostile.download(destination, host.path()).await {
+                Ok(()) => problems.push("the download succeeded".to_owned()),
+                Err(err) => {
+                    let text = err.to_string();
+                    if !text.contains(&format!("refusing archive entry `{entry}`")) {
+                        problems.push(format!("the error does not name `{entry}`: {text}"));
+                    }
+                }
+            }
+            if snapshot(&canary) != canary_before {
+                problems.push(format!("the canary changed: {:?}", snapshot(&canary)));
+            }
+            let after = local_tree(&downloads);
+            if after != downloads_before {
+                problems.push(format!("the destination changed: {after:?}"));
+            }
+            if !problems.is_empty() {
+                failures.push(format!("{case} -> {destination}: {}", problems.join("; ")));
+            }
+            // Leave the next case a clean slate even when this one failed.
+            for stray in std::fs::read_dir(&downloads).unwrap() {
+                let stray = stray.unwrap().path();
+                if stray.file_name().unwrap() != "keep.txt" {
+                    let _ =
+                        std::fs::remove_dir_all(&stray).or_else(|_| std::fs::remove_file(&stray));
+                }
+            }
+            std::fs::write(&keys, "ssh-ed25519 AAAA the-owner\n").unwrap();
+            for planted in std::fs::read_dir(&canary).unwrap() {
+                let planted = planted.unwrap().path();
+                if planted != keys {
+                    let _ = std::fs::remove_dir_all(&planted)
+                        .or_else(|_| std::fs::remove_file(&planted));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn a_symlink_left_by_an_earlier_download_is_replaced_not_followed() {
+    let hostile = HostileMachine::start().await;
+    let host = tempfile::tempdir().unwrap();
+    let canary = canary(host.path());
+    let canary_before = snapshot(&canary);
+    std::fs::create_dir(host.path().join("dl")).unwrap();
+
+    // Symlinks themselves are fine to download...
+    hostile.serve(
+        Crafted::new()
+            .dir("tree")
+            .symlink("tree/loot", &canary.display().to_string())
+            .bytes(),
+    );
+    hostile.download("dl", host.path()).await.unwrap();
+    let loot = host.path().join("dl/tree/loot");
+    assert_eq!(std::fs::read_link(&loot).unwrap(), canary);
+
+    // ...but the next download does not write through one.
+    hostile.serve(
+        Crafted::new()
+            .file(
+                "tree/loot/authorized_keys",
+                "ssh-ed25519 AAAA the-attacker\n",
+            )
+            .bytes(),
+    );
+    hostile.download("dl", host.path()).await.unwrap();
+    assert_eq!(snapshot(&canary), canary_before);
+    assert!(loot.symlink_metadata().unwrap().is_dir(), "still a symlink");
+    assert_eq!(
+        std::fs::read_to_string(loot.join("authorized_keys")).unwrap(),
+        "ssh-ed25519 AAAA the-attacker\n"
+    );
+}
+
+#[tokio::test]
+async fn ordinary_archives_keep_hard_links_long_names_and_times_but_drop_setuid() {
+    use std::os::unix::fs::MetadataExt;
+    let hostile = HostileMachine::start().await;
+    let host = tempfile::tempdir().unwrap();
+    let long_name = format!("tree/{}/{}.txt", "d".repeat(80), "n".repeat(80));
+    hostile.serve(
+        Crafted::new()
+            .dir("tree")
+            .file("tree/a.txt", "shared\n")
+            .hard_link("tree/b.txt", "tree/a.txt")
+            .file_mode("tree/suid", "#!/bin/sh\n", 0o4755)
+            .append(tar::EntryType::Directory, "tree/shared", None, b"", 0o3775)
+            .symlink("tree/link", "a.txt")
+            .file(&long_name, "long\n")
+            .bytes(),
+    );
+    // Before, hard links were resolved against the working directory.
+    for (destination, tree) in [("dl/", "dl/tree"), ("copy", "copy")] {
+        hostile.download(destination, host.path()).await.unwrap();
+        let tree = host.path().join(tree);
+        let meta = |name: &str| std::fs::symlink_metadata(tree.join(name)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(tree.join("b.txt")).unwrap(),
+            "shared\n"
+        );
+        assert_eq!(meta("a.txt").ino(), meta("b.txt").ino());
+        assert_eq!(meta("a.txt").nlink(), 2, "linked to nothing else");
+        assert_eq!(meta("suid").mode() & 0o7777, 0o755);
+        assert_eq!(meta("shared").mode() & 0o7777, 0o775);
+        assert_eq!(
+            std::fs::read_to_string(tree.join(long_name.strip_prefix("tree/").unwrap())).unwrap(),
+            "long\n"
+        );
+        assert_eq!(
+            std::fs::read_link(tree.join("link")).unwrap(),
+            Path::new("a.txt")
+        );
+        assert_eq!(meta("a.txt").mtime() as u64, CRAFTED_MTIME);
+        assert_eq!(meta("link").mtime() as u64, CRAFTED_MTIME);
+    }
+}

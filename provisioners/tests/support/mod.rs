@@ -544,7 +544,12 @@ pub struct Machine {
 
 impl Machine {
     pub async fn start() -> Machine {
-        let server = SshServer::started().unwrap();
+        Self::start_with(ServerOptions::default()).await
+    }
+
+    /// A machine whose sshd is configured by `options`.
+    pub async fn start_with(options: ServerOptions) -> Machine {
+        let server = SshServer::started_with(options).unwrap();
         let comm = server
             .connect(server.authorized_key().unwrap().auth())
             .await
