@@ -5,8 +5,10 @@
 //! finishing at once both land and a reader never sees a half-written file.
 
 use imgbuild_builders::{Artifact, ArtifactFile, SourceIdentity};
+use imgbuild_core::Redactor;
 use imgbuild_core::fsutil::{parent_dir, write_atomic};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -95,6 +97,27 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Masks sensitive values in the entry's free text: the description,
+    /// label values and a URL the base came from (a token in its query or
+    /// credentials in it). Identities (image and build names, version,
+    /// artifact id, file paths, tags, AMI ids, local base paths) are never
+    /// rewritten: a secret that happens to be a substring of a name must not
+    /// turn the recorded path into one that does not exist.
+    pub fn mask_free_text(&mut self, redactor: &Redactor) {
+        let mask = |text: &mut String| {
+            if let Cow::Owned(masked) = redactor.redact(text) {
+                *text = masked;
+            }
+        };
+        if let Some(description) = &mut self.image.description {
+            mask(description);
+        }
+        self.image.labels.values_mut().for_each(mask);
+        if self.source.kind == "url" {
+            mask(&mut self.source.reference);
+        }
+    }
+
     pub fn from_artifact(
         artifact: &Artifact,
     ) -> (String, Vec<ArtifactFile>, serde_json::Value, SourceIdentity) {
@@ -262,6 +285,36 @@ mod tests {
             thread.join().unwrap();
         }
         assert_eq!(read(&path).unwrap().builds.len(), 16);
+    }
+
+    #[test]
+    fn masking_keeps_identities_and_masks_free_text() {
+        let redactor = Redactor::new();
+        redactor.add("img");
+        let mut masked = entry("img-build", "1");
+        masked.image.description = Some("img with a token".into());
+        masked
+            .image
+            .labels
+            .insert("owner".into(), "img-team".into());
+        masked.source = SourceIdentity {
+            kind: "url".into(),
+            reference: "https://host/base.qcow2?token=img".into(),
+            sha256: None,
+        };
+        masked.mask_free_text(&redactor);
+        assert_eq!(masked.image.name, "img");
+        assert_eq!(masked.build.name, "img-build");
+        assert_eq!(masked.artifact_id, "/out/img-build");
+        assert_eq!(
+            masked.image.description.as_deref(),
+            Some("<sensitive> with a token")
+        );
+        assert_eq!(masked.image.labels["owner"], "<sensitive>-team");
+        assert_eq!(
+            masked.source.reference,
+            "https://host/base.qcow2?token=<sensitive>"
+        );
     }
 
     #[test]

@@ -144,3 +144,44 @@ fn a_reader_that_stops_early_gets_no_panic_and_the_command_still_succeeds() {
             .stderr_lacks("panicked");
     }
 }
+
+#[test]
+fn a_secret_inside_a_name_never_rewrites_what_the_manifest_records() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    // The sensitive value is also part of the image's name, as a password
+    // like "debian" is part of "debian-baseline".
+    let text = config(&version, "true")
+        .replace("tok-3f9a-very-secret", "imgbuild")
+        .replace(
+            "[variables]",
+            "description = \"built with {{ var.token }}\"\n\n[variables]",
+        );
+    workspace.write("image.toml", &text);
+    let reference = format!("imgbuild-json:{version}");
+    let _cleanup = ImageCleanup(vec![reference.clone()]);
+    let outcome = workspace
+        .imgbuild()
+        .args(["--output", "json", "build", "image.toml", "--var"])
+        .arg(format!("base={}", docker_base_image()))
+        .run()
+        .exits_with(EXIT_OK);
+
+    let entry = &workspace.manifest()["builds"][0];
+    assert_eq!(entry["image"]["name"], "imgbuild-json");
+    assert_eq!(entry["details"]["references"][0], reference.as_str());
+    assert_eq!(entry["image"]["description"], "built with <sensitive>");
+    let events = outcome.events();
+    let artifact = &events.last().unwrap()["artifacts"][0];
+    assert_eq!(artifact["image"]["name"], "imgbuild-json");
+    assert_eq!(artifact["details"]["references"][0], reference.as_str());
+
+    let output = workspace
+        .imgbuild()
+        .args(["output", "--format", "json"])
+        .run()
+        .exits_with(EXIT_OK);
+    let handed_out: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
+    assert_eq!(handed_out["image"]["name"], "imgbuild-json");
+    assert_eq!(handed_out["details"]["references"][0], reference.as_str());
+}

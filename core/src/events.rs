@@ -118,16 +118,14 @@ impl Event {
     }
 
     /// Masks sensitive values in every free text the event carries. Build
-    /// and step names come from the config's structure, not from values.
+    /// and step names come from the config's structure, not from values;
+    /// artifacts are manifest entries, whose free text the pipeline masked
+    /// and whose identities (paths, ids, tags) must reach tools unchanged.
     fn redacted(self, redactor: &Redactor) -> Event {
         if redactor.is_empty() {
             return self;
         }
         let mask = |text: String| redactor.redact(&text).into_owned();
-        let mask_json = |mut value: serde_json::Value| {
-            redactor.redact_json(&mut value);
-            value
-        };
         match self {
             Event::Message {
                 build,
@@ -165,10 +163,6 @@ impl Event {
                 step,
                 error: mask(error),
             },
-            Event::Artifact { build, artifact } => Event::Artifact {
-                build,
-                artifact: mask_json(artifact),
-            },
             Event::BuildFinished {
                 build,
                 status,
@@ -180,16 +174,9 @@ impl Event {
                 duration_ms,
                 error: error.map(mask),
             },
-            Event::RunFinished {
-                run_id,
-                exit_code,
-                artifacts,
-            } => Event::RunFinished {
-                run_id,
-                exit_code,
-                artifacts: artifacts.into_iter().map(mask_json).collect(),
-            },
             other @ (Event::RunStarted { .. }
+            | Event::Artifact { .. }
+            | Event::RunFinished { .. }
             | Event::BuildStarted { .. }
             | Event::StepStarted { .. }
             | Event::StepFinished { .. }) => other,

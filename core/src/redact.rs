@@ -17,20 +17,23 @@ impl Redactor {
         Self::default()
     }
 
-    /// Registers a value to be masked. Values shorter than 3 characters are
-    /// ignored: masking every "a" or "1" in the output would make it unreadable
-    /// while protecting nothing.
+    /// Registers a value to be masked, together with the encoded forms it
+    /// takes on its way to the machine (see [`encoded_forms`]). Values
+    /// shorter than 3 characters are ignored: masking every "a" or "1" in the
+    /// output would make it unreadable while protecting nothing.
     pub fn add(&self, secret: impl Into<String>) {
         let secret = secret.into();
         if secret.chars().count() < 3 {
             return;
         }
         let mut secrets = self.secrets.write().expect("redactor lock poisoned");
-        if !secrets.contains(&secret) {
-            secrets.push(secret);
-            // Longest first, so a secret containing another is masked whole.
-            secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for form in encoded_forms(&secret) {
+            if !secrets.contains(&form) {
+                secrets.push(form);
+            }
         }
+        // Longest first, so a secret containing another is masked whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     }
 
     pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
@@ -67,6 +70,34 @@ impl Redactor {
     }
 }
 
+/// A secret as written in every encoding imgbuild itself puts it in before
+/// it can reach a log line: raw; inside a single-quoted shell word (`'` as
+/// `'\''`, as the shell provisioner's `{{ vars }}` writes it); inside a JSON
+/// or YAML double-quoted string (the cloud-init seed, API bodies echoed in
+/// errors); percent-encoded (a URL).
+fn encoded_forms(secret: &str) -> Vec<String> {
+    let json = serde_json::to_string(secret).expect("strings serialize");
+    let json_inner = json[1..json.len() - 1].to_owned();
+    let percent: String = secret
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(byte).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    let mut forms = vec![
+        secret.to_owned(),
+        secret.replace('\'', r"'\''"),
+        json_inner,
+        percent,
+    ];
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +111,21 @@ mod tests {
             redactor.redact("pw=hunter2-extended and hunter2"),
             "pw=<sensitive> and <sensitive>"
         );
+    }
+
+    #[test]
+    fn masks_the_forms_a_secret_takes_on_its_way_to_the_machine() {
+        let redactor = Redactor::new();
+        redactor.add(r#"it's "quoted" & a\path"#);
+        for text in [
+            r#"PW='it'\''s "quoted" & a\path' sh /tmp/x.sh"#,
+            r#"{"password": "it's \"quoted\" & a\\path"}"#,
+            "https://host/base?token=it%27s%20%22quoted%22%20%26%20a%5Cpath",
+        ] {
+            let masked = redactor.redact(text);
+            assert!(masked.contains(MASK), "{text} -> {masked}");
+            assert!(!masked.contains("quoted"), "{text} -> {masked}");
+        }
     }
 
     #[test]

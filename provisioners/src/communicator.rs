@@ -74,6 +74,11 @@ pub trait Communicator: Send + Sync {
     fn target(&self) -> String;
 }
 
+/// The longest line passed on whole. A guest that prints a binary file or
+/// a `\r` progress bar without a newline would otherwise grow one line
+/// without bound; past this it is passed on in pieces of this size.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
 /// Splits a byte stream into lines for an [`OutputSink`].
 pub struct LineSplitter {
     stream: Stream,
@@ -88,22 +93,39 @@ impl LineSplitter {
         }
     }
 
-    pub fn push(&mut self, data: &[u8], sink: &dyn OutputSink) {
-        self.pending.extend_from_slice(data);
-        while let Some(newline) = self.pending.iter().position(|&b| b == b'\n') {
-            let rest = self.pending.split_off(newline + 1);
-            let line = std::mem::replace(&mut self.pending, rest);
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
-            sink.line(self.stream, text.trim_end_matches('\r'));
+    /// Each byte of `data` is looked at once: only the new data is searched
+    /// for line ends, and what is pending never exceeds [`MAX_LINE_BYTES`].
+    pub fn push(&mut self, mut data: &[u8], sink: &dyn OutputSink) {
+        while !data.is_empty() {
+            let room = MAX_LINE_BYTES - self.pending.len();
+            let window = &data[..data.len().min(room)];
+            match window.iter().position(|&b| b == b'\n') {
+                Some(newline) => {
+                    self.pending.extend_from_slice(&window[..newline]);
+                    self.emit(sink);
+                    data = &data[newline + 1..];
+                }
+                None => {
+                    self.pending.extend_from_slice(window);
+                    data = &data[window.len()..];
+                    if self.pending.len() == MAX_LINE_BYTES {
+                        self.emit(sink);
+                    }
+                }
+            }
         }
     }
 
     pub fn finish(&mut self, sink: &dyn OutputSink) {
         if !self.pending.is_empty() {
-            let text = String::from_utf8_lossy(&self.pending).into_owned();
-            sink.line(self.stream, text.trim_end_matches('\r'));
-            self.pending.clear();
+            self.emit(sink);
         }
+    }
+
+    fn emit(&mut self, sink: &dyn OutputSink) {
+        let text = String::from_utf8_lossy(&self.pending);
+        sink.line(self.stream, text.trim_end_matches('\r'));
+        self.pending.clear();
     }
 }
 
@@ -136,5 +158,29 @@ mod tests {
             .map(|(_, l)| l)
             .collect();
         assert_eq!(got, vec!["hello", "world", "", "last"]);
+    }
+
+    #[test]
+    fn an_endless_line_is_passed_on_in_bounded_pieces() {
+        let lines = Lines::default();
+        let mut splitter = LineSplitter::new(Stream::Stdout);
+        let chunk = vec![b'x'; 10_000];
+        for _ in 0..20 {
+            splitter.push(&chunk, &lines);
+            assert!(splitter.pending.len() < MAX_LINE_BYTES);
+        }
+        splitter.push(b"\nend\n", &lines);
+        let got = lines.0.into_inner().unwrap();
+        let lengths: Vec<usize> = got.iter().map(|(_, l)| l.len()).collect();
+        assert_eq!(
+            lengths,
+            vec![
+                MAX_LINE_BYTES,
+                MAX_LINE_BYTES,
+                MAX_LINE_BYTES,
+                200_000 - 3 * MAX_LINE_BYTES,
+                3
+            ]
+        );
     }
 }

@@ -747,3 +747,49 @@ async fn cancelling_during_pause_before_returns_cancelled_without_running() {
     );
     assert!(run.stdout().is_empty());
 }
+
+#[tokio::test]
+async fn output_without_newlines_reaches_the_log_in_bounded_lines() {
+    use imgbuild_provisioners::communicator::MAX_LINE_BYTES;
+    let machine = Machine::start().await;
+    let run = Run::new();
+    // 8 MiB with no newline, and a `\r` progress bar: what `cat` of a binary
+    // file or a download tool prints.
+    let provisioner = machine.shell(json!({"inline": [
+        "head -c 8388608 /dev/zero | tr '\\0' x",
+        "for i in $(seq 1 20000); do printf '\\r%05d%%' $i; done",
+        "echo",
+        "echo done",
+    ]}));
+    run.provision(&machine, &provisioner).await.unwrap();
+    let stdout = run.stdout();
+    let longest = stdout.iter().map(String::len).max().unwrap();
+    assert!(
+        longest <= MAX_LINE_BYTES,
+        "a line of {longest} bytes reached the log"
+    );
+    let total: usize = stdout.iter().map(String::len).sum();
+    assert!(total >= 8 << 20, "output was lost: {total} bytes");
+    assert_eq!(stdout.last().map(String::as_str), Some("done"));
+}
+
+#[tokio::test]
+async fn a_secret_in_env_stays_masked_in_its_shell_quoted_form() {
+    let machine = Machine::start().await;
+    let run = Run::new();
+    let secret = "it's-a-s3cret \"value\"";
+    run.cx.log.redactor().add(secret);
+    let provisioner = machine.shell(json!({
+        "env": {"PW": secret},
+        "execute_command": "{{ vars }} sh {{ path }}",
+        "inline": ["echo \"$PW\"", "exit 3"],
+    }));
+    let err = run.provision(&machine, &provisioner).await.unwrap_err();
+    // The failure names the command, where the value is quoted for the
+    // shell: PW='it'\''s-a-s3cret "value"'. The build reports it through
+    // the log, as the pipeline does.
+    run.cx.log.error(err.to_string());
+    let events = serde_json::to_string(&run.sink.events()).unwrap();
+    assert!(events.contains("PW='<sensitive>'"), "{events}");
+    assert!(!events.contains("s3cret"), "{events}");
+}

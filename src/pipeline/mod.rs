@@ -323,7 +323,7 @@ async fn run_one(
                 String::new()
             }
         };
-    let entry = Entry {
+    let mut entry = Entry {
         run_id: run_id.to_owned(),
         image: ImageRecord {
             name: config.image.name.clone(),
@@ -346,21 +346,9 @@ async fn run_one(
         imgbuild_version: env!("CARGO_PKG_VERSION").to_owned(),
         git_commit: config.image.revision.clone(),
     };
-    let mut entry_json = serde_json::to_value(&entry).expect("entries serialize");
-    config.redactor.redact_json(&mut entry_json);
-    let entry: Entry = match serde_json::from_value(entry_json.clone()) {
-        Ok(entry) => entry,
-        Err(err) => {
-            finish(
-                BuildStatus::Failed,
-                Some(format!("cannot record the artifact: {err}")),
-            );
-            return Outcome {
-                status: BuildStatus::Failed,
-                artifact: None,
-            };
-        }
-    };
+    entry.mask_free_text(&config.redactor);
+    let entry_json = serde_json::to_value(&entry).expect("entries serialize");
+    let recorded = entry.clone();
     match tokio::task::spawn_blocking({
         let path = manifest_path.to_path_buf();
         move || manifest::append(&path, entry)
@@ -399,13 +387,9 @@ async fn run_one(
         }
     }
     if let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty()) {
-        let written = serde_json::from_value::<Entry>(entry_json.clone())
-            .map_err(|err| err.to_string())
-            .and_then(|entry| {
-                crate::outputs::write_github_outputs(std::path::Path::new(&path), &entry)
-                    .map_err(|err| err.to_string())
-            });
-        if let Err(err) = written {
+        if let Err(err) =
+            crate::outputs::write_github_outputs(std::path::Path::new(&path), &recorded)
+        {
             cx.log.warn(format!(
                 "cannot write the step outputs to GITHUB_OUTPUT ({}): {err}",
                 std::path::Path::new(&path).display()
