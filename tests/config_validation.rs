@@ -399,3 +399,62 @@ fn templates_see_variables_environment_names_and_the_git_commit() {
     );
     assert_eq!(document["image"]["revision"], head);
 }
+
+#[test]
+fn inspect_masks_a_password_written_in_the_config_itself() {
+    let text = config("", "").replace(
+        "password = \"{{ var.password }}\"",
+        "password = \"literal-pw-4471\"",
+    );
+    let workspace = workspace_with(&text);
+    for args in [
+        &["inspect", "image.toml"][..],
+        &["--output", "json", "inspect", "image.toml"],
+    ] {
+        let outcome = workspace
+            .imgbuild()
+            .args(args)
+            .run()
+            .exits_with(EXIT_OK)
+            .stdout_lacks("literal-pw-4471")
+            .stdout_has("<sensitive>");
+        assert!(!outcome.stderr.contains("literal-pw-4471"));
+    }
+}
+
+#[test]
+fn an_ssh_port_of_zero_is_rejected_where_it_is_written() {
+    let text = config("", "").replace("username = \"admin\"", "username = \"admin\"\nport = 0");
+    validate(&workspace_with(&text))
+        .exits_with(EXIT_USAGE)
+        .stderr_has("builders.vm.ssh.port")
+        .stderr_has("image.toml:16:8")
+        .stderr_has("a TCP port from 1 to 65535");
+}
+
+#[test]
+fn a_provisioner_with_both_only_and_except_is_rejected() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"shell\"\ninline = [\"true\"]\nonly = [\"vm\"]\nexcept = [\"vm\"]\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("provision[0].except")
+        .stderr_has("`only` and `except` exclude each other")
+        .stderr_has("image.toml:22:10");
+}
+
+#[test]
+fn two_builds_writing_one_output_file_are_refused() {
+    let second = "[builders.vm2]\ntype = \"qemu\"\nbase_image = \"base.qcow2\"\ncloud_init = false\noutput_dir = \"./output/../output\"\n[builders.vm2.ssh]\nusername = \"admin\"\npassword = \"x-password\"\n";
+    let workspace = workspace_with(&config("", second));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("builds `vm` and `vm2` would both write the file")
+        .stderr_has("web-1.2.3.qcow2")
+        .stderr_has("builders.vm2");
+    // Apart, they are fine.
+    let apart = second.replace("./output/../output", "output-2");
+    validate(&workspace_with(&config("", &apart))).exits_with(EXIT_OK);
+}

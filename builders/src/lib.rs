@@ -102,6 +102,29 @@ pub trait Builder: Send + Sync {
 
     fn planned_artifact(&self, image: &ImageInfo, config_dir: &Path) -> PlannedArtifact;
 
+    /// What this build takes for itself and no other build of the config
+    /// may also take: output files, image tags, AMI names. Two builds
+    /// claiming one name would race for it, so such a config is refused
+    /// before anything runs.
+    fn claims(&self, image: &ImageInfo, config_dir: &Path) -> Vec<String> {
+        self.planned_artifact(image, config_dir)
+            .files
+            .iter()
+            .map(|path| {
+                format!(
+                    "the file {}",
+                    common::artifact::lexical_path(path).display()
+                )
+            })
+            .collect()
+    }
+
+    /// Secret values written in the builder's own table (an SSH password),
+    /// masked everywhere like sensitive variables.
+    fn secrets(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Checks made before anything is created, such as refusing a version
     /// that already exists. May read remote state, never change it.
     async fn preflight(&self, request: &BuildRequest, cx: &StepContext) -> Result<(), BuildError>;

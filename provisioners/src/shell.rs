@@ -102,6 +102,21 @@ impl ShellConfig {
                 "must list at least one exit code".to_owned(),
             ));
         }
+        if let Some(code) = self.valid_exit_codes.iter().find(|code| **code > 255) {
+            problems.push((
+                "valid_exit_codes",
+                format!("{code} is not an exit code: a process exits with 0 to 255"),
+            ));
+        }
+        if self.timeout.is_some_and(|timeout| timeout.is_zero()) {
+            problems.push((
+                "timeout",
+                "must be longer than 0s (leave it out for no limit)".to_owned(),
+            ));
+        }
+        if self.remote_folder.trim().is_empty() {
+            problems.push(("remote_folder", "must not be empty".to_owned()));
+        }
         problems
     }
 

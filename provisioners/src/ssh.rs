@@ -45,7 +45,13 @@ const PREFERRED_CIPHERS: &[russh::cipher::Name] = &[
 #[serde(default, deny_unknown_fields)]
 pub struct SshConfig {
     pub username: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Serialized masked: the resolved config is shown by `inspect` and
+    /// hashed into the manifest, and a password written literally in the
+    /// config (not through a sensitive variable) must not appear in either.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_masked"
+    )]
     pub password: Option<String>,
     /// When neither this nor `password` is set, the builder generates a
     /// [`TemporaryKey`] and installs its public half on the machine.
@@ -55,7 +61,10 @@ pub struct SshConfig {
     /// (a bastion's port forward, a fixed IP).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "deserialize_port"
+    )]
     pub port: Option<u16>,
     /// How long to wait for SSH to come up, in all.
     #[serde(with = "imgbuild_core::duration")]
@@ -81,6 +90,30 @@ impl Default for SshConfig {
             connect_timeout: options.connect_timeout,
             keepalive_interval: options.keepalive_interval,
         }
+    }
+}
+
+fn serialize_masked<S: serde::Serializer>(
+    value: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    value
+        .as_ref()
+        .map(|_| imgbuild_core::redact::MASK)
+        .serialize(serializer)
+}
+
+/// Port 0 would mean "any port" to a listener and nothing to a client: a
+/// config error, reported where it is written.
+fn deserialize_port<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u16>, D::Error> {
+    match u16::deserialize(deserializer)? {
+        0 => Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Unsigned(0),
+            &"a TCP port from 1 to 65535",
+        )),
+        port => Ok(Some(port)),
     }
 }
 

@@ -256,8 +256,14 @@ impl Loader<'_> {
             );
         }
         let image = image?;
+        self.refuse_shared_claims(top, &builders, &image);
         if !self.diagnostics.is_empty() {
             return None;
+        }
+        for (_, builder) in &builders {
+            for secret in builder.secrets() {
+                redactor.add(secret);
+            }
         }
 
         let mut provisioners_by_build = provisioners;
@@ -354,6 +360,42 @@ impl Loader<'_> {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
         })
+    }
+
+    /// Two builds that would write one output file, tag or AMI name would
+    /// race for it at the end of the build; refused here instead, at the
+    /// second build's table.
+    fn refuse_shared_claims(
+        &mut self,
+        top: &DeTable<'_>,
+        builders: &[NamedBuilder],
+        image: &ImageInfo,
+    ) {
+        let mut claimed_by: BTreeMap<String, &str> = BTreeMap::new();
+        for (name, builder) in builders {
+            for claim in builder.claims(image, &self.dir) {
+                let Some(first) = claimed_by.get(&claim).copied() else {
+                    claimed_by.insert(claim, name);
+                    continue;
+                };
+                let span = match top.get("builders").map(|b| b.get_ref()) {
+                    Some(DeValue::Table(table)) => table
+                        .iter()
+                        .find(|(key, _)| key.get_ref() == name)
+                        .map(|(key, _)| key.span()),
+                    _ => None,
+                }
+                .unwrap_or(0..0);
+                let diagnostic = self
+                    .error(
+                        format!("builds `{first}` and `{name}` would both write {claim}"),
+                        span,
+                        &format!("builders.{name}"),
+                    )
+                    .help("give each build its own output (`output_dir`, `repository`, `tags`, `ami_name`)");
+                self.diagnostics.push(diagnostic);
+            }
+        }
     }
 
     fn builders(
@@ -576,6 +618,18 @@ impl Loader<'_> {
                         continue;
                     }
                 };
+            if !targets.only.is_empty() && !targets.except.is_empty() {
+                let span = find_span(item, "except").unwrap_or(item.span());
+                let diagnostic = self
+                    .error(
+                        "`only` and `except` exclude each other",
+                        span,
+                        &format!("{field}.except"),
+                    )
+                    .help("list the builds it runs on in `only`, or those it skips in `except`");
+                self.diagnostics.push(diagnostic);
+                continue;
+            }
             for (list_name, list) in [("only", &targets.only), ("except", &targets.except)] {
                 for name in list {
                     if !names.contains(&name.as_str()) {
@@ -798,8 +852,17 @@ fn field_at(value: &Spanned<DeValue<'_>>, span: &Range<usize>, path: &str) -> St
                 let inside = |range: Range<usize>| {
                     range.start <= span.start && span.start < range.end.max(range.start + 1)
                 };
+                let field = join(path, key.get_ref());
                 if inside(key.span()) || inside(item.span()) {
-                    return field_at(item, span, &join(path, key.get_ref()));
+                    return field_at(item, span, &field);
+                }
+                // A table written under its own header (`[builders.vm.ssh]`)
+                // spans only the header, not the keys below it.
+                if matches!(item.get_ref(), DeValue::Table(_)) {
+                    let inner = field_at(item, span, &field);
+                    if inner != field {
+                        return inner;
+                    }
                 }
             }
             path.to_owned()

@@ -38,6 +38,24 @@ pub struct SourceIdentity {
 
 const HASH_BUFFER: usize = 1 << 20;
 
+/// `path` with `.` dropped and `..` folded into its parent, without asking
+/// the file system: two spellings of one output path compare equal even
+/// before the file exists.
+pub fn lexical_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut result = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir if result.file_name().is_some() => {
+                result.pop();
+            }
+            other => result.push(other),
+        }
+    }
+    result
+}
+
 /// SHA-256 and size of a file, read in large blocks (sha2 uses the CPU's SHA
 /// extensions where present, so the disk or page cache is the limit).
 pub fn sha256_file(path: &Path) -> io::Result<(u64, String)> {

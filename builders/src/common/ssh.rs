@@ -21,6 +21,14 @@ pub fn ssh_problems(ssh: &SshConfig, config_dir: &Path) -> Vec<(&'static str, St
             ));
         }
     }
+    for (field, value) in [
+        ("timeout", ssh.timeout),
+        ("connect_timeout", ssh.connect_timeout),
+    ] {
+        if value.is_zero() {
+            problems.push((field, "must be longer than 0s".to_owned()));
+        }
+    }
     if ssh.password.is_some() && ssh.private_key_file.is_some() {
         problems.push((
             "password",

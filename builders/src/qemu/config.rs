@@ -111,6 +111,12 @@ pub struct QemuConfig {
     /// build's temporary key. Turn off for images with baked credentials.
     #[serde(default = "default_true")]
     pub cloud_init: bool,
+    /// Before the image is saved, take back what the seed set up for the
+    /// build (the build user if the seed created it, its password and
+    /// passwordless sudo rule, password logins over SSH, cloud-init's
+    /// record of the seed). `false` keeps them in the image.
+    #[serde(default = "default_true")]
+    pub cloud_init_cleanup: bool,
     /// Runs over SSH to power the machine off; `sudo shutdown -P now` by
     /// default (`shutdown -P now` for root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,10 +243,16 @@ impl QemuConfig {
                 problems.push(ConfigProblem::new("base_checksum", message));
             }
         }
-        if let Some(size) = &self.disk_size
-            && let Err(message) = parse_size(size)
-        {
-            problems.push(ConfigProblem::new("disk_size", message));
+        match self.disk_size.as_deref().map(parse_size) {
+            Some(Err(message)) => problems.push(ConfigProblem::new("disk_size", message)),
+            Some(Ok(0)) => problems.push(ConfigProblem::new("disk_size", "must be larger than 0")),
+            _ => {}
+        }
+        if self.shutdown_timeout.is_zero() {
+            problems.push(ConfigProblem::new(
+                "shutdown_timeout",
+                "must be longer than 0s",
+            ));
         }
         if self.memory < 128 {
             problems.push(ConfigProblem::new(

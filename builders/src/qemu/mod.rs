@@ -91,6 +91,10 @@ impl Builder for QemuBuilder {
         serde_json::to_value(&self.config).unwrap_or_default()
     }
 
+    fn secrets(&self) -> Vec<String> {
+        self.config.ssh.password.iter().cloned().collect()
+    }
+
     fn planned_artifact(&self, image: &ImageInfo, config_dir: &Path) -> PlannedArtifact {
         let path = self.output_path(image, config_dir);
         let checksum = PathBuf::from(format!("{}.sha256", path.display()));
