@@ -5,13 +5,21 @@
 //! artifact. The running process holds an exclusive lock on its journal, so a
 //! journal whose lock can be taken belongs to a run that died, by SIGKILL or a
 //! CI timeout, and lists exactly what it left behind.
+//!
+//! A journal only ever appears under its final name already locked, and only
+//! journals that are plain files of the current user, in a runs directory
+//! that is a real directory of that user, are read: anything else in the
+//! state directory could make `imgbuild clean` act on resources it was never
+//! given.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -23,6 +31,8 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
+    #[error("refusing {path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
@@ -38,12 +48,18 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Resource {
-    /// A local process that writes its pid to `pidfile`; `marker` appears in
-    /// its command line, so a recycled pid is never killed by mistake.
+    /// A local process that writes its pid to `pidfile`. Once started, its
+    /// pid and kernel start time (clock ticks after boot, field 22 of
+    /// `/proc/PID/stat`) are recorded: together they name exactly one
+    /// process, so a recycled pid, or another process whose command line
+    /// merely mentions the build, is never signalled.
     Process {
         pidfile: PathBuf,
-        marker: String,
         description: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        start_time: Option<u64>,
     },
     File {
         path: PathBuf,
@@ -145,6 +161,15 @@ enum Record {
         id: ResourceId,
         build: String,
         resource: Resource,
+        /// When the record was written, Unix milliseconds (absent in
+        /// journals of older versions).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<u64>,
+    },
+    /// The creating call returned: the resource exists (an `Update` says so
+    /// too).
+    Created {
+        id: ResourceId,
     },
     Update {
         id: ResourceId,
@@ -161,6 +186,32 @@ pub struct Outstanding {
     pub id: ResourceId,
     pub build: String,
     pub resource: Resource,
+    /// The creating call returned. When it did not, the call may still be
+    /// completing (a Docker engine goes on creating a container after the
+    /// client died), so not finding the resource does not prove it absent.
+    pub confirmed: bool,
+    /// When the resource was recorded, just before its creating call;
+    /// `None` in journals of older versions.
+    pub recorded_at: Option<SystemTime>,
+}
+
+impl Outstanding {
+    /// How long ago the resource was recorded; `None` when unknown.
+    pub fn age(&self, now: SystemTime) -> Option<Duration> {
+        self.recorded_at
+            .map(|at| now.duration_since(at).unwrap_or_default())
+    }
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+fn from_millis(millis: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(millis)
 }
 
 struct Inner {
@@ -194,18 +245,92 @@ fn runs_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("runs")
 }
 
+fn refused(path: &Path, reason: impl Into<String>) -> JournalError {
+    JournalError::Refused {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Checks what is found at a journal's place: a plain file (directory for
+/// the runs directory) of this user, never a link to somewhere else.
+fn check_owned(path: &Path, meta: &std::fs::Metadata, dir: bool) -> Result<(), JournalError> {
+    let what = if dir {
+        "the run journals directory"
+    } else {
+        "the run journal"
+    };
+    if meta.file_type().is_symlink() {
+        return Err(refused(
+            path,
+            format!(
+                "{what} is a symbolic link; imgbuild never makes one there, so remove it (and check where it points)"
+            ),
+        ));
+    }
+    if dir && !meta.is_dir() || !dir && !meta.is_file() {
+        return Err(refused(
+            path,
+            format!(
+                "{what} is not a plain {}; remove it",
+                if dir { "directory" } else { "file" }
+            ),
+        ));
+    }
+    if meta.uid() != euid() {
+        return Err(refused(
+            path,
+            format!(
+                "{what} belongs to uid {}, not to you (uid {}); run imgbuild as its owner, or remove it if nobody should have put it there",
+                meta.uid(),
+                euid()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The runs directory, if it exists, after checking it is ours.
+fn checked_runs_dir(state_dir: &Path) -> Result<Option<PathBuf>, JournalError> {
+    let dir = runs_dir(state_dir);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(meta) => {
+            check_owned(&dir, &meta, true)?;
+            Ok(Some(dir))
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(io_error("inspect the directory of", &dir)(err)),
+    }
+}
+
 impl Journal {
     /// Starts the journal of a new run and takes its lock for the life of the
     /// process.
+    ///
+    /// The journal is written and locked under a temporary name first and
+    /// only then linked to its final name, so `imgbuild clean` never finds
+    /// it unlocked and takes a live run for a dead one.
     pub fn create(state_dir: &Path, run_id: &str, config: &Path) -> Result<Journal, JournalError> {
         let dir = runs_dir(state_dir);
-        std::fs::create_dir_all(&dir).map_err(io_error("create the directory of", &dir))?;
+        std::fs::create_dir_all(state_dir).map_err(io_error("create the directory of", &dir))?;
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(io_error("create the directory of", &dir)(err)),
+        }
+        checked_runs_dir(state_dir)?;
         let path = dir.join(format!("{run_id}.journal"));
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{run_id}."))
+            .suffix(".partial")
+            .tempfile_in(&dir)
             .map_err(io_error("create", &path))?;
+        let (file, temp_path) = temp.into_parts();
         file.lock().map_err(io_error("lock", &path))?;
         let journal = Journal {
             run_id: run_id.to_owned(),
@@ -228,6 +353,10 @@ impl Journal {
                 config: config.display().to_string(),
             },
         )?;
+        crate::fsutil::persist_no_clobber(&temp_path, &journal.path)
+            .map_err(io_error("create", &journal.path))?;
+        // The temporary name is gone; nothing is left for the guard to delete.
+        let _ = temp_path.keep();
         Ok(journal)
     }
 
@@ -261,6 +390,7 @@ impl Journal {
                 id,
                 build: build.to_owned(),
                 resource: resource.clone(),
+                at: Some(now_millis()),
             },
         )?;
         inner.outstanding.insert(
@@ -269,12 +399,26 @@ impl Journal {
                 id,
                 build: build.to_owned(),
                 resource,
+                confirmed: false,
+                recorded_at: Some(SystemTime::now()),
             },
         );
         Ok(id)
     }
 
-    /// Adds what was learned once the resource exists (an instance id, say).
+    /// The creating call returned and the resource exists: from now on,
+    /// `imgbuild clean` not finding it means it is gone.
+    pub fn confirm(&self, id: ResourceId) -> Result<(), JournalError> {
+        let mut inner = self.inner.lock().expect("journal lock poisoned");
+        self.append(&mut inner, &Record::Created { id })?;
+        if let Some(entry) = inner.outstanding.get_mut(&id) {
+            entry.confirmed = true;
+        }
+        Ok(())
+    }
+
+    /// Adds what was learned once the resource exists (an instance id, say);
+    /// it also confirms the resource, as [`Journal::confirm`] does.
     pub fn update(&self, id: ResourceId, resource: Resource) -> Result<(), JournalError> {
         let mut inner = self.inner.lock().expect("journal lock poisoned");
         self.append(
@@ -286,6 +430,7 @@ impl Journal {
         )?;
         if let Some(entry) = inner.outstanding.get_mut(&id) {
             entry.resource = resource;
+            entry.confirmed = true;
         }
         Ok(())
     }
@@ -354,9 +499,13 @@ impl DeadRun {
 }
 
 /// Journals of runs that have ended without releasing everything, locked for
-/// the caller. Journals of live runs are skipped.
+/// the caller. Journals of live runs are skipped. A journal that is a link,
+/// not a plain file, or not the current user's (or a runs directory like
+/// that) is refused with an error naming it.
 pub fn dead_runs(state_dir: &Path) -> Result<Vec<DeadRun>, JournalError> {
-    let dir = runs_dir(state_dir);
+    let Some(dir) = checked_runs_dir(state_dir)? else {
+        return Ok(Vec::new());
+    };
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -369,15 +518,36 @@ pub fn dead_runs(state_dir: &Path) -> Result<Vec<DeadRun>, JournalError> {
     paths.sort();
     let mut runs = Vec::new();
     for path in paths {
-        let file = OpenOptions::new()
+        let file = match OpenOptions::new()
             .read(true)
             .append(true)
+            // Never through a link; never blocking on a FIFO planted there.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
-            .map_err(io_error("open", &path))?;
+        {
+            Ok(file) => file,
+            // Finished (and removed) since the directory was listed.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
+                let meta = std::fs::symlink_metadata(&path).map_err(io_error("inspect", &path))?;
+                check_owned(&path, &meta, false)?;
+                return Err(io_error("open", &path)(err));
+            }
+            Err(err) => return Err(io_error("open", &path)(err)),
+        };
+        let meta = file.metadata().map_err(io_error("inspect", &path))?;
+        check_owned(&path, &meta, false)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => continue,
             Err(std::fs::TryLockError::Error(err)) => return Err(io_error("lock", &path)(err)),
+        }
+        // Its run may have finished and removed it between the open and the
+        // lock: only the file still under its name is a dead run's journal.
+        let still_there = std::fs::symlink_metadata(&path)
+            .is_ok_and(|now| now.dev() == meta.dev() && now.ino() == meta.ino());
+        if !still_there {
+            continue;
         }
         runs.push(read_dead_run(path, file)?);
     }
@@ -420,6 +590,7 @@ fn read_dead_run(path: PathBuf, file: File) -> Result<DeadRun, JournalError> {
                 id,
                 build,
                 resource,
+                at,
             } => {
                 run.outstanding.insert(
                     id,
@@ -427,12 +598,20 @@ fn read_dead_run(path: PathBuf, file: File) -> Result<DeadRun, JournalError> {
                         id,
                         build,
                         resource,
+                        confirmed: false,
+                        recorded_at: at.map(from_millis),
                     },
                 );
+            }
+            Record::Created { id } => {
+                if let Some(entry) = run.outstanding.get_mut(&id) {
+                    entry.confirmed = true;
+                }
             }
             Record::Update { id, resource } => {
                 if let Some(entry) = run.outstanding.get_mut(&id) {
                     entry.resource = resource;
+                    entry.confirmed = true;
                 }
             }
             Record::Release { id } => {
@@ -512,5 +691,183 @@ mod tests {
             .unwrap();
         let runs = dead_runs(state.path()).unwrap();
         assert_eq!(runs[0].outstanding().len(), 1);
+    }
+
+    #[test]
+    fn creating_and_updating_confirm_a_resource_and_record_its_time() {
+        let state = tempfile::tempdir().unwrap();
+        let journal = Journal::create(state.path(), "run-d", Path::new("image.toml")).unwrap();
+        let before = SystemTime::now() - Duration::from_secs(1);
+        let pending = journal.record("vm", file("/tmp/pending")).unwrap();
+        let confirmed = journal.record("vm", file("/tmp/confirmed")).unwrap();
+        let updated = journal.record("vm", file("/tmp/updated")).unwrap();
+        journal.confirm(confirmed).unwrap();
+        journal.update(updated, file("/tmp/updated-2")).unwrap();
+        drop(journal);
+        let runs = dead_runs(state.path()).unwrap();
+        let by_id = |id| {
+            runs[0]
+                .outstanding()
+                .into_iter()
+                .find(|o| o.id == id)
+                .unwrap()
+        };
+        assert!(!by_id(pending).confirmed);
+        assert!(by_id(confirmed).confirmed);
+        assert!(by_id(updated).confirmed);
+        let at = by_id(pending).recorded_at.unwrap();
+        assert!(at >= before && at <= SystemTime::now(), "{at:?}");
+    }
+
+    #[test]
+    fn journals_of_the_previous_version_still_read() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join("runs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("0193a1b2c3d4e5f6.journal"),
+            concat!(
+                r#"{"op":"run","run_id":"0193a1b2c3d4e5f6","pid":1,"started_at":"2026-11-27T03:15:00Z","config":"image.toml"}"#,
+                "\n",
+                r#"{"op":"create","id":1,"build":"vm","resource":{"kind":"process","pidfile":"/w/qemu.pid","marker":"imgbuild-0193a1b2c3d4e5f6-vm","description":"QEMU for build vm"}}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        let runs = dead_runs(state.path()).unwrap();
+        let item = &runs[0].outstanding()[0];
+        assert_eq!(
+            item.resource,
+            Resource::Process {
+                pidfile: "/w/qemu.pid".into(),
+                description: "QEMU for build vm".into(),
+                pid: None,
+                start_time: None,
+            }
+        );
+        assert!(!item.confirmed);
+        assert_eq!(item.recorded_at, None);
+    }
+
+    /// `imgbuild clean` in a loop next to runs starting: it must never take
+    /// a starting run's journal for a dead one (and remove it as empty), nor
+    /// trip over a journal its run removed while clean was opening it.
+    #[test]
+    fn a_concurrent_clean_never_takes_or_removes_a_journal_being_created() {
+        let state = tempfile::tempdir().unwrap();
+        let state_dir = state.path().to_path_buf();
+        std::fs::create_dir_all(state_dir.join("runs")).unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cleaner = {
+            let done = done.clone();
+            let state_dir = state_dir.clone();
+            std::thread::spawn(move || {
+                let (mut taken, mut errors) = (Vec::new(), Vec::new());
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let runs = match dead_runs(&state_dir) {
+                        Ok(runs) => runs,
+                        Err(err) => {
+                            errors.push(err.to_string());
+                            continue;
+                        }
+                    };
+                    for run in runs {
+                        taken.push(run.run_id.clone());
+                        // What `imgbuild clean` does with a run with nothing
+                        // outstanding.
+                        if let Err(err) = run.finish() {
+                            errors.push(err.to_string());
+                        }
+                    }
+                }
+                (taken, errors)
+            })
+        };
+        let mut vanished = Vec::new();
+        for i in 0..1500 {
+            let run_id = format!("race-{i:04}");
+            let journal = Journal::create(&state_dir, &run_id, Path::new("image.toml")).unwrap();
+            if !journal.path().exists() {
+                vanished.push(run_id);
+            }
+            // Finishing removes it; a cleaner that opened it just before
+            // must skip it.
+            if let Err(err) = journal.finish() {
+                vanished.push(format!("{err}"));
+            }
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (taken, errors) = cleaner.join().unwrap();
+        assert!(
+            taken.is_empty() && vanished.is_empty() && errors.is_empty(),
+            "live journals taken for dead: {taken:?}\nremoved under a live run: {vanished:?}\nclean failed: {errors:?}"
+        );
+    }
+
+    fn dead_journal(state_dir: &Path, run_id: &str) -> PathBuf {
+        let journal = Journal::create(state_dir, run_id, Path::new("image.toml")).unwrap();
+        journal.record("vm", file("/tmp/leftover")).unwrap();
+        journal.path().to_path_buf()
+    }
+
+    fn refusal(state_dir: &Path) -> (PathBuf, String) {
+        match dead_runs(state_dir) {
+            Err(err @ JournalError::Refused { .. }) => {
+                let JournalError::Refused { ref path, .. } = err else {
+                    unreachable!()
+                };
+                (path.clone(), err.to_string())
+            }
+            Err(other) => panic!("expected a refusal, got {other}"),
+            Ok(runs) => panic!(
+                "expected a refusal, got {} run(s): {:?}",
+                runs.len(),
+                runs.iter().map(|r| &r.path).collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    #[test]
+    fn a_journal_that_is_a_symlink_is_refused() {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = dead_journal(elsewhere.path(), "planted");
+        let state = tempfile::tempdir().unwrap();
+        let runs = state.path().join("runs");
+        std::fs::create_dir_all(&runs).unwrap();
+        let link = runs.join("planted.journal");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let (path, message) = refusal(state.path());
+        assert_eq!(path, link);
+        assert!(message.contains("symbolic link"), "{message}");
+    }
+
+    #[test]
+    fn a_runs_directory_that_is_a_symlink_is_refused() {
+        let elsewhere = tempfile::tempdir().unwrap();
+        dead_journal(elsewhere.path(), "planted");
+        let state = tempfile::tempdir().unwrap();
+        let link = state.path().join("runs");
+        std::os::unix::fs::symlink(elsewhere.path().join("runs"), &link).unwrap();
+        let (path, message) = refusal(state.path());
+        assert_eq!(path, link);
+        assert!(message.contains("symbolic link"), "{message}");
+        let err = Journal::create(state.path(), "new-run", Path::new("image.toml"))
+            .err()
+            .expect("no journal is written through a linked runs directory");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn a_journal_of_another_user_is_refused() {
+        if euid() != 0 {
+            eprintln!("skipped: only root can give a file to another user");
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let path = dead_journal(state.path(), "someone-else");
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let (refused_path, message) = refusal(state.path());
+        assert_eq!(refused_path, path);
+        assert!(message.contains("uid 65534"), "{message}");
     }
 }

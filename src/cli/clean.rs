@@ -5,8 +5,12 @@
 use super::{EXIT_BUILD_FAILED, EXIT_OK, EXIT_USAGE, GlobalOptions, runtime};
 use crate::ui::OutputFormat;
 use clap::Args;
+use imgbuild_builders::common::orphans::{self, Cleaned};
+use imgbuild_core::Resource;
 use imgbuild_core::journal::{dead_runs, default_state_dir};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 #[derive(Args)]
 pub struct CleanArgs {
@@ -60,7 +64,10 @@ async fn clean(args: CleanArgs, state_dir: PathBuf, global: &GlobalOptions) -> i
         );
         return EXIT_OK;
     }
-    let mut failures = 0;
+    let now = SystemTime::now();
+    // Failed removals and resources kept for a later clean: either way,
+    // something may still exist.
+    let mut unfinished = 0;
     for mut run in runs {
         let outstanding = run.outstanding();
         say(
@@ -73,7 +80,10 @@ async fn clean(args: CleanArgs, state_dir: PathBuf, global: &GlobalOptions) -> i
                 outstanding.len()
             ),
         );
-        for item in outstanding {
+        // Builds whose process is not proven gone: their files stay, since
+        // it may still be writing them.
+        let mut still_running = BTreeSet::new();
+        for item in orphans::cleaning_order(outstanding) {
             let description = item.resource.describe();
             if args.dry_run {
                 say(
@@ -82,10 +92,22 @@ async fn clean(args: CleanArgs, state_dir: PathBuf, global: &GlobalOptions) -> i
                 );
                 continue;
             }
-            match imgbuild_builders::common::orphans::clean_orphan(&item.resource, &run.run_id)
-                .await
+            let is_process = matches!(item.resource, Resource::Process { .. });
+            if orphans::needs_processes_gone(&item.resource) && still_running.contains(&item.build)
             {
-                Ok(()) => {
+                unfinished += 1;
+                let reason = format!(
+                    "a process of build {} is still running and may be using it; it is removed by the `imgbuild clean` after that process is gone",
+                    item.build
+                );
+                say(
+                    serde_json::json!({"event": "kept", "run_id": run.run_id, "build": item.build, "resource": item.resource, "reason": reason}),
+                    format!("  kept {description}: {reason}"),
+                );
+                continue;
+            }
+            match orphans::clean_outstanding(&item, &run.run_id, now).await {
+                Ok(Cleaned::Removed) => {
                     if let Err(err) = run.release(item.id) {
                         eprintln!("warning: {err}");
                     }
@@ -94,8 +116,30 @@ async fn clean(args: CleanArgs, state_dir: PathBuf, global: &GlobalOptions) -> i
                         format!("  removed {description}"),
                     );
                 }
+                Ok(Cleaned::NotOurs(reason)) => {
+                    if let Err(err) = run.release(item.id) {
+                        eprintln!("warning: {err}");
+                    }
+                    say(
+                        serde_json::json!({"event": "not_ours", "run_id": run.run_id, "build": item.build, "resource": item.resource, "reason": reason}),
+                        format!("  left {description}: {reason}"),
+                    );
+                }
+                Ok(Cleaned::Kept(reason)) => {
+                    unfinished += 1;
+                    if is_process {
+                        still_running.insert(item.build.clone());
+                    }
+                    say(
+                        serde_json::json!({"event": "kept", "run_id": run.run_id, "build": item.build, "resource": item.resource, "reason": reason}),
+                        format!("  kept {description}: {reason}"),
+                    );
+                }
                 Err(err) => {
-                    failures += 1;
+                    unfinished += 1;
+                    if is_process {
+                        still_running.insert(item.build.clone());
+                    }
                     say(
                         serde_json::json!({"event": "remove_failed", "run_id": run.run_id, "build": item.build, "resource": item.resource, "error": err}),
                         format!("  could not remove {description}: {err}"),
@@ -109,7 +153,7 @@ async fn clean(args: CleanArgs, state_dir: PathBuf, global: &GlobalOptions) -> i
             eprintln!("warning: {err}");
         }
     }
-    if failures > 0 {
+    if unfinished > 0 {
         EXIT_BUILD_FAILED
     } else {
         EXIT_OK

@@ -156,10 +156,24 @@ pub fn main() -> i32 {
 
 /// A new run id: time-ordered (UUIDv7), so journals and manifest entries
 /// sort by start time.
+/// A run id: 12 hex digits of Unix milliseconds, so ids sort by start time,
+/// then 16 hex digits (64 bits) from the OS's CSPRNG (a v4 UUID's random
+/// bytes), so nobody can guess the id, and with it the names of the run's
+/// containers, work directories and key pairs, before they exist. 28
+/// characters: still short enough for container and VM names.
 pub fn new_run_id() -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    // Short enough for container and VM names, still unique per run.
-    id[..16].to_owned()
+    let millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    run_id_from(millis as u64, uuid::Uuid::new_v4().as_bytes())
+}
+
+fn run_id_from(millis: u64, random: &[u8; 16]) -> String {
+    // A v4 UUID fixes its version and variant bits in bytes 6 and 8; bytes
+    // 0..6 and 9..11 are untouched: 64 random bits.
+    let mut bits = [0u8; 8];
+    bits[..6].copy_from_slice(&random[..6]);
+    bits[6..].copy_from_slice(&random[9..11]);
+    let random = u64::from_be_bytes(bits);
+    format!("{:012x}{random:016x}", millis & 0xffff_ffff_ffff)
 }
 
 /// Prints a command's result on stdout. A reader that stops early (`| head`,
@@ -193,4 +207,33 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("the async runtime starts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_are_time_ordered_with_64_random_bits() {
+        let id = new_run_id();
+        assert_eq!(id.len(), 28, "{id}");
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        let millis = u64::from_str_radix(&id[..12], 16).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        assert!(now as u64 - millis < 60_000, "the prefix is the time: {id}");
+
+        // Every one of the 64 bits of the random part comes from the random
+        // bytes, none from the UUID's fixed version and variant bits.
+        let ones = uuid::Builder::from_random_bytes([0xff; 16]).into_uuid();
+        let zeros = uuid::Builder::from_random_bytes([0; 16]).into_uuid();
+        assert_eq!(&run_id_from(1, ones.as_bytes())[12..], "ffffffffffffffff");
+        assert_eq!(&run_id_from(1, zeros.as_bytes())[12..], "0000000000000000");
+        assert!(run_id_from(0x0123_4567_89ab, zeros.as_bytes()).starts_with("0123456789ab"));
+
+        // Two ids of the same millisecond still differ.
+        let same_time: std::collections::BTreeSet<String> = (0..1000)
+            .map(|_| run_id_from(7, uuid::Uuid::new_v4().as_bytes()))
+            .collect();
+        assert_eq!(same_time.len(), 1000);
+    }
 }

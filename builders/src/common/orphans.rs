@@ -1,45 +1,163 @@
 //! Removes what a dead run left behind, from the journal's description alone.
+//!
+//! A record is only let go once its resource is proven gone: removed here,
+//! or not found after any creating call that was still in flight when the
+//! run died could have completed.
 
-use super::process;
+use super::process::{self, ProcessIdentity};
 use super::tracked::remove_path;
 use imgbuild_core::Resource;
-use std::time::Duration;
+use imgbuild_core::journal::Outstanding;
+use std::time::{Duration, SystemTime};
 
-/// Removes one leftover resource of the run `run_id`. Something already gone
-/// counts as removed.
-pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<(), String> {
+pub use crate::docker::Removal;
+
+/// How long a stopped process gets between SIGTERM and SIGKILL.
+const PROCESS_GRACE: Duration = Duration::from_secs(5);
+
+/// What cleaning one leftover came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cleaned {
+    /// Removed, or proven gone: the record can be released.
+    Removed,
+    /// Not found, but its creating call never returned and may still
+    /// complete: the record stays for a later `imgbuild clean`. Says why.
+    Kept(String),
+    /// Something of that name exists but is not this run's; it was left
+    /// alone, and nothing of this run's can appear under that name.
+    NotOurs(String),
+}
+
+/// How long after its record a resource whose creating call never returned
+/// may still appear. Local things (processes, files) are there or not by the
+/// time their creator is gone; remote calls are finished by the server even
+/// after the client died (a Docker engine on the vfs driver copies the whole
+/// image for a container create).
+pub fn creation_grace(resource: &Resource) -> Duration {
+    match resource {
+        Resource::Process { .. } | Resource::File { .. } | Resource::Directory { .. } => {
+            Duration::ZERO
+        }
+        Resource::DockerContainer { .. } | Resource::DockerImage { .. } => {
+            Duration::from_secs(5 * 60)
+        }
+        Resource::Ec2Instance { .. }
+        | Resource::Ec2KeyPair { .. }
+        | Resource::Ec2SecurityGroup { .. }
+        | Resource::Ec2Image { .. } => Duration::from_secs(2 * 60),
+    }
+}
+
+/// Cleans one outstanding resource of the dead run `run_id`, as of `now`.
+pub async fn clean_outstanding(
+    item: &Outstanding,
+    run_id: &str,
+    now: SystemTime,
+) -> Result<Cleaned, String> {
+    match clean_orphan(&item.resource, run_id).await? {
+        Removal::Removed => Ok(Cleaned::Removed),
+        Removal::NotOurs(reason) => Ok(Cleaned::NotOurs(reason)),
+        Removal::Absent => {
+            let grace = creation_grace(&item.resource);
+            // Journals of older versions record no time; their runs ended
+            // before this version was installed, long enough ago.
+            let age = item.age(now).unwrap_or(Duration::MAX);
+            if item.confirmed || age >= grace {
+                return Ok(Cleaned::Removed);
+            }
+            let wait = grace - age;
+            Ok(Cleaned::Kept(format!(
+                "not found, but the run died while creating it {} ago, and it may still be being created; run `imgbuild clean` again in {} (it is then removed, or forgotten if it never appeared)",
+                humantime::format_duration(Duration::from_secs(age.as_secs())),
+                humantime::format_duration(Duration::from_secs(wait.as_secs() + 1))
+            )))
+        }
+    }
+}
+
+/// Removes one leftover resource of the run `run_id` and says what it found.
+pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<Removal, String> {
     #[cfg(not(feature = "ec2"))]
     let _ = run_id;
     match resource {
         Resource::Process {
-            pidfile, marker, ..
+            pidfile,
+            description,
+            pid,
+            start_time,
         } => {
-            if let Some(pid) = process::read_pidfile(pidfile) {
-                process::terminate(pid, marker, Duration::from_secs(5)).await;
-                if process::is_ours(pid, marker) {
-                    return Err(format!("process {pid} did not stop"));
-                }
+            let pid = pid.or_else(|| process::read_pidfile(pidfile));
+            let Some(pid) = pid else {
+                return Ok(Removal::Absent);
+            };
+            let Some(start_time) = start_time else {
+                return match ProcessIdentity::of(pid) {
+                    Some(running) if running.is_running() => Err(format!(
+                        "pid {pid} (from {}) is running, but the journal records no start time for {description} (the run died while starting it, or an older imgbuild wrote the journal), so nothing proves it is that process and it is not signalled; if `ps -o args= -p {pid}` shows it, stop it with `kill {pid}`, then run `imgbuild clean` again",
+                        pidfile.display()
+                    )),
+                    _ => Ok(Removal::Absent),
+                };
+            };
+            let recorded = ProcessIdentity {
+                pid,
+                start_time: *start_time,
+            };
+            if !recorded.is_running() {
+                return Ok(Removal::Absent);
             }
-            Ok(())
+            if process::terminate(recorded, PROCESS_GRACE).await {
+                Ok(Removal::Removed)
+            } else {
+                Err(format!(
+                    "{description} (pid {pid}) did not stop after SIGTERM and SIGKILL; it stays in the run journal for `imgbuild clean`"
+                ))
+            }
         }
         Resource::File { path } => remove_path(path, false)
             .await
+            .map(|()| Removal::Removed)
             .map_err(|err| format!("cannot remove {}: {err}", path.display())),
         Resource::Directory { path } => remove_path(path, true)
             .await
+            .map(|()| Removal::Removed)
             .map_err(|err| format!("cannot remove {}: {err}", path.display())),
         Resource::DockerContainer { .. } | Resource::DockerImage { .. } => {
-            crate::docker::clean_orphan(resource).await
+            crate::docker::clean_orphan(resource, run_id).await
         }
+        // The EC2 module only says whether removal succeeded; what it did not
+        // find counts as removed, as it always has.
         #[cfg(feature = "ec2")]
         Resource::Ec2Instance { .. }
         | Resource::Ec2KeyPair { .. }
         | Resource::Ec2SecurityGroup { .. }
-        | Resource::Ec2Image { .. } => crate::ec2::clean_orphan(resource, run_id).await,
+        | Resource::Ec2Image { .. } => crate::ec2::clean_orphan(resource, run_id)
+            .await
+            .map(|()| Removal::Removed),
         #[cfg(not(feature = "ec2"))]
         other => Err(format!(
             "{} cannot be removed: this imgbuild was compiled without the `ec2` feature",
             other.describe()
         )),
     }
+}
+
+/// The order to clean a run's leftovers in: its processes first, then the
+/// rest newest first, so nothing is removed from under a process that is
+/// still running.
+pub fn cleaning_order(mut outstanding: Vec<Outstanding>) -> Vec<Outstanding> {
+    outstanding.sort_by_key(|item| {
+        (
+            !matches!(item.resource, Resource::Process { .. }),
+            std::cmp::Reverse(item.id),
+        )
+    });
+    outstanding
+}
+
+/// Whether removing `resource` must wait until the build's processes are
+/// gone: a process may still use its files (QEMU writes its disk and logs in
+/// the build's work directory).
+pub fn needs_processes_gone(resource: &Resource) -> bool {
+    matches!(resource, Resource::File { .. } | Resource::Directory { .. })
 }

@@ -4,14 +4,14 @@
 
 use super::config::DockerConfig;
 use super::engine::{self, Engine};
-use super::{BUILD_LABEL, DockerState, RUN_ID_LABEL, remove_container};
+use super::{BUILD_LABEL, DockerState, RUN_ID_LABEL, Removal, remove_run_container};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions, LogsOptions};
 use futures_util::StreamExt;
-use imgbuild_core::{CleanupOutcome, Resource, ResourceId, Step, StepContext, StepError};
+use imgbuild_core::{CleanupOutcome, Journal, Resource, ResourceId, Step, StepContext, StepError};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -98,6 +98,7 @@ async fn create_and_start(
     body: ContainerCreateBody,
     platform: String,
     run_command: Vec<String>,
+    journal: (Arc<Journal>, ResourceId),
 ) -> Started {
     let options = CreateContainerOptions {
         name: Some(name.clone()),
@@ -117,6 +118,10 @@ async fn create_and_start(
                 format!("cannot create the build container {name}: {}", engine::describe(&err))
             }
         })?;
+    // Until this is written, a dead run's journal cannot tell a container
+    // that is gone from one the engine is still creating.
+    let (journal, id) = journal;
+    journal.confirm(id).map_err(|err| err.to_string())?;
     engine
         .slow()
         .start_container(&created.id, None)
@@ -182,6 +187,7 @@ impl Step<DockerState> for StepCreateContainer {
             body,
             self.config.platform.clone().unwrap_or_default(),
             self.config.run_command.clone(),
+            (cx.journal.clone(), id),
         ));
         let in_flight = self.in_flight.insert(task);
         let started = in_flight
@@ -255,11 +261,16 @@ impl Step<DockerState> for StepCreateContainer {
         let Some((id, name)) = self.created.take() else {
             return Ok(());
         };
-        if let Err(message) = remove_container(&state.engine, &name).await {
-            self.created = Some((id, name));
-            return Err(StepError::failed(message));
+        match remove_run_container(&state.engine, &name, &cx.run_id).await {
+            Ok(Removal::Removed) => cx.log.info(format!("removed build container {name}")),
+            Ok(Removal::Absent) => {}
+            // The name was taken before this run's create, which then failed.
+            Ok(Removal::NotOurs(message)) => cx.log.warn(message),
+            Err(message) => {
+                self.created = Some((id, name));
+                return Err(StepError::failed(message));
+            }
         }
-        cx.log.info(format!("removed build container {name}"));
         release(cx, id)
     }
 }
