@@ -146,7 +146,7 @@ impl Ec2Build {
         let endpoint = moto_endpoint();
         let version = unique_version();
 
-        // The one change to the template: SSH goes to the container instead
+        // The main change to the template: SSH goes to the container instead
         // of the instance's address, as it would through a bastion's port
         // forward.
         let template = workspace.read("ec2-debian.toml");
@@ -159,6 +159,15 @@ impl Ec2Build {
             1,
         );
         assert_ne!(patched, template, "the template's [builders.ami.ssh] moved");
+        // Through a port forward the instance cannot tell who connects, so
+        // the temporary group needs to be told (a build is refused without).
+        let with_cidrs = patched.replacen(
+            "run_tags = { purpose = \"image-build\" }",
+            "run_tags = { purpose = \"image-build\" }\nssh_cidrs = [\"127.0.0.1/32\"]",
+            1,
+        );
+        assert_ne!(with_cidrs, patched, "the template's run_tags line moved");
+        let patched = with_cidrs;
         workspace.write("ec2-debian.toml", &format!("{patched}{extra}"));
 
         let mut command = workspace.imgbuild().args([
@@ -417,4 +426,47 @@ fn an_interrupt_mid_provisioning_exits_130_and_leaves_nothing_in_ec2() {
     assert!(images.images().is_empty(), "{images:?}");
     assert!(workspace.journals().is_empty());
     assert!(!workspace.join("imgbuild-manifest.json").exists());
+}
+
+#[test]
+fn ssh_through_a_host_without_ssh_cidrs_is_refused_by_validate_and_build() {
+    let workspace = Workspace::with_templates();
+    let template = workspace.read("ec2-debian.toml");
+    let patched = template.replacen(
+        "username = \"admin\"",
+        "username = \"admin\"\nhost = \"bastion.example\"",
+        1,
+    );
+    assert_ne!(patched, template, "the template's [builders.ami.ssh] moved");
+    workspace.write("ec2-debian.toml", &patched);
+
+    let validate = workspace
+        .imgbuild()
+        .args(["validate", "ec2-debian.toml"])
+        .run()
+        .exits_with(EXIT_USAGE);
+    let said = format!("{}{}", validate.stdout, validate.stderr);
+    assert!(said.contains("ssh_cidrs"), "{said}");
+    assert!(said.contains("bastion.example"), "{said}");
+
+    // `build` validates first: nothing reaches EC2, nothing is journaled.
+    let endpoint = moto_endpoint();
+    let mut command = workspace.imgbuild().args([
+        "build",
+        "ec2-debian.toml",
+        "--var",
+        &format!("version={}", unique_version()),
+        "--var",
+        &format!("source_ami_owner={SOURCE_OWNER}"),
+    ]);
+    for (key, value) in AWS_ENV {
+        command = command.env(key, value);
+    }
+    let build = command
+        .env("AWS_ENDPOINT_URL_EC2", &endpoint)
+        .run()
+        .exits_with(EXIT_USAGE);
+    let said = format!("{}{}", build.stdout, build.stderr);
+    assert!(said.contains("ssh_cidrs"), "{said}");
+    assert!(workspace.journals().is_empty());
 }

@@ -13,7 +13,7 @@ mod ec2_support;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{Filter, ImageAttributeName, ResourceType, Tag, TagSpecification};
 use ec2_support::*;
-use imgbuild_builders::ec2::{Ec2Builder, Ec2Config, clean_orphan};
+use imgbuild_builders::ec2::{Ec2Builder, Ec2Config, clean_orphan, clean_orphan_within};
 use imgbuild_builders::{BuildError, Builder};
 use imgbuild_core::Resource;
 use imgbuild_provisioners::ssh::TemporaryKey;
@@ -37,7 +37,9 @@ fn name_filter(name: &str) -> Filter {
     Filter::builder().name("name").values(name).build()
 }
 
-/// A builder config pointing at `endpoint`, logging in to `target`.
+/// A builder config pointing at `endpoint`, logging in to `target`. SSH
+/// goes from this machine to a port forward, so the temporary group admits
+/// this machine only.
 fn config(endpoint: &str, target: Option<&SshTarget>, extra: Value) -> Ec2Config {
     let (host, port) = match target {
         Some(target) => (target.host.clone(), target.port),
@@ -50,12 +52,17 @@ fn config(endpoint: &str, target: Option<&SshTarget>, extra: Value) -> Ec2Config
         "instance_type": "t3.micro",
         "ami_timeout": "2m",
         "instance_timeout": "2m",
+        "ssh_cidrs": ["127.0.0.1/32"],
         "ssh": {"username": "packer", "host": host, "port": port, "timeout": "90s", "connect_timeout": "5s"},
     });
     for (key, extra_value) in extra.as_object().unwrap() {
         if key == "ssh" {
             for (k, v) in extra_value.as_object().unwrap() {
-                value["ssh"][k] = v.clone();
+                if v.is_null() {
+                    value["ssh"].as_object_mut().unwrap().remove(k);
+                } else {
+                    value["ssh"][k] = v.clone();
+                }
             }
         } else if extra_value.is_null() {
             value.as_object_mut().unwrap().remove(key);
@@ -442,7 +449,8 @@ async fn a_build_makes_tagged_shared_amis_in_every_region_and_leaves_nothing_els
     );
     assert_eq!(h.outstanding(), Vec::<String>::new());
     assert!(
-        h.transcript().contains("admits SSH from anywhere"),
+        h.transcript()
+            .contains("admitting tcp/22 from 127.0.0.1/32 (`ssh_cidrs`)"),
         "{}",
         h.transcript()
     );
@@ -533,6 +541,7 @@ async fn throttling_and_eventual_consistency_are_waited_out_with_an_existing_key
             },
             "key_pair_name": key_name,
             "security_group_ids": [group_id],
+            "ssh_cidrs": null,
             "ssh": {"private_key_file": "id_ed25519"},
             "root_volume_size": 12,
             "root_volume_type": "gp3",
@@ -783,9 +792,19 @@ async fn an_instance_that_dies_while_ssh_is_awaited_fails_the_build_at_once() {
     let builder = Ec2Builder::new(config);
     let request = h.request(&image, vec![]);
     let run_id = h.cx.run_id.clone();
+    let events = h.events.clone();
     let killer = tokio::spawn(async move {
         let client = ec2(REGION).await;
         for _ in 0..300 {
+            // Only once SSH is awaited: killed earlier, the instance fails
+            // the wait for `running` instead.
+            let connecting = events.events().iter().any(|event| {
+                matches!(event, imgbuild_core::events::Event::StepStarted { step, .. } if step == "connect")
+            });
+            if !connecting {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             let running: Vec<String> = instances_of_run(&client, &run_id)
                 .await
                 .into_iter()
@@ -844,11 +863,18 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
             .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
             .min_count(1)
             .max_count(1)
-            .tag_specifications(tagged(
-                ResourceType::Instance,
-                "imgbuild:client-token",
-                token,
-            ))
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .tags(
+                        Tag::builder()
+                            .key("imgbuild:client-token")
+                            .value(token)
+                            .build(),
+                    )
+                    .tags(Tag::builder().key(RUN_ID_TAG).value("dead-run").build())
+                    .build(),
+            )
             .send()
             .await
             .unwrap()
@@ -1001,7 +1027,10 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
         image_id: None,
     };
     clean_orphan(&resource, "dead-run").await.unwrap();
-    clean_orphan(&resource, "dead-run").await.unwrap();
+    // Once it is gone, nothing proves it ever was: the record is kept.
+    clean_orphan_within(&resource, "dead-run", Duration::from_secs(1))
+        .await
+        .unwrap_err();
     let mut survivors = vec![foreign.clone(), later_run.clone()];
     survivors.sort();
     let mut left = images_named(&client, &name).await;
@@ -1027,4 +1056,445 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
     .await
     .unwrap_err();
     assert!(err.contains("not an EC2 resource"), "{err}");
+}
+
+/// Everything the run's journal still lists, removed as `imgbuild clean`
+/// would, for tests that leave the build's resources on purpose.
+async fn clean_journal(h: &Harness) {
+    for item in h.cx.journal.outstanding() {
+        imgbuild_builders::common::orphans::clean_orphan(&item.resource, &h.cx.run_id)
+            .await
+            .unwrap_or_else(|err| panic!("cleaning {}: {err}", item.resource.describe()));
+        h.cx.journal.release(item.id).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_ssh_cidrs_ssh_from_an_unknown_place_is_refused_before_anything_is_made() {
+    // Through `ssh.host` (a bastion, a port forward), and straight to the
+    // instance but through another EC2 endpoint: either way this machine's
+    // public address is not who connects.
+    for (case, extra) in [
+        ("ssh.host", json!({"ssh_cidrs": null})),
+        (
+            "endpoint",
+            json!({"ssh_cidrs": null, "ssh": {"host": null, "port": null, "timeout": "5s"}}),
+        ),
+    ] {
+        let h = Harness::new("aws");
+        let image = unique("ec2-nocidrs");
+        let builder = Ec2Builder::new(config(&moto(), None, extra));
+        // `imgbuild validate` says so ...
+        let problems = builder.validate(h.config_dir.path());
+        assert_eq!(
+            problems
+                .iter()
+                .map(|p| p.field.as_str())
+                .collect::<Vec<_>>(),
+            vec!["ssh_cidrs"],
+            "{case}: {problems:?}"
+        );
+        // ... and a build that skips validation is refused all the same.
+        let request = h.request(&image, vec![]);
+        match builder.preflight(&request, &h.cx).await {
+            Err(BuildError::Refused(message)) => {
+                assert!(message.contains("`ssh_cidrs`"), "{case}: {message}");
+                assert!(!message.contains("0.0.0.0/0 with"), "{case}: {message}");
+            }
+            other => panic!(
+                "{case}: expected a refusal, got {other:?}\n{}",
+                h.transcript()
+            ),
+        }
+        // A build started anyway makes nothing either.
+        match builder.build(&request, &h.cx).await {
+            Err(BuildError::Refused(message)) => {
+                assert!(message.contains("`ssh_cidrs`"), "{case}: {message}")
+            }
+            other => panic!(
+                "{case}: expected a refusal, got {other:?}\n{}",
+                h.transcript()
+            ),
+        }
+        let home = ec2(REGION).await;
+        assert_eq!(
+            instances_of_run(&home, &h.cx.run_id).await,
+            vec![],
+            "{case}"
+        );
+        assert_eq!(
+            key_pairs_of_run(&home, &h.cx.run_id).await,
+            Vec::<String>::new(),
+            "{case}"
+        );
+        assert_eq!(
+            security_groups_of_run(&home, &h.cx.run_id).await,
+            Vec::<String>::new(),
+            "{case}"
+        );
+        assert_eq!(h.outstanding(), Vec::<String>::new(), "{case}");
+    }
+}
+
+/// The IPv4 ranges the run's temporary security group admits on any port.
+async fn admitted_by_run_group(client: &Client, run_id: &str) -> Vec<String> {
+    let groups = client
+        .describe_security_groups()
+        .filters(tag_filter(RUN_ID_TAG, run_id))
+        .send()
+        .await
+        .unwrap();
+    let mut cidrs: Vec<String> = groups
+        .security_groups()
+        .iter()
+        .flat_map(|g| g.ip_permissions())
+        .flat_map(|p| p.ip_ranges())
+        .filter_map(|r| r.cidr_ip().map(str::to_owned))
+        .collect();
+    cidrs.sort();
+    cidrs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_private_ssh_interface_the_group_admits_the_vpc_only() {
+    let home = ec2(REGION).await;
+    // A VPC of the test's own, with a range nothing else uses.
+    let second = u8::from_str_radix(&unique("x")[2..4], 16).unwrap();
+    let vpc_cidr = format!("10.{second}.0.0/16");
+    let vpc = home
+        .create_vpc()
+        .cidr_block(&vpc_cidr)
+        .send()
+        .await
+        .unwrap()
+        .vpc()
+        .and_then(|v| v.vpc_id())
+        .unwrap()
+        .to_owned();
+    let subnet = home
+        .create_subnet()
+        .vpc_id(&vpc)
+        .cidr_block(format!("10.{second}.1.0/24"))
+        .send()
+        .await
+        .unwrap()
+        .subnet()
+        .and_then(|s| s.subnet_id())
+        .unwrap()
+        .to_owned();
+    let default_vpc = home
+        .describe_vpcs()
+        .filters(Filter::builder().name("is-default").values("true").build())
+        .send()
+        .await
+        .unwrap();
+    let default_cidr = default_vpc.vpcs()[0].cidr_block().unwrap().to_owned();
+
+    // RunInstances is refused, so the build stops right after the group is
+    // made; `abort` leaves the group to look at.
+    let proxy = FaultProxy::start(vec![Rule::error(
+        "RunInstances",
+        "Unsupported",
+        "The requested configuration is currently not supported.",
+    )])
+    .await;
+    for (subnet_id, expected) in [
+        (Some(subnet.clone()), vpc_cidr.clone()),
+        (None, default_cidr),
+    ] {
+        let h = Harness::new("aws");
+        let builder = Ec2Builder::new(config(
+            &proxy.url,
+            None,
+            json!({
+                "ssh_cidrs": null,
+                "ssh_interface": "private_ip",
+                "subnet_id": subnet_id,
+                "ssh": {"host": null, "port": null},
+            }),
+        ));
+        let mut request = h.request(&unique("ec2-private"), vec![]);
+        request.on_error = imgbuild_core::OnError::Abort;
+        builder.preflight(&request, &h.cx).await.unwrap();
+        match builder.build(&request, &h.cx).await {
+            Err(BuildError::Failed { step, .. }) => {
+                assert_eq!(step, "run_instance", "{}", h.transcript())
+            }
+            other => panic!(
+                "expected RunInstances to fail, got {other:?}\n{}",
+                h.transcript()
+            ),
+        }
+        let admitted = admitted_by_run_group(&home, &h.cx.run_id).await;
+        clean_journal(&h).await;
+        assert_eq!(admitted, vec![expected], "{}", h.transcript());
+    }
+    home.delete_subnet()
+        .subnet_id(&subnet)
+        .send()
+        .await
+        .unwrap();
+    home.delete_vpc().vpc_id(&vpc).send().await.unwrap();
+}
+
+/// Launches an instance as the build would have: tagged with its run and
+/// client token.
+async fn launch_tagged(client: &Client, run_id: &str, token: &str) -> String {
+    client
+        .run_instances()
+        .image_id(MOTO_AMI)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(Tag::builder().key(RUN_ID_TAG).value(run_id).build())
+                .tags(
+                    Tag::builder()
+                        .key("imgbuild:client-token")
+                        .value(token)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_owned()
+}
+
+async fn instance_state(client: &Client, id: &str) -> String {
+    client
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap()
+        .reservations()[0]
+        .instances()[0]
+        .state()
+        .and_then(|s| s.name())
+        .map(|n| n.as_str().to_owned())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_keeps_an_instance_record_until_the_instance_shows_up() {
+    init_env();
+    let client = ec2(REGION).await;
+    let run_id = unique("dead-run");
+    let token = unique("token");
+    // The run died during RunInstances: the journal has the token only.
+    let record = Resource::Ec2Instance {
+        region: REGION.into(),
+        endpoint_url: Some(moto()),
+        client_token: token.clone(),
+        instance_id: None,
+    };
+    let err = clean_orphan_within(&record, &run_id, Duration::from_secs(2))
+        .await
+        .expect_err("nothing was found, yet the record would be released");
+    assert!(err.contains(&token), "{err}");
+    assert!(err.contains("the record is kept"), "{err}");
+    assert!(err.contains("imgbuild clean"), "{err}");
+
+    // EC2 shows the instance late; the next clean finds and terminates it.
+    let late = launch_tagged(&client, &run_id, &token).await;
+    clean_orphan_within(&record, &run_id, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(instance_state(&client, &late).await, "terminated");
+
+    // One that shows up while clean is still looking is found too.
+    let token = unique("token");
+    let record = Resource::Ec2Instance {
+        region: REGION.into(),
+        endpoint_url: Some(moto()),
+        client_token: token.clone(),
+        instance_id: None,
+    };
+    let cleaning = tokio::spawn({
+        let run_id = run_id.clone();
+        async move { clean_orphan(&record, &run_id).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !cleaning.is_finished(),
+        "clean gave up before the instance showed up"
+    );
+    let later = launch_tagged(&client, &run_id, &token).await;
+    cleaning.await.unwrap().unwrap();
+    assert_eq!(instance_state(&client, &later).await, "terminated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_keeps_an_ami_record_until_the_ami_shows_up() {
+    init_env();
+    let client = ec2(REGION).await;
+    let run_id = unique("dead-run");
+    let name = unique("late-ami");
+    // The run died during CreateImage: the journal has the name only.
+    let record = Resource::Ec2Image {
+        region: REGION.into(),
+        endpoint_url: Some(moto()),
+        name: name.clone(),
+        image_id: None,
+    };
+    let err = clean_orphan_within(&record, &run_id, Duration::from_secs(2))
+        .await
+        .expect_err("nothing was found, yet the record would be released");
+    assert!(err.contains(&name), "{err}");
+    assert!(err.contains("the record is kept"), "{err}");
+
+    // The AMI appears late, tagged with the run as the build tags it.
+    let source = launch_tagged(&client, &run_id, &unique("token")).await;
+    let image_id = client
+        .create_image()
+        .instance_id(&source)
+        .name(&name)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Image)
+                .tags(Tag::builder().key(RUN_ID_TAG).value(&run_id).build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned();
+    assert!(!snapshots_described_for(&client, &image_id).await.is_empty());
+    clean_orphan_within(&record, &run_id, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(images_named(&client, &name).await, Vec::<String>::new());
+    assert_eq!(
+        snapshots_described_for(&client, &image_id).await,
+        Vec::<String>::new()
+    );
+    client
+        .terminate_instances()
+        .instance_ids(&source)
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_launched_after_a_cancelled_run_instances_stays_recorded_until_cleaned() {
+    let h = Harness::new("aws");
+    let home = ec2(REGION).await;
+    // An existing key pair and group, so the late launch needs nothing the
+    // build's cleanup removes.
+    let key = TemporaryKey::generate().unwrap();
+    key.write_private_openssh(&h.config_dir.path().join("id_ed25519"))
+        .unwrap();
+    let key_name = unique("existing-key");
+    home.import_key_pair()
+        .key_name(&key_name)
+        .public_key_material(aws_sdk_ec2::primitives::Blob::new(
+            key.public_openssh().as_bytes(),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let group_id = home
+        .create_security_group()
+        .group_name(unique("existing-sg"))
+        .description("made by the test")
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_owned();
+    // RunInstances reaches EC2 only well after the build gave up on it,
+    // and after its cleanup stopped looking.
+    let proxy = FaultProxy::start(vec![Rule::hold("RunInstances", Duration::from_secs(6))]).await;
+    let builder = Ec2Builder::new(config(
+        &proxy.url,
+        None,
+        json!({
+            "key_pair_name": key_name,
+            "security_group_ids": [group_id],
+            "ssh_cidrs": null,
+            "ssh": {"private_key_file": "id_ed25519"},
+        }),
+    ))
+    .with_lookup_timeout(Duration::from_secs(2));
+    let request = h.request(&unique("ec2-late-instance"), vec![]);
+    let cancelled = proxy.cancel_once_held(&h, "RunInstances");
+    let result = builder.build(&request, &h.cx).await;
+    assert!(cancelled.await.unwrap(), "RunInstances never reached EC2");
+    assert!(
+        matches!(result, Err(BuildError::Cancelled)),
+        "{result:?}\n{}",
+        h.transcript()
+    );
+    // Nothing was found in time: the record stays for `imgbuild clean`.
+    let kept: Vec<_> =
+        h.cx.journal
+            .outstanding()
+            .into_iter()
+            .filter(|o| matches!(o.resource, Resource::Ec2Instance { .. }))
+            .collect();
+    assert_eq!(kept.len(), 1, "{}", h.transcript());
+    assert!(
+        h.transcript().contains("the record is kept"),
+        "{}",
+        h.transcript()
+    );
+
+    // Then EC2 carries the launch out.
+    assert!(
+        held_request_done(&proxy, "RunInstances").await,
+        "the held RunInstances never reached EC2"
+    );
+    let run_id = h.cx.run_id.clone();
+    let launched = instances_of_run(&home, &run_id).await;
+    assert_eq!(launched.len(), 1, "{launched:?}");
+    assert_ne!(launched[0].1, "terminated");
+    clean_journal(&h).await;
+    assert_eq!(
+        instances_of_run(&home, &run_id).await,
+        vec![(launched[0].0.clone(), "terminated".to_owned())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ami_made_after_a_cancelled_create_image_is_found_and_removed() {
+    let h = Harness::new("aws");
+    let target = SshTarget::start("packer", None);
+    // CreateImage reaches EC2 only after the build gave up on it.
+    let proxy = FaultProxy::start(vec![Rule::hold("CreateImage", Duration::from_secs(3))]).await;
+    let image = unique("ec2-late-ami");
+    let builder = Ec2Builder::new(config(&proxy.url, Some(&target), json!({})));
+    let request = h.request(&image, vec![shell(&["true"])]);
+    let cloud_init = trust_imported_key(REGION, &h.cx.run_id, &target);
+    let cancelled = proxy.cancel_once_held(&h, "CreateImage");
+    let result = builder.build(&request, &h.cx).await;
+    cloud_init.abort();
+    assert!(cancelled.await.unwrap(), "CreateImage never reached EC2");
+    assert!(
+        matches!(result, Err(BuildError::Cancelled)),
+        "{result:?}\n{}",
+        h.transcript()
+    );
+    // EC2 carried the CreateImage out; by then cleanup must have waited
+    // for its AMI and removed it.
+    assert!(
+        held_request_done(&proxy, "CreateImage").await,
+        "the held CreateImage never reached EC2"
+    );
+    assert_nothing_left(&h, &format!("{image}-1.0.0"), &[REGION]).await;
+    assert!(
+        !amis_in_log(&h.transcript()).is_empty(),
+        "{}",
+        h.transcript()
+    );
 }

@@ -69,6 +69,22 @@ impl Ec2Clients {
         Ec2Clients::new(load_sdk_config(region, endpoint_url).await)
     }
 
+    /// The EC2 endpoint when it is not AWS's own: `endpoint_url` from the
+    /// config, else `AWS_ENDPOINT_URL_EC2` or `AWS_ENDPOINT_URL`, which the
+    /// SDK reads too (an `endpoint_url` in an AWS profile is not seen here).
+    pub fn custom_endpoint(&self) -> Option<String> {
+        let from_env = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|url| !url.trim().is_empty())
+        };
+        self.sdk
+            .endpoint_url()
+            .map(str::to_owned)
+            .or_else(|| from_env("AWS_ENDPOINT_URL_EC2"))
+            .or_else(|| from_env("AWS_ENDPOINT_URL"))
+    }
+
     /// The region from the config or the AWS chain.
     pub fn default_region(&self) -> Option<String> {
         self.sdk.region().map(|r| r.to_string())
@@ -98,7 +114,23 @@ pub struct AwsError {
     pub code: Option<String>,
     pub message: String,
     pub request_id: Option<String>,
+    /// The HTTP status of AWS's answer, absent when there was none.
+    pub status: Option<u16>,
 }
+
+/// Client-error codes that do not mean EC2 decided against the request:
+/// throttling (retried, and the last try may have raced an earlier one
+/// that went through), and a client token already used for a different
+/// request, which means something was made.
+const NOT_A_REFUSAL: &[&str] = &[
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "TooManyRequestsException",
+    "RequestTimeout",
+    "IdempotentParameterMismatch",
+];
 
 impl AwsError {
     pub fn new<E>(operation: &'static str, region: &str, err: SdkError<E, HttpResponse>) -> Self
@@ -106,6 +138,7 @@ impl AwsError {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let request_id = err.request_id().map(str::to_owned);
+        let status = err.raw_response().map(|r| r.status().as_u16());
         let (code, message) = match &err {
             SdkError::ServiceError(_) => (
                 err.code().map(str::to_owned),
@@ -127,7 +160,20 @@ impl AwsError {
             code,
             message,
             request_id,
+            status,
         }
+    }
+
+    /// Whether EC2 answered that it would not do what was asked, so
+    /// nothing was made: a 4xx answer other than throttling. Without an
+    /// answer (a timeout, a cancelled call) or with a 5xx the call may
+    /// still have gone through.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self.status, Some(400..=499))
+            && self
+                .code
+                .as_deref()
+                .is_some_and(|code| !NOT_A_REFUSAL.contains(&code))
     }
 
     pub fn code(&self) -> Option<&str> {
@@ -252,6 +298,7 @@ mod tests {
             code: code.map(str::to_owned),
             message: message.to_owned(),
             request_id: Some("req-1".to_owned()),
+            status: Some(400),
         }
     }
 
@@ -291,5 +338,26 @@ mod tests {
                 .to_string()
                 .ends_with("; check the network, any HTTPS proxy settings and `endpoint_url`")
         );
+    }
+
+    #[test]
+    fn only_a_decided_client_error_counts_as_a_refusal() {
+        assert!(error("RunInstances", Some("InvalidParameterValue"), "bad type").is_refusal());
+        for code in ["RequestLimitExceeded", "IdempotentParameterMismatch"] {
+            assert!(
+                !error("RunInstances", Some(code), "x").is_refusal(),
+                "{code}"
+            );
+        }
+        let server = AwsError {
+            status: Some(500),
+            ..error("RunInstances", Some("InternalError"), "x")
+        };
+        assert!(!server.is_refusal());
+        let unanswered = AwsError {
+            status: None,
+            ..error("RunInstances", None, "no answer before the timeout")
+        };
+        assert!(!unanswered.is_refusal());
     }
 }

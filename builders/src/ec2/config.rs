@@ -132,7 +132,9 @@ pub struct Ec2Config {
     /// otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_group_ids: Vec<String>,
-    /// Who may reach SSH through the temporary security group.
+    /// Who may reach SSH through the temporary security group. When not
+    /// set: this machine's public address, or the VPC's ranges with a
+    /// private `ssh_interface`; a build that cannot tell is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_cidrs: Vec<String>,
     /// The public IP when the instance has one, the private IP otherwise,
@@ -411,6 +413,29 @@ impl Ec2Config {
         for cidr in &self.ssh_cidrs {
             if let Err(message) = parse_cidr(cidr) {
                 problem("ssh_cidrs", message);
+            }
+        }
+        // What the build would refuse anyway once it starts, said up front:
+        // the temporary group cannot tell who SSH comes from.
+        if self.security_group_ids.is_empty() && self.ssh_cidrs.is_empty() {
+            let why = match (&self.ssh.host, &self.endpoint_url) {
+                (Some(host), _) => Some(format!(
+                    "SSH goes through `ssh.host` ({host}), so the instance sees whatever connects from there"
+                )),
+                (None, Some(url)) if self.ssh_interface.is_none_or(|i| i.is_public()) => {
+                    Some(format!(
+                        "EC2 is reached through `endpoint_url` ({url}), so this machine's public address says nothing about who connects"
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                problem(
+                    "ssh_cidrs",
+                    format!(
+                        "{why}; list the address ranges SSH comes from in `ssh_cidrs` (`[\"0.0.0.0/0\"]` admits anyone)"
+                    ),
+                );
             }
         }
 
@@ -721,6 +746,35 @@ ami_regions = ["eu-west-1", "us-east-1", "eu-west-1", "ap-south-1"]"#,
                 .contains("contains `+`,")
         );
         assert!(ami_name_problem(&"x".repeat(129)).is_some());
+    }
+
+    #[test]
+    fn ssh_from_an_unknowable_place_needs_ssh_cidrs() {
+        let base = r#"source_ami = "ami-0123456789abcdef0""#;
+        let through_host = config(&format!(
+            "{base}\nssh = {{\"username\": \"admin\", \"host\": \"bastion.example\"}}"
+        ));
+        assert_eq!(fields(&through_host), vec!["ssh_cidrs"]);
+        let problems = through_host.problems(Path::new("/"));
+        assert!(
+            problems[0].message.contains("bastion.example"),
+            "{problems:?}"
+        );
+        let other_endpoint = config(&format!("{base}\nendpoint_url = \"http://127.0.0.1:5055\""));
+        assert_eq!(fields(&other_endpoint), vec!["ssh_cidrs"]);
+
+        // Told who, or SSH from inside the VPC, or no temporary group: fine.
+        for fine in [
+            "ssh_cidrs = [\"0.0.0.0/0\"]\nssh = {\"username\": \"admin\", \"host\": \"bastion.example\"}",
+            "endpoint_url = \"http://127.0.0.1:5055\"\nssh_interface = \"private_ip\"",
+            "endpoint_url = \"http://127.0.0.1:5055\"\nsecurity_group_ids = [\"sg-0123456789abcdef0\"]",
+        ] {
+            assert_eq!(
+                fields(&config(&format!("{base}\n{fine}"))),
+                Vec::<String>::new(),
+                "{fine}"
+            );
+        }
     }
 
     #[test]

@@ -44,11 +44,22 @@ use std::time::Duration;
 
 pub struct Ec2Builder {
     config: Ec2Config,
+    lookup_timeout: Duration,
 }
 
 impl Ec2Builder {
     pub fn new(config: Ec2Config) -> Self {
-        Ec2Builder { config }
+        Ec2Builder {
+            config,
+            lookup_timeout: LOOKUP_TIMEOUT,
+        }
+    }
+
+    /// How long cleanup looks for an instance or AMI whose id the build
+    /// never learned ([`LOOKUP_TIMEOUT`] unless changed).
+    pub fn with_lookup_timeout(mut self, timeout: Duration) -> Self {
+        self.lookup_timeout = timeout;
+        self
     }
 
     fn ami_name(&self, image: &ImageInfo) -> String {
@@ -85,6 +96,31 @@ impl Ec2Builder {
             };
             return Err(BuildError::Refused(format!("{message}{hint}")));
         }
+        // Decided before anything is made, so a build that cannot say who
+        // may reach SSH makes nothing at all.
+        let client = clients.get(&region);
+        let endpoint = clients.custom_endpoint();
+        let sources = cx.cancellable(async {
+            step_security_group::ssh_sources(
+                &self.config,
+                &client,
+                &region,
+                endpoint.as_deref(),
+                step_security_group::CHECKIP_URL,
+            )
+            .await
+            .map_err(StepError::Failed)
+        });
+        let ssh_sources = match sources.await {
+            Ok(sources) => sources,
+            Err(StepError::Cancelled) => return Err(BuildError::Cancelled),
+            Err(StepError::Failed(message)) => {
+                return Err(BuildError::Refused(format!(
+                    "build {}: {message}",
+                    request.build_name
+                )));
+            }
+        };
         Ok(Plan {
             config: self.config.clone(),
             copy_regions: self.config.copy_regions(&region),
@@ -104,6 +140,8 @@ impl Ec2Builder {
             run_id: cx.run_id.clone(),
             config_dir: request.config_dir.clone(),
             clients,
+            ssh_sources,
+            lookup_timeout: self.lookup_timeout,
         })
     }
 
@@ -140,6 +178,12 @@ pub(crate) struct Plan {
     pub run_id: String,
     pub config_dir: PathBuf,
     pub clients: Ec2Clients,
+    /// Who the temporary security group admits; `None` with
+    /// `security_group_ids`.
+    pub ssh_sources: Option<step_security_group::SshSources>,
+    /// How long cleanup looks for what was made but whose id was never
+    /// learned.
+    pub lookup_timeout: Duration,
 }
 
 impl Plan {
@@ -422,11 +466,30 @@ impl Builder for Ec2Builder {
 /// security group to become deletable.
 const ORPHAN_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
+/// How long cleanup looks for an instance or AMI whose id was never
+/// learned (the run died or was cancelled during RunInstances, CreateImage
+/// or CopyImage) before giving up for now: EC2's tag filters lag behind
+/// launches by seconds, rarely by a minute.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Removes an EC2 resource the dead run `run_id` left behind, from its
-/// journal entry alone. Something already gone counts as removed. An AMI
-/// whose id was never learned is looked up by name among those tagged with
-/// `run_id`, so a later run's AMI of the same name is never touched.
+/// journal entry alone; [`clean_orphan_within`] with [`LOOKUP_TIMEOUT`].
 pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<(), String> {
+    clean_orphan_within(resource, run_id, LOOKUP_TIMEOUT).await
+}
+
+/// Removes an EC2 resource the dead run `run_id` left behind, from its
+/// journal entry alone. Something already gone counts as removed. An
+/// instance or AMI whose id was never learned is looked up for up to
+/// `lookup` (an instance by its client token, an AMI by name; both only
+/// among those tagged with `run_id`, so a later run's are never touched);
+/// when none shows up, it may still be on its way, so that is an error and
+/// the journal keeps the record for the next `imgbuild clean`.
+pub async fn clean_orphan_within(
+    resource: &Resource,
+    run_id: &str,
+    lookup: Duration,
+) -> Result<(), String> {
     let (region, endpoint_url) = match resource {
         Resource::Ec2Instance {
             region,
@@ -460,8 +523,12 @@ pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<(), Strin
         } => step_run_instance::terminate(
             &client,
             region,
-            instance_id.as_deref(),
-            client_token,
+            &step_run_instance::Launch {
+                instance_id: instance_id.as_deref(),
+                client_token,
+                run_id,
+                lookup,
+            },
             ORPHAN_TIMEOUT,
             None,
         )
@@ -488,6 +555,7 @@ pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<(), Strin
                 image_id.as_deref(),
                 name,
                 Some(run_id),
+                lookup,
                 None,
             )
             .await

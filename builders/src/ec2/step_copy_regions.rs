@@ -82,10 +82,20 @@ impl StepCopyRegions {
                 .encrypted(true)
                 .set_kms_key_id(plan.copy_kms_key(region));
         }
-        let image_id = request
-            .send()
-            .await
-            .aws("CopyImage", region)?
+        let output = match request.send().await.aws("CopyImage", region) {
+            Ok(output) => output,
+            Err(err) if err.is_refusal() => {
+                // EC2 turned the copy down: there is nothing to look for.
+                self.copies
+                    .lock()
+                    .expect("copies lock poisoned")
+                    .remove(region);
+                release(cx, journal_id)?;
+                return Err(err.into());
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let image_id = output
             .image_id()
             .ok_or_else(|| {
                 StepError::failed(format!("CopyImage to {region} returned no image id"))
@@ -225,6 +235,7 @@ impl Step<Ec2State> for StepCopyRegions {
                     copy.image_id.as_deref(),
                     &plan.ami_name,
                     Some(&plan.run_id),
+                    plan.lookup_timeout,
                     Some(&cx.log),
                 )
                 .await;

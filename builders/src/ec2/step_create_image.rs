@@ -132,20 +132,56 @@ async fn find_own(
         .collect())
 }
 
+/// The AMIs named `name` of run `run_id`, for a CreateImage or CopyImage
+/// whose answer never arrived. EC2's tag filters lag behind, so while none
+/// is visible this looks again for up to `lookup`; if none shows up, the
+/// AMI may still be on its way, and that is an error: the journal must
+/// keep the record.
+async fn look_up_own(
+    client: &Client,
+    region: &str,
+    name: &str,
+    run_id: Option<&str>,
+    lookup: Duration,
+    log: Option<&BuildLog>,
+) -> Result<Vec<String>, StepError> {
+    let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+    let mut poller = Poller::new(
+        format!("looking for AMI `{name}` in {region}"),
+        lookup,
+        backoff,
+        log,
+    );
+    loop {
+        let found = find_own(client, region, name, run_id).await?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        if poller.pending("not visible yet").await.is_err() {
+            let run = run_id.map(|id| format!(" of run {id}")).unwrap_or_default();
+            return Err(StepError::failed(format!(
+                "no AMI named `{name}`{run} found in {region} after {}; it may still be being made: the record is kept, run `imgbuild clean` again",
+                humantime::format_duration(lookup)
+            )));
+        }
+    }
+}
+
 /// Deregisters an AMI and deletes its snapshots. Without an id, the AMI is
-/// looked up by name among those imgbuild made (see [`find_own`]). An AMI
-/// or snapshot already gone counts as removed.
+/// looked up by name among those imgbuild made, for up to `lookup` (see
+/// [`look_up_own`]). An AMI or snapshot already gone counts as removed.
 pub async fn deregister(
     client: &Client,
     region: &str,
     image_id: Option<&str>,
     name: &str,
     run_id: Option<&str>,
+    lookup: Duration,
     log: Option<&BuildLog>,
 ) -> Result<(), StepError> {
     let ids: Vec<String> = match image_id {
         Some(id) => vec![id.to_owned()],
-        None => find_own(client, region, name, run_id).await?,
+        None => look_up_own(client, region, name, run_id, lookup, log).await?,
     };
     for id in ids {
         let mut snapshots = match describe_image(client, region, &id).await? {
@@ -265,6 +301,12 @@ impl Step<Ec2State> for StepCreateImage {
                     }
                 }
             }
+            Err(err) if err.is_refusal() => {
+                // EC2 turned CreateImage down: there is no AMI to look for.
+                self.made = None;
+                release(cx, journal_id)?;
+                return Err(err.into());
+            }
             Err(err) => return Err(err.into()),
         };
         if let Some(made) = self.made.as_mut() {
@@ -325,6 +367,7 @@ impl Step<Ec2State> for StepCreateImage {
             made.image_id.as_deref(),
             &self.plan.ami_name,
             Some(&self.plan.run_id),
+            self.plan.lookup_timeout,
             Some(&cx.log),
         )
         .await;

@@ -5,10 +5,11 @@
 //! never launches a second instance, and the token is also put on the
 //! instance as a tag at launch, so an instance whose RunInstances answer
 //! never arrived can still be found and terminated. Cleanup always
-//! terminates it and waits until it is gone.
+//! terminates it and waits until it is gone; an instance it cannot find
+//! yet stays recorded rather than be forgotten while it may still start.
 
-use super::client::{AwsResultExt, CLIENT_TOKEN_TAG, filter, tag_spec};
-use super::poll::{InstanceTarget, wait_for_instance};
+use super::client::{AwsResultExt, CLIENT_TOKEN_TAG, RUN_ID_TAG, filter, tag_spec};
+use super::poll::{Backoff, InstanceTarget, Poller, wait_for_instance};
 use super::{Ec2State, InstanceInfo, Plan};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
@@ -21,15 +22,18 @@ use imgbuild_core::{BuildLog, CleanupOutcome, Resource, ResourceId, Step, StepCo
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Instances launched with `client_token` that are not terminated yet.
+/// Instances of run `run_id` launched with `client_token`, terminated ones
+/// included, as (id, state).
 async fn find_by_client_token(
     client: &Client,
     region: &str,
+    run_id: &str,
     client_token: &str,
-) -> Result<Vec<String>, StepError> {
+) -> Result<Vec<(String, String)>, StepError> {
     let output = client
         .describe_instances()
         .filters(filter(&format!("tag:{CLIENT_TOKEN_TAG}"), client_token))
+        .filters(filter(&format!("tag:{RUN_ID_TAG}"), run_id))
         .send()
         .await
         .aws("DescribeInstances", region)?;
@@ -37,24 +41,83 @@ async fn find_by_client_token(
         .reservations()
         .iter()
         .flat_map(|r| r.instances())
-        .filter(|i| super::poll::instance_state(i) != "terminated")
-        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .filter_map(|i| {
+            let id = i.instance_id()?.to_owned();
+            Some((id, super::poll::instance_state(i).to_owned()))
+        })
         .collect())
 }
 
-/// Terminates the instance (found by its client token when the id was
-/// never learned) and waits until it is gone. Returns the ids terminated.
+/// The instances launched with `client_token` that are not terminated
+/// yet, for a launch whose answer never arrived. EC2's tag filters lag
+/// behind a launch, so while none is visible this looks again for up to
+/// `lookup`; if none shows up, the launch may still be on its way, and
+/// that is an error: the journal must keep the record.
+async fn look_up_launched(
+    client: &Client,
+    region: &str,
+    run_id: &str,
+    client_token: &str,
+    lookup: Duration,
+    log: Option<&BuildLog>,
+) -> Result<Vec<String>, StepError> {
+    let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+    let mut poller = Poller::new(
+        format!("looking for the instance with client token {client_token} in {region}"),
+        lookup,
+        backoff,
+        log,
+    );
+    loop {
+        let found = find_by_client_token(client, region, run_id, client_token).await?;
+        if !found.is_empty() {
+            return Ok(found
+                .into_iter()
+                .filter(|(_, state)| state != "terminated")
+                .map(|(id, _)| id)
+                .collect());
+        }
+        if poller.pending("not visible yet").await.is_err() {
+            return Err(StepError::failed(format!(
+                "no instance with client token {client_token} (run {run_id}) found in {region} after {}; it may still be starting: the record is kept, run `imgbuild clean` again",
+                humantime::format_duration(lookup)
+            )));
+        }
+    }
+}
+
+/// A launched instance as the journal knows it.
+pub struct Launch<'a> {
+    pub instance_id: Option<&'a str>,
+    pub client_token: &'a str,
+    pub run_id: &'a str,
+    /// How long to look for it when `instance_id` is `None`.
+    pub lookup: Duration,
+}
+
+/// Terminates the instance and waits until it is gone. When its id was
+/// never learned it is looked up by its client token among its run's
+/// instances (see [`look_up_launched`]). Returns the ids terminated.
 pub async fn terminate(
     client: &Client,
     region: &str,
-    instance_id: Option<&str>,
-    client_token: &str,
+    launch: &Launch<'_>,
     timeout: Duration,
     log: Option<&BuildLog>,
 ) -> Result<Vec<String>, StepError> {
-    let ids = match instance_id {
+    let ids = match launch.instance_id {
         Some(id) => vec![id.to_owned()],
-        None => find_by_client_token(client, region, client_token).await?,
+        None => {
+            look_up_launched(
+                client,
+                region,
+                launch.run_id,
+                launch.client_token,
+                launch.lookup,
+                log,
+            )
+            .await?
+        }
     };
     if ids.is_empty() {
         return Ok(ids);
@@ -243,7 +306,17 @@ impl Step<Ec2State> for StepRunInstance {
                 .set_subnet_id(config.subnet_id.clone())
                 .set_security_group_ids(Some(state.security_group_ids.clone())),
         };
-        let output = request.send().await.aws("RunInstances", region)?;
+        let output = match request.send().await.aws("RunInstances", region) {
+            Ok(output) => output,
+            Err(err) if err.is_refusal() => {
+                // EC2 said no to this client token: no instance exists to
+                // look for, now or later.
+                self.launched = None;
+                release(cx, journal_id)?;
+                return Err(err.into());
+            }
+            Err(err) => return Err(err.into()),
+        };
         let instance_id = output
             .instances()
             .first()
@@ -319,8 +392,12 @@ impl Step<Ec2State> for StepRunInstance {
         let result = terminate(
             &self.plan.client(),
             &self.plan.region,
-            launched.instance_id.as_deref(),
-            &launched.client_token,
+            &Launch {
+                instance_id: launched.instance_id.as_deref(),
+                client_token: &launched.client_token,
+                run_id: &self.plan.run_id,
+                lookup: self.plan.lookup_timeout,
+            },
             self.plan.instance_timeout(),
             Some(&cx.log),
         )

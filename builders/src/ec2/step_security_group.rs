@@ -1,23 +1,24 @@
 //! The security group the instance runs in. Existing groups
 //! (`security_group_ids`) are used as they are; otherwise a temporary group
-//! is made that lets in SSH only, only from `ssh_cidrs`, and is deleted on
-//! cleanup, which may have to wait until the instance using it is gone.
+//! is made that lets in SSH only, only from the sources decided up front
+//! ([`ssh_sources`]), and is deleted on cleanup, which may have to wait
+//! until the instance using it is gone.
 
 use super::client::{AwsResultExt, filter, tag_spec};
-use super::config::parse_cidr;
+use super::config::{Ec2Config, parse_cidr};
 use super::poll::{Backoff, Poller};
 use super::{Ec2State, Plan};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
 use aws_sdk_ec2::Client;
-use aws_sdk_ec2::types::{IpPermission, IpRange, Ipv6Range, ResourceType};
+use aws_sdk_ec2::types::{IpPermission, IpRange, Ipv6Range, ResourceType, VpcCidrBlockStateCode};
 use imgbuild_core::{BuildLog, CleanupOutcome, Resource, ResourceId, Step, StepContext, StepError};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Where AWS tells callers their public address; used only against real
-/// AWS (no `endpoint_url`) and when SSH goes to a public address.
-const CHECKIP_URL: &str = "https://checkip.amazonaws.com";
+/// AWS (no other endpoint) and when SSH goes to a public address.
+pub(super) const CHECKIP_URL: &str = "https://checkip.amazonaws.com";
 
 /// Finds a group by name, for a run that died before learning its id.
 async fn group_id_by_name(
@@ -82,25 +83,159 @@ pub async fn delete_group(
     }
 }
 
-/// The caller's public IPv4 address as `a.b.c.d/32`, or `None` when it
-/// cannot be learned within a few seconds.
-async fn public_address_cidr() -> Option<String> {
+/// The caller's public IPv4 address as `a.b.c.d/32`, as `url` tells it,
+/// or why it could not be learned within a few seconds.
+async fn public_address_cidr(url: &str) -> Result<String, String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(4))
         .build()
-        .ok()?;
+        .map_err(|err| err.to_string())?;
     let text = client
-        .get(CHECKIP_URL)
+        .get(url)
         .send()
         .await
-        .ok()?
-        .error_for_status()
-        .ok()?
+        .and_then(|response| response.error_for_status())
+        .map_err(|err| err.to_string())?
         .text()
         .await
-        .ok()?;
-    let address: std::net::Ipv4Addr = text.trim().parse().ok()?;
-    Some(format!("{address}/32"))
+        .map_err(|err| err.to_string())?;
+    let address: std::net::Ipv4Addr = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("the answer {:?} is not an IPv4 address", text.trim()))?;
+    Ok(format!("{address}/32"))
+}
+
+/// The VPC the instance runs in, when it is not the default one: `vpc_id`,
+/// else the subnet's.
+async fn configured_vpc(
+    config: &Ec2Config,
+    client: &Client,
+    region: &str,
+) -> Result<Option<String>, StepError> {
+    if let Some(vpc) = &config.vpc_id {
+        return Ok(Some(vpc.clone()));
+    }
+    let Some(subnet) = &config.subnet_id else {
+        return Ok(None);
+    };
+    let output = client
+        .describe_subnets()
+        .subnet_ids(subnet)
+        .send()
+        .await
+        .aws("DescribeSubnets", region)?;
+    let vpc = output
+        .subnets()
+        .first()
+        .and_then(|s| s.vpc_id())
+        .map(str::to_owned);
+    vpc.map(Some)
+        .ok_or_else(|| StepError::failed(format!("subnet {subnet} does not exist in {region}")))
+}
+
+/// The IPv4 ranges of the instance's VPC (the default VPC's when no subnet
+/// or VPC is configured), for SSH that comes from inside it.
+async fn vpc_cidrs(
+    config: &Ec2Config,
+    client: &Client,
+    region: &str,
+) -> Result<SshSources, StepError> {
+    let request = client.describe_vpcs();
+    let request = match configured_vpc(config, client, region).await? {
+        Some(vpc) => request.vpc_ids(vpc),
+        None => request.filters(filter("is-default", "true")),
+    };
+    let output = request.send().await.aws("DescribeVpcs", region)?;
+    let vpc = output.vpcs().first().ok_or_else(|| {
+        StepError::failed(format!(
+            "{region} has no default VPC to take the SSH address range from; set `subnet_id` or `vpc_id`"
+        ))
+    })?;
+    let vpc_id = vpc.vpc_id().unwrap_or("(no id)");
+    let mut cidrs: Vec<String> = vpc
+        .cidr_block_association_set()
+        .iter()
+        .filter(|block| {
+            block.cidr_block_state().and_then(|state| state.state())
+                == Some(&VpcCidrBlockStateCode::Associated)
+        })
+        .filter_map(|block| block.cidr_block().map(str::to_owned))
+        .collect();
+    if cidrs.is_empty() {
+        cidrs.extend(vpc.cidr_block().map(str::to_owned));
+    }
+    if cidrs.is_empty() {
+        return Err(StepError::failed(format!(
+            "VPC {vpc_id} in {region} reports no IPv4 range"
+        )));
+    }
+    Ok(SshSources {
+        cidrs,
+        origin: format!("the address range of VPC {vpc_id}"),
+    })
+}
+
+/// Who the temporary security group lets reach SSH, and why them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshSources {
+    pub cidrs: Vec<String>,
+    /// Where the ranges came from, for the log.
+    pub origin: String,
+}
+
+/// Decides who the temporary security group admits to SSH, before
+/// anything is made; `None` when no temporary group is made. Never opens
+/// SSH to everyone unless `ssh_cidrs` says so: when the address SSH will
+/// come from cannot be known (through `ssh.host`, against another
+/// endpoint, or when this machine's public address cannot be learned), it
+/// fails, naming `ssh_cidrs`.
+pub(super) async fn ssh_sources(
+    config: &Ec2Config,
+    client: &Client,
+    region: &str,
+    custom_endpoint: Option<&str>,
+    public_address_url: &str,
+) -> Result<Option<SshSources>, String> {
+    if !config.security_group_ids.is_empty() {
+        return Ok(None);
+    }
+    if !config.ssh_cidrs.is_empty() {
+        return Ok(Some(SshSources {
+            cidrs: config.ssh_cidrs.clone(),
+            origin: "`ssh_cidrs`".to_owned(),
+        }));
+    }
+    let unknown = |why: String| {
+        format!(
+            "cannot tell where SSH to the build instance will come from: {why}; set `ssh_cidrs` to the address ranges the temporary security group should admit (`ssh_cidrs = [\"0.0.0.0/0\"]` admits anyone)"
+        )
+    };
+    if let Some(host) = &config.ssh.host {
+        return Err(unknown(format!(
+            "SSH goes through `ssh.host` ({host}), so the instance sees whatever connects from there (a bastion, a port forward)"
+        )));
+    }
+    if config.ssh_interface.is_some_and(|i| !i.is_public()) {
+        return vpc_cidrs(config, client, region)
+            .await
+            .map(Some)
+            .map_err(|err| unknown(err.to_string()));
+    }
+    if let Some(endpoint) = custom_endpoint {
+        return Err(unknown(format!(
+            "EC2 is reached through another endpoint ({endpoint}), so this machine's public address says nothing about who connects"
+        )));
+    }
+    match public_address_cidr(public_address_url).await {
+        Ok(cidr) => Ok(Some(SshSources {
+            cidrs: vec![cidr],
+            origin: "this machine's public address".to_owned(),
+        })),
+        Err(why) => Err(unknown(format!(
+            "this machine's public address could not be learned from {public_address_url} ({why})"
+        ))),
+    }
 }
 
 pub struct StepSecurityGroup {
@@ -115,60 +250,6 @@ impl StepSecurityGroup {
             plan,
             created: None,
         }
-    }
-
-    /// The CIDRs allowed to reach SSH, and whether they came from config.
-    async fn source_cidrs(&self, cx: &StepContext) -> Vec<String> {
-        let config = &self.plan.config;
-        if !config.ssh_cidrs.is_empty() {
-            return config.ssh_cidrs.clone();
-        }
-        let public_ssh = config.ssh_interface.is_none_or(|i| i.is_public());
-        // Against another endpoint (moto, LocalStack) or through an SSH
-        // host override (a bastion, a port forward) the address AWS would
-        // see is not the one that connects; do not guess.
-        if self.plan.endpoint_url.is_none()
-            && config.ssh.host.is_none()
-            && public_ssh
-            && let Some(cidr) = public_address_cidr().await
-        {
-            cx.log.info(format!(
-                "the temporary security group admits SSH from this machine's public address {cidr} only"
-            ));
-            return vec![cidr];
-        }
-        cx.log.warn(
-            "the temporary security group admits SSH from anywhere (0.0.0.0/0): this machine's public address is unknown; set `ssh_cidrs` to narrow it",
-        );
-        vec!["0.0.0.0/0".to_owned()]
-    }
-
-    /// The VPC to make the group in: `vpc_id`, else the subnet's; `None`
-    /// leaves it to EC2 (the default VPC).
-    async fn vpc_id(&self) -> Result<Option<String>, StepError> {
-        let config = &self.plan.config;
-        if let Some(vpc) = &config.vpc_id {
-            return Ok(Some(vpc.clone()));
-        }
-        let Some(subnet) = &config.subnet_id else {
-            return Ok(None);
-        };
-        let region = &self.plan.region;
-        let output = self
-            .plan
-            .client()
-            .describe_subnets()
-            .subnet_ids(subnet)
-            .send()
-            .await
-            .aws("DescribeSubnets", region)?;
-        let vpc = output
-            .subnets()
-            .first()
-            .and_then(|s| s.vpc_id())
-            .map(str::to_owned);
-        vpc.map(Some)
-            .ok_or_else(|| StepError::failed(format!("subnet {subnet} does not exist in {region}")))
     }
 }
 
@@ -188,11 +269,16 @@ impl Step<Ec2State> for StepSecurityGroup {
             ));
             return Ok(());
         }
-        let cidrs = self.source_cidrs(cx).await;
-        let vpc_id = self.vpc_id().await?;
+        let sources = plan.ssh_sources.clone().ok_or_else(|| {
+            StepError::failed(
+                "who may reach SSH was not decided before the temporary security group",
+            )
+        })?;
+        let cidrs = &sources.cidrs;
         let name = plan.temporary_name();
         let region = &plan.region;
         let client = plan.client();
+        let vpc_id = configured_vpc(&plan.config, &client, region).await?;
 
         let id = record(
             cx,
@@ -245,7 +331,7 @@ impl Step<Ec2State> for StepSecurityGroup {
             .ip_protocol("tcp")
             .from_port(port)
             .to_port(port);
-        for cidr in &cidrs {
+        for cidr in cidrs {
             let (address, _) = parse_cidr(cidr).map_err(StepError::failed)?;
             let description = format!("imgbuild SSH, run {}", plan.run_id);
             permission = if address.is_ipv4() {
@@ -272,8 +358,9 @@ impl Step<Ec2State> for StepSecurityGroup {
             .await
             .aws("AuthorizeSecurityGroupIngress", region)?;
         cx.log.info(format!(
-            "created temporary security group {group_id} ({name}) admitting tcp/{port} from {}",
-            cidrs.join(", ")
+            "created temporary security group {group_id} ({name}) admitting tcp/{port} from {} ({})",
+            cidrs.join(", "),
+            sources.origin
         ));
         state.security_group_ids = vec![group_id];
         Ok(())
@@ -308,5 +395,143 @@ impl Step<Ec2State> for StepSecurityGroup {
             group_id.as_deref().unwrap_or(&name)
         ));
         release(cx, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn config(extra: serde_json::Value) -> Ec2Config {
+        let mut value = serde_json::json!({"instance_type": "t3.micro"});
+        for (key, v) in extra.as_object().unwrap() {
+            value[key] = v.clone();
+        }
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// Never used to call EC2: the branches tested here decide without it.
+    fn offline_client() -> Client {
+        Client::from_conf(
+            aws_sdk_ec2::Config::builder()
+                .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+                .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+                .build(),
+        )
+    }
+
+    /// A checkip stand-in answering every request with `body`.
+    async fn answering(body: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        url
+    }
+
+    /// A URL where nothing listens.
+    fn closed_url() -> String {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("http://127.0.0.1:{port}/")
+    }
+
+    #[tokio::test]
+    async fn an_unknown_public_address_fails_naming_ssh_cidrs_instead_of_opening_ssh() {
+        let client = offline_client();
+        let url = closed_url();
+        let err = ssh_sources(
+            &config(serde_json::json!({})),
+            &client,
+            "us-east-1",
+            None,
+            &url,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("`ssh_cidrs`"), "{err}");
+        assert!(err.contains(&url), "{err}");
+
+        let garbage = answering("<html>not an address</html>").await;
+        let err = ssh_sources(
+            &config(serde_json::json!({})),
+            &client,
+            "us-east-1",
+            None,
+            &garbage,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("not an IPv4 address"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_known_public_address_is_the_only_source() {
+        let url = answering("203.0.113.7\n").await;
+        let sources = ssh_sources(
+            &config(serde_json::json!({})),
+            &offline_client(),
+            "us-east-1",
+            None,
+            &url,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(sources.cidrs, vec!["203.0.113.7/32"]);
+    }
+
+    #[tokio::test]
+    async fn ssh_through_a_host_or_another_endpoint_needs_ssh_cidrs() {
+        // The address lookup would succeed: it must not be what decides.
+        let url = answering("203.0.113.7").await;
+        let client = offline_client();
+        let through_host =
+            config(serde_json::json!({"ssh": {"username": "admin", "host": "bastion.example"}}));
+        let err = ssh_sources(&through_host, &client, "us-east-1", None, &url)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("`ssh.host` (bastion.example)") && err.contains("`ssh_cidrs`"),
+            "{err}"
+        );
+
+        let err = ssh_sources(
+            &config(serde_json::json!({})),
+            &client,
+            "us-east-1",
+            Some("http://127.0.0.1:5055"),
+            &url,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.contains("http://127.0.0.1:5055") && err.contains("`ssh_cidrs`"),
+            "{err}"
+        );
+
+        // Explicit ranges, everyone included, are the user's call.
+        let open = config(serde_json::json!({
+            "ssh_cidrs": ["0.0.0.0/0"],
+            "ssh": {"username": "admin", "host": "bastion.example"},
+        }));
+        let sources = ssh_sources(&open, &client, "us-east-1", Some("http://x"), &url)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sources.cidrs, vec!["0.0.0.0/0"]);
     }
 }

@@ -347,6 +347,29 @@ pub enum Fault {
     },
     /// Forward, then replace `from` with `to` in the answer's body.
     Rewrite { from: String, to: String },
+    /// Hold the request for this long, then forward it whether or not the
+    /// caller is still waiting: a call EC2 carries out after the client
+    /// gave up on it (a Ctrl-C, a killed process).
+    Hold(Duration),
+}
+
+/// Noted in [`FaultProxy::injected`] once a held request got EC2's answer.
+pub const FORWARDED_AFTER_HOLD: &str = "forwarded after hold";
+
+/// Waits (a minute at most) until a request held by a [`Fault::Hold`] rule
+/// for `action` has been carried out by EC2.
+pub async fn held_request_done(proxy: &FaultProxy, action: &str) -> bool {
+    for _ in 0..600 {
+        if proxy
+            .injected()
+            .iter()
+            .any(|(a, what)| a == action && what == FORWARDED_AFTER_HOLD)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 #[derive(Debug, Clone)]
@@ -374,6 +397,17 @@ impl Rule {
                 code: code.to_owned(),
                 message: message.to_owned(),
             },
+        }
+    }
+
+    /// Holds the first matching request for `delay` before forwarding it.
+    pub fn hold(action: &str, delay: Duration) -> Rule {
+        Rule {
+            action: action.to_owned(),
+            region: None,
+            body_contains: None,
+            times: 1,
+            fault: Fault::Hold(delay),
         }
     }
 
@@ -444,6 +478,29 @@ impl FaultProxy {
 
     pub fn injected(&self) -> Vec<(String, String)> {
         self.injected.lock().unwrap().clone()
+    }
+
+    /// Cancels `h`'s build once a request for `action` is being held, that
+    /// is while EC2 has yet to carry it out. True once it did.
+    pub fn cancel_once_held(&self, h: &Harness, action: &str) -> tokio::task::JoinHandle<bool> {
+        let injected = self.injected.clone();
+        let cancel = h.cx.cancel.clone();
+        let action = action.to_owned();
+        tokio::spawn(async move {
+            for _ in 0..6000 {
+                let held = injected
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|(a, what)| *a == action && what.starts_with("hold "));
+                if held {
+                    cancel.cancel();
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        })
     }
 }
 
@@ -577,12 +634,25 @@ async fn handle(
         return client.shutdown().await;
     }
 
+    if let Some(Fault::Hold(delay)) = &fault {
+        injected
+            .lock()
+            .unwrap()
+            .push((action.clone(), format!("hold {delay:?}")));
+        tokio::time::sleep(*delay).await;
+    }
     let mut server = TcpStream::connect(upstream).await?;
     server
         .write_all(rewrite_head(&head, body.len()).as_bytes())
         .await?;
     server.write_all(&body).await?;
     let (answer_head, mut answer) = read_message(&mut server).await?;
+    if let Some(Fault::Hold(_)) = &fault {
+        injected
+            .lock()
+            .unwrap()
+            .push((action.clone(), FORWARDED_AFTER_HOLD.to_owned()));
+    }
     if let Some(Fault::Rewrite { from, to }) = &fault {
         injected
             .lock()
