@@ -273,12 +273,29 @@ fn a_killed_run_leaves_a_journal_that_clean_uses_to_remove_everything() {
     // SIGKILL allows no cleanup: the VM and its disk are still there.
     assert_eq!(workspace.qemu_processes().len(), 1);
     assert_eq!(workspace.journals().len(), 1);
-    assert!(
-        workspace
-            .files_in("output")
-            .iter()
-            .any(|f| f.starts_with(".imgbuild-"))
-    );
+    let work_dir = workspace
+        .files_in("output")
+        .into_iter()
+        .find(|f| f.starts_with(".imgbuild-"))
+        .expect("the work directory is left");
+    // The work directory, and what is in it (the writable disk, the serial
+    // console), is private to the user who builds.
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let work_dir = workspace.join("output").join(work_dir);
+    assert_eq!(mode(&work_dir), 0o700, "{}", work_dir.display());
+    for entry in std::fs::read_dir(&work_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            assert_eq!(
+                mode(&path) & 0o077,
+                0,
+                "{} is readable by others",
+                path.display()
+            );
+        }
+    }
 
     workspace
         .imgbuild()
@@ -312,11 +329,13 @@ fn a_killed_run_leaves_a_journal_that_clean_uses_to_remove_everything() {
 #[test]
 fn on_error_abort_leaves_the_vm_reachable_until_clean() {
     let workspace = Workspace::new();
+    // Before failing, the guest floods its serial console: the log on the
+    // host stays bounded.
     workspace.write(
         "image.toml",
         &vm_config(
             "1.0.0",
-            "[[provision]]\ntype = \"shell\"\ninline = [\"exit 7\"]\n",
+            "[[provision]]\ntype = \"shell\"\ninline = [\"head -c 12000000 /dev/zero | tr '\\\\0' x | sudo tee /dev/ttyS0 >/dev/null\", \"sleep 2\", \"exit 7\"]\n",
         ),
     );
     workspace
@@ -333,6 +352,19 @@ fn on_error_abort_leaves_the_vm_reachable_until_clean() {
         workspace.qemu_processes().len(),
         1,
         "the VM stays up for debugging"
+    );
+    let work_dir = workspace
+        .files_in("output")
+        .into_iter()
+        .find(|f| f.starts_with(".imgbuild-"))
+        .map(|name| workspace.join("output").join(name))
+        .expect("the work directory stays with the VM");
+    let size = |name: &str| std::fs::metadata(work_dir.join(name)).map(|m| m.len());
+    let log = size("serial.log").unwrap();
+    let earlier = size("serial.log.1").expect("the log was cut");
+    assert!(
+        log + earlier <= 9 << 20,
+        "serial.log is {log} bytes, serial.log.1 {earlier}: 12 MB were printed"
     );
     workspace
         .imgbuild()
@@ -388,6 +420,87 @@ fn the_cloud_image_template_downloads_verifies_caches_and_uses_cloud_init() {
         "the download is cached under its checksum"
     );
 
+    // The artifact, decompressed and read from its disk: the provisioner's
+    // changes are there, the disk grew, and nothing the seed set up for the
+    // build stayed (the build user, its sudo rule, cloud-init's record).
+    let disk = workspace.join("output-a/disk.qcow2");
+    let status = std::process::Command::new("zstd")
+        .args(["-q", "-d"])
+        .arg(&artifact)
+        .arg("-o")
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(status.success(), "zstd -d failed");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 4u64 << 30, "{info}");
+    assert_no_seed_credentials(&disk, "builder", |root| {
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/image-release")).unwrap(),
+            "debian-cloud-hardened 2.3.0\n"
+        );
+        assert!(
+            root.join("etc/ssh/sshd_config.d/50-hardening.conf")
+                .is_file()
+        );
+    });
+
+    // It boots: a build from it logs in through a new seed, with a password
+    // this time, and that password is gone from its own artifact too.
+    workspace.write(
+        "verify.toml",
+        r#"[image]
+name = "verify-cloud"
+version = "1.0.0"
+
+[builders.check]
+type = "qemu"
+base_image = "output-a/disk.qcow2"
+output_dir = "output-verify"
+memory = 1024
+
+[builders.check.ssh]
+username = "checker"
+password = "checker-pw-5521"
+
+[[provision]]
+type = "shell"
+execute_command = "sudo sh {{ path }}"
+inline = ["test \"$(cat /etc/image-release)\" = 'debian-cloud-hardened 2.3.0'", "touch /etc/verified"]
+"#,
+    );
+    workspace
+        .imgbuild()
+        .args(["build", "verify.toml"])
+        .run()
+        .exits_with(EXIT_OK);
+    let verified = workspace.join("output-verify/verify-cloud-1.0.0.qcow2");
+    assert_no_seed_credentials(&verified, "checker", |root| {
+        assert!(root.join("etc/verified").is_file());
+        // cloud-init 23.1 and later turn password logins on in a drop-in,
+        // Debian 12's 22.4 in sshd_config itself.
+        assert!(
+            !root
+                .join("etc/ssh/sshd_config.d/50-cloud-init.conf")
+                .exists(),
+            "password logins stay enabled"
+        );
+        let sshd_config = std::fs::read_to_string(root.join("etc/ssh/sshd_config")).unwrap();
+        assert!(
+            !sshd_config.lines().any(|line| line
+                .trim()
+                .eq_ignore_ascii_case("PasswordAuthentication yes")),
+            "password logins stay enabled: {sshd_config}"
+        );
+        let shadow = std::fs::read_to_string(root.join("etc/shadow")).unwrap();
+        assert!(!shadow.contains("checker"), "{shadow}");
+    });
+
     // A wrong checksum is caught before anything boots.
     workspace
         .imgbuild()
@@ -414,6 +527,35 @@ fn the_cloud_image_template_downloads_verifies_caches_and_uses_cloud_init() {
             .is_empty()
     );
     assert_nothing_left(&workspace);
+}
+
+/// Reads `disk` without booting it: `user`, whom a build's cloud-init seed
+/// created, is gone with its home, sudo rule and cloud-init's record of the
+/// seed; then runs `more` on the same root.
+fn assert_no_seed_credentials(
+    disk: &std::path::Path,
+    user: &str,
+    more: impl FnOnce(&std::path::Path),
+) {
+    with_mounted_disk(disk, |root| {
+        let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+        assert!(
+            !passwd
+                .lines()
+                .any(|line| line.starts_with(&format!("{user}:"))),
+            "the build user {user} is still in /etc/passwd"
+        );
+        assert!(!root.join("home").join(user).exists());
+        let sudoers = root.join("etc/sudoers.d/90-cloud-init-users");
+        let rules = std::fs::read_to_string(&sudoers).unwrap_or_default();
+        assert!(!rules.contains(user), "sudo rule left: {rules}");
+        assert!(!root.join("var/lib/imgbuild-seed").exists());
+        let instances = std::fs::read_dir(root.join("var/lib/cloud/instances"))
+            .map(|entries| entries.count())
+            .unwrap_or(0);
+        assert_eq!(instances, 0, "cloud-init's record of the seed is left");
+        more(root);
+    });
 }
 
 /// A real HTTP server (Python's http.server) on a free loopback port.
@@ -473,5 +615,115 @@ fn an_ssh_wait_that_times_out_shows_the_serial_console_and_cleans_up() {
         .exits_with(EXIT_BUILD_FAILED)
         .stderr_has("imgbuild@127.0.0.1:")
         .stderr_has("serial console");
+    assert_nothing_left(&workspace);
+}
+
+#[test]
+fn a_base_disk_that_reaches_outside_itself_is_refused_before_anything_boots() {
+    let workspace = Workspace::new();
+    let qemu_img = |args: &[&str]| {
+        let status = std::process::Command::new("qemu-img")
+            .args(args)
+            .current_dir(workspace.path())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "qemu-img {args:?}");
+    };
+    // A host file the guest must never see through its disk.
+    workspace.write("host-secret", "the build host's secret\n");
+    let secret = workspace.join("host-secret").display().to_string();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &secret,
+        "-F",
+        "raw",
+        "backed.qcow2",
+        "64M",
+    ]);
+    workspace.write("data.raw", "");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=data.raw",
+        "external.qcow2",
+        "64M",
+    ]);
+    qemu_img(&["create", "-q", "-f", "vmdk", "disk.vmdk", "64M"]);
+    let config = vm_config("1.0.0", "").replace(
+        "password = \"fixture-password\"",
+        "password = \"fixture-password\"\ntimeout = \"5s\"",
+    );
+    workspace.write("image.toml", &config);
+    for (base, reason) in [
+        ("backed.qcow2", "has a backing file"),
+        ("external.qcow2", "external file"),
+        ("disk.vmdk", "its format is vmdk"),
+    ] {
+        workspace
+            .imgbuild()
+            .args(["build", "image.toml", "--var"])
+            .arg(format!("base_image={}", workspace.join(base).display()))
+            .run()
+            .exits_with(EXIT_BUILD_FAILED)
+            .stderr_has("refusing the base image")
+            .stderr_has(reason)
+            .stderr_lacks("==> launch");
+        assert_nothing_left(&workspace);
+    }
+}
+
+#[test]
+fn a_corrupt_cached_download_is_discarded_and_fetched_again() {
+    let workspace = Workspace::new();
+    // A small raw "disk": enough to check the download path; it boots
+    // nothing, so the build stops at the SSH wait.
+    let served = workspace.join("served");
+    std::fs::create_dir(&served).unwrap();
+    std::fs::write(served.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+    let checksum = sha256_of(&served.join("base.raw"));
+    let cache = workspace.join("cache");
+    let cached = cache.join(format!("imgbuild/downloads/{checksum}.img"));
+    std::fs::create_dir_all(cached.parent().unwrap()).unwrap();
+    // Same name, same size, one flipped bit.
+    let mut corrupt = vec![0u8; 1 << 20];
+    corrupt[4096] = 1;
+    std::fs::write(&cached, &corrupt).unwrap();
+
+    let server = HttpServer::serving(&served);
+    let config = vm_config("1.0.0", "")
+        .replace(
+            "base_image = \"{{ var.base_image }}\"",
+            &format!(
+                "base_image = \"{}/base.raw\"\nbase_checksum = \"sha256:{checksum}\"",
+                server.url()
+            ),
+        )
+        .replace("base_image = { description = \"the fixture\" }", "")
+        .replace(
+            "password = \"fixture-password\"",
+            "password = \"fixture-password\"\ntimeout = \"3s\"",
+        );
+    workspace.write("image.toml", &config);
+    workspace
+        .imgbuild()
+        .env("XDG_CACHE_HOME", &cache)
+        .args(["build", "image.toml"])
+        .run()
+        .exits_with(EXIT_BUILD_FAILED)
+        .stderr_has("discarding it and downloading again")
+        .stderr_has("downloading http://127.0.0.1");
+    assert_eq!(
+        sha256_of(&cached),
+        checksum,
+        "the cache holds the good copy"
+    );
     assert_nothing_left(&workspace);
 }

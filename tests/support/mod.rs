@@ -458,3 +458,73 @@ pub fn run_id_in(log: &str) -> String {
         .expect("the log names the run")
         .to_owned()
 }
+
+/// The root file system of a disk image (qcow2 or raw, first partition),
+/// mounted read-only for `inspect`, without booting it: what an image
+/// really holds on disk, including what no login could show. Needs root
+/// (losetup, mount), as CI and the fixture scripts do.
+pub fn with_mounted_disk<T>(image: &Path, inspect: impl FnOnce(&Path) -> T) -> T {
+    let work = tempfile::Builder::new()
+        .prefix("imgbuild-disk-")
+        .tempdir()
+        .unwrap();
+    let raw = work.path().join("disk.raw");
+    let run = |program: &str, args: &[&std::ffi::OsStr]| -> String {
+        let output = Command::new(program).args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    run(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            image.as_os_str(),
+            raw.as_os_str(),
+        ],
+    );
+    // The fixtures are MBR disks (extlinux): the first partition's start
+    // sector is a little-endian u32 at byte 454 of the first sector.
+    let mut mbr = [0u8; 512];
+    std::io::Read::read_exact(&mut std::fs::File::open(&raw).unwrap(), &mut mbr).unwrap();
+    assert_eq!(mbr[510..], [0x55, 0xaa], "{} has no MBR", image.display());
+    let start = u32::from_le_bytes(mbr[454..458].try_into().unwrap());
+    assert!(start > 0, "{} has no first partition", image.display());
+    let offset = (u64::from(start) * 512).to_string();
+    let loop_device = run(
+        "losetup",
+        &[
+            "--find".as_ref(),
+            "--show".as_ref(),
+            "--read-only".as_ref(),
+            "--offset".as_ref(),
+            offset.as_ref(),
+            raw.as_os_str(),
+        ],
+    );
+    let root = work.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    struct Mounted<'a>(&'a Path, String);
+    impl Drop for Mounted<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+            let _ = Command::new("losetup").args(["-d", &self.1]).status();
+        }
+    }
+    let _mounted = Mounted(&root, loop_device.clone());
+    run(
+        "mount",
+        &[
+            "-o".as_ref(),
+            "ro,noload".as_ref(),
+            loop_device.as_ref(),
+            root.as_os_str(),
+        ],
+    );
+    inspect(&root)
+}

@@ -14,6 +14,7 @@ use super::engine::{self, Engine};
 use super::step_check_tag::Target;
 use super::step_pull::BaseImage;
 use super::{BUILD_LABEL, DockerState, RUN_ID_LABEL, remove_image, stop_container};
+use crate::common::name_lock::NameLock;
 use crate::common::tracked::{record, release};
 use crate::{Artifact, ImageInfo};
 use async_trait::async_trait;
@@ -248,13 +249,22 @@ impl Step<DockerState> for StepCommit {
                 .map_err(StepError::failed)?;
         }
 
-        // Checked again at the last moment: another build may have taken the
-        // version while this one provisioned.
+        // Checked again at the last moment, and under a lock until the tag
+        // is set: another build may have taken the version while this one
+        // provisioned, and the engine's tag call would silently move it.
+        let name_lock = NameLock::acquire(&format!(
+            "docker-tag {} {}",
+            std::env::var("DOCKER_HOST").unwrap_or_default(),
+            self.target.reference()
+        ))
+        .await
+        .map_err(StepError::failed)?;
         self.target
             .ensure_free(&engine)
             .await
             .map_err(StepError::failed)?;
         self.tag(&engine, &image_id, &self.target.version).await?;
+        drop(name_lock);
         let mut tags = vec![self.target.version.clone()];
         for tag in &self.config.tags {
             if tags.contains(tag) {

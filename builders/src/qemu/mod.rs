@@ -8,6 +8,7 @@
 mod accel;
 pub mod config;
 mod qemu_img;
+mod serial_log;
 mod step_cloud_init;
 mod step_connect;
 mod step_create_disk;

@@ -6,8 +6,10 @@ use super::QemuState;
 use super::config::QemuConfig;
 use async_trait::async_trait;
 use imgbuild_core::{Step, StepContext, StepError};
+use imgbuild_provisioners::shell::shell_quote;
 use imgbuild_provisioners::ssh::TemporaryKey;
 use std::io::{Cursor, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 const SEED_SIZE: usize = 1 << 20;
@@ -58,15 +60,85 @@ impl Step<QemuState> for StepCloudInit {
         .map_err(|err| StepError::failed(format!("cannot build the cloud-init seed: {err}")))?;
         // Inside the working directory, which the disk step removes.
         let seed = work_dir.join("seed.img");
-        std::fs::write(&seed, image)
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&seed)
+            .and_then(|mut file| file.write_all(&image))
             .map_err(|err| StepError::failed(format!("cannot write {}: {err}", seed.display())))?;
         state.seed = Some(seed);
         Ok(())
     }
 }
 
+/// Where the seed's first boot notes what it is about to add, so that the
+/// build can take exactly that back before the image is saved.
+const MARKERS: &str = "/var/lib/imgbuild-seed";
+const SUDOERS_FILE: &str = "/etc/sudoers.d/90-cloud-init-users";
+/// Where cloud-init 23.1 and later turn on password logins (`ssh_pwauth`);
+/// older releases (Debian 12's 22.4) edit `SSHD_CONFIG` itself.
+const SSHD_PWAUTH_FILE: &str = "/etc/ssh/sshd_config.d/50-cloud-init.conf";
+const SSHD_CONFIG: &str = "/etc/ssh/sshd_config";
+
+/// Runs before cloud-init's users and SSH modules (bootcmd comes first in
+/// every distribution's module order), and notes what does not exist yet:
+/// the build user, cloud-init's sudoers file, its sshd drop-in.
+fn marker_command(username: &str) -> String {
+    format!(
+        "mkdir -p {MARKERS} && chmod 700 {MARKERS}; \
+         [ -e {MARKERS}/seen ] && exit 0; touch {MARKERS}/seen; \
+         id -u {user} >/dev/null 2>&1 || touch {MARKERS}/created-user; \
+         [ -e {SUDOERS_FILE} ] || touch {MARKERS}/new-sudoers; \
+         [ -e {SSHD_PWAUTH_FILE} ] || touch {MARKERS}/new-sshd-config; \
+         [ -f {SSHD_CONFIG} ] && cp -p {SSHD_CONFIG} {MARKERS}/sshd_config.before",
+        user = shell_quote(username)
+    )
+}
+
+/// Takes back, as root, what the seed set up for the build alone: the
+/// passwordless sudo rule, password logins over SSH, the password, the
+/// build user when the seed created it, and cloud-init's own record of the
+/// seed (which holds the password in clear). cloud-init runs afresh on the
+/// image's first real boot. Ends with `then`, run as root, which powers the
+/// machine off: once the build user is gone its own `sudo` no longer works.
+pub fn cleanup_script(username: &str, password_was_set: bool, then: &str) -> String {
+    let user = shell_quote(username);
+    let unset_password = if password_was_set {
+        format!("passwd -l {user} >/dev/null")
+    } else {
+        "true".to_owned()
+    };
+    format!(
+        "pa='^[[:space:]]*PasswordAuthentication[[:space:]]'; \
+         if [ -d {MARKERS} ]; then \
+           if [ -e {MARKERS}/new-sudoers ]; then rm -f {SUDOERS_FILE}; \
+           elif [ -f {SUDOERS_FILE} ]; then sed -i \"/^{sed_user}[[:space:]]/d\" {SUDOERS_FILE}; fi; \
+           [ -e {MARKERS}/new-sshd-config ] && rm -f {SSHD_PWAUTH_FILE}; \
+           if [ -f {MARKERS}/sshd_config.before ] && ! cmp -s {MARKERS}/sshd_config.before {SSHD_CONFIG}; then \
+             grep -vi \"$pa\" {MARKERS}/sshd_config.before > {MARKERS}/before.rest; \
+             grep -vi \"$pa\" {SSHD_CONFIG} > {MARKERS}/now.rest; \
+             if cmp -s {MARKERS}/before.rest {MARKERS}/now.rest; then cat {MARKERS}/sshd_config.before > {SSHD_CONFIG}; \
+             else echo \"imgbuild: {SSHD_CONFIG} was changed during the build; check its PasswordAuthentication setting\" >&2; fi; \
+           fi; \
+           created=no; [ -e {MARKERS}/created-user ] && created=yes; \
+           rm -rf {MARKERS}; \
+           if command -v cloud-init >/dev/null; then cloud-init clean --logs >/dev/null 2>&1; fi; \
+           if [ $created = yes ]; then userdel -f -r {user} 2>/dev/null || userdel -f {user}; \
+           else {unset_password}; fi; \
+           sync; \
+         fi; {then}",
+        sed_user = username.replace(['/', '\\', '.', '[', '*', '^', '$'], "."),
+    )
+}
+
 fn user_data(username: &str, public_key: Option<&str>, password: Option<&str>) -> String {
     let mut text = String::from("#cloud-config\n");
+    text.push_str("bootcmd:\n");
+    text.push_str(&format!(
+        "  - [sh, -c, {}]\n",
+        yaml_string(&marker_command(username))
+    ));
     if username == "root" {
         text.push_str("disable_root: false\n");
     }

@@ -6,6 +6,7 @@ use super::{QemuState, qemu_img};
 use crate::common::tracked::TrackedPath;
 use async_trait::async_trait;
 use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::sync::Arc;
 
 pub struct StepCreateDisk {
@@ -47,9 +48,14 @@ impl Step<QemuState> for StepCreateDisk {
         let work_dir = output_dir.join(format!(".imgbuild-{}-{}", cx.run_id, cx.build_name()));
         let tracked = TrackedPath::dir(cx, work_dir.clone())?;
         self.work_dir = Some(tracked);
-        std::fs::create_dir(&work_dir).map_err(|err| {
-            StepError::failed(format!("cannot create {}: {err}", work_dir.display()))
-        })?;
+        // Private: it holds the writable disk, the cloud-init seed (with a
+        // password, when one is configured) and the serial console.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&work_dir)
+            .map_err(|err| {
+                StepError::failed(format!("cannot create {}: {err}", work_dir.display()))
+            })?;
 
         let disk = work_dir.join("disk.qcow2");
         let backing = base.path.to_string_lossy().into_owned();
@@ -73,6 +79,9 @@ impl Step<QemuState> for StepCreateDisk {
         qemu_img::run(&args)
             .await
             .map_err(|err| err.context("creating the build disk"))?;
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).map_err(|err| {
+            StepError::failed(format!("cannot make {} private: {err}", disk.display()))
+        })?;
         state.work_dir = Some(work_dir);
         state.disk = Some(disk);
         Ok(())

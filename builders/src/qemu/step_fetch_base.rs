@@ -1,5 +1,6 @@
 //! Finds the base disk image: a local file, or an http(s) URL downloaded once
-//! into a cache keyed by its checksum, which is verified before use.
+//! into a cache keyed by its checksum, verified on every use; then checks
+//! that it is a standalone qcow2 or raw disk.
 
 use super::config::{QemuConfig, is_url, parse_checksum};
 use super::{QemuState, qemu_img};
@@ -122,14 +123,34 @@ impl StepFetchBase {
         .map_err(StepError::failed)?;
         let cached = cached_download_path(&self.cache_dir(), &expected);
         let dir = parent_dir(&cached).to_path_buf();
+        // The cache is only a copy: a truncated, bit-rotted or tampered file
+        // under the right name must never be booted, so it is hashed on
+        // every use and the recorded digest is the one measured here.
         if cached.is_file() {
-            cx.log.info(format!("using the cached download of {url}"));
-            return Ok(BaseImage {
-                path: cached,
-                format: String::new(),
-                reference: url,
-                sha256: BaseHash::Known(expected),
-            });
+            cx.log
+                .info(format!("verifying the cached download of {url}"));
+            let actual = sha256_file_async(cached.clone())
+                .await
+                .map(|(_, digest)| digest)
+                .unwrap_or_else(|err| format!("unreadable ({err})"));
+            if actual == expected {
+                return Ok(BaseImage {
+                    path: cached,
+                    format: String::new(),
+                    reference: url,
+                    sha256: BaseHash::Known(actual),
+                });
+            }
+            cx.log.warn(format!(
+                "the cached download {} has sha256 {actual}, not {expected}; discarding it and downloading again",
+                cached.display()
+            ));
+            std::fs::remove_file(&cached).map_err(|err| {
+                StepError::failed(format!(
+                    "cannot remove the corrupt cached download {}: {err}",
+                    cached.display()
+                ))
+            })?;
         }
         std::fs::create_dir_all(&dir)
             .map_err(|err| StepError::failed(format!("cannot create {}: {err}", dir.display())))?;
@@ -202,10 +223,11 @@ impl Step<QemuState> for StepFetchBase {
         } else {
             self.local(cx).await?
         };
-        base.format = match self.config.base_format {
-            Some(format) => format.as_str().to_owned(),
-            None => qemu_img::detect_format(&base.path).await?,
-        };
+        base.format = qemu_img::inspect_base(
+            &base.path,
+            self.config.base_format.map(|format| format.as_str()),
+        )
+        .await?;
         cx.log
             .info(format!("base image {} ({})", base.reference, base.format));
         state.base = Some(base);

@@ -1,11 +1,12 @@
 //! Starts QEMU: the build disk, the cloud-init seed, user-mode networking
 //! with SSH forwarded to a free loopback port, the serial console captured
-//! to a file, no display.
+//! to a bounded file (see `serial_log`), no display.
 
 use super::QemuState;
 use super::accel;
 use super::config::{Accelerator, Firmware, QemuConfig};
-use crate::common::process;
+use super::serial_log;
+use crate::common::process::{self, ProcessIdentity};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
 use imgbuild_core::{CleanupOutcome, Resource, ResourceId, Step, StepContext, StepError};
@@ -24,7 +25,8 @@ const SERIAL_LINES_SHOWN: usize = 25;
 #[derive(Clone)]
 pub struct Machine {
     pub pid: i32,
-    pub marker: String,
+    /// The pid with its start time: only this process is ever signalled.
+    pub identity: ProcessIdentity,
     pub ssh_port: u16,
     pub serial_log: PathBuf,
     pub started: std::time::Instant,
@@ -64,18 +66,14 @@ impl Machine {
 
     /// The end of the serial console, for errors about a boot that went wrong.
     pub fn serial_tail(&self) -> String {
-        let text = std::fs::read(&self.serial_log)
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-            .unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let start = lines.len().saturating_sub(SERIAL_LINES_SHOWN);
+        let lines = serial_log::last_lines(&self.serial_log, SERIAL_LINES_SHOWN);
         if lines.is_empty() {
             return "(the serial console printed nothing)".to_owned();
         }
         format!(
             "last lines of the serial console ({}):\n    {}",
             self.serial_log.display(),
-            lines[start..].join("\n    ")
+            lines.join("\n    ")
         )
     }
 }
@@ -124,8 +122,6 @@ impl StepLaunch {
             "-nodefaults".into(),
             "-display".into(),
             "none".into(),
-            "-serial".into(),
-            format!("file:{}", work_dir.join("serial.log").display()),
             "-pidfile".into(),
             work_dir.join("qemu.pid").display().to_string(),
             "-drive".into(),
@@ -174,6 +170,7 @@ impl StepLaunch {
                 args.extend(["-append".into(), kernel_args.clone()]);
             }
         }
+        args.extend(serial_log::qemu_args(&work_dir.join("serial.log")));
         args.extend(config.qemu_args.iter().cloned());
         Ok(args)
     }
@@ -188,13 +185,19 @@ impl StepLaunch {
             .map_err(|err| StepError::failed(format!("cannot find a free loopback port: {err}")))?;
         let marker = format!("imgbuild-{}-{}", cx.run_id, cx.build_name());
         let args = self.command_line(state, work_dir, port, &marker)?;
+        let serial = work_dir.join("serial.log");
+        serial_log::create(&serial).map_err(|err| {
+            StepError::failed(format!("cannot create {}: {err}", serial.display()))
+        })?;
         let pidfile = work_dir.join("qemu.pid");
+        let description = format!("QEMU for build {}", cx.build_name());
         let id = record(
             cx,
             Resource::Process {
                 pidfile: pidfile.clone(),
-                marker: marker.clone(),
-                description: format!("QEMU for build {}", cx.build_name()),
+                description: description.clone(),
+                pid: None,
+                start_time: None,
             },
         )?;
         let mut child = Command::new(&self.config.qemu_binary)
@@ -211,6 +214,29 @@ impl StepLaunch {
                 ))
             })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(-1);
+        // Not reaped before the wait task below runs, so the pid cannot have
+        // been recycled yet: this is QEMU's start time.
+        let Some(identity) = ProcessIdentity::of(pid) else {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            let _ = release(cx, id);
+            return Err(StepError::failed(format!(
+                "cannot read /proc/{pid}/stat of the QEMU just started; is /proc mounted?"
+            )));
+        };
+        let recorded = Resource::Process {
+            pidfile,
+            description,
+            pid: Some(identity.pid),
+            start_time: Some(identity.start_time),
+        };
+        if let Err(err) = cx.journal.update(id, recorded) {
+            // Unrecorded, it could not be told apart from a recycled pid
+            // later: stop it now rather than leave it running.
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(StepError::failed(err));
+        }
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         if let Some(stderr) = child.stderr.take() {
             let tail = stderr_tail.clone();
@@ -235,11 +261,12 @@ impl StepLaunch {
             };
             let _ = exit_tx.send(Some(status));
         });
+        serial_log::keep_bounded(serial.clone(), exit_rx.clone());
         let machine = Machine {
             pid,
-            marker,
+            identity,
             ssh_port: port,
-            serial_log: work_dir.join("serial.log"),
+            serial_log: serial,
             started: std::time::Instant::now(),
             exit: exit_rx,
             stderr_tail,
@@ -304,7 +331,7 @@ impl Step<QemuState> for StepLaunch {
             return Ok(());
         };
         if !machine.has_exited() {
-            process::terminate(machine.pid, &machine.marker, Duration::from_secs(10)).await;
+            process::terminate(machine.identity, Duration::from_secs(10)).await;
             if !machine.wait_exit(Duration::from_secs(5)).await {
                 return Err(StepError::failed(format!(
                     "QEMU (pid {}) did not exit; it stays recorded in the run journal for `imgbuild clean`",

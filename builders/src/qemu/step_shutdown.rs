@@ -3,6 +3,7 @@
 
 use super::QemuState;
 use super::config::QemuConfig;
+use super::step_cloud_init::cleanup_script;
 use crate::common::process;
 use async_trait::async_trait;
 use imgbuild_core::{Step, StepContext, StepError, Stream};
@@ -62,8 +63,17 @@ impl Step<QemuState> for StepShutdown {
                 })?;
         }
         let command = self.config.shutdown_command();
+        let mut run = command.clone();
+        if self.config.cloud_init && self.config.cloud_init_cleanup {
+            cx.log
+                .info("removing what the cloud-init seed set up for the build");
+            let ssh = &self.config.ssh;
+            let script = cleanup_script(&ssh.username, ssh.password.is_some(), &command);
+            let as_root = if ssh.username == "root" { "" } else { "sudo " };
+            run = format!("{as_root}sh -c {}", shell_quote(&script));
+        }
         cx.log.info(format!("shutting down with `{command}`"));
-        match comm.exec(&command, &LogLines(&cx.log)).await {
+        match comm.exec(&run, &LogLines(&cx.log)).await {
             Ok(_) | Err(CommError::Disconnected { .. }) => {}
             Err(err) => return Err(StepError::failed(format!("`{command}` failed: {err}"))),
         }
@@ -81,7 +91,7 @@ impl Step<QemuState> for StepShutdown {
         }
         cx.log.info("the VM powered off");
         // Belt and braces: the pid must not linger as ours.
-        process::terminate(machine.pid, &machine.marker, Duration::from_secs(1)).await;
+        process::terminate(machine.identity, Duration::from_secs(1)).await;
         Ok(())
     }
 }
