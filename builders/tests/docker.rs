@@ -313,7 +313,7 @@ async fn on_error_abort_keeps_the_container_for_debugging_until_cleaned() {
         outstanding[0].resource,
         Resource::DockerContainer { name: name.clone() }
     );
-    imgbuild_builders::docker::clean_orphan(&outstanding[0].resource)
+    imgbuild_builders::docker::clean_orphan(&outstanding[0].resource, harness.run_id())
         .await
         .unwrap();
     assert!(
@@ -633,6 +633,85 @@ async fn downloading_a_missing_path_fails_with_a_clear_message() {
 }
 
 #[tokio::test]
+async fn a_downloaded_tree_cannot_reach_outside_its_destination_on_the_host() {
+    use std::os::unix::fs::MetadataExt;
+    let base = base_image();
+    let harness = Harness::new("files");
+    let dir = harness.config_dir.path();
+    // Stands for ~/.ssh on the host running the build.
+    let host = tempfile::tempdir().unwrap();
+    let canary = host.path().join("canary");
+    std::fs::create_dir(&canary).unwrap();
+    std::fs::write(canary.join("authorized_keys"), "the-owner\n").unwrap();
+    let canary_state = || {
+        let keys = std::fs::symlink_metadata(canary.join("authorized_keys")).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&canary)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        (
+            names,
+            keys.nlink(),
+            std::fs::read_to_string(canary.join("authorized_keys")).unwrap(),
+        )
+    };
+    let before = canary_state();
+
+    let builder = builder(serde_json::json!({"image": base, "pull": false, "discard": true}));
+    let tree = "/srv/hostile/tree";
+    let plant_symlink = format!("ln -s '{}' {tree}/loot", canary.display());
+    let provisioners = vec![
+        shell(&[
+            &format!("mkdir -p {tree} && cd {tree}"),
+            &plant_symlink,
+            "echo shared > one && ln one two",
+            "printf '#!/bin/sh\\n' > run && chmod 4755 run",
+        ]),
+        download(tree, "got/", dir),
+        // The next download tries to write through the symlink it left.
+        shell(&[&format!(
+            "cd {tree} && rm loot && mkdir loot && echo the-attacker > loot/authorized_keys"
+        )]),
+        download(tree, "got/", dir),
+        shell(&[&format!("mknod {tree}/null c 1 3")]),
+        download(tree, "got/", dir),
+    ];
+    let request = harness.request(image_info("files", "1.0.0"), provisioners);
+    let err = builder.build(&request, &harness.cx).await.unwrap_err();
+
+    assert_eq!(canary_state(), before, "the host canary changed");
+    match err {
+        BuildError::Failed { step, message } => {
+            assert_eq!(step, "provision");
+            // The device refuses the whole archive, not just itself.
+            assert!(
+                message.contains("refusing archive entry `tree/null`")
+                    && message.contains("character device"),
+                "{message}"
+            );
+        }
+        other => panic!("expected the device to be refused, got {other:?}"),
+    }
+    let got = dir.join("got/tree");
+    assert!(!got.join("null").exists(), "the device was unpacked");
+    let meta = |name: &str| std::fs::symlink_metadata(got.join(name)).unwrap();
+    assert_eq!(meta("run").mode() & 0o7777, 0o755, "setuid survived");
+    assert_eq!(meta("one").ino(), meta("two").ino());
+    assert_eq!(meta("one").nlink(), 2, "linked to nothing else");
+    assert!(meta("loot").is_dir(), "the symlink was not replaced");
+    assert_eq!(
+        std::fs::read_to_string(got.join("loot/authorized_keys")).unwrap(),
+        "the-attacker\n"
+    );
+    assert!(
+        containers_of_run(&docker(), harness.run_id())
+            .await
+            .is_empty()
+    );
+    harness.assert_journal_empty();
+}
+
+#[tokio::test]
 async fn export_path_writes_the_filesystem_as_a_checksummed_tar() {
     let base = base_image();
     let harness = Harness::new("rootfs");
@@ -771,7 +850,7 @@ async fn clean_orphan_removes_what_a_dead_run_left_behind() {
     let outstanding = run.outstanding();
     assert_eq!(outstanding.len(), 2);
     for item in outstanding {
-        imgbuild_builders::common::orphans::clean_orphan(&item.resource, "dead-run")
+        imgbuild_builders::common::orphans::clean_orphan(&item.resource, &run_id)
             .await
             .unwrap_or_else(|err| panic!("cannot clean {}: {err}", item.resource.describe()));
         run.release(item.id).unwrap();
@@ -788,10 +867,13 @@ async fn clean_orphan_removes_what_a_dead_run_left_behind() {
         "the base image only lost a tag"
     );
     // Already gone counts as removed.
-    imgbuild_builders::docker::clean_orphan(&Resource::DockerContainer { name: container })
-        .await
-        .unwrap();
-    imgbuild_builders::docker::clean_orphan(&Resource::DockerImage { reference: image })
+    imgbuild_builders::docker::clean_orphan(
+        &Resource::DockerContainer { name: container },
+        &run_id,
+    )
+    .await
+    .unwrap();
+    imgbuild_builders::docker::clean_orphan(&Resource::DockerImage { reference: image }, &run_id)
         .await
         .unwrap();
 }
@@ -873,4 +955,139 @@ fn config_problems_name_the_field_and_entry() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("unknown field `pul`"), "{err}");
+}
+
+/// Creates (without starting: the state a create cut short by a kill ends
+/// in) a container named `name` with the given run-id label.
+async fn create_named(docker: &bollard::Docker, base: &str, name: &str, run_label: Option<&str>) {
+    let labels = run_label
+        .map(|run_id| [(RUN_ID_LABEL.to_owned(), run_id.to_owned())].into())
+        .unwrap_or_default();
+    let body = bollard::models::ContainerCreateBody {
+        image: Some(base.to_owned()),
+        entrypoint: Some(vec!["sleep".into(), "300".into()]),
+        labels: Some(labels),
+        ..Default::default()
+    };
+    let options = bollard::query_parameters::CreateContainerOptions {
+        name: Some(name.to_owned()),
+        ..Default::default()
+    };
+    docker.create_container(Some(options), body).await.unwrap();
+}
+
+async fn container_exists(docker: &bollard::Docker, name: &str) -> bool {
+    match docker
+        .inspect_container(
+            name,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+    {
+        Ok(_) => true,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => false,
+        Err(err) => panic!("cannot inspect {name}: {err}"),
+    }
+}
+
+/// A run killed while the engine was creating its container: the first
+/// clean finds nothing yet and must keep the record; the engine then
+/// finishes (here: the container is created only after that clean), and the
+/// second clean removes it. A record whose create never completes is let go
+/// once no create could still be running.
+#[tokio::test]
+async fn a_container_the_engine_creates_after_a_first_clean_is_removed_by_the_second() {
+    use imgbuild_builders::common::orphans::{Cleaned, clean_outstanding, creation_grace};
+    let base = base_image();
+    let docker = docker();
+    let state = tempfile::tempdir().unwrap();
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    let name = format!("imgbuild-{run_id}-late");
+    let _cleanup = ContainerCleanup(vec![name.clone()]);
+    let never = Resource::DockerContainer {
+        name: format!("imgbuild-{run_id}-never"),
+    };
+    {
+        let journal = Journal::create(state.path(), &run_id, Path::new("image.toml")).unwrap();
+        journal
+            .record("late", Resource::DockerContainer { name: name.clone() })
+            .unwrap();
+        journal.record("never", never.clone()).unwrap();
+    }
+    let now = std::time::SystemTime::now();
+    let mut runs = journal::dead_runs(state.path()).unwrap();
+    let run = runs.pop().unwrap();
+    for item in run.outstanding() {
+        let cleaned = clean_outstanding(&item, &run_id, now).await.unwrap();
+        assert!(
+            matches!(&cleaned, Cleaned::Kept(reason) if reason.contains("may still be being created")),
+            "{}: {cleaned:?}",
+            item.resource.describe()
+        );
+    }
+    assert!(!run.finish().unwrap(), "the journal stays");
+
+    create_named(&docker, &base, &name, Some(&run_id)).await;
+
+    let mut runs = journal::dead_runs(state.path()).unwrap();
+    let mut run = runs.pop().unwrap();
+    let outstanding = run.outstanding();
+    assert_eq!(outstanding.len(), 2);
+    let late = outstanding.iter().find(|o| o.build == "late").unwrap();
+    let cleaned = clean_outstanding(late, &run_id, std::time::SystemTime::now())
+        .await
+        .unwrap();
+    assert_eq!(cleaned, Cleaned::Removed);
+    assert!(!container_exists(&docker, &name).await);
+    run.release(late.id).unwrap();
+
+    // Nothing ever appears for the other one: once the grace is over, it is
+    // proven absent.
+    let never_item = outstanding.iter().find(|o| o.build == "never").unwrap();
+    let later = now + creation_grace(&never) + Duration::from_secs(1);
+    let cleaned = clean_outstanding(never_item, &run_id, later).await.unwrap();
+    assert_eq!(cleaned, Cleaned::Removed);
+    run.release(never_item.id).unwrap();
+    assert!(run.finish().unwrap());
+}
+
+/// A container under a run's deterministic name is only that run's if it
+/// also carries the run's id: one of another run, or without the label, is
+/// left alone and reported; the run's own one goes, even only `Created`.
+#[tokio::test]
+async fn clean_orphan_removes_only_a_container_that_carries_the_runs_id() {
+    let base = base_image();
+    let docker = docker();
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    let other_run = format!("imgbuild-{run_id}-other");
+    let unlabelled = format!("imgbuild-{run_id}-unlabelled");
+    let own = format!("imgbuild-{run_id}-own");
+    let _cleanup = ContainerCleanup(vec![other_run.clone(), unlabelled.clone(), own.clone()]);
+    create_named(&docker, &base, &other_run, Some("0000000000000000")).await;
+    create_named(&docker, &base, &unlabelled, None).await;
+    create_named(&docker, &base, &own, Some(&run_id)).await;
+
+    for name in [&other_run, &unlabelled] {
+        let found = imgbuild_builders::docker::clean_orphan(
+            &Resource::DockerContainer { name: name.clone() },
+            &run_id,
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(&found, imgbuild_builders::docker::Removal::NotOurs(reason) if reason.contains(name.as_str()) && reason.contains("left alone")),
+            "{name}: {found:?}"
+        );
+        assert!(container_exists(&docker, name).await, "{name} was removed");
+    }
+    let found = imgbuild_builders::docker::clean_orphan(
+        &Resource::DockerContainer { name: own.clone() },
+        &run_id,
+    )
+    .await
+    .unwrap();
+    assert_eq!(found, imgbuild_builders::docker::Removal::Removed);
+    assert!(!container_exists(&docker, &own).await);
 }

@@ -30,7 +30,9 @@ use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
 };
 use async_trait::async_trait;
-use bollard::query_parameters::{RemoveContainerOptions, RemoveImageOptions};
+use bollard::query_parameters::{
+    InspectContainerOptions, RemoveContainerOptions, RemoveImageOptions,
+};
 use config::{Output, PullPolicy};
 use engine::Engine;
 use imgbuild_core::{Resource, Step, StepContext, StepError, run_steps};
@@ -43,7 +45,8 @@ use std::sync::Arc;
 /// The commit API merges the container's labels into the image, so images
 /// built here carry it too (it names the run that built them), and so do
 /// containers later started from those images. Leftovers are therefore
-/// always removed by container name, never selected by this label.
+/// never selected by this label alone: a container is removed by its
+/// deterministic name, and only when it also carries the run's id here.
 pub const RUN_ID_LABEL: &str = "org.imgbuild.run-id";
 /// Label on every build container: the build (within the run) it belongs to.
 pub const BUILD_LABEL: &str = "org.imgbuild.build";
@@ -89,6 +92,28 @@ impl Builder for DockerBuilder {
 
     fn resolved_config(&self) -> serde_json::Value {
         serde_json::to_value(&self.config).unwrap_or_default()
+    }
+
+    fn claims(&self, image: &ImageInfo, config_dir: &Path) -> Vec<String> {
+        match self.config.output(config_dir) {
+            Output::Commit => {
+                let repository = self.config.repository(&image.name);
+                std::iter::once(image.version.as_str())
+                    .chain(self.config.tags.iter().map(String::as_str))
+                    .map(|tag| format!("the docker tag {repository}:{tag}"))
+                    .collect()
+            }
+            Output::Export(path) => [Self::checksum_path(&path), path]
+                .iter()
+                .map(|path| {
+                    format!(
+                        "the file {}",
+                        crate::common::artifact::lexical_path(path).display()
+                    )
+                })
+                .collect(),
+            Output::Discard => Vec::new(),
+        }
     }
 
     fn planned_artifact(&self, image: &ImageInfo, config_dir: &Path) -> PlannedArtifact {
@@ -235,16 +260,66 @@ async fn stop_container(engine: &Engine, container: &str) -> Result<(), StepErro
     }
 }
 
-/// Removes a container and its anonymous volumes; one already gone is fine.
-async fn remove_container(engine: &Engine, name: &str) -> Result<(), String> {
+/// What removing a leftover found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// It was there and is removed now.
+    Removed,
+    /// Nothing by that name exists (any more, or yet).
+    Absent,
+    /// Something by that name exists but is not this run's; it was left
+    /// alone, for the reason given.
+    NotOurs(String),
+}
+
+/// Removes the container `name` and its anonymous volumes, in whatever
+/// state it is (running, exited, or only `Created`), but only if it carries
+/// `run_id` in its run-id label: a name alone proves nothing, anyone can
+/// create a container under any name. The container is removed by the id
+/// that was checked, so it cannot be swapped in between.
+pub(crate) async fn remove_run_container(
+    engine: &Engine,
+    name: &str,
+    run_id: &str,
+) -> Result<Removal, String> {
+    let inspected = match engine
+        .quick()
+        .inspect_container(name, None::<InspectContainerOptions>)
+        .await
+    {
+        Ok(inspected) => inspected,
+        Err(err) if engine::is_not_found(&err) => return Ok(Removal::Absent),
+        Err(err) => {
+            return Err(format!(
+                "cannot look up the build container {name}: {}; check that the engine at {} answers (it stays in the run journal for `imgbuild clean`)",
+                engine::describe(&err),
+                engine.host()
+            ));
+        }
+    };
+    let id = inspected.id.unwrap_or_default();
+    let label = inspected
+        .config
+        .and_then(|config| config.labels)
+        .and_then(|labels| labels.get(RUN_ID_LABEL).cloned());
+    if label.as_deref() != Some(run_id) {
+        let carries = match label {
+            Some(other) => format!("its {RUN_ID_LABEL} label is {other:?}"),
+            None => format!("it has no {RUN_ID_LABEL} label"),
+        };
+        return Ok(Removal::NotOurs(format!(
+            "a container named {name} ({}) exists but {carries}, not {run_id:?}: it is not this run's and was left alone; `docker inspect {name}` shows whose it is",
+            &id[..id.len().min(12)]
+        )));
+    }
     let options = RemoveContainerOptions {
         v: true,
         force: true,
         link: false,
     };
-    match engine.slow().remove_container(name, Some(options)).await {
-        Ok(()) => Ok(()),
-        Err(err) if engine::is_not_found(&err) => Ok(()),
+    match engine.slow().remove_container(&id, Some(options)).await {
+        Ok(()) => Ok(Removal::Removed),
+        Err(err) if engine::is_not_found(&err) => Ok(Removal::Absent),
         Err(err) => Err(format!(
             "cannot remove the build container {name}: {}; remove it with `docker rm -f {name}` (it stays in the run journal for `imgbuild clean`)",
             engine::describe(&err)
@@ -256,6 +331,10 @@ async fn remove_container(engine: &Engine, name: &str) -> Result<(), String> {
 /// when nothing else refers to it); an image id (`sha256:...`, always one
 /// this builder committed) goes with every tag on it. Already gone is fine.
 async fn remove_image(engine: &Engine, reference: &str) -> Result<(), String> {
+    remove_image_reference(engine, reference).await.map(|_| ())
+}
+
+async fn remove_image_reference(engine: &Engine, reference: &str) -> Result<Removal, String> {
     let by_id = reference.starts_with("sha256:");
     let options = RemoveImageOptions {
         force: by_id,
@@ -267,8 +346,8 @@ async fn remove_image(engine: &Engine, reference: &str) -> Result<(), String> {
         .remove_image(reference, Some(options), None)
         .await
     {
-        Ok(_) => Ok(()),
-        Err(err) if engine::is_not_found(&err) => Ok(()),
+        Ok(_) => Ok(Removal::Removed),
+        Err(err) if engine::is_not_found(&err) => Ok(Removal::Absent),
         Err(err) => Err(format!(
             "cannot remove docker image {reference}: {}; remove it with `docker image rm {reference}`",
             engine::describe(&err)
@@ -276,13 +355,13 @@ async fn remove_image(engine: &Engine, reference: &str) -> Result<(), String> {
     }
 }
 
-/// Removes a Docker container or image that a dead run left behind, from its
-/// journal entry alone. Something already gone counts as removed.
-pub async fn clean_orphan(resource: &Resource) -> Result<(), String> {
+/// Removes a Docker container or image that the run `run_id` left behind,
+/// from its journal entry alone, and says what it found.
+pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<Removal, String> {
     let engine = Engine::connect().await?;
     match resource {
-        Resource::DockerContainer { name } => remove_container(&engine, name).await,
-        Resource::DockerImage { reference } => remove_image(&engine, reference).await,
+        Resource::DockerContainer { name } => remove_run_container(&engine, name, run_id).await,
+        Resource::DockerImage { reference } => remove_image_reference(&engine, reference).await,
         other => Err(format!("{} is not a Docker resource", other.describe())),
     }
 }

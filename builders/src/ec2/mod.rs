@@ -415,6 +415,28 @@ impl Builder for Ec2Builder {
         serde_json::to_value(&self.config).unwrap_or_default()
     }
 
+    fn claims(&self, image: &ImageInfo, _config_dir: &Path) -> Vec<String> {
+        // Without a region in the config the build region comes from the
+        // AWS chain, the same for every build of the config.
+        let region = self
+            .config
+            .region
+            .as_deref()
+            .unwrap_or("the default region");
+        let name = self.ami_name(image);
+        std::iter::once(region.to_owned())
+            .chain(self.config.copy_regions(region))
+            .map(|region| match &self.config.endpoint_url {
+                Some(endpoint) => format!("the AMI name {name} in {region} at {endpoint}"),
+                None => format!("the AMI name {name} in {region}"),
+            })
+            .collect()
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        self.config.ssh.password.iter().cloned().collect()
+    }
+
     fn planned_artifact(&self, image: &ImageInfo, _config_dir: &Path) -> PlannedArtifact {
         let region = self
             .config
