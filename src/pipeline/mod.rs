@@ -386,15 +386,14 @@ async fn run_one(
             };
         }
     }
-    if let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty()) {
-        if let Err(err) =
+    if let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty())
+        && let Err(err) =
             crate::outputs::write_github_outputs(std::path::Path::new(&path), &recorded)
-        {
-            cx.log.warn(format!(
-                "cannot write the step outputs to GITHUB_OUTPUT ({}): {err}",
-                std::path::Path::new(&path).display()
-            ));
-        }
+    {
+        cx.log.warn(format!(
+            "cannot write the step outputs to GITHUB_OUTPUT ({}): {err}",
+            std::path::Path::new(&path).display()
+        ));
     }
     cx.log.emit(Event::Artifact {
         build: build.name.clone(),
