@@ -539,8 +539,14 @@ fn normal_components(path: &Path) -> Result<Vec<OsString>, String> {
 
 /// A time from an archive header. Zero becomes one second, as the tar crate
 /// did, since some tools take a zero mtime for "unknown".
+/// An entry's mtime as a time this system can hold: the machine writes the
+/// header, and a date past what `SystemTime` reaches (a GNU header holds up
+/// to 2^64 seconds) becomes the latest date a file system stores.
 fn archive_time(seconds: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(seconds.max(1))
+    const LATEST: u64 = i64::MAX as u64 / 1_000_000_000;
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_secs(seconds.clamp(1, LATEST)))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 fn describe_kind(kind: tar::EntryType) -> String {

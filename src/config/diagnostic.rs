@@ -33,8 +33,13 @@ impl Diagnostic {
     }
 
     pub fn at(mut self, source: &Arc<str>, span: Range<usize>) -> Self {
+        // Spans can come from byte counts that know nothing of UTF-8 (a
+        // template engine's one-byte error range at an emoji); widened to
+        // whole characters so the snippet renderer can slice the line.
+        let start = source.floor_char_boundary(span.start.min(source.len()));
+        let end = source.ceil_char_boundary(span.end.clamp(start, source.len()));
         self.source = Some(source.clone());
-        self.span = Some(span);
+        self.span = Some(start..end);
         self
     }
 
