@@ -154,9 +154,7 @@ pub fn main() -> i32 {
     }
 }
 
-/// A new run id: time-ordered (UUIDv7), so journals and manifest entries
-/// sort by start time.
-/// A run id: 12 hex digits of Unix milliseconds, so ids sort by start time,
+/// A new run id: 12 hex digits of Unix milliseconds, so ids sort by start time,
 /// then 16 hex digits (64 bits) from the OS's CSPRNG (a v4 UUID's random
 /// bytes), so nobody can guess the id, and with it the names of the run's
 /// containers, work directories and key pairs, before they exist. 28
