@@ -88,11 +88,16 @@ impl Provisioner {
                 Provisioner::File(file) => file.run(comm, cx).await,
             }
         };
-        tokio::select! {
+        let result = tokio::select! {
             biased;
             _ = cx.cancel.cancelled() => Err(ProvisionError::Cancelled),
             result = work => result,
+        };
+        if let (Err(ProvisionError::Cancelled), Provisioner::Shell(shell)) = (&result, self) {
+            // Dropping the command's channel does not stop it on the machine.
+            crate::shell::stop_scripts(comm, shell.remote_folder()).await;
         }
+        result
     }
 }
 

@@ -184,6 +184,15 @@ impl ShellProvisioner {
         format!("shell ({})", names.join(", "))
     }
 
+    /// Where scripts are uploaded, without a trailing slash (`/` itself
+    /// stays).
+    pub fn remote_folder(&self) -> &str {
+        match self.config.remote_folder.trim_end_matches('/') {
+            "" => "/",
+            dir => dir,
+        }
+    }
+
     /// The command that runs the script at `path`.
     pub fn execute_command(&self, path: &str) -> Result<String, ProvisionError> {
         render_execute_command(
@@ -234,12 +243,7 @@ impl ShellProvisioner {
     ) -> Result<(), ProvisionError> {
         for script in &self.scripts {
             let remote_name = format!("imgbuild-shell-{}.sh", uuid::Uuid::new_v4().simple());
-            let remote_dir = self.config.remote_folder.trim_end_matches('/');
-            let remote_dir = if remote_dir.is_empty() {
-                "/"
-            } else {
-                remote_dir
-            };
+            let remote_dir = self.remote_folder();
             let remote_path = format!("{}/{remote_name}", remote_dir.trim_end_matches('/'));
             let archive = transfer::single_file_archive(&remote_name, &script.content, 0o755)?;
             comm.upload_tar(remote_dir, archive).await?;
@@ -247,14 +251,27 @@ impl ShellProvisioner {
             let command = self.execute_command(&shell_quote(&remote_path))?;
             cx.log.info(format!("running {}", script.name));
             let sink = LoggingSink::new(&cx.log, 20);
-            let execution = comm.exec(&command, &sink);
+            // The login shell is the leader of the command's process group
+            // (sshd starts each session in a new one): its pid, noted here,
+            // lets a timeout or a cancelled build stop the script and every
+            // process it started. Closing the channel alone does not: sshd
+            // leaves a command without a terminal running.
+            let tracked = format!(
+                "echo $$ > {}; {command}",
+                shell_quote(&format!("{remote_path}{GROUP_SUFFIX}"))
+            );
+            let execution = comm.exec(&tracked, &sink);
             let result = match self.config.timeout {
-                Some(limit) => tokio::time::timeout(limit, execution).await.map_err(|_| {
-                    ProvisionError::Timeout {
-                        what: format!("{} ({command})", script.name),
-                        after: limit,
+                Some(limit) => match tokio::time::timeout(limit, execution).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        stop_scripts(comm, remote_dir).await;
+                        return Err(ProvisionError::Timeout {
+                            what: format!("{} ({command})", script.name),
+                            after: limit,
+                        });
                     }
-                })?,
+                },
                 None => execution.await,
             };
             match result {
@@ -298,6 +315,30 @@ fn codes_text(codes: &[u32]) -> String {
         .join(", ")
 }
 
+/// Beside each running script: the pid of its process group leader.
+const GROUP_SUFFIX: &str = ".pgid";
+
+/// Stops the process groups of the scripts still running from
+/// `remote_dir` (a timeout, a cancelled build), first with SIGTERM, then
+/// SIGKILL, and removes the scripts. A script run through `sudo` is reached
+/// through sudo, which passes the signal on. Best effort, and bounded: the
+/// machine may be gone.
+pub(crate) async fn stop_scripts(comm: &dyn Communicator, remote_dir: &str) {
+    struct Discard;
+    impl crate::communicator::OutputSink for Discard {
+        fn line(&self, _: imgbuild_core::Stream, _: &str) {}
+    }
+    let dir = shell_quote(remote_dir.trim_end_matches('/'));
+    let command = format!(
+        "for f in {dir}/imgbuild-shell-*.sh{GROUP_SUFFIX}; do [ -f \"$f\" ] || continue; \
+         g=$(cat \"$f\"); case \"$g\" in ''|*[!0-9]*) continue;; esac; \
+         kill -TERM -- -\"$g\" 2>/dev/null || sudo -n kill -TERM -- -\"$g\" 2>/dev/null; \
+         sleep 1; kill -KILL -- -\"$g\" 2>/dev/null || sudo -n kill -KILL -- -\"$g\" 2>/dev/null; \
+         rm -f \"$f\" \"${{f%{GROUP_SUFFIX}}}\"; done; true"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(15), comm.exec(&command, &Discard)).await;
+}
+
 /// The script is only useful while it runs; leaving it would leak into the
 /// image. Failure to remove it is not worth failing the build over (after a
 /// reboot, expect_disconnect, it is usually gone with /tmp already).
@@ -306,8 +347,12 @@ async fn remove_quietly(comm: &dyn Communicator, remote_path: &str) {
     impl crate::communicator::OutputSink for Discard {
         fn line(&self, _: imgbuild_core::Stream, _: &str) {}
     }
+    let group = format!("{remote_path}{GROUP_SUFFIX}");
     let _ = comm
-        .exec(&format!("rm -f {}", shell_quote(remote_path)), &Discard)
+        .exec(
+            &format!("rm -f {} {}", shell_quote(remote_path), shell_quote(&group)),
+            &Discard,
+        )
         .await;
 }
 

@@ -11,12 +11,18 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::{Lines, ServerOptions, SshServer, test_log, test_wait_options};
+use support::{
+    Lines, ServerOptions, SshServer, process_running, test_log, test_wait_options, wait_until,
+};
 use tokio::io::AsyncReadExt;
 use tokio_util::io::SyncIoBridge;
 
 const MIB: u64 = 1024 * 1024;
+/// A bound that only catches a hang: far beyond what any check here needs
+/// even on a loaded machine.
+const HANG: Duration = Duration::from_secs(60);
 
 /// Builds a tar archive on a blocking thread and streams it, so nothing
 /// holds the whole archive in memory.
@@ -163,7 +169,7 @@ async fn commands_from_several_tasks_run_side_by_side() {
         flag.display()
     );
     let setter = format!("sleep 0.3; touch {0}; echo b", flag.display());
-    let (a, b) = tokio::time::timeout(Duration::from_secs(20), async {
+    let (a, b) = tokio::time::timeout(HANG, async {
         tokio::join!(run(&comm, &waiter), run(&comm, &setter))
     })
     .await
@@ -292,25 +298,6 @@ async fn failing_transfers_report_tar_errors() {
     assert_eq!(status, ExitStatus::Code(0));
 }
 
-/// Whether a process whose command line contains `pattern` is running.
-fn process_running(pattern: &str) -> bool {
-    Command::new("pgrep")
-        .arg("-f")
-        .arg("--")
-        .arg(pattern)
-        .output()
-        .map(|out| out.status.success())
-        .unwrap_or(false)
-}
-
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn an_abandoned_upload_ends_the_remote_tar() {
     let server = SshServer::started().unwrap();
@@ -334,11 +321,11 @@ async fn an_abandoned_upload_ends_the_remote_tar() {
                 .await
         })
     };
-    wait_until("tar runs", || process_running(&remote_tar)).await;
+    wait_until("tar runs", HANG, || process_running(&remote_tar)).await;
     // Cancelling the build drops the upload; the channel must be closed so
     // tar sees the end of its input instead of waiting forever.
     upload.abort();
-    wait_until("tar is gone", || !process_running(&remote_tar)).await;
+    wait_until("tar is gone", HANG, || !process_running(&remote_tar)).await;
     drop(writer);
     let (status, _) = run(&comm, "true").await;
     assert_eq!(status, ExitStatus::Code(0));
@@ -358,107 +345,36 @@ fn scratch_dir(server: &SshServer) -> tempfile::TempDir {
         .unwrap()
 }
 
-/// CPU seconds used so far by this process (`RUSAGE_SELF`) or by its
-/// waited-for children (`RUSAGE_CHILDREN`).
-fn cpu_seconds(who: libc::c_int) -> f64 {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(who, &mut usage);
-        usage
-    };
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
-/// How fast a transfer went, and the CPU the sending side spent on it
-/// (wall-clock rates are at the mercy of whatever else the host runs).
-struct Rate {
-    mib_per_second: f64,
-    cpu_seconds: f64,
-}
-
-impl std::fmt::Display for Rate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{:.0} MiB/s, {:.2} s CPU",
-            self.mib_per_second, self.cpu_seconds
-        )
-    }
-}
-
-/// Uploads `file` (as `big.bin`) into `dest`. The CPU is the whole test
-/// process's, so it is only meaningful when this test runs alone.
-async fn timed_upload(comm: &SshCommunicator, file: &Path, dest: &Path) -> Rate {
-    let size = std::fs::metadata(file).unwrap().len();
+/// Uploads `file` (as `big.bin`) into `dest`, streamed from a tar builder.
+async fn upload_file(comm: &SshCommunicator, file: &Path, dest: &Path) {
     let file = file.to_owned();
-    let cpu = cpu_seconds(libc::RUSAGE_SELF);
-    let started = Instant::now();
     let (archive, producer) = tar_stream(move |b| b.append_path_with_name(&file, "big.bin"));
     comm.upload_tar(dest.to_str().unwrap(), archive)
         .await
         .unwrap();
     producer.await.unwrap().unwrap();
-    Rate {
-        mib_per_second: size as f64 / MIB as f64 / started.elapsed().as_secs_f64(),
-        cpu_seconds: cpu_seconds(libc::RUSAGE_SELF) - cpu,
-    }
 }
 
-/// Copies `file` to `dest` with OpenSSH's scp (SFTP protocol in 9.x).
-fn timed_scp(
-    server: &SshServer,
-    key_file: &Path,
-    file: &Path,
-    dest: &Path,
-    cipher: Option<&str>,
-) -> Rate {
-    let size = std::fs::metadata(file).unwrap().len();
-    let mut command = Command::new("scp");
-    command
-        .args([
-            "-q",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-        ])
-        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
-        .arg("-i")
-        .arg(key_file)
-        .arg("-P")
-        .arg(server.port().to_string());
-    if let Some(cipher) = cipher {
-        command.arg("-c").arg(cipher);
-    }
-    let cpu = cpu_seconds(libc::RUSAGE_CHILDREN);
-    let started = Instant::now();
-    let status = command
-        .arg(file)
-        .arg(format!(
-            "{}@127.0.0.1:{}",
-            server.username(),
-            dest.display()
-        ))
-        .status()
-        .unwrap();
-    let elapsed = started.elapsed();
-    assert!(status.success(), "scp failed: {status}");
-    Rate {
-        mib_per_second: size as f64 / MIB as f64 / elapsed.as_secs_f64(),
-        cpu_seconds: cpu_seconds(libc::RUSAGE_CHILDREN) - cpu,
-    }
+/// The cipher sshd says it agreed on, from its DEBUG1 log.
+fn ciphers_sshd_negotiated(server: &SshServer) -> Vec<String> {
+    server
+        .log()
+        .lines()
+        .filter_map(|l| l.split("kex: client->server cipher: ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
 }
 
+/// Integrity only: how the transfer's speed compares with scp is measured
+/// by bench/ (the "imgbuild transfer time <= 2x plain scp" target), where
+/// nothing else competes for the machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uploads_256_mib_streaming_and_compares_with_scp() {
+async fn uploads_and_downloads_256_mib_intact_streaming_with_each_cipher() {
     let local = tempfile::tempdir().unwrap();
     let big = local.path().join("big.bin");
     let expected = write_pseudo_random(&big, 256 * MIB).unwrap();
     let key = TemporaryKey::generate().unwrap();
-    let key_file = local.path().join("id_ed25519");
-    key.write_private_openssh(&key_file).unwrap();
 
     let server = SshServer::started_with(ServerOptions {
         log_level: "DEBUG1".to_owned(),
@@ -467,12 +383,14 @@ async fn uploads_256_mib_streaming_and_compares_with_scp() {
     .unwrap();
     server.authorize_key(key.public_openssh()).unwrap();
     let comm = server.connect(key.auth()).await.unwrap();
+    // What the communicator reports is what the server agreed to.
+    let cipher = comm.cipher().expect("no cipher reported");
+    assert_eq!(ciphers_sshd_negotiated(&server), [cipher]);
 
-    // Both copies land in memory when possible, so that the disk's mood
-    // does not drown the difference between the two transports.
+    // On tmpfs when possible, to spare the disk three 256 MiB writes.
     let scratch = scratch_dir(&server);
     let dest = scratch.path().join("upload");
-    let russh_rate = timed_upload(&comm, &big, &dest).await;
+    upload_file(&comm, &big, &dest).await;
     // Checked on the far side of the connection, with the machine's tools.
     let remote_file = dest.join("big.bin");
     let remote_file = shell_escape::unix::escape(remote_file.to_str().unwrap().into());
@@ -482,7 +400,6 @@ async fn uploads_256_mib_streaming_and_compares_with_scp() {
     assert!(remote.starts_with(&expected), "{remote} != {expected}");
 
     // And back, streamed through a tar reader without landing anywhere.
-    let started = Instant::now();
     let download = comm
         .download_tar(dest.join("big.bin").to_str().unwrap())
         .await
@@ -511,27 +428,7 @@ async fn uploads_256_mib_streaming_and_compares_with_scp() {
     .unwrap()
     .unwrap();
     assert_eq!(downloaded, (expected.clone(), 256 * MIB));
-    let download_rate = 256.0 / started.elapsed().as_secs_f64();
     std::fs::remove_file(dest.join("big.bin")).unwrap();
-
-    let scp_dest = scratch.path().join("scp.bin");
-    let scp_rate = timed_scp(&server, &key_file, &big, &scp_dest, None);
-    assert_eq!(sha256_file(&scp_dest).unwrap(), expected);
-    std::fs::remove_file(&scp_dest).unwrap();
-    let negotiated: Vec<String> = server
-        .log()
-        .lines()
-        .filter(|l| l.contains("kex: client->server cipher"))
-        .map(|l| l.to_owned())
-        .collect();
-    eprintln!(
-        "256 MiB upload: russh {} (cipher {}); scp {}",
-        russh_rate,
-        comm.cipher().unwrap_or_default(),
-        scp_rate
-    );
-    eprintln!("256 MiB download: russh {download_rate:.0} MiB/s");
-    eprintln!("sshd saw: {negotiated:#?}");
 
     // The same with each cipher forced by the server.
     for cipher in ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"] {
@@ -544,13 +441,13 @@ async fn uploads_256_mib_streaming_and_compares_with_scp() {
         let comm = server.connect(key.auth()).await.unwrap();
         assert_eq!(comm.cipher().as_deref(), Some(cipher));
         let dest = scratch.path().join("upload");
-        let russh_rate = timed_upload(&comm, &big, &dest).await;
-        assert_eq!(sha256_file(&dest.join("big.bin")).unwrap(), expected);
+        upload_file(&comm, &big, &dest).await;
+        assert_eq!(
+            sha256_file(&dest.join("big.bin")).unwrap(),
+            expected,
+            "with {cipher}"
+        );
         std::fs::remove_file(dest.join("big.bin")).unwrap();
-        let scp_dest = scratch.path().join("scp.bin");
-        let scp_rate = timed_scp(&server, &key_file, &big, &scp_dest, Some(cipher));
-        std::fs::remove_file(&scp_dest).unwrap();
-        eprintln!("256 MiB upload with {cipher}: russh {russh_rate}; scp {scp_rate}");
     }
 }
 
@@ -628,24 +525,27 @@ async fn a_port_that_accepts_but_stays_silent_is_retried_on_a_new_connection() {
 async fn gives_up_after_the_timeout_naming_what_it_saw() {
     let port = support::free_port().unwrap();
     let started = Instant::now();
-    let err = SshCommunicator::connect(
+    let wait = Duration::from_millis(1500);
+    let connecting = SshCommunicator::connect(
         imgbuild_provisioners::ssh::SshTarget {
             host: "127.0.0.1".to_owned(),
             port,
         },
         "builder".to_owned(),
         TemporaryKey::generate().unwrap().auth(),
-        test_wait_options(Duration::from_millis(1500)),
+        test_wait_options(wait),
         CancellationToken::new(),
         test_log().0,
         None,
-    )
-    .await
-    .err()
-    .expect("nothing listens, yet it connected");
+    );
+    let err = tokio::time::timeout(HANG, connecting)
+        .await
+        .expect("the wait never ended")
+        .err()
+        .expect("nothing listens, yet it connected");
     let elapsed = started.elapsed();
     let text = err.to_string();
-    eprintln!("{text}");
+    eprintln!("{text} (after {elapsed:?})");
     assert!(matches!(err, CommError::Connect { .. }));
     assert!(
         text.contains(&format!("builder@127.0.0.1:{port}")),
@@ -653,7 +553,10 @@ async fn gives_up_after_the_timeout_naming_what_it_saw() {
     );
     assert!(text.contains("within 1.5s"), "{text}");
     assert!(text.contains("connection refused"), "{text}");
-    assert!(elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_secs(3));
+    // Not before the timeout: a refused connection is retried, as when
+    // sshd is not up yet. (How soon after it the wait ends is not a
+    // property a loaded test machine can check.)
+    assert!(elapsed >= wait, "gave up after {elapsed:?}");
 }
 
 #[tokio::test]
@@ -663,55 +566,70 @@ async fn cancellation_and_liveness_stop_the_wait() {
         port: support::free_port().unwrap(),
     };
     let auth = TemporaryKey::generate().unwrap().auth();
+    // Far longer than `HANG`, so that only cancellation or liveness can
+    // end the wait in time.
+    let wait = test_wait_options(HANG * 10);
 
     let cancel = CancellationToken::new();
-    let canceller = cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        canceller.cancel();
-    });
-    let started = Instant::now();
-    let err = SshCommunicator::connect(
-        target.clone(),
-        "root".to_owned(),
-        auth.clone(),
-        test_wait_options(Duration::from_secs(60)),
-        cancel,
-        test_log().0,
-        None,
+    let (log, sink) = test_log();
+    let canceller = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            // Cancelled once the wait is under way, not before it starts.
+            wait_until("the wait starts", HANG, || {
+                info_messages(&sink.events())
+                    .iter()
+                    .any(|m| m.starts_with("Waiting for SSH on"))
+            })
+            .await;
+            cancel.cancel();
+        })
+    };
+    let err = tokio::time::timeout(
+        HANG,
+        SshCommunicator::connect(
+            target.clone(),
+            "root".to_owned(),
+            auth.clone(),
+            wait,
+            cancel,
+            log,
+            None,
+        ),
     )
     .await
+    .expect("cancellation did not stop the wait")
     .err()
     .unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
+    canceller.await.unwrap();
     assert!(err.to_string().contains("cancelled"), "{err}");
 
-    let started = Instant::now();
-    let liveness: imgbuild_provisioners::ssh::Liveness = Arc::new(move || {
-        (started.elapsed() > Duration::from_millis(400))
-            .then(|| "QEMU exited: exit status: 1".to_owned())
-    });
-    let err = SshCommunicator::connect(
-        target,
-        "root".to_owned(),
-        auth,
-        test_wait_options(Duration::from_secs(60)),
-        CancellationToken::new(),
-        test_log().0,
-        Some(liveness),
+    // The machine is reported gone on the third question, so the answer
+    // must come from asking during the wait, not only before it.
+    let asked = Arc::new(AtomicUsize::new(0));
+    let liveness: imgbuild_provisioners::ssh::Liveness = {
+        let asked = asked.clone();
+        Arc::new(move || {
+            let times = asked.fetch_add(1, Ordering::SeqCst) + 1;
+            (times >= 3).then(|| "QEMU exited: exit status: 1".to_owned())
+        })
+    };
+    let err = tokio::time::timeout(
+        HANG,
+        SshCommunicator::connect(
+            target,
+            "root".to_owned(),
+            auth,
+            wait,
+            CancellationToken::new(),
+            test_log().0,
+            Some(liveness),
+        ),
     )
     .await
+    .expect("liveness did not stop the wait")
     .err()
     .unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
     assert!(
         err.to_string().contains("QEMU exited: exit status: 1"),
         "{err}"
@@ -754,27 +672,48 @@ async fn a_wrong_key_is_reported_as_rejected() {
 #[tokio::test]
 async fn persistent_rejection_ends_the_wait_early() {
     let server = SshServer::started().unwrap();
+    let (log, sink) = test_log();
     let started = Instant::now();
-    let err = SshCommunicator::connect(
+    // The bound below is half the wait's timeout: a wait that runs to its
+    // timeout fails the test.
+    let connecting = SshCommunicator::connect(
         server.target(),
         server.username(),
         TemporaryKey::generate().unwrap().auth(),
-        test_wait_options(Duration::from_secs(600)),
+        test_wait_options(HANG * 10),
         CancellationToken::new(),
-        test_log().0,
+        log,
         None,
-    )
-    .await
-    .err()
-    .unwrap();
-    let elapsed = started.elapsed();
-    assert!(
-        elapsed >= Duration::from_secs(30) && elapsed < Duration::from_secs(40),
-        "{elapsed:?}"
     );
+    let err = tokio::time::timeout(HANG * 5, connecting)
+        .await
+        .expect("rejection did not end the wait before its timeout")
+        .err()
+        .unwrap();
+    let elapsed = started.elapsed();
     let text = err.to_string();
-    assert!(text.contains("on every attempt for 3"), "{text}");
+    eprintln!("{text} (after {elapsed:?})");
     assert!(!text.contains("timed out"), "{text}");
+    // Not before the rejection window the log announced: a key that
+    // cloud-init installs late must still get its chance.
+    let infos = info_messages(&sink.events());
+    let window = infos
+        .iter()
+        .find_map(|m| m.split("retrying for up to ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|limit| humantime::parse_duration(limit).unwrap())
+        .unwrap_or_else(|| panic!("the rejection window was not announced: {infos:?}"));
+    assert!(
+        elapsed >= window,
+        "gave up after {elapsed:?}, before {window:?}"
+    );
+    let rejected_for = text
+        .split("on every attempt for ")
+        .nth(1)
+        .and_then(|rest| rest.split([' ', ';']).next())
+        .map(|d| humantime::parse_duration(d).unwrap())
+        .unwrap_or_else(|| panic!("does not say how long it was rejected: {text}"));
+    assert!(rejected_for >= window, "{text}");
 }
 
 #[tokio::test]
@@ -804,10 +743,10 @@ async fn a_dropped_connection_is_reported_and_reconnect_waits_for_the_restart() 
         let (comm, lines) = (comm.clone(), lines.clone());
         tokio::spawn(async move { comm.exec("echo started; sleep 30", &*lines).await })
     };
-    assert!(lines.wait_for("started", Duration::from_secs(20)).await);
+    assert!(lines.wait_for("started", HANG).await);
     let killed = Instant::now();
     server.stop();
-    let result = tokio::time::timeout(Duration::from_secs(10), running)
+    let result = tokio::time::timeout(HANG, running)
         .await
         .expect("exec did not notice the disconnect")
         .unwrap();
@@ -817,6 +756,9 @@ async fn a_dropped_connection_is_reported_and_reconnect_waits_for_the_restart() 
     eprintln!("{err}");
     assert!(matches!(err, CommError::Disconnected { .. }), "{err}");
     assert!(err.to_string().contains(&comm.target()), "{err}");
+    // Noticed from the connection closing, not from keepalives going
+    // unanswered long after.
+    assert!(!err.to_string().contains("keepalives"), "{err}");
 
     // ...and comes back a second later, on the same port.
     let restart = tokio::task::spawn_blocking(move || {
@@ -871,10 +813,10 @@ async fn keepalives_keep_quiet_commands_alive_and_notice_a_hung_machine() {
         let (comm, lines) = (comm.clone(), lines.clone());
         tokio::spawn(async move { comm.exec("echo started; sleep 60", &*lines).await })
     };
-    assert!(lines.wait_for("started", Duration::from_secs(20)).await);
+    assert!(lines.wait_for("started", HANG).await);
     server.freeze_sessions();
     let frozen = Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(20), running)
+    let err = tokio::time::timeout(HANG, running)
         .await
         .expect("a hung machine was never noticed")
         .unwrap()
@@ -975,19 +917,16 @@ impl Drop for PasswordUser {
 
 #[tokio::test]
 async fn logs_in_with_a_password() {
-    if !support::is_root() {
-        eprintln!(
-            "skipped: password logins need a local user with a password, and creating one needs root"
-        );
-        return;
-    }
-    let user = match PasswordUser::create() {
-        Ok(user) => user,
-        Err(err) => {
-            eprintln!("skipped: cannot create a test user with a password: {err}");
-            return;
-        }
-    };
+    // A test that returned here would report a pass without checking
+    // anything; CI runs as root, so not being root is a broken setup.
+    assert!(
+        support::is_root(),
+        "password logins need a local user with a password, and creating one needs root: \
+         run the provisioners tests as root, as CI does"
+    );
+    let user = PasswordUser::create().unwrap_or_else(|err| {
+        panic!("cannot create the local user imgbuild-ssh-test with a password: {err}")
+    });
     let server = SshServer::started_with(ServerOptions {
         password_authentication: true,
         ..ServerOptions::default()

@@ -479,6 +479,53 @@ fn descendants_of(root: u32) -> Vec<u32> {
     found
 }
 
+/// Whether a process whose command line contains `pattern` is running.
+pub fn process_running(pattern: &str) -> bool {
+    Command::new("pgrep")
+        .arg("-f")
+        .arg("--")
+        .arg(pattern)
+        .output()
+        .map(|out| out.status.success())
+        .unwrap_or(false)
+}
+
+/// Polls `condition` until it holds. `within` only catches a hang: make it
+/// generous, so that a loaded machine does not fail the test.
+pub async fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A shell line for a script on the [`Machine`]: sleeps `seconds` in the
+/// foreground, as the process whose pid it writes to `pid_file` first, so
+/// a test can tell whether that very process outlives the script's run.
+pub fn tracked_sleep(pid_file: &str, seconds: u32) -> String {
+    format!(
+        "sh -c 'echo $$ > \"$1\"; exec sleep {seconds}' sh {}",
+        shell_escape::unix::escape(pid_file.into())
+    )
+}
+
+/// The pid [`tracked_sleep`] wrote to `pid_file`, once it has.
+pub fn tracked_pid(pid_file: &Path) -> Option<u32> {
+    std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is still a running `sleep` (not gone, a zombie, or a pid
+/// reused by something else).
+pub fn is_sleeping(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| cmdline.split(|b| *b == 0).next() == Some(b"sleep"))
+        .unwrap_or(false)
+}
+
 pub fn test_wait_options(timeout: Duration) -> WaitOptions {
     WaitOptions {
         timeout,
