@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +41,8 @@ SSH_USER = "bench"
 PAYLOAD_VM = 64 * 2**20
 PAYLOAD_CONTAINER = 256 * 2**20
 HASH_FILE_SIZE = 2**30
+# What provision.sh leaves on every machine, per tool.
+RELEASE_FILE = "/etc/bench-release"
 
 
 def log(msg: str) -> None:
@@ -156,17 +159,93 @@ class Moto:
             PublicKeyMaterial=base64.b64encode(public_key).decode(),
         )
 
-    def image_ids(self, name: str) -> list[str]:
+    def images(self, name: str) -> dict[str, dict[str, str]]:
+        """The AMIs named `name`: their ids and tags."""
         xml = self.call(
             "DescribeImages", **{"Owner.1": "self", "Filter.1.Name": "name", "Filter.1.Value.1": name}
         )
-        return re.findall(r"<imageId>(ami-[0-9a-f]+)</imageId>", xml)
+        return parse_images(xml)
 
     def pid(self) -> int | None:
         try:
             return int(Path(f"/tmp/imgbuild-moto-{self.port}.pid").read_text().strip())
         except (OSError, ValueError):
             return None
+
+
+def parse_images(xml: str) -> dict[str, dict[str, str]]:
+    """DescribeImages' answer: {ami id: {tag key: value}}."""
+    # Any namespace: moto's lacks the trailing slash of EC2's.
+    root = ET.fromstring(xml)
+    images = {}
+    for item in root.iterfind("{*}imagesSet/{*}item"):
+        tags = {
+            tag.findtext("{*}key", ""): tag.findtext("{*}value", "")
+            for tag in item.iterfind("{*}tagSet/{*}item")
+        }
+        images[item.findtext("{*}imageId", "")] = tags
+    return images
+
+
+def release_line(tool: str) -> str:
+    """What provision.sh writes to RELEASE_FILE when `tool` runs it."""
+    return f"bench image built by {tool}\n"
+
+
+def read_from_disk(image: Path, inside: str, scratch: Path) -> str:
+    """The file `inside` of a disk image's first partition (qcow2 or raw, MBR
+    like the fixture), read from a read-only loop mount without booting it:
+    what the image really holds. Needs root, like the rest of the benchmark.
+    Mirrors `with_mounted_disk` of tests/support."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    raw = scratch / "disk.raw"
+    root = scratch / "root"
+    root.mkdir(exist_ok=True)
+    loop = None
+    try:
+        sh(["qemu-img", "convert", "-O", "raw", str(image), str(raw)])
+        with open(raw, "rb") as f:
+            mbr = f.read(512)
+        if len(mbr) < 512 or mbr[510:] != b"\x55\xaa":
+            raise RuntimeError(f"{image} has no MBR")
+        start = int.from_bytes(mbr[454:458], "little")
+        if not start:
+            raise RuntimeError(f"{image} has no first partition")
+        loop = sh(["losetup", "--find", "--show", "--read-only", "--offset", str(start * 512), str(raw)])
+        sh(["mount", "-o", "ro,noload", loop, str(root)])
+        try:
+            return (root / inside.lstrip("/")).read_text()
+        finally:
+            sh(["umount", str(root)], check=False)
+    finally:
+        if loop:
+            sh(["losetup", "-d", loop], check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+PAYLOAD_HASH = re.compile(r"BENCH_SHA256 ([0-9a-f]{64})")
+
+
+def payload_hashes(tool: str, lines) -> dict[str, str]:
+    """{build: the SHA-256 the machine computed of /tmp/payload.bin}, from the
+    `BENCH_SHA256 <hex>` lines the upload scenario's last provisioner prints."""
+    out = {}
+    for _, text in lines:
+        if tool == "imgbuild":
+            try:
+                ev = json.loads(text)
+            except ValueError:
+                continue
+            if not isinstance(ev, dict) or ev.get("event") != "output":
+                continue
+            build, text = ev.get("build"), ev.get("line", "")
+        else:
+            p = PACKER_PREFIX.match(text)
+            build = p.group(1) if p else None
+        m = PAYLOAD_HASH.search(text)
+        if m and build:
+            out[build] = m.group(1)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -369,29 +448,79 @@ class Env:
 
     # -- checks and cleanup ----------------------------------------------------
 
-    def check_artifacts(self, scenario: str, tool: str, v: dict) -> list[str]:
-        """What the run should have produced and did not."""
+    def check_artifacts(self, scenario: str, tool: str, v: dict, out: Path, lines) -> list[str]:
+        """What the run should have produced and did not: not only that the
+        artifacts exist, but that they hold the provisioners' work, checked
+        the same way for both tools."""
         problems = []
+        want = release_line(tool)
         if scenario in ("qemu", "upload", "parallel"):
             outdir = Path(v["output_dir"])
             images = [p for p in outdir.glob("*.qcow2")] if outdir.exists() else []
             sums = [p for p in outdir.glob("*.sha256")] if outdir.exists() else []
-            if not images:
-                problems.append(f"no qcow2 in {outdir}")
-            if not sums:
-                problems.append(f"no .sha256 in {outdir}")
+            if len(images) != 1:
+                problems.append(f"{len(images)} qcow2 files in {outdir}, not 1")
+            if len(sums) != 1:
+                problems.append(f"{len(sums)} .sha256 files in {outdir}, not 1")
             for img in images:
                 info = json.loads(sh(["qemu-img", "info", "--output", "json", str(img)]))
+                if info.get("format") != "qcow2":
+                    problems.append(f"{img} is {info.get('format')}, not qcow2")
                 if info.get("backing-filename"):
                     problems.append(f"{img} has a backing file")
+                if len(sums) == 1:
+                    # Both tools write "<hex><space or tab><name>".
+                    listed = (sums[0].read_text().split() or [""])[0]
+                    if listed != sha256_of(img):
+                        problems.append(f"{sums[0]} says {listed!r}, not the sha256 of {img.name}")
+                if scenario != "upload":
+                    try:
+                        got = read_from_disk(img, RELEASE_FILE, out / "disk-check")
+                    except Exception as err:  # noqa: BLE001 - a failed check, not a crash
+                        got = f"unreadable: {err}"
+                    if got != want:
+                        problems.append(f"{RELEASE_FILE} in {img.name} is {got!r}, not {want!r}")
         if scenario in ("docker", "upload", "parallel"):
             ref = f"{v['repository']}:{v['version']}"
             if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode != 0:
                 problems.append(f"no Docker image {ref}")
+            elif scenario != "upload":
+                res = subprocess.run(["docker", "run", "--rm", "--entrypoint", "cat", ref, RELEASE_FILE],
+                                     capture_output=True, text=True)
+                got = res.stdout if res.returncode == 0 else f"unreadable: {res.stderr.strip()}"
+                if got != want:
+                    problems.append(f"{RELEASE_FILE} in {ref} is {got!r}, not {want!r}")
+        if scenario == "upload":
+            # The last provisioner hashes the payload on the machine.
+            hashes = payload_hashes(tool, lines)
+            for build, payload in (("vm", self.payload_vm), ("container", self.payload_container)):
+                got = hashes.get(build)
+                if got != self.cached_sha256(payload):
+                    problems.append(f"the payload on {build} has sha256 {got}, not that of {payload.name}")
         if scenario in ("ec2", "parallel"):
-            if not self.moto.image_ids(v["ami_name"]):
-                problems.append(f"no AMI named {v['ami_name']}")
+            images = self.moto.images(v["ami_name"])
+            if len(images) != 1:
+                problems.append(f"{len(images)} AMIs named {v['ami_name']}, not 1")
+            want_tags = {"bench": scenario, "tool": tool}
+            for ami, tags in images.items():
+                missing = {k: val for k, val in want_tags.items() if tags.get(k) != val}
+                if missing:
+                    problems.append(f"{ami} lacks the tags {missing} (has {tags})")
+            # moto's AMIs hold no data: what the AMI would contain is on the
+            # sshd container that played the instance (cleared before each run).
+            got = self.target_file(RELEASE_FILE)
+            if got != want:
+                problems.append(f"{RELEASE_FILE} on the SSH target is {got!r}, not {want!r}")
         return problems
+
+    def target_file(self, path: str) -> str:
+        res = subprocess.run(["docker", "exec", self.target_cid, "cat", path], capture_output=True, text=True)
+        return res.stdout if res.returncode == 0 else f"unreadable: {res.stderr.strip()}"
+
+    def clear_target(self):
+        """Removes what an earlier run provisioned on the SSH target, so a run
+        is checked only on what it did itself."""
+        sh(["docker", "exec", self.target_cid, "rm", "-f", RELEASE_FILE])
 
     def cleanup(self, scenario: str, tool: str, v: dict, out: Path):
         if scenario in ("docker", "upload", "parallel"):
@@ -477,6 +606,7 @@ def run_once(env: Env, scenario: str, tool: str, index: int, order: int) -> dict
     out.mkdir(parents=True, exist_ok=True)
     if scenario in ("ec2", "parallel"):
         env.reset_moto()
+        env.clear_target()
     argv, penv, v = env.command(scenario, tool, version, out)
     (out / "command.txt").write_text(" ".join(map(str, argv)) + "\n")
     load0 = loadavg()
@@ -523,7 +653,7 @@ def run_once(env: Env, scenario: str, tool: str, index: int, order: int) -> dict
     if res.timed_out:
         problems.append("timed out")
     if res.returncode == 0:
-        problems += env.check_artifacts(scenario, tool, v)
+        problems += env.check_artifacts(scenario, tool, v, out, res.lines)
     record["ok"] = not problems
     if problems:
         record["problems"] = problems

@@ -86,15 +86,20 @@ fn the_template_builds_a_tagged_image_that_runs_with_the_changes() {
     let id = docker(&["image", "inspect", "--format", "{{.Id}}", &reference]);
     assert_eq!(entry["artifact_id"], id);
     assert_eq!(entry["details"]["repository"], "debian-app");
-    let tags: Vec<&str> = entry["details"]["tags"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    assert!(
-        tags.contains(&reference.as_str()) || tags.contains(&version.as_str()),
-        "{tags:?}"
+    // The version tag first, then the template's `tags = ["latest"]`, and
+    // both name the image the build made.
+    assert_eq!(
+        entry["details"]["tags"],
+        serde_json::json!([version, "latest"])
+    );
+    let latest = "debian-app:latest";
+    assert_eq!(
+        entry["details"]["references"],
+        serde_json::json!([reference, latest])
+    );
+    assert_eq!(
+        docker(&["image", "inspect", "--format", "{{.Id}}", latest]),
+        id
     );
     assert_eq!(entry["source"]["kind"], "docker-image");
 

@@ -7,6 +7,12 @@
 //! container (tests/fixtures/sshd-target) through `ssh.host`/`ssh.port`, and
 //! the test plays cloud-init: once the build has imported its temporary key
 //! pair into moto, the container trusts that key.
+//!
+//! What cannot be tested here: moto's AMIs hold no data (an AMI is only its
+//! metadata), so the AMI's name, tags, sharing and copy are checked in moto,
+//! and what the AMI would contain is checked on the sshd container that
+//! played the instance: the provisioners' files, and the build key no longer
+//! trusted.
 #![cfg(feature = "ec2")]
 
 mod support;

@@ -79,11 +79,26 @@ fn qemu_and_docker_builds_of_one_image_run_in_parallel() {
         "/etc/node-release",
     ]);
     assert_eq!(release, format!("edge-node {version} (edge, docker)"));
+    // The VM's artifact is the raw disk the config asks for, and the
+    // provisioner's file is on it.
+    let disk = workspace.join(&format!("output/edge-node-{version}.raw"));
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&disk)
+        .output()
+        .unwrap();
     assert!(
-        workspace
-            .join(&format!("output/edge-node-{version}.raw"))
-            .is_file()
+        info.status.success(),
+        "qemu-img info {}: {}",
+        disk.display(),
+        String::from_utf8_lossy(&info.stderr)
     );
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "raw", "{info}");
+    let vm_release = with_mounted_disk(&disk, |root| {
+        std::fs::read_to_string(root.join("etc/node-release")).unwrap()
+    });
+    assert_eq!(vm_release, format!("edge-node {version} (edge, qemu)\n"));
     assert!(workspace.journals().is_empty());
     assert!(workspace.qemu_processes().is_empty());
 }

@@ -45,6 +45,13 @@ fn build_image_toml(workspace: &Workspace) -> Imgbuild {
 }
 
 fn assert_nothing_left(workspace: &Workspace) {
+    assert_nothing_left_in(workspace, &["output"]);
+}
+
+/// No VM, no journal, and no work file (a hidden `.imgbuild-*` directory or
+/// `.partial` download) in any of `dirs`, the output directories and caches
+/// the test's builds used.
+fn assert_nothing_left_in(workspace: &Workspace, dirs: &[&str]) {
     assert!(
         workspace.qemu_processes().is_empty(),
         "QEMU processes are left: {:?}",
@@ -55,15 +62,17 @@ fn assert_nothing_left(workspace: &Workspace) {
         "journals are left: {:?}",
         workspace.journals()
     );
-    let leftovers: Vec<String> = workspace
-        .files_in("output")
-        .into_iter()
-        .filter(|name| name.starts_with('.'))
-        .collect();
-    assert!(
-        leftovers.is_empty(),
-        "work files are left in output/: {leftovers:?}"
-    );
+    for dir in dirs {
+        let leftovers: Vec<String> = workspace
+            .files_in(dir)
+            .into_iter()
+            .filter(|name| name.starts_with('.'))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "work files are left in {dir}/: {leftovers:?}"
+        );
+    }
 }
 
 #[test]
@@ -335,10 +344,10 @@ fn on_error_abort_leaves_the_vm_reachable_until_clean() {
         "image.toml",
         &vm_config(
             "1.0.0",
-            "[[provision]]\ntype = \"shell\"\ninline = [\"head -c 12000000 /dev/zero | tr '\\\\0' x | sudo tee /dev/ttyS0 >/dev/null\", \"sleep 2\", \"exit 7\"]\n",
+            "[[provision]]\ntype = \"shell\"\ninline = [\"echo left-for-debugging > /tmp/abort-marker\", \"head -c 12000000 /dev/zero | tr '\\\\0' x | sudo tee /dev/ttyS0 >/dev/null\", \"sleep 2\", \"exit 7\"]\n",
         ),
     );
-    workspace
+    let outcome = workspace
         .imgbuild()
         .args(["build", "image.toml", "--on-error", "abort", "--var"])
         .arg(format!("base_image={}", base_vm_image()))
@@ -352,6 +361,46 @@ fn on_error_abort_leaves_the_vm_reachable_until_clean() {
         workspace.qemu_processes().len(),
         1,
         "the VM stays up for debugging"
+    );
+
+    // The printed command logs in to the failed VM, as a user would: the
+    // file its provisioner wrote before failing is there.
+    let command = outcome
+        .stderr
+        .lines()
+        .find_map(|line| line.find("ssh -p ").map(|at| &line[at..]))
+        .unwrap();
+    // A password login says so after the command; the password comes from
+    // an askpass program, as no terminal is there to type it.
+    let command = command
+        .strip_suffix(" (with the configured credentials)")
+        .unwrap_or(command);
+    let askpass = workspace.write("askpass", "#!/bin/sh\necho fixture-password\n");
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let words: Vec<&str> = command.split_whitespace().collect();
+    // `timeout` only catches a hang.
+    let login = std::process::Command::new("timeout")
+        .arg("300")
+        .args(&words)
+        .arg("cat /tmp/abort-marker /etc/hostname")
+        .env("SSH_ASKPASS", &askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        login.status.success(),
+        "{command} failed ({}): {}",
+        login.status,
+        String::from_utf8_lossy(&login.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&login.stdout),
+        "left-for-debugging\nimgbuild-vm\n"
     );
     let work_dir = workspace
         .files_in("output")
@@ -380,11 +429,8 @@ fn the_cloud_image_template_downloads_verifies_caches_and_uses_cloud_init() {
     let base_path = std::path::Path::new(&base);
     let checksum = sha256_of(base_path);
     let server = HttpServer::serving(base_path.parent().unwrap());
-    let url = format!(
-        "{}/{}",
-        server.url(),
-        base_path.file_name().unwrap().to_string_lossy()
-    );
+    let served_name = base_path.file_name().unwrap().to_string_lossy();
+    let url = format!("{}/{served_name}", server.url());
     let workspace = Workspace::with_templates();
     let cache = workspace.join("cache");
     let build = |version: &str| {
@@ -402,6 +448,7 @@ fn the_cloud_image_template_downloads_verifies_caches_and_uses_cloud_init() {
     build("a")
         .exits_with(EXIT_OK)
         .stderr_has("downloading http://127.0.0.1");
+    assert_eq!(server.requests_for(&served_name), 1, "{}", server.log());
     let manifest = workspace.manifest();
     let entry = &manifest["builds"][0];
     assert_eq!(entry["source"]["kind"], "url");
@@ -418,6 +465,39 @@ fn the_cloud_image_template_downloads_verifies_caches_and_uses_cloud_init() {
             .join(format!("imgbuild/downloads/{checksum}.img"))
             .is_file(),
         "the download is cached under its checksum"
+    );
+
+    // A second build takes the base from the cache: it verifies the cached
+    // copy and asks the server for nothing. Its output directory is a file,
+    // so it stops at the step after the fetch, before anything boots.
+    workspace.write("output-cached", "not a directory\n");
+    workspace
+        .imgbuild()
+        .env("XDG_CACHE_HOME", &cache)
+        .args([
+            "build",
+            "qemu-cloud-image.toml",
+            "--manifest",
+            "cached-manifest.json",
+            "--var",
+        ])
+        .arg(format!("base_image={url}"))
+        .arg("--var")
+        .arg(format!("base_checksum=sha256:{checksum}"))
+        .arg("--var")
+        .arg("output_dir=output-cached")
+        .run()
+        .exits_with(EXIT_BUILD_FAILED)
+        .stderr_has(&format!("verifying the cached download of {url}"))
+        .stderr_has(&format!("base image {url} (qcow2)"))
+        .stderr_has("cannot create the output directory")
+        .stderr_lacks("downloading http://127.0.0.1")
+        .stderr_lacks("==> launch");
+    assert_eq!(
+        server.requests_for(&served_name),
+        1,
+        "the cached build fetched the base again: {}",
+        server.log()
     );
 
     // The artifact, decompressed and read from its disk: the provisioner's
@@ -526,7 +606,18 @@ inline = ["test \"$(cat /etc/image-release)\" = 'debian-cloud-hardened 2.3.0'", 
             .files_in("empty-cache/imgbuild/downloads")
             .is_empty()
     );
-    assert_nothing_left(&workspace);
+    // The counter sees every fetch: the build with an empty cache made one.
+    assert_eq!(server.requests_for(&served_name), 2, "{}", server.log());
+    assert_nothing_left_in(
+        &workspace,
+        &[
+            "output-a",
+            "output-verify",
+            "output-bad",
+            "cache/imgbuild/downloads",
+            "empty-cache/imgbuild/downloads",
+        ],
+    );
 }
 
 /// Reads `disk` without booting it: `user`, whom a build's cloud-init seed
@@ -558,10 +649,12 @@ fn assert_no_seed_credentials(
     });
 }
 
-/// A real HTTP server (Python's http.server) on a free loopback port.
+/// A real HTTP server (Python's http.server) on a free loopback port. It
+/// logs every request it answers, so a test can count what was fetched.
 struct HttpServer {
     child: std::process::Child,
     port: u16,
+    log: tempfile::NamedTempFile,
 }
 
 impl HttpServer {
@@ -571,17 +664,28 @@ impl HttpServer {
             .local_addr()
             .unwrap()
             .port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        // -u: each request's log line is written when it is answered.
         let mut child = std::process::Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .args([
+                "-u",
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
             .arg(dir)
             .arg(port.to_string())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .expect("python3 runs");
+        // Probing with a connection, not a request: the log holds only what
+        // the builds asked for.
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return HttpServer { child, port };
+                return HttpServer { child, port, log };
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -592,6 +696,20 @@ impl HttpServer {
 
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
+    }
+
+    /// GET requests for `/name` answered so far (http.server logs each as
+    /// `... "GET /name HTTP/1.1" 200 -`).
+    fn requests_for(&self, name: &str) -> usize {
+        let request = format!("\"GET /{name} HTTP/");
+        self.log()
+            .lines()
+            .filter(|line| line.contains(&request))
+            .count()
     }
 }
 
@@ -605,16 +723,52 @@ impl Drop for HttpServer {
 #[test]
 fn an_ssh_wait_that_times_out_shows_the_serial_console_and_cleans_up() {
     let workspace = Workspace::new();
+    // A wrong password keeps SSH from ever succeeding, so the wait can be
+    // long enough for the guest to have printed its boot on ttyS0. Rejected
+    // logins are retried for 30 s from the first rejection, which comes
+    // after the boot: a 30 s wait always ends by timing out.
     let config = vm_config("1.0.0", "").replace(
         "password = \"fixture-password\"",
-        "password = \"fixture-password\"\ntimeout = \"3s\"",
+        "password = \"not-the-password\"\ntimeout = \"30s\"",
     );
     workspace.write("image.toml", &config);
-    build_image_toml(&workspace)
+    let outcome = build_image_toml(&workspace)
         .run()
         .exits_with(EXIT_BUILD_FAILED)
         .stderr_has("imgbuild@127.0.0.1:")
-        .stderr_has("serial console");
+        .stderr_has("last lines of the serial console (")
+        .stderr_lacks("the serial console printed nothing");
+    // Timed out: either still rejected when the time was up, or no SSH yet.
+    assert!(
+        outcome.stderr.contains("timed out after")
+            || outcome
+                .stderr
+                .contains("did not become available within 30s"),
+        "{}",
+        outcome.stderr
+    );
+    // Only the guest writes these: its kernel's log lines, stamped with
+    // seconds since boot ("[    1.234567] ..."), systemd's status lines
+    // ("[  OK  ] Started ...", maybe coloured) or the fixture's login prompt.
+    let console = outcome
+        .stderr
+        .split("last lines of the serial console (")
+        .nth(1)
+        .unwrap();
+    assert!(
+        console.lines().skip(1).any(|line| {
+            line.contains("  OK  ")
+                || line.contains("imgbuild-vm login:")
+                || line.split('[').skip(1).any(|rest| {
+                    rest.split_once(']').is_some_and(|(stamp, _)| {
+                        let stamp = stamp.trim();
+                        stamp.contains('.') && stamp.parse::<f64>().is_ok()
+                    })
+                })
+        }),
+        "the console shows no line of the guest's boot:\n{}",
+        outcome.stderr
+    );
     assert_nothing_left(&workspace);
 }
 

@@ -434,15 +434,43 @@ pub fn unique_version() -> String {
     format!("1.0.{}-t{:x}", std::process::id(), nanos & 0xffffffff)
 }
 
-/// Removes the images of `repository` tagged `version` and `latest` when
-/// dropped, so tests leave the engine as they found it.
+/// Removes the images tagged with these references (`repository:version`)
+/// when dropped, and their repository's `latest` tag when it names the same
+/// image, so tests leave the engine as they found it. A `latest` that names
+/// another image belongs to someone else and stays.
 pub struct ImageCleanup(pub Vec<String>);
 
 impl Drop for ImageCleanup {
     fn drop(&mut self) {
+        let image_id = |reference: &str| {
+            Command::new("docker")
+                .args(["image", "inspect", "--format", "{{.Id}}", reference])
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .filter(|output| output.status.success())
+                .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        };
+        let mut doomed = Vec::new();
         for reference in &self.0 {
+            // The tag is after the last colon, unless that colon is a
+            // registry's port ("localhost:5000/app").
+            let repository = match reference.rsplit_once(':') {
+                Some((repository, tag)) if !tag.contains('/') => repository,
+                _ => reference.as_str(),
+            };
+            let latest = format!("{repository}:latest");
+            if latest != *reference
+                && let Some(id) = image_id(reference)
+                && image_id(&latest).as_ref() == Some(&id)
+            {
+                doomed.push(latest);
+            }
+            doomed.push(reference.clone());
+        }
+        for reference in doomed {
             let _ = Command::new("docker")
-                .args(["image", "rm", "--force", reference])
+                .args(["image", "rm", "--force", &reference])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
