@@ -16,8 +16,7 @@ async fn a_version_taken_while_the_build_waits_to_tag_is_not_moved() {
     let docker = docker();
     let repository = unique_repository();
     let reference = format!("{repository}:7.0.0");
-    let mut cleanup = ImageCleanup::default();
-    cleanup.0.push(reference.clone());
+    let _cleanup = ImageCleanup::repository(&repository);
     let harness = Harness::new("app");
     let builder =
         builder(serde_json::json!({"image": base, "pull": false, "repository": repository}));
@@ -90,4 +89,6 @@ async fn a_version_taken_while_the_build_waits_to_tag_is_not_moved() {
         Some(base_id.as_str()),
         "the tag was moved off the image the other build recorded"
     );
+    // Nor did the failed build leave its temporary tag.
+    assert_eq!(repository_tags(&docker, &repository).await, ["7.0.0"]);
 }

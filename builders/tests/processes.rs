@@ -7,7 +7,6 @@ use imgbuild_builders::common::process::ProcessIdentity;
 use imgbuild_core::Resource;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 /// Kills and reaps the child when dropped, so a failing test leaves nothing.
 struct Spawned(Child);
@@ -31,6 +30,30 @@ impl Spawned {
     /// Whether it still runs (`Some` exit status once it ended).
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.0.try_wait().unwrap()
+    }
+
+    /// What a signal sent to it has left, if any: the kernel queues a
+    /// signal before kill(2) or pidfd_send_signal(2) returns, so right
+    /// after the call it is either still pending or has already ended the
+    /// process (a zombie until reaped). No waiting, so no window for a
+    /// slow machine to hide it in.
+    fn signal_trace(&self) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in /proc/{}/status", self.pid()))
+                .trim()
+                .to_owned()
+        };
+        let state = field("State:");
+        let pending = [field("SigPnd:"), field("ShdPnd:")];
+        let none_pending = pending
+            .iter()
+            .all(|mask| mask.chars().all(|digit| digit == '0'));
+        (state.starts_with('Z') || state.starts_with('X') || !none_pending)
+            .then(|| format!("state {state}, pending signals {pending:?}"))
     }
 }
 
@@ -84,7 +107,7 @@ async fn clean_orphan_signals_only_the_exact_process_the_journal_names() {
     let unrecorded = process(&pidfile, None, None);
     let err = clean_orphan(&unrecorded, "dead-run").await.unwrap_err();
     assert!(err.contains(&format!("kill {}", watcher.pid())), "{err}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(watcher.signal_trace(), None, "tail -f was signalled");
     assert_eq!(watcher.exited(), None, "tail -f was signalled");
 
     // The process the journal does name is stopped.
@@ -96,5 +119,6 @@ async fn clean_orphan_signals_only_the_exact_process_the_journal_names() {
     assert_eq!(found, Removal::Removed);
     let status = qemu.0.wait().unwrap();
     assert!(!status.success(), "stopped by a signal: {status}");
+    assert_eq!(watcher.signal_trace(), None, "tail -f was signalled");
     assert_eq!(watcher.exited(), None, "tail -f was signalled");
 }

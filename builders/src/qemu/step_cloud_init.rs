@@ -234,13 +234,51 @@ mod tests {
         assert_eq!(content, "#cloud-config\n");
     }
 
+    /// cloud-init reads the user-data as YAML, so the test does too: a
+    /// value that broke out of its quotes would show up as a different
+    /// structure, not merely as different text.
     #[test]
     fn user_data_quotes_values() {
-        let text = user_data("build er", Some("ssh-ed25519 AAAA x"), Some("p\"w"));
-        assert!(text.contains("- name: \"build er\""));
-        assert!(text.contains("- \"ssh-ed25519 AAAA x\""));
-        assert!(text.contains("plain_text_passwd: \"p\\\"w\""));
-        assert!(text.contains("ssh_pwauth: true"));
+        use serde_yaml_ng::Value;
+        // Characters that mean something to YAML: a quote, `: `, ` #`, a
+        // newline that starts another list item, and a leading `&`.
+        let password = "p\"w: x #y\n- z";
+        let text = user_data("build er", Some("&ssh-ed25519 AAAA x"), Some(password));
+        assert!(text.starts_with("#cloud-config\n"), "{text}");
+        let doc: Value = serde_yaml_ng::from_str(&text).unwrap();
+        let user = &doc["users"][0];
+        assert_eq!(doc["users"].as_sequence().map(Vec::len), Some(1), "{text}");
+        assert_eq!(user["name"].as_str(), Some("build er"), "{text}");
+        assert_eq!(
+            user["ssh_authorized_keys"],
+            Value::Sequence(vec![Value::from("&ssh-ed25519 AAAA x")]),
+            "{text}"
+        );
+        assert_eq!(user["plain_text_passwd"].as_str(), Some(password), "{text}");
+        assert_eq!(user["lock_passwd"].as_bool(), Some(false), "{text}");
+        assert_eq!(user["sudo"].as_str(), Some("ALL=(ALL) NOPASSWD:ALL"));
+        assert_eq!(doc["ssh_pwauth"].as_bool(), Some(true), "{text}");
+        // The marker command runs before the users module, as one argv.
+        assert_eq!(
+            doc["bootcmd"],
+            Value::Sequence(vec![Value::Sequence(vec![
+                Value::from("sh"),
+                Value::from("-c"),
+                Value::from(marker_command("build er")),
+            ])]),
+            "{text}"
+        );
+        assert_eq!(doc.get("disable_root"), None, "{text}");
+
+        // Without a password: locked, and password logins stay off.
+        let text = user_data("root", Some("ssh-ed25519 AAAA x"), None);
+        let doc: Value = serde_yaml_ng::from_str(&text).unwrap();
+        let user = &doc["users"][0];
+        assert_eq!(user["name"].as_str(), Some("root"));
+        assert_eq!(user["lock_passwd"].as_bool(), Some(true), "{text}");
+        assert_eq!(user.get("plain_text_passwd"), None, "{text}");
+        assert_eq!(doc.get("ssh_pwauth"), None, "{text}");
+        assert_eq!(doc["disable_root"].as_bool(), Some(false), "{text}");
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// What a target started without a key has in `authorized_keys` before the
+/// build adds its own: a line the build must leave in place.
+pub const PLACEHOLDER_KEY_LINE: &str = "# filled in by the test";
+
 /// An sshd container standing in for the instance; keys are added to the
 /// login user's `~/.ssh/authorized_keys` as cloud-init does on EC2.
 pub struct SshTarget {
@@ -114,7 +118,7 @@ impl SshTarget {
         let authorized_keys = dir.path().join("authorized_keys");
         std::fs::write(
             &authorized_keys,
-            format!("{}\n", initial_key.unwrap_or("# filled in by the test")),
+            format!("{}\n", initial_key.unwrap_or(PLACEHOLDER_KEY_LINE)),
         )
         .unwrap();
         // sshd reads the file as the login user.
@@ -141,11 +145,20 @@ impl SshTarget {
         self.exec(&format!("cat ~{}/.ssh/authorized_keys", self.user))
     }
 
+    /// What `command` printed. Panics when it fails: an empty output from
+    /// a failed `cat` would otherwise read as "the file holds nothing".
     pub fn exec(&self, command: &str) -> String {
         let output = Command::new("docker")
             .args(["exec", &self.cid, "sh", "-c", command])
             .output()
             .unwrap();
+        assert!(
+            output.status.success(),
+            "`{command}` failed in the target container {} ({}): {}",
+            self.cid,
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }

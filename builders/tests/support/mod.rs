@@ -8,8 +8,8 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-    RemoveImageOptions, WaitContainerOptions,
+    CreateContainerOptions, ListContainersOptions, ListImagesOptions, LogsOptions,
+    RemoveContainerOptions, RemoveImageOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
 use imgbuild_builders::{BuildRequest, Builder, ImageInfo};
@@ -395,14 +395,56 @@ impl Drop for ContainerCleanup {
     }
 }
 
-/// Removes the listed image references when dropped, even when the test
-/// panicked half-way.
+/// Every tag in `repository` (`1.0.0`, `latest`, a run's temporary tag),
+/// sorted: what a build left in the engine under that name.
+pub async fn repository_tags(docker: &Docker, repository: &str) -> Vec<String> {
+    let filters = HashMap::from([("reference".to_owned(), vec![repository.to_owned()])]);
+    let options = ListImagesOptions {
+        filters: Some(filters),
+        ..Default::default()
+    };
+    let prefix = format!("{repository}:");
+    let mut tags: Vec<String> = docker
+        .list_images(Some(options))
+        .await
+        .unwrap_or_else(|err| panic!("cannot list the images of {repository}: {err}"))
+        .into_iter()
+        .flat_map(|image| image.repo_tags)
+        .filter_map(|reference| reference.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
+    tags.sort();
+    tags
+}
+
+/// Removes, when dropped (even when the test panicked half-way), the
+/// listed image references and every tag in the listed repositories: a
+/// build may have set tags (`latest`, a temporary one) the test never
+/// learned of.
 #[derive(Default)]
-pub struct ImageCleanup(pub Vec<String>);
+pub struct ImageCleanup {
+    references: Vec<String>,
+    repositories: Vec<String>,
+}
+
+impl ImageCleanup {
+    /// Cleans up every tag in `repository`.
+    pub fn repository(repository: &str) -> ImageCleanup {
+        ImageCleanup {
+            references: Vec::new(),
+            repositories: vec![repository.to_owned()],
+        }
+    }
+
+    /// Also removes `reference` (an image id or `name:tag`).
+    pub fn add(&mut self, reference: impl Into<String>) {
+        self.references.push(reference.into());
+    }
+}
 
 impl Drop for ImageCleanup {
     fn drop(&mut self) {
-        let references = std::mem::take(&mut self.0);
+        let mut references = std::mem::take(&mut self.references);
+        let repositories = std::mem::take(&mut self.repositories);
         // A fresh runtime on its own thread: a test's runtime may be the one
         // unwinding.
         let _ = std::thread::spawn(move || {
@@ -412,6 +454,11 @@ impl Drop for ImageCleanup {
                 .unwrap();
             runtime.block_on(async move {
                 let docker = docker();
+                for repository in repositories {
+                    for tag in repository_tags(&docker, &repository).await {
+                        references.push(format!("{repository}:{tag}"));
+                    }
+                }
                 for reference in references {
                     let options = RemoveImageOptions {
                         force: true,
