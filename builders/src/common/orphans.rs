@@ -10,7 +10,17 @@ use imgbuild_core::Resource;
 use imgbuild_core::journal::Outstanding;
 use std::time::{Duration, SystemTime};
 
-pub use crate::docker::Removal;
+/// What removing a leftover found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// It was there and is removed now.
+    Removed,
+    /// Nothing by that name exists (any more, or yet).
+    Absent,
+    /// Something by that name exists but is not this run's; it was left
+    /// alone, for the reason given.
+    NotOurs(String),
+}
 
 /// How long a stopped process gets between SIGTERM and SIGKILL.
 const PROCESS_GRACE: Duration = Duration::from_secs(5);
@@ -125,15 +135,11 @@ pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<Removal, 
         Resource::DockerContainer { .. } | Resource::DockerImage { .. } => {
             crate::docker::clean_orphan(resource, run_id).await
         }
-        // The EC2 module only says whether removal succeeded; what it did not
-        // find counts as removed, as it always has.
         #[cfg(feature = "ec2")]
         Resource::Ec2Instance { .. }
         | Resource::Ec2KeyPair { .. }
         | Resource::Ec2SecurityGroup { .. }
-        | Resource::Ec2Image { .. } => crate::ec2::clean_orphan(resource, run_id)
-            .await
-            .map(|()| Removal::Removed),
+        | Resource::Ec2Image { .. } => crate::ec2::clean_orphan(resource, run_id).await,
         #[cfg(not(feature = "ec2"))]
         other => Err(format!(
             "{} cannot be removed: this imgbuild was compiled without the `ec2` feature",

@@ -260,17 +260,7 @@ async fn stop_container(engine: &Engine, container: &str) -> Result<(), StepErro
     }
 }
 
-/// What removing a leftover found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Removal {
-    /// It was there and is removed now.
-    Removed,
-    /// Nothing by that name exists (any more, or yet).
-    Absent,
-    /// Something by that name exists but is not this run's; it was left
-    /// alone, for the reason given.
-    NotOurs(String),
-}
+pub use crate::common::orphans::Removal;
 
 /// Removes the container `name` and its anonymous volumes, in whatever
 /// state it is (running, exited, or only `Created`), but only if it carries

@@ -26,6 +26,7 @@ mod step_stop_instance;
 
 pub use config::{Ec2Config, SourceAmiFilter, SshInterface};
 
+use crate::common::orphans::Removal;
 use crate::common::outcome::steps_result;
 use crate::common::step_provision::{HasCommunicator, StepProvision};
 use crate::{
@@ -496,7 +497,7 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Removes an EC2 resource the dead run `run_id` left behind, from its
 /// journal entry alone; [`clean_orphan_within`] with [`LOOKUP_TIMEOUT`].
-pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<(), String> {
+pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<Removal, String> {
     clean_orphan_within(resource, run_id, LOOKUP_TIMEOUT).await
 }
 
@@ -505,13 +506,14 @@ pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<(), Strin
 /// instance or AMI whose id was never learned is looked up for up to
 /// `lookup` (an instance by its client token, an AMI by name; both only
 /// among those tagged with `run_id`, so a later run's are never touched);
-/// when none shows up, it may still be on its way, so that is an error and
-/// the journal keeps the record for the next `imgbuild clean`.
+/// when none shows up it is [`Removal::Absent`], and the journal's grace
+/// period decides whether the record stays for the next `imgbuild clean`
+/// (its create may still complete) or is let go.
 pub async fn clean_orphan_within(
     resource: &Resource,
     run_id: &str,
     lookup: Duration,
-) -> Result<(), String> {
+) -> Result<Removal, String> {
     let (region, endpoint_url) = match resource {
         Resource::Ec2Instance {
             region,
@@ -537,6 +539,65 @@ pub async fn clean_orphan_within(
     };
     let clients = Ec2Clients::load(Some(region), endpoint_url.as_deref()).await;
     let client = clients.get(region);
+    let text = |err: StepError| err.to_string();
+    match resource {
+        Resource::Ec2Instance {
+            client_token,
+            instance_id: None,
+            ..
+        } => {
+            let launch = step_run_instance::Launch {
+                instance_id: None,
+                client_token,
+                run_id,
+                lookup,
+            };
+            let Some(ids) = step_run_instance::find_launched(&client, region, &launch)
+                .await
+                .map_err(text)?
+            else {
+                return Ok(Removal::Absent);
+            };
+            for id in &ids {
+                let launch = step_run_instance::Launch {
+                    instance_id: Some(id),
+                    ..launch
+                };
+                step_run_instance::terminate(&client, region, &launch, ORPHAN_TIMEOUT, None)
+                    .await
+                    .map_err(text)?;
+            }
+            return Ok(Removal::Removed);
+        }
+        Resource::Ec2Image {
+            name,
+            image_id: None,
+            ..
+        } => {
+            let Some(ids) =
+                step_create_image::look_up_own(&client, region, name, Some(run_id), lookup, None)
+                    .await
+                    .map_err(text)?
+            else {
+                return Ok(Removal::Absent);
+            };
+            for id in &ids {
+                step_create_image::deregister(
+                    &client,
+                    region,
+                    Some(id),
+                    name,
+                    Some(run_id),
+                    lookup,
+                    None,
+                )
+                .await
+                .map_err(text)?;
+            }
+            return Ok(Removal::Removed);
+        }
+        _ => {}
+    }
     let result = match resource {
         Resource::Ec2Instance {
             client_token,
@@ -584,5 +645,5 @@ pub async fn clean_orphan_within(
         }
         _ => unreachable!("matched above"),
     };
-    result.map_err(|err| err.to_string())
+    result.map(|()| Removal::Removed).map_err(text)
 }

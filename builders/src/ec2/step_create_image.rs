@@ -137,14 +137,14 @@ async fn find_own(
 /// is visible this looks again for up to `lookup`; if none shows up, the
 /// AMI may still be on its way, and that is an error: the journal must
 /// keep the record.
-async fn look_up_own(
+pub async fn look_up_own(
     client: &Client,
     region: &str,
     name: &str,
     run_id: Option<&str>,
     lookup: Duration,
     log: Option<&BuildLog>,
-) -> Result<Vec<String>, StepError> {
+) -> Result<Option<Vec<String>>, StepError> {
     let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
     let mut poller = Poller::new(
         format!("looking for AMI `{name}` in {region}"),
@@ -155,14 +155,10 @@ async fn look_up_own(
     loop {
         let found = find_own(client, region, name, run_id).await?;
         if !found.is_empty() {
-            return Ok(found);
+            return Ok(Some(found));
         }
         if poller.pending("not visible yet").await.is_err() {
-            let run = run_id.map(|id| format!(" of run {id}")).unwrap_or_default();
-            return Err(StepError::failed(format!(
-                "no AMI named `{name}`{run} found in {region} after {}; it may still be being made: the record is kept, run `imgbuild clean` again",
-                humantime::format_duration(lookup)
-            )));
+            return Ok(None);
         }
     }
 }
@@ -181,7 +177,15 @@ pub async fn deregister(
 ) -> Result<(), StepError> {
     let ids: Vec<String> = match image_id {
         Some(id) => vec![id.to_owned()],
-        None => look_up_own(client, region, name, run_id, lookup, log).await?,
+        None => look_up_own(client, region, name, run_id, lookup, log)
+            .await?
+            .ok_or_else(|| {
+                let run = run_id.map(|id| format!(" of run {id}")).unwrap_or_default();
+                StepError::failed(format!(
+                    "no AMI named `{name}`{run} found in {region} after {}; it may still be being made: the record is kept, run `imgbuild clean` again",
+                    humantime::format_duration(lookup)
+                ))
+            })?,
     };
     for id in ids {
         let mut snapshots = match describe_image(client, region, &id).await? {

@@ -60,7 +60,7 @@ async fn look_up_launched(
     client_token: &str,
     lookup: Duration,
     log: Option<&BuildLog>,
-) -> Result<Vec<String>, StepError> {
+) -> Result<Option<Vec<String>>, StepError> {
     let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
     let mut poller = Poller::new(
         format!("looking for the instance with client token {client_token} in {region}"),
@@ -71,19 +71,45 @@ async fn look_up_launched(
     loop {
         let found = find_by_client_token(client, region, run_id, client_token).await?;
         if !found.is_empty() {
-            return Ok(found
-                .into_iter()
-                .filter(|(_, state)| state != "terminated")
-                .map(|(id, _)| id)
-                .collect());
+            return Ok(Some(
+                found
+                    .into_iter()
+                    .filter(|(_, state)| state != "terminated")
+                    .map(|(id, _)| id)
+                    .collect(),
+            ));
         }
         if poller.pending("not visible yet").await.is_err() {
-            return Err(StepError::failed(format!(
-                "no instance with client token {client_token} (run {run_id}) found in {region} after {}; it may still be starting: the record is kept, run `imgbuild clean` again",
-                humantime::format_duration(lookup)
-            )));
+            return Ok(None);
         }
     }
+}
+
+fn not_found_yet(launch: &Launch<'_>, region: &str) -> StepError {
+    StepError::failed(format!(
+        "no instance with client token {} (run {}) found in {region} after {}; it may still be starting: the record is kept, run `imgbuild clean` again",
+        launch.client_token,
+        launch.run_id,
+        humantime::format_duration(launch.lookup)
+    ))
+}
+
+/// Looks for the instance a record without an id stands for; `None` when
+/// nothing has appeared within `launch.lookup`.
+pub async fn find_launched(
+    client: &Client,
+    region: &str,
+    launch: &Launch<'_>,
+) -> Result<Option<Vec<String>>, StepError> {
+    look_up_launched(
+        client,
+        region,
+        launch.run_id,
+        launch.client_token,
+        launch.lookup,
+        None,
+    )
+    .await
 }
 
 /// A launched instance as the journal knows it.
@@ -107,17 +133,16 @@ pub async fn terminate(
 ) -> Result<Vec<String>, StepError> {
     let ids = match launch.instance_id {
         Some(id) => vec![id.to_owned()],
-        None => {
-            look_up_launched(
-                client,
-                region,
-                launch.run_id,
-                launch.client_token,
-                launch.lookup,
-                log,
-            )
-            .await?
-        }
+        None => look_up_launched(
+            client,
+            region,
+            launch.run_id,
+            launch.client_token,
+            launch.lookup,
+            log,
+        )
+        .await?
+        .ok_or_else(|| not_found_yet(launch, region))?,
     };
     if ids.is_empty() {
         return Ok(ids);
