@@ -490,28 +490,7 @@ async fn a_build_makes_tagged_shared_amis_in_every_region_and_leaves_nothing_els
 async fn throttling_and_eventual_consistency_are_waited_out_with_an_existing_key_pair_and_group() {
     let h = Harness::new("aws");
     let home = ec2(REGION).await;
-    let key = TemporaryKey::generate().unwrap();
-    key.write_private_openssh(&h.config_dir.path().join("id_ed25519"))
-        .unwrap();
-    let key_name = unique("existing-key");
-    home.import_key_pair()
-        .key_name(&key_name)
-        .public_key_material(aws_sdk_ec2::primitives::Blob::new(
-            key.public_openssh().as_bytes(),
-        ))
-        .send()
-        .await
-        .unwrap();
-    let group_id = home
-        .create_security_group()
-        .group_name(unique("existing-sg"))
-        .description("made by the test")
-        .send()
-        .await
-        .unwrap()
-        .group_id()
-        .unwrap()
-        .to_owned();
+    let (key, key_name, group_id) = existing_key_pair_and_group(&h, &home).await;
     let target = SshTarget::start("packer", Some(key.public_openssh()));
 
     let proxy = FaultProxy::start(vec![
@@ -1419,28 +1398,7 @@ async fn an_instance_launched_after_a_cancelled_run_instances_stays_recorded_unt
     let home = ec2(REGION).await;
     // An existing key pair and group, so the late launch needs nothing the
     // build's cleanup removes.
-    let key = TemporaryKey::generate().unwrap();
-    key.write_private_openssh(&h.config_dir.path().join("id_ed25519"))
-        .unwrap();
-    let key_name = unique("existing-key");
-    home.import_key_pair()
-        .key_name(&key_name)
-        .public_key_material(aws_sdk_ec2::primitives::Blob::new(
-            key.public_openssh().as_bytes(),
-        ))
-        .send()
-        .await
-        .unwrap();
-    let group_id = home
-        .create_security_group()
-        .group_name(unique("existing-sg"))
-        .description("made by the test")
-        .send()
-        .await
-        .unwrap()
-        .group_id()
-        .unwrap()
-        .to_owned();
+    let (key, key_name, group_id) = existing_key_pair_and_group(&h, &home).await;
     // RunInstances reaches EC2 only well after the build gave up on it,
     // and after its cleanup stopped looking.
     let proxy = FaultProxy::start(vec![Rule::hold("RunInstances", Duration::from_secs(6))]).await;
@@ -1538,4 +1496,35 @@ async fn assert_record_kept_while_absent(record: &Resource, run_id: &str) {
         Removal::Absent
     );
     assert!(creation_grace(record) >= Duration::from_secs(60));
+}
+
+/// A key pair and a security group made beforehand, as a user's own: the
+/// key's private half is saved as `id_ed25519` in the config directory.
+async fn existing_key_pair_and_group(
+    h: &Harness,
+    home: &aws_sdk_ec2::Client,
+) -> (TemporaryKey, String, String) {
+    let key = TemporaryKey::generate().unwrap();
+    key.write_private_openssh(&h.config_dir.path().join("id_ed25519"))
+        .unwrap();
+    let key_name = unique("existing-key");
+    home.import_key_pair()
+        .key_name(&key_name)
+        .public_key_material(aws_sdk_ec2::primitives::Blob::new(
+            key.public_openssh().as_bytes(),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let group_id = home
+        .create_security_group()
+        .group_name(unique("existing-sg"))
+        .description("made by the test")
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_owned();
+    (key, key_name, group_id)
 }
