@@ -1398,7 +1398,7 @@ async fn an_instance_launched_after_a_cancelled_run_instances_stays_recorded_unt
     let home = ec2(REGION).await;
     // An existing key pair and group, so the late launch needs nothing the
     // build's cleanup removes.
-    let (key, key_name, group_id) = existing_key_pair_and_group(&h, &home).await;
+    let (_key, key_name, group_id) = existing_key_pair_and_group(&h, &home).await;
     // RunInstances reaches EC2 only well after the build gave up on it,
     // and after its cleanup stopped looking.
     let proxy = FaultProxy::start(vec![Rule::hold("RunInstances", Duration::from_secs(6))]).await;
