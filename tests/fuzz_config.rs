@@ -777,35 +777,7 @@ fn check_loaded(fixture: &Fixture, options: &LoadOptions, tally: &Tally) -> bool
             tally.accepted.fetch_add(1, Ordering::Relaxed);
             assert!(!config.builds.is_empty(), "an accepted config has a build");
             // What `imgbuild inspect` shows.
-            let builds: Vec<serde_json::Value> = config
-                .builds
-                .iter()
-                .map(|build| {
-                    let planned = build.builder.planned_artifact(&config.image, &config.dir);
-                    let claims = build.builder.claims(&config.image, &config.dir);
-                    serde_json::json!({
-                        "name": build.name,
-                        "type": build.builder.kind(),
-                        "config": build.builder.resolved_config(),
-                        "provisioners": build.provisioner_configs,
-                        "output": planned,
-                        "claims": claims,
-                    })
-                })
-                .collect();
-            let variables: Vec<serde_json::Value> = config
-                .variables
-                .iter()
-                .map(|v| serde_json::json!({"name": v.name, "value": v.value, "source": v.source}))
-                .collect();
-            let mut document = serde_json::json!({
-                "config": config.path,
-                "image": config.image,
-                "variables": variables,
-                "builds": builds,
-                "excluded_builds": config.excluded,
-            });
-            config.redactor.redact_json(&mut document);
+            let document = imgbuild::cli::inspect::document(&config);
             serde_json::to_string_pretty(&document).expect("an accepted config serializes");
             true
         }

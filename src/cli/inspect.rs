@@ -5,7 +5,7 @@
 use super::{
     ConfigArgs, EXIT_OK, EXIT_USAGE, GlobalOptions, new_run_id, print_result, report_diagnostics,
 };
-use crate::config;
+use crate::config::{self, Config};
 use crate::ui::OutputFormat;
 use clap::Args;
 use imgbuild_core::redact::MASK;
@@ -27,6 +27,17 @@ pub fn run(args: InspectArgs, global: &GlobalOptions) -> i32 {
             return EXIT_USAGE;
         }
     };
+    let document = document(&config);
+
+    match global.output {
+        OutputFormat::Json => print_result(&document.to_string()),
+        OutputFormat::Human => print_result(render_human(&document).trim_end()),
+    }
+    EXIT_OK
+}
+
+/// What `inspect` shows of a loaded config, secrets masked.
+pub fn document(config: &Config) -> serde_json::Value {
     let variables: Vec<serde_json::Value> = config
         .variables
         .iter()
@@ -62,12 +73,7 @@ pub fn run(args: InspectArgs, global: &GlobalOptions) -> i32 {
         "excluded_builds": config.excluded,
     });
     config.redactor.redact_json(&mut document);
-
-    match global.output {
-        OutputFormat::Json => print_result(&document.to_string()),
-        OutputFormat::Human => print_result(render_human(&document).trim_end()),
-    }
-    EXIT_OK
+    document
 }
 
 fn render_human(document: &serde_json::Value) -> String {

@@ -4,7 +4,7 @@
 
 mod build;
 mod clean;
-mod inspect;
+pub mod inspect;
 mod output;
 mod validate;
 
