@@ -25,37 +25,34 @@ async fn a_version_taken_while_the_build_waits_to_tag_is_not_moved() {
 
     // Another build holds the version's lock: it has checked the tag free
     // and is about to set it.
-    let other_build = NameLock::acquire(&format!(
-        "docker-tag {} {reference}",
-        std::env::var("DOCKER_HOST").unwrap_or_default()
-    ))
+    let other_build = NameLock::acquire(
+        &format!(
+            "docker-tag {} {reference}",
+            std::env::var("DOCKER_HOST").unwrap_or_default()
+        ),
+        &harness.cx.log,
+    )
     .await
     .unwrap();
-    let journal = harness.journal.clone();
+    let sink = harness.sink.clone();
     let build = tokio::spawn(async move { builder.build(&request, &harness.cx).await });
-    // Bounded wait until the commit is done (the journal names the new
-    // image by id); from there the build only checks the tag and sets it.
-    let mut committed = false;
-    for _ in 0..2400 {
-        committed = journal.outstanding().iter().any(|item| {
-            matches!(&item.resource, imgbuild_core::Resource::DockerImage { reference } if reference.starts_with("sha256:"))
-        });
-        if committed || build.is_finished() {
+    // Bounded wait until the build, its image committed, waits for the
+    // version's lock, or (without a lock) has finished.
+    let waits_for_the_lock = || {
+        sink.events().iter().any(|event| {
+            matches!(event, imgbuild_core::Event::Message { message, .. } if message.starts_with("waiting for another build that holds"))
+        })
+    };
+    for _ in 0..6000 {
+        if waits_for_the_lock() || build.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        committed || build.is_finished(),
-        "the build never committed"
+        waits_for_the_lock() || build.is_finished(),
+        "the build neither waited for the lock nor finished"
     );
-    // Without the lock the build would tag right away; give it the chance.
-    for _ in 0..60 {
-        if build.is_finished() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // The other build takes the version, then lets go.
     let base_id = docker
         .inspect_image(&base)

@@ -7,6 +7,7 @@
 //! imgbuild of this user on this machine; builds sharing one engine from
 //! several machines are not covered (the engine offers nothing to lock).
 
+use imgbuild_core::BuildLog;
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
@@ -17,9 +18,12 @@ pub struct NameLock {
 
 impl NameLock {
     /// Waits for the lock on `name` (any text that identifies the name in
-    /// its namespace, engine included).
-    pub async fn acquire(name: &str) -> Result<NameLock, String> {
+    /// its namespace, engine included), saying so in `log` when another
+    /// build holds it.
+    pub async fn acquire(name: &str, log: &BuildLog) -> Result<NameLock, String> {
         let path = lock_path(name);
+        let log = log.clone();
+        let waiting = format!("waiting for another build that holds {name}");
         tokio::task::spawn_blocking(move || {
             let dir = path.parent().expect("lock files live in a directory");
             std::fs::create_dir_all(dir)
@@ -30,8 +34,15 @@ impl NameLock {
                 .write(true)
                 .open(&path)
                 .map_err(|err| format!("cannot open the lock {}: {err}", path.display()))?;
-            file.lock()
-                .map_err(|err| format!("cannot lock {}: {err}", path.display()))?;
+            let locked = match file.try_lock() {
+                Ok(()) => Ok(()),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    log.info(waiting);
+                    file.lock()
+                }
+                Err(std::fs::TryLockError::Error(err)) => Err(err),
+            };
+            locked.map_err(|err| format!("cannot lock {}: {err}", path.display()))?;
             Ok(NameLock { _file: file })
         })
         .await

@@ -252,11 +252,14 @@ impl Step<DockerState> for StepCommit {
         // Checked again at the last moment, and under a lock until the tag
         // is set: another build may have taken the version while this one
         // provisioned, and the engine's tag call would silently move it.
-        let name_lock = NameLock::acquire(&format!(
-            "docker-tag {} {}",
-            std::env::var("DOCKER_HOST").unwrap_or_default(),
-            self.target.reference()
-        ))
+        let name_lock = NameLock::acquire(
+            &format!(
+                "docker-tag {} {}",
+                std::env::var("DOCKER_HOST").unwrap_or_default(),
+                self.target.reference()
+            ),
+            &cx.log,
+        )
         .await
         .map_err(StepError::failed)?;
         self.target
