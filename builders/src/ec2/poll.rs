@@ -132,6 +132,33 @@ impl<'a> Poller<'a> {
     }
 }
 
+/// Looks with `find` until it finds something, backing off from 1 s to
+/// 10 s, for up to `lookup`: for a resource whose create call never
+/// answered, which EC2's lagging tag filters may show only later. `None`
+/// when nothing showed up in time (it may still be on its way).
+pub async fn look_until_found<T, F, Fut>(
+    what: String,
+    lookup: Duration,
+    log: Option<&BuildLog>,
+    mut find: F,
+) -> Result<Option<Vec<T>>, StepError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, StepError>>,
+{
+    let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+    let mut poller = Poller::new(what, lookup, backoff, log);
+    loop {
+        let found = find().await?;
+        if !found.is_empty() {
+            return Ok(Some(found));
+        }
+        if poller.pending("not visible yet").await.is_err() {
+            return Ok(None);
+        }
+    }
+}
+
 /// What one DescribeImages said about an AMI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSeen {

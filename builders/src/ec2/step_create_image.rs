@@ -6,7 +6,7 @@
 //! and its snapshots deleted; on success it is kept as the artifact.
 
 use super::client::{AwsResultExt, RUN_ID_TAG, filter, tag_spec, tags};
-use super::poll::{Backoff, Poller, describe_image, wait_for_image};
+use super::poll::{Backoff, Poller, describe_image, look_until_found, wait_for_image};
 use super::{AmiInfo, Ec2State, Plan};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
@@ -133,10 +133,8 @@ async fn find_own(
 }
 
 /// The AMIs named `name` of run `run_id`, for a CreateImage or CopyImage
-/// whose answer never arrived. EC2's tag filters lag behind, so while none
-/// is visible this looks again for up to `lookup`; if none shows up, the
-/// AMI may still be on its way, and that is an error: the journal must
-/// keep the record.
+/// whose answer never arrived; looked for up to `lookup` (see
+/// [`look_until_found`]), `None` when none showed up.
 pub async fn look_up_own(
     client: &Client,
     region: &str,
@@ -145,22 +143,13 @@ pub async fn look_up_own(
     lookup: Duration,
     log: Option<&BuildLog>,
 ) -> Result<Option<Vec<String>>, StepError> {
-    let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-    let mut poller = Poller::new(
+    look_until_found(
         format!("looking for AMI `{name}` in {region}"),
         lookup,
-        backoff,
         log,
-    );
-    loop {
-        let found = find_own(client, region, name, run_id).await?;
-        if !found.is_empty() {
-            return Ok(Some(found));
-        }
-        if poller.pending("not visible yet").await.is_err() {
-            return Ok(None);
-        }
-    }
+        || find_own(client, region, name, run_id),
+    )
+    .await
 }
 
 /// Deregisters an AMI and deletes its snapshots. Without an id, the AMI is

@@ -9,7 +9,7 @@
 //! yet stays recorded rather than be forgotten while it may still start.
 
 use super::client::{AwsResultExt, CLIENT_TOKEN_TAG, RUN_ID_TAG, filter, tag_spec};
-use super::poll::{Backoff, InstanceTarget, Poller, wait_for_instance};
+use super::poll::{InstanceTarget, look_until_found, wait_for_instance};
 use super::{Ec2State, InstanceInfo, Plan};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
@@ -49,10 +49,8 @@ async fn find_by_client_token(
 }
 
 /// The instances launched with `client_token` that are not terminated
-/// yet, for a launch whose answer never arrived. EC2's tag filters lag
-/// behind a launch, so while none is visible this looks again for up to
-/// `lookup`; if none shows up, the launch may still be on its way, and
-/// that is an error: the journal must keep the record.
+/// yet, for a launch whose answer never arrived; looked for up to `lookup`
+/// (see [`look_until_found`]), `None` when none showed up.
 async fn look_up_launched(
     client: &Client,
     region: &str,
@@ -61,28 +59,20 @@ async fn look_up_launched(
     lookup: Duration,
     log: Option<&BuildLog>,
 ) -> Result<Option<Vec<String>>, StepError> {
-    let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-    let mut poller = Poller::new(
+    let found = look_until_found(
         format!("looking for the instance with client token {client_token} in {region}"),
         lookup,
-        backoff,
         log,
-    );
-    loop {
-        let found = find_by_client_token(client, region, run_id, client_token).await?;
-        if !found.is_empty() {
-            return Ok(Some(
-                found
-                    .into_iter()
-                    .filter(|(_, state)| state != "terminated")
-                    .map(|(id, _)| id)
-                    .collect(),
-            ));
-        }
-        if poller.pending("not visible yet").await.is_err() {
-            return Ok(None);
-        }
-    }
+        || find_by_client_token(client, region, run_id, client_token),
+    )
+    .await?;
+    Ok(found.map(|found| {
+        found
+            .into_iter()
+            .filter(|(_, state)| state != "terminated")
+            .map(|(id, _)| id)
+            .collect()
+    }))
 }
 
 fn not_found_yet(launch: &Launch<'_>, region: &str) -> StepError {
