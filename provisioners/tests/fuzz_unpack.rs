@@ -238,6 +238,17 @@ fn path_bytes(entry_components: &[u8]) -> Vec<u8> {
 }
 
 impl Archive {
+    /// `entries` as a whole, well-formed archive, unpacked without renaming.
+    fn intact(entries: Vec<Entry>) -> Archive {
+        Archive {
+            entries,
+            damage: Vec::new(),
+            terminated: true,
+            damaged: 255,
+            rename: 0,
+        }
+    }
+
     /// The archive as bytes, and after how many bytes the stream fails.
     fn bytes(&self, scene: &Scene) -> (Vec<u8>, Option<usize>) {
         let mut out = Vec::new();
@@ -599,13 +610,7 @@ fn the_scene_accepts_a_plain_archive_and_refuses_a_climbing_one() {
     };
     for (entries, unpacked, refused) in [(vec![plain], 1, 0), (vec![climbing], 0, 1)] {
         let tally = Tally::default();
-        let archive = Archive {
-            entries,
-            damage: Vec::new(),
-            terminated: true,
-            damaged: 255,
-            rename: 0,
-        };
+        let archive = Archive::intact(entries);
         check_archive(&runtime, &archive, &tally);
         assert_eq!(
             tally.unpacked.load(Ordering::Relaxed),
@@ -650,13 +655,7 @@ fn an_entry_dated_past_the_end_of_time_is_not_a_panic() {
     };
     assert_eq!(symlink.type_flag(), b'2');
     for entries in [vec![file], vec![symlink]] {
-        let archive = Archive {
-            entries,
-            damage: Vec::new(),
-            terminated: true,
-            damaged: 255,
-            rename: 0,
-        };
+        let archive = Archive::intact(entries);
         check_archive(&runtime, &archive, &Tally::default());
     }
 }
