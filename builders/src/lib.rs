@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 pub use common::artifact::{Artifact, ArtifactFile, SourceIdentity};
+pub use imgbuild_core::ConfigProblem;
 
 /// The image every build of a config produces a version of.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,23 +62,6 @@ pub enum BuildError {
     /// Refused before anything was created (immutability, preflight).
     #[error("{0}")]
     Refused(String),
-}
-
-/// A config problem a builder found on its own, beyond what the types catch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// The field within the builder's table, dotted (`ssh.private_key_file`).
-    pub field: String,
-    pub message: String,
-}
-
-impl ConfigProblem {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigProblem {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
 }
 
 /// What a build will produce, for `inspect` and for the version check.

@@ -6,12 +6,14 @@ pub mod duration;
 pub mod events;
 pub mod fsutil;
 pub mod journal;
+pub mod problem;
 pub mod redact;
 pub mod step;
 pub mod template;
 
 pub use events::{BuildLog, Event, EventSink, Level, Stream};
 pub use journal::{Journal, Resource, ResourceId};
+pub use problem::ConfigProblem;
 pub use redact::Redactor;
 pub use step::{CleanupOutcome, OnError, Step, StepContext, StepError, cleanup_steps, run_steps};
 pub use tokio_util::sync::CancellationToken;
