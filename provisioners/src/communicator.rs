@@ -44,6 +44,27 @@ pub trait OutputSink: Send + Sync {
     fn line(&self, stream: Stream, line: &str);
 }
 
+/// How a program on the build host reaches the machine itself, with the
+/// build's own address and credentials: Ansible connects this way, with no
+/// proxy between it and the machine, and each build hands out only its own
+/// machine, so parallel builds never cross.
+#[derive(Clone)]
+pub enum Endpoint {
+    Ssh {
+        host: String,
+        port: u16,
+        username: String,
+        auth: crate::ssh::SshAuth,
+    },
+    DockerContainer {
+        container_id: String,
+        /// The engine's address when it is not the default socket.
+        docker_host: Option<String>,
+        /// `NAME=value` entries every command in the container gets.
+        env: Vec<String>,
+    },
+}
+
 /// A byte stream in one direction of a transfer.
 pub type ByteStream = Box<dyn AsyncRead + Send + Unpin>;
 
@@ -72,6 +93,12 @@ pub trait Communicator: Send + Sync {
 
     /// Where commands run, for messages: "imgbuild@127.0.0.1:2222".
     fn target(&self) -> String;
+
+    /// How a tool on the build host can connect to the machine directly;
+    /// `None` when it cannot (a communicator with no such address).
+    fn endpoint(&self) -> Option<Endpoint> {
+        None
+    }
 }
 
 /// The longest line passed on whole. A guest that prints a binary file or

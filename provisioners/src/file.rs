@@ -2,8 +2,11 @@
 //! machine, or downloads them from it.
 
 use crate::communicator::Communicator;
-use crate::provisioner::{ProvisionContext, ProvisionError};
+use crate::provisioner::{Provision, ProvisionContext, ProvisionError, Provisioner};
+use crate::registry::{self, ParseError, ParseInput, Parsed, ProvisionerKind};
 use crate::transfer::{self, PackEntry, ProgressReader};
+use async_trait::async_trait;
+use imgbuild_core::ConfigProblem;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -35,27 +38,68 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
+    pub fn problems(&self) -> Vec<ConfigProblem> {
         let mut problems = Vec::new();
         match (&self.source, &self.content, self.direction) {
-            (Some(_), Some(_), _) => problems.push((
+            (Some(_), Some(_), _) => problems.push(ConfigProblem::new(
                 "content",
                 "give either `source` or `content`, not both".to_owned(),
             )),
-            (None, None, _) => problems.push((
+            (None, None, _) => problems.push(ConfigProblem::new(
                 "source",
                 "a file provisioner needs `source` (or `content` for an upload)".to_owned(),
             )),
-            (None, Some(_), Direction::Download) => problems.push((
+            (None, Some(_), Direction::Download) => problems.push(ConfigProblem::new(
                 "content",
                 "`content` only makes sense for uploads; a download needs `source`".to_owned(),
             )),
             _ => {}
         }
         if self.destination.is_empty() {
-            problems.push(("destination", "must not be empty".to_owned()));
+            problems.push(ConfigProblem::new(
+                "destination",
+                "must not be empty".to_owned(),
+            ));
         }
         problems
+    }
+}
+
+/// `type = "file"`.
+pub struct FileKind;
+
+impl ProvisionerKind for FileKind {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+
+    fn summary(&self) -> &'static str {
+        "uploads files or trees to the machine, or downloads them from it"
+    }
+
+    fn parse(&self, input: ParseInput<'_>) -> Result<Parsed, ParseError> {
+        let config: FileConfig = registry::deserialize(&input)?;
+        let mut problems = config.problems();
+        let provisioner = FileProvisioner::new(config.clone(), input.config_dir);
+        let mut input_files = Vec::new();
+        if config.direction == Direction::Upload
+            && config.source.is_some()
+            && let Some(local) = &provisioner.local_path
+        {
+            match std::fs::metadata(local) {
+                Ok(_) => input_files.push(local.clone()),
+                Err(err) => problems.push(
+                    ConfigProblem::new("source", format!("cannot read {}: {err}", local.display()))
+                        .help("upload sources are relative to the directory of the config file"),
+                ),
+            }
+        }
+        registry::refuse(problems)?;
+        Ok(Parsed {
+            provisioner: Provisioner::new(provisioner),
+            resolved: serde_json::to_value(&config).unwrap_or_default(),
+            input_files,
+        })
     }
 }
 
@@ -77,7 +121,7 @@ impl FileProvisioner {
         FileProvisioner { config, local_path }
     }
 
-    pub fn describe(&self) -> String {
+    fn describe_transfer(&self) -> String {
         match (self.config.direction, &self.config.source) {
             (Direction::Upload, Some(source)) => {
                 format!("file upload {source} -> {}", self.config.destination)
@@ -88,17 +132,6 @@ impl FileProvisioner {
                 source.as_deref().unwrap_or("?"),
                 self.config.destination
             ),
-        }
-    }
-
-    pub async fn run(
-        &self,
-        comm: &dyn Communicator,
-        cx: &ProvisionContext,
-    ) -> Result<(), ProvisionError> {
-        match self.config.direction {
-            Direction::Upload => self.upload(comm, cx).await,
-            Direction::Download => self.download(comm, cx).await,
         }
     }
 
@@ -236,6 +269,24 @@ fn resolve_keeping_slash(base: &Path, path: &str) -> PathBuf {
         PathBuf::from(format!("{}/", joined.display()))
     } else {
         joined
+    }
+}
+
+#[async_trait]
+impl Provision for FileProvisioner {
+    fn describe(&self) -> String {
+        self.describe_transfer()
+    }
+
+    async fn run(
+        &self,
+        comm: &dyn Communicator,
+        cx: &ProvisionContext,
+    ) -> Result<(), ProvisionError> {
+        match self.config.direction {
+            Direction::Upload => self.upload(comm, cx).await,
+            Direction::Download => self.download(comm, cx).await,
+        }
     }
 }
 

@@ -7,10 +7,12 @@
 pub mod communicator;
 pub mod file;
 pub mod provisioner;
+pub mod registry;
 pub mod shell;
 pub mod ssh;
 pub mod transfer;
 mod unpack;
 
-pub use communicator::{CommError, Communicator, ExitStatus, OutputSink};
-pub use provisioner::{ProvisionContext, ProvisionError, Provisioner};
+pub use communicator::{CommError, Communicator, Endpoint, ExitStatus, OutputSink};
+pub use provisioner::{Provision, ProvisionContext, ProvisionError, Provisioner};
+pub use registry::{PROVISIONERS, ProvisionerKind};

@@ -1,12 +1,11 @@
 //! What every provisioner shares: the context it runs in, its errors, and the
-//! enum the builders run without knowing which kind they hold.
+//! handle the builders run without knowing which kind it holds.
 
 use crate::communicator::{CommError, Communicator, ExitStatus, OutputSink};
-use crate::file::FileProvisioner;
-use crate::shell::ShellProvisioner;
+use async_trait::async_trait;
 use imgbuild_core::{BuildLog, CancellationToken, Stream};
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -62,19 +61,37 @@ pub struct ProvisionContext {
     pub cancel: CancellationToken,
 }
 
-/// A configured provisioner, ready to run against any communicator.
-#[derive(Debug, Clone)]
-pub enum Provisioner {
-    Shell(ShellProvisioner),
-    File(FileProvisioner),
+/// What every provisioner kind implements: how it describes itself and how
+/// it runs against a machine, whatever builder made it.
+#[async_trait]
+pub trait Provision: Send + Sync + std::fmt::Debug {
+    /// For progress lines: "shell (setup.sh)".
+    fn describe(&self) -> String;
+
+    async fn run(
+        &self,
+        comm: &dyn Communicator,
+        cx: &ProvisionContext,
+    ) -> Result<(), ProvisionError>;
+
+    /// Called after the build was cancelled while this provisioner ran:
+    /// dropping a command's channel does not stop it on the machine, so a
+    /// kind that starts remote processes stops them here. Best effort.
+    async fn stop_after_cancel(&self, _comm: &dyn Communicator) {}
 }
 
+/// A configured provisioner, ready to run against any communicator; the
+/// builders run it without knowing its kind.
+#[derive(Debug, Clone)]
+pub struct Provisioner(Arc<dyn Provision>);
+
 impl Provisioner {
+    pub fn new(provision: impl Provision + 'static) -> Self {
+        Provisioner(Arc::new(provision))
+    }
+
     pub fn describe(&self) -> String {
-        match self {
-            Provisioner::Shell(shell) => shell.describe(),
-            Provisioner::File(file) => file.describe(),
-        }
+        self.0.describe()
     }
 
     pub async fn run(
@@ -82,20 +99,13 @@ impl Provisioner {
         comm: &dyn Communicator,
         cx: &ProvisionContext,
     ) -> Result<(), ProvisionError> {
-        let work = async {
-            match self {
-                Provisioner::Shell(shell) => shell.run(comm, cx).await,
-                Provisioner::File(file) => file.run(comm, cx).await,
-            }
-        };
         let result = tokio::select! {
             biased;
             _ = cx.cancel.cancelled() => Err(ProvisionError::Cancelled),
-            result = work => result,
+            result = self.0.run(comm, cx) => result,
         };
-        if let (Err(ProvisionError::Cancelled), Provisioner::Shell(shell)) = (&result, self) {
-            // Dropping the command's channel does not stop it on the machine.
-            crate::shell::stop_scripts(comm, shell.remote_folder()).await;
+        if let Err(ProvisionError::Cancelled) = &result {
+            self.0.stop_after_cancel(comm).await;
         }
         result
     }

@@ -2,9 +2,11 @@
 //! with an `execute_command`, environment variables quoted safely.
 
 use crate::communicator::{CommError, Communicator, ExitStatus};
-use crate::provisioner::{LoggingSink, ProvisionContext, ProvisionError};
+use crate::provisioner::{LoggingSink, Provision, ProvisionContext, ProvisionError, Provisioner};
+use crate::registry::{self, ParseError, ParseInput, Parsed, ProvisionerKind};
 use crate::transfer;
-use imgbuild_core::template;
+use async_trait::async_trait;
+use imgbuild_core::{ConfigProblem, template};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -71,7 +73,7 @@ fn default_valid_exit_codes() -> Vec<u32> {
 
 impl ShellConfig {
     /// Problems a config can have on its own, as (field, message).
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
+    pub fn problems(&self) -> Vec<ConfigProblem> {
         let mut problems = Vec::new();
         let given = [
             !self.inline.is_empty(),
@@ -82,7 +84,7 @@ impl ShellConfig {
         .filter(|set| **set)
         .count();
         if given != 1 {
-            problems.push((
+            problems.push(ConfigProblem::new(
                 "inline",
                 "a shell provisioner needs exactly one of `inline`, `script` or `scripts`"
                     .to_owned(),
@@ -90,32 +92,35 @@ impl ShellConfig {
         }
         for name in self.env.keys() {
             if !is_env_name(name) {
-                problems.push((
+                problems.push(ConfigProblem::new(
                     "env",
                     format!("`{name}` is not a valid environment variable name (letters, digits and _, not starting with a digit)"),
                 ));
             }
         }
         if self.valid_exit_codes.is_empty() {
-            problems.push((
+            problems.push(ConfigProblem::new(
                 "valid_exit_codes",
                 "must list at least one exit code".to_owned(),
             ));
         }
         if let Some(code) = self.valid_exit_codes.iter().find(|code| **code > 255) {
-            problems.push((
+            problems.push(ConfigProblem::new(
                 "valid_exit_codes",
                 format!("{code} is not an exit code: a process exits with 0 to 255"),
             ));
         }
         if self.timeout.is_some_and(|timeout| timeout.is_zero()) {
-            problems.push((
+            problems.push(ConfigProblem::new(
                 "timeout",
                 "must be longer than 0s (leave it out for no limit)".to_owned(),
             ));
         }
         if self.remote_folder.trim().is_empty() {
-            problems.push(("remote_folder", "must not be empty".to_owned()));
+            problems.push(ConfigProblem::new(
+                "remote_folder",
+                "must not be empty".to_owned(),
+            ));
         }
         problems
     }
@@ -127,6 +132,78 @@ impl ShellConfig {
             .chain(self.scripts.iter())
             .cloned()
             .collect()
+    }
+}
+
+/// `type = "shell"`.
+pub struct ShellKind;
+
+impl ProvisionerKind for ShellKind {
+    fn name(&self) -> &'static str {
+        "shell"
+    }
+
+    fn summary(&self) -> &'static str {
+        "runs inline commands or local scripts on the machine"
+    }
+
+    fn parse(&self, input: ParseInput<'_>) -> Result<Parsed, ParseError> {
+        let config: ShellConfig = registry::deserialize(&input)?;
+        let mut problems = config.problems();
+        // Checked now, with a stand-in path, so a typo fails before launch.
+        if let Err(message) = render_execute_command(
+            &config.execute_command,
+            input.template_context,
+            "/tmp/script.sh",
+            &config.env,
+        ) {
+            problems.push(
+                ConfigProblem::new("execute_command", format!("template error: {message}")).help(
+                    "templates can use var.NAME, env(\"NAME\"), timestamp, isotime, uuid(), run_id, git_sha, image.name, image.version, build.name and build.type, and here also path and vars",
+                ),
+            );
+        }
+        let mut scripts = Vec::new();
+        let mut input_files = Vec::new();
+        let field = if config.script.is_some() {
+            "script".to_owned()
+        } else {
+            "scripts".to_owned()
+        };
+        for (position, path) in config.script_paths().iter().enumerate() {
+            let absolute = input.config_dir.join(path);
+            match std::fs::read(&absolute) {
+                Ok(content) => {
+                    scripts.push(Script {
+                        name: path.display().to_string(),
+                        content,
+                    });
+                    input_files.push(absolute);
+                }
+                Err(err) => {
+                    let field = if config.script.is_some() {
+                        field.clone()
+                    } else {
+                        format!("scripts[{position}]")
+                    };
+                    problems.push(
+                        ConfigProblem::new(
+                            field,
+                            format!("cannot read script {}: {err}", absolute.display()),
+                        )
+                        .help("script paths are relative to the directory of the config file"),
+                    );
+                }
+            }
+        }
+        registry::refuse(problems)?;
+        let resolved = serde_json::to_value(&config).unwrap_or_default();
+        let shell = ShellProvisioner::new(config, scripts, input.template_context.clone());
+        Ok(Parsed {
+            provisioner: Provisioner::new(shell),
+            resolved,
+            input_files,
+        })
     }
 }
 
@@ -179,11 +256,6 @@ impl ShellProvisioner {
         }
     }
 
-    pub fn describe(&self) -> String {
-        let names: Vec<&str> = self.scripts.iter().map(|s| s.name.as_str()).collect();
-        format!("shell ({})", names.join(", "))
-    }
-
     /// Where scripts are uploaded, without a trailing slash (`/` itself
     /// stays).
     pub fn remote_folder(&self) -> &str {
@@ -204,7 +276,7 @@ impl ShellProvisioner {
         .map_err(ProvisionError::Template)
     }
 
-    pub async fn run(
+    async fn run_with_retries(
         &self,
         comm: &dyn Communicator,
         cx: &ProvisionContext,
@@ -304,6 +376,26 @@ impl ShellProvisioner {
             }
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Provision for ShellProvisioner {
+    fn describe(&self) -> String {
+        let names: Vec<&str> = self.scripts.iter().map(|s| s.name.as_str()).collect();
+        format!("shell ({})", names.join(", "))
+    }
+
+    async fn run(
+        &self,
+        comm: &dyn Communicator,
+        cx: &ProvisionContext,
+    ) -> Result<(), ProvisionError> {
+        self.run_with_retries(comm, cx).await
+    }
+
+    async fn stop_after_cancel(&self, comm: &dyn Communicator) {
+        stop_scripts(comm, self.remote_folder()).await;
     }
 }
 
@@ -467,6 +559,6 @@ mod tests {
                 .is_empty()
         );
         let bad_env = config(serde_json::json!({"inline": ["x"], "env": {"1X": "y"}}));
-        assert_eq!(bad_env.problems()[0].0, "env");
+        assert_eq!(bad_env.problems()[0].field, "env");
     }
 }

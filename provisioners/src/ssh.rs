@@ -341,6 +341,15 @@ impl Communicator for SshCommunicator {
     fn target(&self) -> String {
         self.label.clone()
     }
+
+    fn endpoint(&self) -> Option<crate::communicator::Endpoint> {
+        Some(crate::communicator::Endpoint::Ssh {
+            host: self.dialer.target.host.clone(),
+            port: self.dialer.target.port,
+            username: self.dialer.username.clone(),
+            auth: self.dialer.auth.clone(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -81,7 +81,7 @@ fn file(
         problems.is_empty(),
         "the test's config is invalid: {problems:?}"
     );
-    Provisioner::File(FileProvisioner::new(config, base_dir))
+    Provisioner::new(FileProvisioner::new(config, base_dir))
 }
 
 fn upload(source: &str, destination: &str, base_dir: &Path) -> Provisioner {

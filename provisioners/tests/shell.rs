@@ -126,7 +126,7 @@ fn shell_with_scripts_in_tmp(config: serde_json::Value, scripts: Vec<Script>) ->
         problems.is_empty(),
         "the test's config is invalid: {problems:?}"
     );
-    Provisioner::Shell(ShellProvisioner::new(
+    Provisioner::new(ShellProvisioner::new(
         config,
         scripts,
         json!({"build": {"name": "test-vm"}}),

@@ -8,10 +8,10 @@ pub mod variables;
 
 use diagnostic::{Diagnostic, Diagnostics, did_you_mean, explain_serde_message};
 use imgbuild_builders::{Builder, BuilderKindError, ImageInfo, known_kinds};
+use imgbuild_core::ConfigProblem;
 use imgbuild_core::{Redactor, template};
 use imgbuild_provisioners::Provisioner;
-use imgbuild_provisioners::file::{Direction, FileConfig, FileProvisioner};
-use imgbuild_provisioners::shell::{Script, ShellConfig, ShellProvisioner, render_execute_command};
+use imgbuild_provisioners::registry::{self as provisioner_registry, ParseError, ParseInput};
 use render::{Renderer, join};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -23,7 +23,6 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 pub use variables::{Variable, VariableInputs};
 
 const TOP_LEVEL: &[&str] = &["image", "variables", "builders", "provision"];
-const PROVISIONER_TYPES: &[&str] = &["shell", "file"];
 
 /// What a run was asked for, besides the config file.
 #[derive(Debug, Clone)]
@@ -497,15 +496,7 @@ impl Loader<'_> {
                 ValueDeserializer::from(rendered.clone()),
             ) {
                 Ok(builder) => {
-                    for problem in builder.validate(&self.dir) {
-                        let span = find_span(value, &problem.field).unwrap_or(key.span());
-                        let diagnostic = self.error(
-                            problem.message,
-                            span,
-                            &format!("{field}.{}", problem.field),
-                        );
-                        self.diagnostics.push(diagnostic);
-                    }
+                    self.push_problems(builder.validate(&self.dir), value, key.span(), &field);
                     builders.push((name, builder));
                 }
                 Err(BuilderKindError::Unknown) => {
@@ -567,28 +558,25 @@ impl Loader<'_> {
                 self.diagnostics.push(diagnostic);
                 continue;
             };
+            let known = provisioner_registry::names().join(", ");
             let kind = match table.get("type").map(|v| (v.get_ref(), v.span())) {
-                Some((DeValue::String(kind), span))
-                    if PROVISIONER_TYPES.contains(&kind.as_ref()) =>
-                {
-                    let _ = span;
-                    kind.to_string()
-                }
-                Some((DeValue::String(kind), span)) => {
-                    let mut diagnostic = self.error(
-                        format!("unknown provisioner type `{kind}`"),
-                        span,
-                        &format!("{field}.type"),
-                    );
-                    diagnostic = match did_you_mean(kind, PROVISIONER_TYPES.iter().copied()) {
-                        Some(best) => diagnostic.help(format!(
-                            "did you mean `{best}`? provisioner types: shell, file"
-                        )),
-                        None => diagnostic.help("provisioner types: shell, file"),
-                    };
-                    self.diagnostics.push(diagnostic);
-                    continue;
-                }
+                Some((DeValue::String(name), span)) => match provisioner_registry::find(name) {
+                    Some(kind) => kind,
+                    None => {
+                        let mut diagnostic = self.error(
+                            format!("unknown provisioner type `{name}`"),
+                            span,
+                            &format!("{field}.type"),
+                        );
+                        diagnostic = match did_you_mean(name, provisioner_registry::names()) {
+                            Some(best) => diagnostic
+                                .help(format!("did you mean `{best}`? provisioner types: {known}")),
+                            None => diagnostic.help(format!("provisioner types: {known}")),
+                        };
+                        self.diagnostics.push(diagnostic);
+                        continue;
+                    }
+                },
                 Some((_, span)) => {
                     let diagnostic =
                         self.error("`type` must be a string", span, &format!("{field}.type"));
@@ -598,7 +586,7 @@ impl Loader<'_> {
                 None => {
                     let diagnostic = self
                         .error("provisioner has no `type`", item.span(), &field)
-                        .help("add `type = \"shell\"` or `type = \"file\"`");
+                        .help(format!("add `type = \"...\"` with one of: {known}"));
                     self.diagnostics.push(diagnostic);
                     continue;
                 }
@@ -674,156 +662,49 @@ impl Loader<'_> {
                     // The same template error would repeat for every build.
                     break;
                 }
-                let made = match kind.as_str() {
-                    "shell" => self.shell(&rendered, item, &field, &build_context, &renderer),
-                    _ => self.file_provisioner(&rendered, item, &field),
-                };
-                let Some((provisioner, resolved, files)) = made else {
-                    break;
+                let parsed = kind.parse(ParseInput {
+                    table: &rendered,
+                    config_dir: &self.dir,
+                    template_context: &build_context,
+                });
+                let parsed = match parsed {
+                    Ok(parsed) => parsed,
+                    Err(ParseError::Invalid(err)) => {
+                        self.serde_error(&err, item.span(), item, &field);
+                        break;
+                    }
+                    Err(ParseError::Problems(problems)) => {
+                        self.push_problems(problems, item, item.span(), &field);
+                        break;
+                    }
                 };
                 let entry = by_build.entry(build.clone()).or_default();
-                entry.provisioners.push(provisioner);
-                entry.configs.push(resolved);
-                entry.input_files.extend(files);
+                entry.provisioners.push(parsed.provisioner);
+                entry.configs.push(parsed.resolved);
+                entry.input_files.extend(parsed.input_files);
             }
         }
         by_build
     }
 
-    fn shell(
+    /// Problems a builder or provisioner found in its table, each pointing
+    /// at its field (or at the table when the field is not written).
+    fn push_problems(
         &mut self,
-        rendered: &Spanned<DeValue<'_>>,
-        original: &Spanned<DeValue<'_>>,
-        field: &str,
-        context: &serde_json::Value,
-        renderer: &Renderer<'_>,
-    ) -> Option<(Provisioner, serde_json::Value, Vec<PathBuf>)> {
-        let config = match ShellConfig::deserialize(ValueDeserializer::from(rendered.clone())) {
-            Ok(config) => config,
-            Err(err) => {
-                self.serde_error(&err, original.span(), original, field);
-                return None;
+        problems: Vec<ConfigProblem>,
+        table: &Spanned<DeValue<'_>>,
+        fallback: Range<usize>,
+        path: &str,
+    ) {
+        for problem in problems {
+            let span = find_span(table, &problem.field).unwrap_or(fallback.clone());
+            let mut diagnostic =
+                self.error(problem.message, span, &format!("{path}.{}", problem.field));
+            if let Some(help) = problem.help {
+                diagnostic = diagnostic.help(help);
             }
-        };
-        let mut ok = true;
-        for (name, message) in config.problems() {
-            let span = find_span(original, name).unwrap_or(original.span());
-            let diagnostic = self.error(message, span, &format!("{field}.{name}"));
             self.diagnostics.push(diagnostic);
-            ok = false;
         }
-        // Checked now, with a stand-in path, so a typo fails before launch.
-        if let Err(message) = render_execute_command(
-            &config.execute_command,
-            context,
-            "/tmp/script.sh",
-            &config.env,
-        ) {
-            let span = find_span(original, "execute_command").unwrap_or(original.span());
-            let err = template::TemplateError {
-                message,
-                range: None,
-            };
-            let diagnostic = renderer.template_error(
-                &err,
-                &config.execute_command,
-                span,
-                &format!("{field}.execute_command"),
-            );
-            self.diagnostics.push(diagnostic);
-            ok = false;
-        }
-        let mut scripts = Vec::new();
-        let mut files = Vec::new();
-        for (position, path) in config.script_paths().iter().enumerate() {
-            let absolute = self.dir.join(path);
-            match std::fs::read(&absolute) {
-                Ok(content) => {
-                    scripts.push(Script {
-                        name: path.display().to_string(),
-                        content,
-                    });
-                    files.push(absolute);
-                }
-                Err(err) => {
-                    let span = find_span(original, "script")
-                        .or_else(|| find_span(original, &format!("scripts[{}]", position)))
-                        .or_else(|| find_span(original, "scripts"))
-                        .unwrap_or(original.span());
-                    let name = if config.script.is_some() {
-                        "script"
-                    } else {
-                        "scripts"
-                    };
-                    let diagnostic = self
-                        .error(
-                            format!("cannot read script {}: {err}", absolute.display()),
-                            span,
-                            &format!("{field}.{name}"),
-                        )
-                        .help("script paths are relative to the directory of the config file");
-                    self.diagnostics.push(diagnostic);
-                    ok = false;
-                }
-            }
-        }
-        if !ok {
-            return None;
-        }
-        let resolved = serde_json::to_value(&config).unwrap_or_default();
-        Some((
-            Provisioner::Shell(ShellProvisioner::new(config, scripts, context.clone())),
-            resolved,
-            files,
-        ))
-    }
-
-    fn file_provisioner(
-        &mut self,
-        rendered: &Spanned<DeValue<'_>>,
-        original: &Spanned<DeValue<'_>>,
-        field: &str,
-    ) -> Option<(Provisioner, serde_json::Value, Vec<PathBuf>)> {
-        let config = match FileConfig::deserialize(ValueDeserializer::from(rendered.clone())) {
-            Ok(config) => config,
-            Err(err) => {
-                self.serde_error(&err, original.span(), original, field);
-                return None;
-            }
-        };
-        let mut ok = true;
-        for (name, message) in config.problems() {
-            let span = find_span(original, name).unwrap_or(original.span());
-            let diagnostic = self.error(message, span, &format!("{field}.{name}"));
-            self.diagnostics.push(diagnostic);
-            ok = false;
-        }
-        let provisioner = FileProvisioner::new(config.clone(), &self.dir);
-        let mut files = Vec::new();
-        if config.direction == Direction::Upload
-            && config.source.is_some()
-            && let Some(local) = &provisioner.local_path
-        {
-            if let Err(err) = std::fs::metadata(local) {
-                let span = find_span(original, "source").unwrap_or(original.span());
-                let diagnostic = self
-                    .error(
-                        format!("cannot read {}: {err}", local.display()),
-                        span,
-                        &format!("{field}.source"),
-                    )
-                    .help("upload sources are relative to the directory of the config file");
-                self.diagnostics.push(diagnostic);
-                ok = false;
-            } else {
-                files.push(local.clone());
-            }
-        }
-        if !ok {
-            return None;
-        }
-        let resolved = serde_json::to_value(&config).unwrap_or_default();
-        Some((Provisioner::File(provisioner), resolved, files))
     }
 }
 

@@ -342,7 +342,7 @@ impl Harness {
 pub fn shell(lines: &[&str]) -> Provisioner {
     let config: ShellConfig =
         serde_json::from_value(serde_json::json!({ "inline": lines })).unwrap();
-    Provisioner::Shell(ShellProvisioner::new(
+    Provisioner::new(ShellProvisioner::new(
         config,
         Vec::new(),
         serde_json::json!({}),

@@ -191,7 +191,7 @@ pub fn builder(config: serde_json::Value) -> Box<dyn Builder> {
 pub fn shell(inline: &[&str]) -> Provisioner {
     let config: ShellConfig =
         serde_json::from_value(serde_json::json!({ "inline": inline })).unwrap();
-    Provisioner::Shell(ShellProvisioner::new(
+    Provisioner::new(ShellProvisioner::new(
         config,
         Vec::new(),
         serde_json::json!({}),
@@ -235,7 +235,7 @@ fn file(
         destination: destination.to_owned(),
         direction,
     };
-    Provisioner::File(FileProvisioner::new(config, base_dir))
+    Provisioner::new(FileProvisioner::new(config, base_dir))
 }
 
 /// Names of containers, running or not, labelled with `run_id`.
