@@ -403,6 +403,14 @@ impl Communicator for DockerCommunicator {
     fn target(&self) -> String {
         self.label.clone()
     }
+
+    fn endpoint(&self) -> Option<imgbuild_provisioners::Endpoint> {
+        Some(imgbuild_provisioners::Endpoint::DockerContainer {
+            container_id: self.container_id.clone(),
+            docker_host: std::env::var("DOCKER_HOST").ok(),
+            env: self.env.clone(),
+        })
+    }
 }
 
 #[cfg(test)]
