@@ -35,7 +35,7 @@ pub struct DockerConfig {
     /// the config file) and must exist; any other SOURCE names a Docker
     /// volume. Mounted content is never part of the image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub volumes: Vec<String>,
+    pub volumes: Vec<VolumeSpec>,
     /// Environment for every command provisioners run in the container. It
     /// is not written into the image; use `changes = ["ENV NAME=value"]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -157,18 +157,18 @@ impl DockerConfig {
     pub fn binds(&self, config_dir: &Path) -> Vec<String> {
         self.volumes
             .iter()
-            .map(|spec| match parse_volume(spec) {
-                Ok(volume) if volume.is_host_path => {
-                    let host = config_dir.join(volume.source);
-                    let host = std::fs::canonicalize(&host).unwrap_or(host);
-                    let mut bind = format!("{}:{}", host.display(), volume.target);
-                    if let Some(options) = volume.options {
-                        bind.push(':');
-                        bind.push_str(options);
-                    }
-                    bind
+            .map(|volume| {
+                if !volume.is_host_path {
+                    return volume.to_string();
                 }
-                _ => spec.clone(),
+                let host = config_dir.join(&volume.source);
+                let host = std::fs::canonicalize(&host).unwrap_or(host);
+                let mut bind = format!("{}:{}", host.display(), volume.target);
+                if let Some(options) = &volume.options {
+                    bind.push(':');
+                    bind.push_str(options);
+                }
+                bind
             })
             .collect()
     }
@@ -199,23 +199,19 @@ impl DockerConfig {
             )),
             Some(_) => {}
         }
-        for (index, spec) in self.volumes.iter().enumerate() {
-            let field = format!("volumes[{index}]");
-            match parse_volume(spec) {
-                Err(message) => problems.push(ConfigProblem::new(field, message)),
-                Ok(volume) if volume.is_host_path => {
-                    let host = config_dir.join(volume.source);
-                    if !host.exists() {
-                        problems.push(ConfigProblem::new(
-                            field,
-                            format!(
-                                "the host path {} does not exist; create it first (the engine would otherwise create an empty root-owned directory)",
-                                host.display()
-                            ),
-                        ));
-                    }
-                }
-                Ok(_) => {}
+        for (index, volume) in self.volumes.iter().enumerate() {
+            if !volume.is_host_path {
+                continue;
+            }
+            let host = config_dir.join(&volume.source);
+            if !host.exists() {
+                problems.push(ConfigProblem::new(
+                    format!("volumes[{index}]"),
+                    format!(
+                        "the host path {} does not exist; create it first (the engine would otherwise create an empty root-owned directory)",
+                        host.display()
+                    ),
+                ));
             }
         }
         for name in self.env.keys() {
@@ -285,13 +281,37 @@ impl DockerConfig {
     }
 }
 
-/// A `volumes` entry taken apart.
-#[derive(Debug, PartialEq, Eq)]
-pub struct VolumeSpec<'a> {
-    pub source: &'a str,
-    pub target: &'a str,
-    pub options: Option<&'a str>,
+/// A `volumes` entry, `SOURCE:/path/in/container[:OPTIONS]`, taken apart
+/// when the config is read. Serializes back to the text as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VolumeSpec {
+    text: String,
+    pub source: String,
+    pub target: String,
+    pub options: Option<String>,
+    /// A SOURCE starting with `/`, `./` or `../` (or `.`, `..`), relative
+    /// to the config file; any other SOURCE names a Docker volume.
     pub is_host_path: bool,
+}
+
+impl TryFrom<String> for VolumeSpec {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        VolumeSpec::parse(&text)
+    }
+}
+
+impl From<VolumeSpec> for String {
+    fn from(volume: VolumeSpec) -> String {
+        volume.text
+    }
+}
+
+impl std::fmt::Display for VolumeSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 const VOLUME_OPTIONS: &[&str] = &[
@@ -311,46 +331,49 @@ const VOLUME_OPTIONS: &[&str] = &[
     "consistent",
 ];
 
-pub fn parse_volume(spec: &str) -> Result<VolumeSpec<'_>, String> {
-    let parts: Vec<&str> = spec.split(':').collect();
-    let (source, target, options) = match parts.as_slice() {
-        [source, target] => (*source, *target, None),
-        [source, target, options] => (*source, *target, Some(*options)),
-        _ => {
-            return Err(format!(
-                "`{spec}` is not SOURCE:/path/in/container[:OPTIONS] (host paths start with `/`, `./` or `../`)"
-            ));
-        }
-    };
-    if source.is_empty() {
-        return Err(format!("`{spec}` has no SOURCE before the `:`"));
-    }
-    if !target.starts_with('/') {
-        return Err(format!(
-            "`{spec}`: the path in the container, `{target}`, must be absolute"
-        ));
-    }
-    if let Some(options) = options {
-        for option in options.split(',') {
-            if !VOLUME_OPTIONS.contains(&option) {
+impl VolumeSpec {
+    pub fn parse(spec: &str) -> Result<VolumeSpec, String> {
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (source, target, options) = match parts.as_slice() {
+            [source, target] => (*source, *target, None),
+            [source, target, options] => (*source, *target, Some(*options)),
+            _ => {
                 return Err(format!(
-                    "`{spec}`: unknown mount option `{option}`; use {}",
-                    VOLUME_OPTIONS.join(", ")
+                    "`{spec}` is not SOURCE:/path/in/container[:OPTIONS] (host paths start with `/`, `./` or `../`)"
                 ));
             }
+        };
+        if source.is_empty() {
+            return Err(format!("`{spec}` has no SOURCE before the `:`"));
         }
+        if !target.starts_with('/') {
+            return Err(format!(
+                "`{spec}`: the path in the container, `{target}`, must be absolute"
+            ));
+        }
+        if let Some(options) = options {
+            for option in options.split(',') {
+                if !VOLUME_OPTIONS.contains(&option) {
+                    return Err(format!(
+                        "`{spec}`: unknown mount option `{option}`; use {}",
+                        VOLUME_OPTIONS.join(", ")
+                    ));
+                }
+            }
+        }
+        let is_host_path = source.starts_with('/')
+            || source.starts_with("./")
+            || source.starts_with("../")
+            || source == "."
+            || source == "..";
+        Ok(VolumeSpec {
+            text: spec.to_owned(),
+            source: source.to_owned(),
+            target: target.to_owned(),
+            options: options.map(str::to_owned),
+            is_host_path,
+        })
     }
-    let is_host_path = source.starts_with('/')
-        || source.starts_with("./")
-        || source.starts_with("../")
-        || source == "."
-        || source == "..";
-    Ok(VolumeSpec {
-        source,
-        target,
-        options,
-        is_host_path,
-    })
 }
 
 fn check_platform(platform: &str) -> Result<(), String> {
@@ -872,7 +895,7 @@ mod tests {
             "image": "debian:bookworm",
             "tags": ["latest", "-bad"],
             "changes": ["ENV OK=1", "EXPOSE 80/http"],
-            "volumes": ["./data:/data:ro", "./missing:/m", "cache:/var/cache", "nocolon"],
+            "volumes": ["./data:/data:ro", "./missing:/m", "cache:/var/cache"],
             "platform": "linux",
             "run_command": [],
         }));
@@ -884,7 +907,6 @@ mod tests {
                 "tags[1]",
                 "run_command",
                 "volumes[1]",
-                "volumes[3]",
                 "platform",
                 "changes[1]"
             ],
@@ -896,6 +918,49 @@ mod tests {
             "{}",
             change.message
         );
+    }
+
+    #[test]
+    fn volume_specs_are_checked_when_read() {
+        let volumes = |specs: serde_json::Value| {
+            serde_json::from_value::<DockerConfig>(
+                serde_json::json!({"image": "x", "volumes": specs}),
+            )
+            .map(|c| c.volumes)
+        };
+        let good = volumes(serde_json::json!([
+            "./data:/data:ro,z",
+            "cache:/cache",
+            "/:/host"
+        ]))
+        .unwrap();
+        assert_eq!(
+            (
+                good[0].source.as_str(),
+                good[0].target.as_str(),
+                good[0].options.as_deref()
+            ),
+            ("./data", "/data", Some("ro,z"))
+        );
+        assert!(good[0].is_host_path && !good[1].is_host_path && good[2].is_host_path);
+        assert_eq!(good[1].options, None);
+        let config = serde_json::from_value::<DockerConfig>(
+            serde_json::json!({"image": "x", "volumes": ["./data:/data:ro"]}),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&config).unwrap()["volumes"],
+            serde_json::json!(["./data:/data:ro"])
+        );
+        for (spec, message) in [
+            ("nocolon", "is not SOURCE:/path/in/container[:OPTIONS]"),
+            (":/data", "has no SOURCE"),
+            ("cache:data", "must be absolute"),
+            ("cache:/data:rw,bogus", "unknown mount option `bogus`"),
+        ] {
+            let err = volumes(serde_json::json!([spec])).unwrap_err().to_string();
+            assert!(err.contains(message), "{spec}: {err}");
+        }
     }
 
     #[test]

@@ -2,10 +2,10 @@
 //! fail without talking to AWS.
 
 use crate::ConfigProblem;
+use imgbuild_core::Cidr;
 use imgbuild_provisioners::ssh::SshConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -136,7 +136,7 @@ pub struct Ec2Config {
     /// set: this machine's public address, or the VPC's ranges with a
     /// private `ssh_interface`; a build that cannot tell is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ssh_cidrs: Vec<String>,
+    pub ssh_cidrs: Vec<Cidr>,
     /// The public IP when the instance has one, the private IP otherwise,
     /// when not set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -234,19 +234,6 @@ fn id_problem(value: &str, prefix: &str) -> Option<String> {
             (hex.len() == 8 || hex.len() == 17) && hex.chars().all(|c| c.is_ascii_hexdigit())
         });
     (!ok).then(|| format!("`{value}` is not an EC2 id of the form {prefix}-<8 or 17 hex digits>"))
-}
-
-/// Parses `10.0.0.0/8` or `2001:db8::/32`.
-pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
-    let invalid = || format!("`{text}` is not a CIDR block; write it like \"203.0.113.7/32\"");
-    let (address, prefix) = text.split_once('/').ok_or_else(invalid)?;
-    let address: IpAddr = address.parse().map_err(|_| invalid())?;
-    let prefix: u8 = prefix.parse().map_err(|_| invalid())?;
-    let max = if address.is_ipv4() { 32 } else { 128 };
-    if prefix > max {
-        return Err(invalid());
-    }
-    Ok((address, prefix))
 }
 
 fn tag_problems(field: &str, tags: &BTreeMap<String, String>, added: usize) -> Vec<ConfigProblem> {
@@ -409,11 +396,6 @@ impl Ec2Config {
                 "ssh_cidrs",
                 "`ssh_cidrs` shapes the temporary security group, which is not made when `security_group_ids` is set".to_owned(),
             );
-        }
-        for cidr in &self.ssh_cidrs {
-            if let Err(message) = parse_cidr(cidr) {
-                problem("ssh_cidrs", message);
-            }
         }
         // What the build would refuse anyway once it starts, said up front:
         // the temporary group cannot tell who SSH comes from.
@@ -692,7 +674,6 @@ ami_users = ["123456789012", "1234"]
 ami_groups = ["everyone"]
 kms_key_id = "alias/x"
 ami_tags = {"aws:owner": "x", "imgbuild:run-id": "y", "team": "infra"}
-ssh_cidrs = ["10.0.0.0/33"]
 root_volume_type = "ssd"
 ami_name = "my image+1""#,
         );
@@ -708,7 +689,6 @@ ami_name = "my image+1""#,
                 "ami_users",
                 "kms_key_id",
                 "root_volume_type",
-                "ssh_cidrs"
             ]
         );
     }
@@ -778,10 +758,20 @@ ami_regions = ["eu-west-1", "us-east-1", "eu-west-1", "ap-south-1"]"#,
     }
 
     #[test]
-    fn cidrs_parse() {
-        assert!(parse_cidr("203.0.113.7/32").is_ok());
-        assert!(parse_cidr("2001:db8::/32").is_ok());
-        assert!(parse_cidr("203.0.113.7").is_err());
-        assert!(parse_cidr("10.0.0.0/33").is_err());
+    fn ssh_cidrs_are_checked_when_read() {
+        let cidrs = |value: serde_json::Value| {
+            serde_json::from_value::<Ec2Config>(serde_json::json!({
+                "instance_type": "t3.micro",
+                "source_ami": "ami-12345678",
+                "ssh_cidrs": value,
+            }))
+            .map(|config| config.ssh_cidrs)
+        };
+        let good = cidrs(serde_json::json!(["203.0.113.7/32", "2001:db8::/32"])).unwrap();
+        assert!(good[0].address().is_ipv4() && good[1].address().is_ipv6());
+        for bad in ["203.0.113.7", "10.0.0.0/33"] {
+            let err = cidrs(serde_json::json!([bad])).unwrap_err().to_string();
+            assert!(err.contains("is not a CIDR block"), "{bad}: {err}");
+        }
     }
 }

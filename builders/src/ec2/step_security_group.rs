@@ -5,14 +5,15 @@
 //! until the instance using it is gone.
 
 use super::client::{AwsResultExt, filter, tag_spec};
-use super::config::{Ec2Config, parse_cidr};
+use super::config::Ec2Config;
+use super::kind::Ec2Resource;
 use super::poll::{Backoff, Poller};
 use super::{Ec2State, Plan};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{IpPermission, IpRange, Ipv6Range, ResourceType, VpcCidrBlockStateCode};
-use imgbuild_core::{BuildLog, CleanupOutcome, Resource, ResourceId, Step, StepContext, StepError};
+use imgbuild_core::{BuildLog, Cidr, CleanupOutcome, ResourceId, Step, StepContext, StepError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,7 +86,7 @@ pub async fn delete_group(
 
 /// The caller's public IPv4 address as `a.b.c.d/32`, as `url` tells it,
 /// or why it could not be learned within a few seconds.
-async fn public_address_cidr(url: &str) -> Result<String, String> {
+async fn public_address_cidr(url: &str) -> Result<Cidr, String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(4))
         .build()
@@ -103,7 +104,7 @@ async fn public_address_cidr(url: &str) -> Result<String, String> {
         .trim()
         .parse()
         .map_err(|_| format!("the answer {:?} is not an IPv4 address", text.trim()))?;
-    Ok(format!("{address}/32"))
+    Cidr::parse(&format!("{address}/32"))
 }
 
 /// The VPC the instance runs in, when it is not the default one: `vpc_id`,
@@ -153,23 +154,28 @@ async fn vpc_cidrs(
         ))
     })?;
     let vpc_id = vpc.vpc_id().unwrap_or("(no id)");
-    let mut cidrs: Vec<String> = vpc
+    let mut ranges: Vec<&str> = vpc
         .cidr_block_association_set()
         .iter()
         .filter(|block| {
             block.cidr_block_state().and_then(|state| state.state())
                 == Some(&VpcCidrBlockStateCode::Associated)
         })
-        .filter_map(|block| block.cidr_block().map(str::to_owned))
+        .filter_map(|block| block.cidr_block())
         .collect();
-    if cidrs.is_empty() {
-        cidrs.extend(vpc.cidr_block().map(str::to_owned));
+    if ranges.is_empty() {
+        ranges.extend(vpc.cidr_block());
     }
-    if cidrs.is_empty() {
+    if ranges.is_empty() {
         return Err(StepError::failed(format!(
             "VPC {vpc_id} in {region} reports no IPv4 range"
         )));
     }
+    let cidrs = ranges
+        .into_iter()
+        .map(Cidr::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|err| StepError::failed(format!("VPC {vpc_id} in {region}: {err}")))?;
     Ok(SshSources {
         cidrs,
         origin: format!("the address range of VPC {vpc_id}"),
@@ -179,7 +185,7 @@ async fn vpc_cidrs(
 /// Who the temporary security group lets reach SSH, and why them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshSources {
-    pub cidrs: Vec<String>,
+    pub cidrs: Vec<Cidr>,
     /// Where the ranges came from, for the log.
     pub origin: String,
 }
@@ -282,12 +288,13 @@ impl Step<Ec2State> for StepSecurityGroup {
 
         let id = record(
             cx,
-            Resource::Ec2SecurityGroup {
+            Ec2Resource::SecurityGroup {
                 region: region.clone(),
                 endpoint_url: plan.endpoint_url.clone(),
                 name: name.clone(),
                 group_id: None,
-            },
+            }
+            .into(),
         )?;
         self.created = Some((id, name.clone(), None));
         let output = client
@@ -310,12 +317,13 @@ impl Step<Ec2State> for StepSecurityGroup {
         cx.journal
             .update(
                 id,
-                Resource::Ec2SecurityGroup {
+                Ec2Resource::SecurityGroup {
                     region: region.clone(),
                     endpoint_url: plan.endpoint_url.clone(),
                     name: name.clone(),
                     group_id: Some(group_id.clone()),
-                },
+                }
+                .into(),
             )
             .map_err(StepError::failed)?;
 
@@ -332,19 +340,18 @@ impl Step<Ec2State> for StepSecurityGroup {
             .from_port(port)
             .to_port(port);
         for cidr in cidrs {
-            let (address, _) = parse_cidr(cidr).map_err(StepError::failed)?;
             let description = format!("imgbuild SSH, run {}", plan.run_id);
-            permission = if address.is_ipv4() {
+            permission = if cidr.address().is_ipv4() {
                 permission.ip_ranges(
                     IpRange::builder()
-                        .cidr_ip(cidr)
+                        .cidr_ip(cidr.as_str())
                         .description(description)
                         .build(),
                 )
             } else {
                 permission.ipv6_ranges(
                     Ipv6Range::builder()
-                        .cidr_ipv6(cidr)
+                        .cidr_ipv6(cidr.as_str())
                         .description(description)
                         .build(),
                 )
@@ -359,7 +366,11 @@ impl Step<Ec2State> for StepSecurityGroup {
             .aws("AuthorizeSecurityGroupIngress", region)?;
         cx.log.info(format!(
             "created temporary security group {group_id} ({name}) admitting tcp/{port} from {} ({})",
-            cidrs.join(", "),
+            cidrs
+                .iter()
+                .map(Cidr::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
             sources.origin
         ));
         state.security_group_ids = vec![group_id];

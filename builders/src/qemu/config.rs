@@ -1,6 +1,7 @@
 //! The `[builders.NAME] type = "qemu"` table.
 
 use crate::ConfigProblem;
+use imgbuild_core::{ByteSize, Sha256Digest};
 use imgbuild_provisioners::ssh::SshConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -66,7 +67,7 @@ pub struct QemuConfig {
     pub base_image: String,
     /// `sha256:<hex>`; required for URLs, verified for local files when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_checksum: Option<String>,
+    pub base_checksum: Option<Sha256Digest>,
     /// Detected with `qemu-img info` when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_format: Option<DiskFormat>,
@@ -78,7 +79,7 @@ pub struct QemuConfig {
     pub compression: Compression,
     /// Grow the disk to this size ("8G", "20480M"); the base size otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_size: Option<String>,
+    pub disk_size: Option<ByteSize>,
     /// MiB.
     #[serde(default = "default_memory")]
     pub memory: u32,
@@ -162,48 +163,6 @@ pub fn is_url(text: &str) -> bool {
     text.starts_with("http://") || text.starts_with("https://")
 }
 
-/// The hex digest of a `sha256:<hex>` (or bare hex) checksum.
-pub fn parse_checksum(text: &str) -> Result<String, String> {
-    let hex = text
-        .strip_prefix("sha256:")
-        .unwrap_or(text)
-        .to_ascii_lowercase();
-    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        Ok(hex)
-    } else {
-        Err(format!(
-            "`{text}` is not a SHA-256 checksum; write it as \"sha256:<64 hex digits>\""
-        ))
-    }
-}
-
-/// Parses "8G", "512M", "20480" (bytes) into bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size; write it like \"8G\" or \"512M\""))?;
-    let factor: u64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        "T" | "TB" | "TIB" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` in `{text}`; use K, M, G or T"
-            ));
-        }
-    };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("`{text}` is too large"))
-}
-
 impl QemuConfig {
     pub fn shutdown_command(&self) -> String {
         match &self.shutdown_command {
@@ -220,16 +179,11 @@ impl QemuConfig {
     pub fn problems(&self, config_dir: &Path) -> Vec<ConfigProblem> {
         let mut problems = Vec::new();
         if is_url(&self.base_image) {
-            match &self.base_checksum {
-                None => problems.push(ConfigProblem::new(
+            if self.base_checksum.is_none() {
+                problems.push(ConfigProblem::new(
                     "base_checksum",
                     "a base image URL needs `base_checksum = \"sha256:...\"`, so a changed download is never built into an image",
-                )),
-                Some(sum) => {
-                    if let Err(message) = parse_checksum(sum) {
-                        problems.push(ConfigProblem::new("base_checksum", message));
-                    }
-                }
+                ));
             }
         } else {
             let path = self.resolve(config_dir, Path::new(&self.base_image));
@@ -239,14 +193,13 @@ impl QemuConfig {
                     format!("{} does not exist or is not a file", path.display()),
                 ));
             }
-            if let Some(Err(message)) = self.base_checksum.as_deref().map(parse_checksum) {
-                problems.push(ConfigProblem::new("base_checksum", message));
-            }
         }
-        match self.disk_size.as_deref().map(parse_size) {
-            Some(Err(message)) => problems.push(ConfigProblem::new("disk_size", message)),
-            Some(Ok(0)) => problems.push(ConfigProblem::new("disk_size", "must be larger than 0")),
-            _ => {}
+        if self
+            .disk_size
+            .as_ref()
+            .is_some_and(|size| size.bytes() == 0)
+        {
+            problems.push(ConfigProblem::new("disk_size", "must be larger than 0"));
         }
         if self.shutdown_timeout.is_zero() {
             problems.push(ConfigProblem::new(
@@ -321,19 +274,43 @@ impl QemuConfig {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1024").unwrap(), 1024);
-        assert!(parse_size("8X").unwrap_err().contains("unknown size unit"));
-        assert!(parse_size("big").is_err());
+    fn config(json: serde_json::Value) -> Result<QemuConfig, serde_json::Error> {
+        serde_json::from_value(json)
     }
 
     #[test]
-    fn checksums_need_64_hex_digits() {
+    fn sizes_and_checksums_are_checked_when_read() {
         let hex = "a".repeat(64);
-        assert_eq!(parse_checksum(&format!("sha256:{hex}")).unwrap(), hex);
-        assert!(parse_checksum("sha256:abc").is_err());
+        let good = config(serde_json::json!({
+            "base_image": "https://example.com/base.qcow2",
+            "base_checksum": format!("sha256:{hex}"),
+            "disk_size": "8G",
+        }))
+        .unwrap();
+        assert_eq!(good.disk_size.as_ref().unwrap().bytes(), 8 << 30);
+        assert_eq!(good.base_checksum.as_ref().unwrap().hex(), hex);
+        assert!(good.problems(Path::new("/")).is_empty());
+
+        let size = config(serde_json::json!({"base_image": "b", "disk_size": "8X"})).unwrap_err();
+        assert!(size.to_string().contains("unknown size unit `X`"), "{size}");
+        let sum = config(serde_json::json!({"base_image": "b", "base_checksum": "sha256:abc"}))
+            .unwrap_err();
+        assert!(
+            sum.to_string().contains("is not a SHA-256 checksum"),
+            "{sum}"
+        );
+
+        let zero = config(serde_json::json!({
+            "base_image": "https://example.com/base.qcow2",
+            "base_checksum": hex,
+            "disk_size": "0G",
+        }))
+        .unwrap();
+        let fields: Vec<_> = zero
+            .problems(Path::new("/"))
+            .into_iter()
+            .map(|p| p.field)
+            .collect();
+        assert_eq!(fields, vec!["disk_size"]);
     }
 }
