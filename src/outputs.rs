@@ -3,6 +3,7 @@
 //! outputs.
 
 use crate::manifest::{Entry, Manifest};
+use imgbuild_builders::registry::{self, OutputTarget, RecordedArtifact};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -18,54 +19,41 @@ pub fn latest_by_build(manifest: &Manifest) -> BTreeMap<String, &Entry> {
     latest
 }
 
-/// AMI ids by region, for EC2 entries.
-pub fn amis(entry: &Entry) -> BTreeMap<String, String> {
-    entry
-        .details
-        .get("amis")
-        .and_then(Value::as_object)
-        .map(|amis| {
-            amis.iter()
-                .filter_map(|(region, id)| Some((region.clone(), id.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The build's own region, for EC2 entries.
-pub fn home_region(entry: &Entry) -> Option<String> {
-    entry
-        .details
-        .get("region")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-}
-
-/// What a script wants from an entry: the AMI id (in `region`, or the
-/// build's own), or the artifact id for other builders.
-pub fn artifact_for(entry: &Entry, region: Option<&str>) -> Result<String, String> {
-    if entry.build.kind != "ec2" {
-        if let Some(region) = region {
-            return Err(format!(
-                "--region {region} only applies to EC2 builds; build {} is a {} build",
-                entry.build.name, entry.build.kind
-            ));
-        }
-        return Ok(entry.artifact_id.clone());
+/// The entry as its builder kind reads it.
+fn recorded(entry: &Entry) -> RecordedArtifact<'_> {
+    RecordedArtifact {
+        build: &entry.build.name,
+        version: &entry.image.version,
+        artifact_id: &entry.artifact_id,
+        details: &entry.details,
     }
-    let amis = amis(entry);
-    let region = match region {
-        Some(region) => region.to_owned(),
-        None => home_region(entry).ok_or_else(|| "the entry names no region".to_owned())?,
-    };
-    amis.get(&region).cloned().ok_or_else(|| {
-        format!(
-            "build {} version {} has no AMI in {region}; it has AMIs in: {}",
-            entry.build.name,
-            entry.image.version,
-            amis.keys().cloned().collect::<Vec<_>>().join(", ")
-        )
-    })
+}
+
+/// What a script wants from an entry: what its builder kind hands on (the
+/// AMI id for EC2, in `region` or the build's own), else the artifact id.
+pub fn artifact_for(entry: &Entry, region: Option<&str>) -> Result<String, String> {
+    match registry::find(&entry.build.kind) {
+        Some(kind) => kind.output_id(&recorded(entry), region),
+        // A kind this imgbuild does not have (a manifest another version
+        // wrote): its artifact id is all that can be said.
+        None => match region {
+            Some(region) => Err(format!(
+                "--region {region} does not apply to build {}: this imgbuild has no `{}` builder",
+                entry.build.name, entry.build.kind
+            )),
+            None => Ok(entry.artifact_id.clone()),
+        },
+    }
+}
+
+/// The builder kind's own named values for an entry, named `<build>_<what>`.
+fn kind_outputs(entry: &Entry, target: OutputTarget) -> Vec<(String, Value)> {
+    registry::find(&entry.build.kind)
+        .map(|kind| kind.outputs(&recorded(entry), target))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(what, value)| (output_name(&entry.build.name, &what), value))
+        .collect()
 }
 
 /// Output names are `<build>_<what>`, with characters outside
@@ -99,18 +87,7 @@ pub fn named_outputs(entry: &Entry) -> Vec<(String, Value)> {
             Value::from(entry.artifact_id.clone()),
         ),
     ];
-    if entry.build.kind == "ec2" {
-        let amis = amis(entry);
-        if let Some(home) = home_region(entry).and_then(|region| amis.get(&region).cloned()) {
-            outputs.push((output_name(build, "ami_id"), Value::from(home)));
-        }
-        for (region, id) in &amis {
-            outputs.push((
-                output_name(build, &format!("ami_id_{region}")),
-                Value::from(id.clone()),
-            ));
-        }
-    }
+    outputs.extend(kind_outputs(entry, OutputTarget::StepOutputs));
     outputs
 }
 
@@ -128,16 +105,7 @@ pub fn tfvars(manifest: &Manifest) -> Value {
             output_name(&build, "artifact_id"),
             entry.artifact_id.clone().into(),
         );
-        if entry.build.kind == "ec2" {
-            if let Ok(id) = artifact_for(entry, None) {
-                document.insert(output_name(&build, "ami_id"), id.into());
-            }
-            let by_region: Map<String, Value> = amis(entry)
-                .into_iter()
-                .map(|(region, id)| (region, id.into()))
-                .collect();
-            document.insert(output_name(&build, "ami_ids"), Value::Object(by_region));
-        }
+        document.extend(kind_outputs(entry, OutputTarget::Tfvars));
     }
     Value::Object(document)
 }
@@ -165,11 +133,11 @@ pub fn write_github_outputs(path: &Path, entry: &Entry) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn entry(build: &str, kind: &str, version: &str, details: Value) -> Entry {
+    fn entry(build: &str, kind: &str, version: &str, artifact_id: &str, details: Value) -> Entry {
         serde_json::from_value(serde_json::json!({
             "run_id": "r", "image": {"name": "web", "version": version},
             "build": {"name": build, "type": kind},
-            "artifact_id": if kind == "ec2" { "eu-west-1:ami-1".to_owned() } else { format!("/out/{build}-{version}") },
+            "artifact_id": artifact_id,
             "details": details,
             "source": {"kind": "file", "reference": "/b"},
             "inputs_sha256": "0", "started_at": "a", "finished_at": "b", "duration_secs": 1.0,
@@ -183,6 +151,7 @@ mod tests {
             "web-ami",
             "ec2",
             version,
+            "eu-west-1:ami-1",
             serde_json::json!({"region": "eu-west-1", "amis": {"eu-west-1": home, "us-east-1": "ami-copy"}}),
         )
     }
@@ -200,7 +169,7 @@ mod tests {
     }
 
     fn entry_of_qemu() -> Entry {
-        entry("vm", "qemu", "2", Value::Null)
+        entry("vm", "qemu", "2", "/out/vm-2", Value::Null)
     }
 
     #[test]

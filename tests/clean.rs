@@ -3,12 +3,11 @@
 //! lets a record go only once its resource is proven gone, and removes
 //! nothing that may still be in use.
 
-mod support;
-
+use imgbuild_builders::docker::kind::DockerResource;
 use imgbuild_core::{Journal, Resource};
+use imgbuild_test_support::cli::*;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use support::*;
 
 fn run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_owned()
@@ -150,7 +149,10 @@ fn a_container_the_engine_finishes_creating_after_a_clean_is_removed_by_the_next
         let journal =
             Journal::create(&workspace.state_dir(), &run_id, Path::new("image.toml")).unwrap();
         journal
-            .record("box", Resource::DockerContainer { name: name.clone() })
+            .record(
+                "box",
+                Resource::from(DockerResource::Container { name: name.clone() }),
+            )
             .unwrap();
     }
 
@@ -194,4 +196,49 @@ fn a_container_the_engine_finishes_creating_after_a_clean_is_removed_by_the_next
     assert_eq!(removed, 1, "{:?}", outcome.events());
     assert!(containers_labelled(&label).is_empty());
     assert!(workspace.journals().is_empty());
+}
+
+/// A journal written by an imgbuild with a builder this one lacks: clean
+/// names the record and the builder, keeps it (exit 1), and never panics or
+/// lets it go as if removed.
+#[test]
+fn a_record_of_an_unknown_builder_is_named_and_kept() {
+    let workspace = Workspace::new();
+    let run_id = run_id();
+    {
+        let journal =
+            Journal::create(&workspace.state_dir(), &run_id, Path::new("image.toml")).unwrap();
+        journal
+            .record(
+                "cloud",
+                Resource::Builder(imgbuild_core::BuilderResource {
+                    builder: "nimbus".to_owned(),
+                    description: "nimbus machine m-1 in zone z1".to_owned(),
+                    data: serde_json::json!({"kind": "nimbus_machine", "id": "m-1"}),
+                }),
+            )
+            .unwrap();
+    }
+
+    workspace
+        .imgbuild()
+        .args(["clean", "--dry-run"])
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout_has("would remove nimbus machine m-1 in zone z1 (build cloud)");
+    let outcome = workspace
+        .imgbuild()
+        .args(["--output", "json", "clean"])
+        .run()
+        .exits_with(EXIT_BUILD_FAILED);
+    let events = outcome.events();
+    let failed = events_of(&events, "remove_failed");
+    assert_eq!(failed.len(), 1, "{events:?}");
+    assert_eq!(failed[0]["resource"]["builder"], "nimbus");
+    let error = failed[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("nimbus machine m-1 in zone z1") && error.contains("no such builder"),
+        "{error}"
+    );
+    assert_eq!(workspace.journals().len(), 1, "the record stays");
 }

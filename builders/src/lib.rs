@@ -1,13 +1,22 @@
 //! How imgbuild gets a machine and snapshots it.
 //!
 //! Every builder reads as a list of steps (one file per step, each owning its
-//! run and its cleanup), run by [`imgbuild_core::run_steps`].
+//! run and its cleanup), run by [`imgbuild_core::run_steps`]. The builder
+//! kinds are listed in [`registry::BUILDERS`].
 
 pub mod common;
 pub mod docker;
 #[cfg(feature = "ec2")]
 pub mod ec2;
+/// Without the `ec2` feature only the EC2 kind is compiled, so that
+/// `type = "ec2"` still says how to get it and `imgbuild clean` and
+/// `imgbuild output` still name EC2 records.
+#[cfg(not(feature = "ec2"))]
+pub mod ec2 {
+    pub mod kind;
+}
 pub mod qemu;
+pub mod registry;
 
 use async_trait::async_trait;
 use imgbuild_core::{OnError, StepContext};
@@ -115,41 +124,4 @@ pub trait Builder: Send + Sync {
 
     async fn build(&self, request: &BuildRequest, cx: &StepContext)
     -> Result<Artifact, BuildError>;
-}
-
-/// The builder types this imgbuild knows, for messages.
-pub fn known_kinds() -> &'static [&'static str] {
-    &["qemu", "docker", "ec2"]
-}
-
-/// Builds a builder of `kind` from its config table. Unknown fields are
-/// errors, reported by the deserializer with their location.
-pub fn deserialize_builder<'de, D: serde::Deserializer<'de>>(
-    kind: &str,
-    table: D,
-) -> Result<Box<dyn Builder>, BuilderKindError<D::Error>> {
-    match kind {
-        "qemu" => qemu::QemuConfig::deserialize(table)
-            .map(|config| Box::new(qemu::QemuBuilder::new(config)) as Box<dyn Builder>)
-            .map_err(BuilderKindError::Invalid),
-        "docker" => docker::DockerConfig::deserialize(table)
-            .map(|config| Box::new(docker::DockerBuilder::new(config)) as Box<dyn Builder>)
-            .map_err(BuilderKindError::Invalid),
-        #[cfg(feature = "ec2")]
-        "ec2" => ec2::Ec2Config::deserialize(table)
-            .map(|config| Box::new(ec2::Ec2Builder::new(config)) as Box<dyn Builder>)
-            .map_err(BuilderKindError::Invalid),
-        #[cfg(not(feature = "ec2"))]
-        "ec2" => Err(BuilderKindError::NotCompiledIn(
-            "this imgbuild was compiled without the `ec2` feature; rebuild with default features",
-        )),
-        _ => Err(BuilderKindError::Unknown),
-    }
-}
-
-#[derive(Debug)]
-pub enum BuilderKindError<E> {
-    Unknown,
-    NotCompiledIn(&'static str),
-    Invalid(E),
 }

@@ -12,6 +12,7 @@
 //! state directory could make `imgbuild clean` act on resources it was never
 //! given.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -67,43 +68,36 @@ pub enum Resource {
     Directory {
         path: PathBuf,
     },
-    DockerContainer {
-        name: String,
+    /// Something a builder made (a container, an instance, a key pair): the
+    /// journal carries the builder's own record of it without reading it,
+    /// and `imgbuild clean` hands it back to the builder of that name.
+    Builder(BuilderResource),
+    /// A record in the journal of another imgbuild version, of a kind this
+    /// one does not have, as written. Never created by a build: it keeps a
+    /// leftover this version cannot remove from being forgotten.
+    Unreadable {
+        record: serde_json::Value,
     },
-    DockerImage {
-        reference: String,
-    },
-    Ec2Instance {
-        region: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        endpoint_url: Option<String>,
-        client_token: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        instance_id: Option<String>,
-    },
-    Ec2KeyPair {
-        region: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        endpoint_url: Option<String>,
-        name: String,
-    },
-    Ec2SecurityGroup {
-        region: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        endpoint_url: Option<String>,
-        name: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        group_id: Option<String>,
-    },
-    /// An AMI being made under `name`, with its snapshots.
-    Ec2Image {
-        region: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        endpoint_url: Option<String>,
-        name: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        image_id: Option<String>,
-    },
+}
+
+/// A builder's resource, opaque to the journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuilderResource {
+    /// The builder kind that made it and knows how to remove it (`type` in
+    /// the config: "docker", "ec2").
+    pub builder: String,
+    /// One line naming it for `imgbuild clean`, written when it is recorded,
+    /// so even a record no builder here can read is shown for what it is.
+    pub description: String,
+    /// The builder's own record, in the builder's own shape.
+    pub data: serde_json::Value,
+}
+
+impl BuilderResource {
+    /// The builder's record read back into its own type.
+    pub fn read<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.data)
+    }
 }
 
 impl Resource {
@@ -116,32 +110,10 @@ impl Resource {
             } => format!("{description} (pid file {})", pidfile.display()),
             Resource::File { path } => format!("file {}", path.display()),
             Resource::Directory { path } => format!("directory {}", path.display()),
-            Resource::DockerContainer { name } => format!("docker container {name}"),
-            Resource::DockerImage { reference } => format!("docker image {reference}"),
-            Resource::Ec2Instance {
-                region,
-                client_token,
-                instance_id,
-                ..
-            } => match instance_id {
-                Some(id) => format!("EC2 instance {id} in {region}"),
-                None => format!("EC2 instance with client token {client_token} in {region}"),
-            },
-            Resource::Ec2KeyPair { region, name, .. } => {
-                format!("EC2 key pair {name} in {region}")
+            Resource::Builder(resource) => resource.description.clone(),
+            Resource::Unreadable { record } => {
+                format!("a resource recorded by another version of imgbuild: {record}")
             }
-            Resource::Ec2SecurityGroup { region, name, .. } => {
-                format!("EC2 security group {name} in {region}")
-            }
-            Resource::Ec2Image {
-                region,
-                name,
-                image_id,
-                ..
-            } => match image_id {
-                Some(id) => format!("AMI {id} ({name}) in {region}"),
-                None => format!("AMI named {name} in {region}"),
-            },
         }
     }
 }
@@ -554,6 +526,43 @@ pub fn dead_runs(state_dir: &Path) -> Result<Vec<DeadRun>, JournalError> {
     Ok(runs)
 }
 
+/// A whole record whose resource this version cannot read, kept as
+/// [`Resource::Unreadable`]; `None` for a torn line.
+fn unreadable(line: &str) -> Option<Record> {
+    #[derive(Deserialize)]
+    #[serde(tag = "op", rename_all = "snake_case")]
+    enum Raw {
+        Create {
+            id: ResourceId,
+            build: String,
+            resource: serde_json::Value,
+            #[serde(default)]
+            at: Option<u64>,
+        },
+        Update {
+            id: ResourceId,
+            resource: serde_json::Value,
+        },
+    }
+    Some(match serde_json::from_str::<Raw>(line).ok()? {
+        Raw::Create {
+            id,
+            build,
+            resource,
+            at,
+        } => Record::Create {
+            id,
+            build,
+            resource: Resource::Unreadable { record: resource },
+            at,
+        },
+        Raw::Update { id, resource } => Record::Update {
+            id,
+            resource: Resource::Unreadable { record: resource },
+        },
+    })
+}
+
 fn read_dead_run(path: PathBuf, file: File) -> Result<DeadRun, JournalError> {
     let run_id = path
         .file_stem()
@@ -570,9 +579,13 @@ fn read_dead_run(path: PathBuf, file: File) -> Result<DeadRun, JournalError> {
     };
     for line in BufReader::new(file).lines() {
         let line = line.map_err(io_error("read", &path))?;
-        // A run killed mid-write leaves at most one torn last line.
-        let Ok(record) = serde_json::from_str::<Record>(&line) else {
-            continue;
+        let record = match serde_json::from_str::<Record>(&line) {
+            Ok(record) => record,
+            Err(_) => match unreadable(&line) {
+                Some(record) => record,
+                // A run killed mid-write leaves at most one torn last line.
+                None => continue,
+            },
         };
         match record {
             Record::Run {
@@ -747,6 +760,95 @@ mod tests {
         );
         assert!(!item.confirmed);
         assert_eq!(item.recorded_at, None);
+    }
+
+    /// A builder's record comes back from a dead run's journal as it went
+    /// in, whatever its shape, and the journal line stays readable: the
+    /// builder's name and the description in plain sight.
+    #[test]
+    fn a_builder_resource_round_trips_opaquely() {
+        let state = tempfile::tempdir().unwrap();
+        let journal = Journal::create(state.path(), "run-e", Path::new("image.toml")).unwrap();
+        let resource = |id: Option<&str>| {
+            Resource::Builder(BuilderResource {
+                builder: "nimbus".into(),
+                description: format!("nimbus machine {id:?}"),
+                data: serde_json::json!({"type": "machine", "zone": "z1", "id": id, "tags": [1, 2]}),
+            })
+        };
+        let id = journal.record("vm", resource(None)).unwrap();
+        journal.update(id, resource(Some("m-1"))).unwrap();
+        let path = journal.path().to_path_buf();
+        drop(journal);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains(r#""resource":{"kind":"builder","builder":"nimbus","description":"nimbus machine None","data":{"#),
+            "{text}"
+        );
+        let runs = dead_runs(state.path()).unwrap();
+        let outstanding = runs[0].outstanding();
+        assert_eq!(outstanding[0].resource, resource(Some("m-1")));
+        assert_eq!(
+            outstanding[0].resource.describe(),
+            "nimbus machine Some(\"m-1\")"
+        );
+        let Resource::Builder(builder) = &outstanding[0].resource else {
+            panic!("not a builder resource: {:?}", outstanding[0].resource)
+        };
+        #[derive(Deserialize, PartialEq, Debug)]
+        struct Machine {
+            zone: String,
+            id: Option<String>,
+        }
+        assert_eq!(
+            builder.read::<Machine>().unwrap(),
+            Machine {
+                zone: "z1".into(),
+                id: Some("m-1".into())
+            }
+        );
+    }
+
+    /// Resources of kinds this version does not have (here the Docker
+    /// container of a journal from before builders kept their own
+    /// records) stay outstanding as written, so they are shown and kept
+    /// rather than silently forgotten.
+    #[test]
+    fn a_record_of_an_unknown_kind_stays_outstanding_as_written() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join("runs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("0193a1b2c3d4e5f7.journal"),
+            concat!(
+                r#"{"op":"run","run_id":"0193a1b2c3d4e5f7","pid":1,"started_at":"2026-11-27T03:15:00Z","config":"image.toml"}"#,
+                "\n",
+                r#"{"op":"create","id":1,"build":"box","resource":{"kind":"docker_container","name":"imgbuild-0193-box"},"at":1764000000000}"#,
+                "\n",
+                r#"{"op":"created","id":1}"#,
+                "\n",
+                r#"{"op":"create","id":2,"build":"box","resource":{"kind":"file","path":"/tmp/x"}}"#,
+                "\n",
+                r#"{"op":"create","id":3,"build":"box","resource":{"kind":"docker_im"#,
+            ),
+        )
+        .unwrap();
+        let runs = dead_runs(state.path()).unwrap();
+        let outstanding = runs[0].outstanding();
+        assert_eq!(outstanding.len(), 2, "{outstanding:?}");
+        let item = outstanding.iter().find(|o| o.id == 1).unwrap();
+        assert_eq!(
+            item.resource,
+            Resource::Unreadable {
+                record: serde_json::json!({"kind": "docker_container", "name": "imgbuild-0193-box"})
+            }
+        );
+        assert!(item.confirmed);
+        assert!(
+            item.resource.describe().contains("imgbuild-0193-box"),
+            "{}",
+            item.resource.describe()
+        );
     }
 
     /// `imgbuild clean` in a loop next to runs starting: it must never take

@@ -2,6 +2,8 @@
 //! the redaction of sensitive values, the durable journal of resources a run
 //! creates, and the step runner that gives every builder its cleanup semantics.
 
+pub mod checksum;
+pub mod cidr;
 pub mod duration;
 pub mod events;
 pub mod fsutil;
@@ -10,10 +12,14 @@ pub mod problem;
 pub mod redact;
 pub mod step;
 pub mod template;
+pub mod units;
 
+pub use checksum::Sha256Digest;
+pub use cidr::Cidr;
 pub use events::{BuildLog, Event, EventSink, Level, Stream};
-pub use journal::{Journal, Resource, ResourceId};
+pub use journal::{BuilderResource, Journal, Resource, ResourceId};
 pub use problem::ConfigProblem;
 pub use redact::Redactor;
 pub use step::{CleanupOutcome, OnError, Step, StepContext, StepError, cleanup_steps, run_steps};
 pub use tokio_util::sync::CancellationToken;
+pub use units::ByteSize;

@@ -7,7 +7,8 @@ mod render;
 pub mod variables;
 
 use diagnostic::{Diagnostic, Diagnostics, did_you_mean, explain_serde_message};
-use imgbuild_builders::{Builder, BuilderKindError, ImageInfo, known_kinds};
+use imgbuild_builders::registry::{self as builder_registry, BuilderKindError};
+use imgbuild_builders::{Builder, ImageInfo};
 use imgbuild_core::ConfigProblem;
 use imgbuild_core::{Redactor, template};
 use imgbuild_provisioners::Provisioner;
@@ -424,6 +425,7 @@ impl Loader<'_> {
         // Every builder with a known name and type, valid or not, so the
         // provisioners' checks still run against it.
         let mut kinds = Vec::new();
+        let known = builder_registry::names().join(", ");
         for (key, value) in table.iter() {
             let name = key.get_ref().to_string();
             let field = format!("builders.{name}");
@@ -458,10 +460,7 @@ impl Loader<'_> {
                             key.span(),
                             &field,
                         )
-                        .help(format!(
-                            "add `type = \"...\"` with one of: {}",
-                            known_kinds().join(", ")
-                        ));
+                        .help(format!("add `type = \"...\"` with one of: {known}"));
                     self.diagnostics.push(diagnostic);
                     continue;
                 }
@@ -470,7 +469,8 @@ impl Loader<'_> {
                 .get("type")
                 .map(|v| v.span())
                 .unwrap_or(key.span());
-            if known_kinds().contains(&kind.as_str()) {
+            let found = builder_registry::find(&kind);
+            if found.is_some() {
                 kinds.push((name.clone(), kind.clone()));
             }
             let mut rendered = value.clone();
@@ -491,30 +491,25 @@ impl Loader<'_> {
             if self.diagnostics.len() > before {
                 continue;
             }
-            match imgbuild_builders::deserialize_builder(
-                &kind,
-                ValueDeserializer::from(rendered.clone()),
-            ) {
+            let Some(found) = found else {
+                let mut diagnostic = self.error(
+                    format!("unknown builder type `{kind}`"),
+                    type_span,
+                    &format!("{field}.type"),
+                );
+                diagnostic = match did_you_mean(&kind, builder_registry::names()) {
+                    Some(best) => {
+                        diagnostic.help(format!("did you mean `{best}`? builder types: {known}"))
+                    }
+                    None => diagnostic.help(format!("builder types: {known}")),
+                };
+                self.diagnostics.push(diagnostic);
+                continue;
+            };
+            match found.parse(&rendered) {
                 Ok(builder) => {
                     self.push_problems(builder.validate(&self.dir), value, key.span(), &field);
                     builders.push((name, builder));
-                }
-                Err(BuilderKindError::Unknown) => {
-                    let mut diagnostic = self.error(
-                        format!("unknown builder type `{kind}`"),
-                        type_span,
-                        &format!("{field}.type"),
-                    );
-                    diagnostic = match did_you_mean(&kind, known_kinds().iter().copied()) {
-                        Some(best) => diagnostic.help(format!(
-                            "did you mean `{best}`? builder types: {}",
-                            known_kinds().join(", ")
-                        )),
-                        None => {
-                            diagnostic.help(format!("builder types: {}", known_kinds().join(", ")))
-                        }
-                    };
-                    self.diagnostics.push(diagnostic);
                 }
                 Err(BuilderKindError::NotCompiledIn(message)) => {
                     let diagnostic = self.error(message, type_span, &format!("{field}.type"));

@@ -6,6 +6,7 @@
 
 use super::process::{self, ProcessIdentity};
 use super::tracked::remove_path;
+use crate::registry;
 use imgbuild_core::Resource;
 use imgbuild_core::journal::Outstanding;
 use std::time::{Duration, SystemTime};
@@ -48,13 +49,11 @@ pub fn creation_grace(resource: &Resource) -> Duration {
         Resource::Process { .. } | Resource::File { .. } | Resource::Directory { .. } => {
             Duration::ZERO
         }
-        Resource::DockerContainer { .. } | Resource::DockerImage { .. } => {
-            Duration::from_secs(5 * 60)
-        }
-        Resource::Ec2Instance { .. }
-        | Resource::Ec2KeyPair { .. }
-        | Resource::Ec2SecurityGroup { .. }
-        | Resource::Ec2Image { .. } => Duration::from_secs(2 * 60),
+        Resource::Unreadable { .. } => Duration::ZERO,
+        // An unknown builder's record is never found absent: it fails.
+        Resource::Builder(resource) => registry::find(&resource.builder)
+            .map(|kind| kind.creation_grace())
+            .unwrap_or_default(),
     }
 }
 
@@ -87,8 +86,6 @@ pub async fn clean_outstanding(
 
 /// Removes one leftover resource of the run `run_id` and says what it found.
 pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<Removal, String> {
-    #[cfg(not(feature = "ec2"))]
-    let _ = run_id;
     match resource {
         Resource::Process {
             pidfile,
@@ -132,18 +129,17 @@ pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<Removal, 
             .await
             .map(|()| Removal::Removed)
             .map_err(|err| format!("cannot remove {}: {err}", path.display())),
-        Resource::DockerContainer { .. } | Resource::DockerImage { .. } => {
-            crate::docker::clean_orphan(resource, run_id).await
-        }
-        #[cfg(feature = "ec2")]
-        Resource::Ec2Instance { .. }
-        | Resource::Ec2KeyPair { .. }
-        | Resource::Ec2SecurityGroup { .. }
-        | Resource::Ec2Image { .. } => crate::ec2::clean_orphan(resource, run_id).await,
-        #[cfg(not(feature = "ec2"))]
-        other => Err(format!(
-            "{} cannot be removed: this imgbuild was compiled without the `ec2` feature",
-            other.describe()
+        Resource::Builder(resource) => match registry::find(&resource.builder) {
+            Some(kind) => kind.clean_orphan(resource, run_id).await,
+            None => Err(format!(
+                "{} cannot be removed: the journal says the `{}` builder made it, and this imgbuild has no such builder (it has: {}); the journal was written by another version of imgbuild: run its `imgbuild clean`, or remove it by hand",
+                resource.description,
+                resource.builder,
+                registry::names().join(", ")
+            )),
+        },
+        Resource::Unreadable { record } => Err(format!(
+            "this imgbuild cannot read the journal's record of it ({record}); the journal was written by another version of imgbuild: run that version's `imgbuild clean`, or remove what the record names by hand and then the run's journal"
         )),
     }
 }
@@ -166,4 +162,56 @@ pub fn cleaning_order(mut outstanding: Vec<Outstanding>) -> Vec<Outstanding> {
 /// the build's work directory).
 pub fn needs_processes_gone(resource: &Resource) -> bool {
     matches!(resource, Resource::File { .. } | Resource::Directory { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgbuild_core::BuilderResource;
+
+    /// A journal of another imgbuild may name a builder this one lacks: its
+    /// record is refused with a message naming it and what to do, and is
+    /// never let go as if removed.
+    #[tokio::test]
+    async fn a_record_of_an_unknown_builder_is_refused_clearly() {
+        let resource = Resource::Builder(BuilderResource {
+            builder: "nimbus".into(),
+            description: "nimbus machine m-1 in z1".into(),
+            data: serde_json::json!({"kind": "nimbus_machine", "id": "m-1"}),
+        });
+        let err = clean_orphan(&resource, "dead-run").await.unwrap_err();
+        for part in [
+            "nimbus machine m-1 in z1",
+            "`nimbus` builder",
+            &registry::names().join(", "),
+            "another version of imgbuild",
+        ] {
+            assert!(err.contains(part), "{part:?} missing from: {err}");
+        }
+        let item = Outstanding {
+            id: 1,
+            build: "vm".into(),
+            resource,
+            confirmed: true,
+            recorded_at: None,
+        };
+        assert!(
+            clean_outstanding(&item, "dead-run", SystemTime::now())
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_this_version_cannot_read_is_refused_clearly() {
+        let record = serde_json::json!({"kind": "docker_container", "name": "imgbuild-0193-box"});
+        let resource = Resource::Unreadable {
+            record: record.clone(),
+        };
+        let err = clean_orphan(&resource, "dead-run").await.unwrap_err();
+        assert!(
+            err.contains(&record.to_string()) && err.contains("another version of imgbuild"),
+            "{err}"
+        );
+    }
 }

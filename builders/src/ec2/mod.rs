@@ -12,6 +12,7 @@
 
 mod client;
 pub mod config;
+pub mod kind;
 mod poll;
 mod step_check_ami;
 mod step_connect;
@@ -247,12 +248,13 @@ impl Plan {
     }
 
     pub fn journal_image(&self, region: &str, image_id: Option<String>) -> Resource {
-        Resource::Ec2Image {
+        kind::Ec2Resource::Image {
             region: region.to_owned(),
             endpoint_url: self.endpoint_url.clone(),
             name: self.ami_name.clone(),
             image_id,
         }
+        .into()
     }
 
     /// The KMS key copies into `region` are encrypted with, if any.
@@ -514,34 +516,18 @@ pub async fn clean_orphan_within(
     run_id: &str,
     lookup: Duration,
 ) -> Result<Removal, String> {
-    let (region, endpoint_url) = match resource {
-        Resource::Ec2Instance {
-            region,
-            endpoint_url,
-            ..
-        }
-        | Resource::Ec2KeyPair {
-            region,
-            endpoint_url,
-            ..
-        }
-        | Resource::Ec2SecurityGroup {
-            region,
-            endpoint_url,
-            ..
-        }
-        | Resource::Ec2Image {
-            region,
-            endpoint_url,
-            ..
-        } => (region, endpoint_url),
-        other => return Err(format!("{} is not an EC2 resource", other.describe())),
+    use crate::registry::JournalResource;
+    use kind::Ec2Resource;
+    let Some(resource) = Ec2Resource::from_resource(resource) else {
+        return Err(format!("{} is not an EC2 resource", resource.describe()));
     };
-    let clients = Ec2Clients::load(Some(region), endpoint_url.as_deref()).await;
+    let resource = resource?;
+    let (region, endpoint_url) = resource.place();
+    let clients = Ec2Clients::load(Some(region), endpoint_url).await;
     let client = clients.get(region);
     let text = |err: StepError| err.to_string();
-    match resource {
-        Resource::Ec2Instance {
+    match &resource {
+        Ec2Resource::Instance {
             client_token,
             instance_id: None,
             ..
@@ -569,7 +555,7 @@ pub async fn clean_orphan_within(
             }
             return Ok(Removal::Removed);
         }
-        Resource::Ec2Image {
+        Ec2Resource::Image {
             name,
             image_id: None,
             ..
@@ -598,8 +584,8 @@ pub async fn clean_orphan_within(
         }
         _ => {}
     }
-    let result = match resource {
-        Resource::Ec2Instance {
+    let result = match &resource {
+        Ec2Resource::Instance {
             client_token,
             instance_id,
             ..
@@ -617,10 +603,10 @@ pub async fn clean_orphan_within(
         )
         .await
         .map(|_| ()),
-        Resource::Ec2KeyPair { name, .. } => step_key_pair::delete_key_pair(&client, region, name)
+        Ec2Resource::KeyPair { name, .. } => step_key_pair::delete_key_pair(&client, region, name)
             .await
             .map_err(StepError::from),
-        Resource::Ec2SecurityGroup { name, group_id, .. } => {
+        Ec2Resource::SecurityGroup { name, group_id, .. } => {
             step_security_group::delete_group(
                 &client,
                 region,
@@ -631,7 +617,7 @@ pub async fn clean_orphan_within(
             )
             .await
         }
-        Resource::Ec2Image { name, image_id, .. } => {
+        Ec2Resource::Image { name, image_id, .. } => {
             step_create_image::deregister(
                 &client,
                 region,
@@ -643,7 +629,6 @@ pub async fn clean_orphan_within(
             )
             .await
         }
-        _ => unreachable!("matched above"),
     };
     result.map(|()| Removal::Removed).map_err(text)
 }

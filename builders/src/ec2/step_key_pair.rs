@@ -6,12 +6,13 @@
 //! leaves this process), and the key pair deleted again on cleanup.
 
 use super::client::{AwsError, AwsResultExt, tag_spec};
+use super::kind::Ec2Resource;
 use super::{Ec2State, Plan};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::ResourceType;
-use imgbuild_core::{CleanupOutcome, Resource, ResourceId, Step, StepContext, StepError};
+use imgbuild_core::{CleanupOutcome, ResourceId, Step, StepContext, StepError};
 use imgbuild_provisioners::ssh::TemporaryKey;
 use std::sync::Arc;
 
@@ -94,11 +95,12 @@ impl Step<Ec2State> for StepKeyPair {
         let name = plan.temporary_name();
         let id = record(
             cx,
-            Resource::Ec2KeyPair {
+            Ec2Resource::KeyPair {
                 region: plan.region.clone(),
                 endpoint_url: plan.endpoint_url.clone(),
                 name: name.clone(),
-            },
+            }
+            .into(),
         )?;
         self.created = Some((id, name.clone()));
         plan.client()

@@ -9,6 +9,7 @@
 //! yet stays recorded rather than be forgotten while it may still start.
 
 use super::client::{AwsResultExt, CLIENT_TOKEN_TAG, RUN_ID_TAG, filter, tag_spec};
+use super::kind::Ec2Resource;
 use super::poll::{InstanceTarget, look_until_found, wait_for_instance};
 use super::{Ec2State, InstanceInfo, Plan};
 use crate::common::tracked::{record, release};
@@ -18,7 +19,7 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, IamInstanceProfileSpecification,
     InstanceNetworkInterfaceSpecification, InstanceType, ResourceType, VolumeType,
 };
-use imgbuild_core::{BuildLog, CleanupOutcome, Resource, ResourceId, Step, StepContext, StepError};
+use imgbuild_core::{BuildLog, CleanupOutcome, ResourceId, Step, StepContext, StepError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -268,12 +269,13 @@ impl Step<Ec2State> for StepRunInstance {
         let client_token = uuid::Uuid::new_v4().to_string();
         let journal_id = record(
             cx,
-            Resource::Ec2Instance {
+            Ec2Resource::Instance {
                 region: region.clone(),
                 endpoint_url: plan.endpoint_url.clone(),
                 client_token: client_token.clone(),
                 instance_id: None,
-            },
+            }
+            .into(),
         )?;
         self.launched = Some(Launched {
             journal_id,
@@ -344,12 +346,13 @@ impl Step<Ec2State> for StepRunInstance {
         cx.journal
             .update(
                 journal_id,
-                Resource::Ec2Instance {
+                Ec2Resource::Instance {
                     region: region.clone(),
                     endpoint_url: plan.endpoint_url.clone(),
                     client_token,
                     instance_id: Some(instance_id.clone()),
-                },
+                }
+                .into(),
             )
             .map_err(StepError::failed)?;
         cx.log.info(format!(

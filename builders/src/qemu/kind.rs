@@ -1,0 +1,29 @@
+//! The QEMU builder's entry in the registry. Its leftovers are generic
+//! journal resources (the QEMU process, work files), so it keeps the
+//! default cleaning.
+
+use super::{QemuBuilder, QemuConfig};
+use crate::Builder;
+use crate::registry::{self, BuilderKind, BuilderKindError};
+use async_trait::async_trait;
+
+pub struct QemuKind;
+
+#[async_trait]
+impl BuilderKind for QemuKind {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn summary(&self) -> &'static str {
+        "a qcow2 or raw disk image, from a base disk booted under QEMU"
+    }
+
+    fn parse(
+        &self,
+        table: &toml::Spanned<toml::de::DeValue<'_>>,
+    ) -> Result<Box<dyn Builder>, BuilderKindError> {
+        let config: QemuConfig = registry::deserialize(table)?;
+        Ok(Box::new(QemuBuilder::new(config)))
+    }
+}
