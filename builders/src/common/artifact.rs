@@ -38,6 +38,14 @@ pub struct SourceIdentity {
 
 const HASH_BUFFER: usize = 1 << 20;
 
+/// `<artifact>.sha256`: where a file artifact's checksum line goes, in the
+/// format `sha256sum -c` reads.
+pub fn checksum_path(artifact: &Path) -> PathBuf {
+    let mut name = artifact.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
+}
+
 /// `path` with `.` dropped and `..` folded into its parent, without asking
 /// the file system: two spellings of one output path compare equal even
 /// before the file exists.

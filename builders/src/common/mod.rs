@@ -8,4 +8,6 @@ pub mod outcome;
 pub mod process;
 pub mod ssh;
 pub mod step_provision;
+#[cfg(test)]
+pub mod testing;
 pub mod tracked;

@@ -12,6 +12,22 @@ pub trait HasCommunicator {
     fn communicator(&self) -> Option<Arc<dyn Communicator>>;
 }
 
+/// Implements [`HasCommunicator`] for a builder state whose connect step
+/// leaves the connection in a `communicator: Option<Arc<dyn Communicator>>`
+/// field, as every builder's does.
+macro_rules! has_communicator {
+    ($state:ty) => {
+        impl $crate::common::step_provision::HasCommunicator for $state {
+            fn communicator(
+                &self,
+            ) -> Option<std::sync::Arc<dyn imgbuild_provisioners::Communicator>> {
+                self.communicator.clone()
+            }
+        }
+    };
+}
+pub(crate) use has_communicator;
+
 pub struct StepProvision {
     provisioners: Vec<Provisioner>,
 }

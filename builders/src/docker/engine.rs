@@ -1,7 +1,12 @@
 //! The connection to the Docker Engine API, and how its errors read.
 
+use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error;
+use bollard::models::{ContainerConfig, ImageInspect};
+use bollard::query_parameters::{
+    CommitContainerOptions, RemoveImageOptions, StopContainerOptions, TagImageOptions,
+};
 use std::time::Duration;
 
 /// Where the engine is when `DOCKER_HOST` is not set.
@@ -61,6 +66,74 @@ impl Engine {
     /// The engine's address, for messages.
     pub fn host(&self) -> &str {
         &self.host
+    }
+}
+
+/// The Engine API calls that check, commit, tag and remove images (and stop
+/// the container before it is saved), behind a trait so the steps' logic can
+/// be tested without an engine; [`Engine`] makes the real calls. Errors are
+/// the engine's own, read with [`describe`] and [`is_not_found`].
+#[async_trait]
+pub trait ImageApi: Send + Sync {
+    async fn inspect_image(&self, reference: &str) -> Result<ImageInspect, Error>;
+
+    async fn stop_container(
+        &self,
+        container: &str,
+        options: StopContainerOptions,
+    ) -> Result<(), Error>;
+
+    /// Returns the new image's id.
+    async fn commit_container(
+        &self,
+        options: CommitContainerOptions,
+        config: ContainerConfig,
+    ) -> Result<String, Error>;
+
+    async fn tag_image(&self, image: &str, options: TagImageOptions) -> Result<(), Error>;
+
+    async fn remove_image(&self, reference: &str, options: RemoveImageOptions)
+    -> Result<(), Error>;
+}
+
+#[async_trait]
+impl ImageApi for Engine {
+    async fn inspect_image(&self, reference: &str) -> Result<ImageInspect, Error> {
+        self.quick.inspect_image(reference).await
+    }
+
+    async fn stop_container(
+        &self,
+        container: &str,
+        options: StopContainerOptions,
+    ) -> Result<(), Error> {
+        self.slow.stop_container(container, Some(options)).await
+    }
+
+    async fn commit_container(
+        &self,
+        options: CommitContainerOptions,
+        config: ContainerConfig,
+    ) -> Result<String, Error> {
+        self.slow
+            .commit_container(options, config)
+            .await
+            .map(|response| response.id)
+    }
+
+    async fn tag_image(&self, image: &str, options: TagImageOptions) -> Result<(), Error> {
+        self.quick.tag_image(image, Some(options)).await.map(|_| ())
+    }
+
+    async fn remove_image(
+        &self,
+        reference: &str,
+        options: RemoveImageOptions,
+    ) -> Result<(), Error> {
+        self.slow
+            .remove_image(reference, Some(options), None)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -138,4 +211,149 @@ pub fn is_transport(err: &Error) -> bool {
             | Error::IOError { .. }
             | Error::SocketNotFoundError(_)
     )
+}
+
+#[cfg(test)]
+impl Engine {
+    /// A client for an address nothing answers at: a step under test that
+    /// reaches past its trait to the engine fails instead of touching one.
+    pub fn unreachable() -> Engine {
+        let docker =
+            Docker::connect_with_http("http://127.0.0.1:9", 1, bollard::API_DEFAULT_VERSION)
+                .expect("a client needs no connection");
+        Engine {
+            quick: docker.clone(),
+            slow: docker,
+            host: "http://127.0.0.1:9".to_owned(),
+        }
+    }
+}
+
+/// A stand-in for the engine's image store: references mapped to image ids,
+/// every call recorded.
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    pub const NEW_IMAGE: &str =
+        "sha256:0000000000000000000000000000000000000000000000000000000000000001";
+
+    #[derive(Default)]
+    pub struct FakeImages {
+        /// `repository:tag` (and ids, under themselves) → image id.
+        pub images: Mutex<BTreeMap<String, String>>,
+        pub commits: Mutex<Vec<(CommitContainerOptions, ContainerConfig)>>,
+        pub calls: Mutex<Vec<String>>,
+    }
+
+    impl FakeImages {
+        pub fn with(images: &[(&str, &str)]) -> FakeImages {
+            let fake = FakeImages::default();
+            for (reference, id) in images {
+                fake.images
+                    .lock()
+                    .unwrap()
+                    .insert((*reference).to_owned(), (*id).to_owned());
+            }
+            fake
+        }
+
+        pub fn image(&self, reference: &str) -> Option<String> {
+            self.images.lock().unwrap().get(reference).cloned()
+        }
+
+        pub fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+
+        fn call(&self, text: String) {
+            self.calls.lock().unwrap().push(text);
+        }
+    }
+
+    fn not_found(reference: &str) -> Error {
+        Error::DockerResponseServerError {
+            status_code: 404,
+            message: format!("No such image: {reference}"),
+        }
+    }
+
+    #[async_trait]
+    impl ImageApi for FakeImages {
+        async fn inspect_image(&self, reference: &str) -> Result<ImageInspect, Error> {
+            self.call(format!("inspect {reference}"));
+            let images = self.images.lock().unwrap();
+            let id = images
+                .get(reference)
+                .or_else(|| images.values().find(|id| *id == reference))
+                .ok_or_else(|| not_found(reference))?;
+            Ok(ImageInspect {
+                id: Some(id.clone()),
+                ..Default::default()
+            })
+        }
+
+        async fn stop_container(
+            &self,
+            container: &str,
+            _options: StopContainerOptions,
+        ) -> Result<(), Error> {
+            self.call(format!("stop {container}"));
+            Ok(())
+        }
+
+        async fn commit_container(
+            &self,
+            options: CommitContainerOptions,
+            config: ContainerConfig,
+        ) -> Result<String, Error> {
+            self.call("commit".to_owned());
+            let reference = format!(
+                "{}:{}",
+                options.repo.clone().unwrap_or_default(),
+                options.tag.clone().unwrap_or_default()
+            );
+            self.images
+                .lock()
+                .unwrap()
+                .insert(reference, NEW_IMAGE.to_owned());
+            self.commits.lock().unwrap().push((options, config));
+            Ok(NEW_IMAGE.to_owned())
+        }
+
+        async fn tag_image(&self, image: &str, options: TagImageOptions) -> Result<(), Error> {
+            let reference = format!(
+                "{}:{}",
+                options.repo.unwrap_or_default(),
+                options.tag.unwrap_or_default()
+            );
+            self.call(format!("tag {image} {reference}"));
+            self.images
+                .lock()
+                .unwrap()
+                .insert(reference, image.to_owned());
+            Ok(())
+        }
+
+        async fn remove_image(
+            &self,
+            reference: &str,
+            _options: RemoveImageOptions,
+        ) -> Result<(), Error> {
+            self.call(format!("remove {reference}"));
+            let mut images = self.images.lock().unwrap();
+            let before = images.len();
+            if reference.starts_with("sha256:") {
+                images.retain(|_, id| id != reference);
+            } else {
+                images.remove(reference);
+            }
+            if images.len() == before {
+                return Err(not_found(reference));
+            }
+            Ok(())
+        }
+    }
 }

@@ -13,6 +13,8 @@
 pub mod communicator;
 pub mod config;
 mod engine;
+pub mod kind;
+mod plan;
 mod step_check_tag;
 mod step_commit;
 mod step_connect;
@@ -24,8 +26,9 @@ mod step_pull;
 pub use communicator::DockerCommunicator;
 pub use config::DockerConfig;
 
-use crate::common::outcome::steps_result;
-use crate::common::step_provision::{HasCommunicator, StepProvision};
+use crate::common::artifact::checksum_path;
+use crate::common::outcome::{LeftRunning, debugging_hint, finish};
+use crate::common::step_provision::{StepProvision, has_communicator};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
 };
@@ -34,10 +37,11 @@ use bollard::query_parameters::{
     InspectContainerOptions, RemoveContainerOptions, RemoveImageOptions,
 };
 use config::{Output, PullPolicy};
-use engine::Engine;
+use engine::{Engine, ImageApi};
 use imgbuild_core::{Resource, Step, StepContext, StepError, run_steps};
 use imgbuild_provisioners::Communicator;
-use std::path::{Path, PathBuf};
+use plan::{Plan, Produce};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Label on every build container: the run that started it.
@@ -59,26 +63,21 @@ impl DockerBuilder {
     pub fn new(config: DockerConfig) -> Self {
         DockerBuilder { config }
     }
-
-    fn checksum_path(path: &Path) -> PathBuf {
-        PathBuf::from(format!("{}.sha256", path.display()))
-    }
 }
 
 /// What the steps hand each other.
 pub struct DockerState {
     pub engine: Engine,
+    /// The image calls of `engine` (check, commit, tag, remove), as the
+    /// steps that make them see it.
+    pub images: Arc<dyn ImageApi>,
     pub base: Option<step_pull::BaseImage>,
     pub container: Option<step_create_container::BuildContainer>,
     pub communicator: Option<Arc<dyn Communicator>>,
     pub artifact: Option<Artifact>,
 }
 
-impl HasCommunicator for DockerState {
-    fn communicator(&self) -> Option<Arc<dyn Communicator>> {
-        self.communicator.clone()
-    }
-}
+has_communicator!(DockerState);
 
 #[async_trait]
 impl Builder for DockerBuilder {
@@ -103,7 +102,7 @@ impl Builder for DockerBuilder {
                     .map(|tag| format!("the docker tag {repository}:{tag}"))
                     .collect()
             }
-            Output::Export(path) => [Self::checksum_path(&path), path]
+            Output::Export(path) => [checksum_path(&path), path]
                 .iter()
                 .map(|path| {
                     format!(
@@ -132,7 +131,7 @@ impl Builder for DockerBuilder {
             }
             Output::Export(path) => PlannedArtifact {
                 description: format!("tar of the container filesystem {}", path.display()),
-                files: vec![Self::checksum_path(&path), path],
+                files: vec![checksum_path(&path), path],
             },
             Output::Discard => PlannedArtifact {
                 description: "nothing: the container is discarded after provisioning".to_owned(),
@@ -141,15 +140,14 @@ impl Builder for DockerBuilder {
         }
     }
 
-    async fn preflight(&self, request: &BuildRequest, _cx: &StepContext) -> Result<(), BuildError> {
-        let output = self.config.output(&request.config_dir);
-        if let Output::Export(path) = &output {
+    async fn preflight(&self, request: &BuildRequest, cx: &StepContext) -> Result<(), BuildError> {
+        let plan = Plan::new(&self.config, request, &cx.run_id, cx.build_name())
+            .map_err(BuildError::Refused)?;
+        if let Produce::Export { path, .. } = &plan.produce {
             step_export::ensure_absent(path, &request.image).map_err(BuildError::Refused)?;
         }
         let engine = Engine::connect().await.map_err(BuildError::Refused)?;
-        if output == Output::Commit {
-            let target = step_check_tag::Target::new(&self.config, &request.image)
-                .map_err(BuildError::Refused)?;
+        if let Produce::Commit(target) = &plan.produce {
             target
                 .ensure_free(&engine)
                 .await
@@ -168,6 +166,9 @@ impl Builder for DockerBuilder {
         request: &BuildRequest,
         cx: &StepContext,
     ) -> Result<Artifact, BuildError> {
+        let plan = Plan::new(&self.config, request, &cx.run_id, cx.build_name())
+            .map_err(BuildError::Refused)?;
+        let plan = Arc::new(plan);
         let engine = Engine::connect()
             .await
             .map_err(|message| BuildError::Failed {
@@ -175,65 +176,57 @@ impl Builder for DockerBuilder {
                 message,
             })?;
         let mut state = DockerState {
+            images: Arc::new(engine.clone()),
             engine,
             base: None,
             container: None,
             communicator: None,
             artifact: None,
         };
-        let mut steps = self.steps(request)?;
+        let mut steps = Self::steps(&plan, request);
         let mut report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
         if report.left_for_debugging
             && let Some(container) = &state.container
         {
-            cx.log.warn(format!(
-                "the build container {name} is left running for debugging (on-error = abort): `docker exec -it {name} sh` to look inside; `docker rm -f {name}` or `imgbuild clean` removes it",
-                name = container.name
-            ));
+            let name = &container.name;
+            let left = LeftRunning {
+                what: format!("the build container {name} (on-error = abort)"),
+                reach: format!("docker exec -it {name} sh"),
+            };
+            let clean = format!("`docker rm -f {name}` or `imgbuild clean` removes it");
+            cx.log.warn(debugging_hint(Some(left), &clean));
         }
-        steps_result(&mut report)?;
-        state.artifact.ok_or_else(|| BuildError::Failed {
-            step: "commit".to_owned(),
-            message: "the steps finished without producing an artifact".to_owned(),
-        })
+        finish(&mut report, state.artifact.take(), "commit")
     }
 }
 
 impl DockerBuilder {
-    fn steps(&self, request: &BuildRequest) -> Result<Vec<Box<dyn Step<DockerState>>>, BuildError> {
-        let config = Arc::new(self.config.clone());
-        let output = config.output(&request.config_dir);
+    fn steps(plan: &Arc<Plan>, request: &BuildRequest) -> Vec<Box<dyn Step<DockerState>>> {
         let mut steps: Vec<Box<dyn Step<DockerState>>> = Vec::new();
-        let target = match output {
-            Output::Commit => {
-                let target = step_check_tag::Target::new(&config, &request.image)
-                    .map_err(BuildError::Refused)?;
-                steps.push(Box::new(step_check_tag::StepCheckTag::new(target.clone())));
-                Some(target)
-            }
-            _ => None,
-        };
-        steps.push(Box::new(step_pull::StepPull::new(config.clone())));
-        steps.push(Box::new(step_create_container::StepCreateContainer::new(
-            config.clone(),
-            request.config_dir.clone(),
-        )));
-        steps.push(Box::new(step_connect::StepConnect::new(config.clone())));
-        steps.push(Box::new(StepProvision::new(request.provisioners.clone())));
-        match (output, target) {
-            (Output::Commit, Some(target)) => steps.push(Box::new(step_commit::StepCommit::new(
-                config.clone(),
-                target,
-                request.image.clone(),
-            ))),
-            (Output::Export(path), _) => steps.push(Box::new(step_export::StepExport::new(
-                path.clone(),
-                Self::checksum_path(&path),
-                request.image.clone(),
-            ))),
-            _ => steps.push(Box::new(step_discard::StepDiscard)),
+        if let Produce::Commit(target) = &plan.produce {
+            steps.push(Box::new(step_check_tag::StepCheckTag::new(target.clone())));
         }
-        Ok(steps)
+        steps.push(Box::new(step_pull::StepPull::new(plan.clone())));
+        steps.push(Box::new(step_create_container::StepCreateContainer::new(
+            plan.clone(),
+        )));
+        steps.push(Box::new(step_connect::StepConnect::new(plan.clone())));
+        steps.push(Box::new(StepProvision::new(request.provisioners.clone())));
+        steps.push(match &plan.produce {
+            Produce::Commit(target) => {
+                Box::new(step_commit::StepCommit::new(plan.clone(), target.clone()))
+            }
+            Produce::Export {
+                path,
+                checksum_file,
+            } => Box::new(step_export::StepExport::new(
+                plan.clone(),
+                path.clone(),
+                checksum_file.clone(),
+            )),
+            Produce::Discard => Box::new(step_discard::StepDiscard),
+        });
+        steps
     }
 }
 
@@ -242,12 +235,12 @@ impl DockerBuilder {
 /// get SIGKILL after this many seconds.
 const STOP_GRACE_SECONDS: i32 = 10;
 
-async fn stop_container(engine: &Engine, container: &str) -> Result<(), StepError> {
+async fn stop_container(engine: &dyn ImageApi, container: &str) -> Result<(), StepError> {
     let options = bollard::query_parameters::StopContainerOptions {
         signal: None,
         t: Some(STOP_GRACE_SECONDS),
     };
-    match engine.slow().stop_container(container, Some(options)).await {
+    match engine.stop_container(container, options).await {
         Ok(()) => Ok(()),
         // 304: already stopped.
         Err(bollard::errors::Error::DockerResponseServerError {
@@ -320,23 +313,19 @@ pub(crate) async fn remove_run_container(
 /// Removes an image reference: a tag only loses that tag (the image goes
 /// when nothing else refers to it); an image id (`sha256:...`, always one
 /// this builder committed) goes with every tag on it. Already gone is fine.
-async fn remove_image(engine: &Engine, reference: &str) -> Result<(), String> {
+async fn remove_image(engine: &dyn ImageApi, reference: &str) -> Result<(), String> {
     remove_image_reference(engine, reference).await.map(|_| ())
 }
 
-async fn remove_image_reference(engine: &Engine, reference: &str) -> Result<Removal, String> {
+async fn remove_image_reference(engine: &dyn ImageApi, reference: &str) -> Result<Removal, String> {
     let by_id = reference.starts_with("sha256:");
     let options = RemoveImageOptions {
         force: by_id,
         noprune: false,
         platforms: None,
     };
-    match engine
-        .slow()
-        .remove_image(reference, Some(options), None)
-        .await
-    {
-        Ok(_) => Ok(Removal::Removed),
+    match engine.remove_image(reference, options).await {
+        Ok(()) => Ok(Removal::Removed),
         Err(err) if engine::is_not_found(&err) => Ok(Removal::Absent),
         Err(err) => Err(format!(
             "cannot remove docker image {reference}: {}; remove it with `docker image rm {reference}`",
@@ -348,10 +337,14 @@ async fn remove_image_reference(engine: &Engine, reference: &str) -> Result<Remo
 /// Removes a Docker container or image that the run `run_id` left behind,
 /// from its journal entry alone, and says what it found.
 pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<Removal, String> {
+    use crate::registry::JournalResource;
+    use kind::DockerResource;
+    let Some(resource) = DockerResource::from_resource(resource) else {
+        return Err(format!("{} is not a Docker resource", resource.describe()));
+    };
     let engine = Engine::connect().await?;
-    match resource {
-        Resource::DockerContainer { name } => remove_run_container(&engine, name, run_id).await,
-        Resource::DockerImage { reference } => remove_image_reference(&engine, reference).await,
-        other => Err(format!("{} is not a Docker resource", other.describe())),
+    match resource? {
+        DockerResource::Container { name } => remove_run_container(&engine, &name, run_id).await,
+        DockerResource::Image { reference } => remove_image_reference(&engine, &reference).await,
     }
 }

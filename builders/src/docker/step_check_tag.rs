@@ -1,10 +1,12 @@
 //! Versions are immutable: `<repository>:<version>` must not exist yet.
 //! Checked in preflight, before anything starts, and again as the build's
 //! first step, since builds may wait for a slot a while after preflight.
+//!
+//! Uses `state.engine`. Produces nothing.
 
 use super::DockerState;
 use super::config::{DockerConfig, check_repository, check_tag};
-use super::engine::{self, Engine};
+use super::engine::{self, ImageApi};
 use crate::ImageInfo;
 use async_trait::async_trait;
 use imgbuild_core::{Step, StepContext, StepError};
@@ -55,9 +57,9 @@ impl Target {
     }
 
     /// Refuses when the version tag already exists in the engine.
-    pub async fn ensure_free(&self, engine: &Engine) -> Result<(), String> {
+    pub async fn ensure_free(&self, engine: &dyn ImageApi) -> Result<(), String> {
         let reference = self.reference();
-        match engine.quick().inspect_image(&reference).await {
+        match engine.inspect_image(&reference).await {
             Ok(existing) => {
                 let id = existing.id.unwrap_or_else(|| "unknown id".to_owned());
                 let created = existing
@@ -97,7 +99,7 @@ impl Step<DockerState> for StepCheckTag {
 
     async fn run(&mut self, state: &mut DockerState, cx: &StepContext) -> Result<(), StepError> {
         self.target
-            .ensure_free(&state.engine)
+            .ensure_free(state.images.as_ref())
             .await
             .map_err(StepError::failed)?;
         cx.log.info(format!(
@@ -105,5 +107,58 @@ impl Step<DockerState> for StepCheckTag {
             self.target.reference()
         ));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::docker::engine::Engine;
+    use crate::docker::engine::fake::FakeImages;
+    use crate::docker::plan::Produce;
+    use crate::docker::plan::tests::plan;
+    use std::sync::Arc;
+
+    fn state(images: Arc<FakeImages>) -> DockerState {
+        DockerState {
+            engine: Engine::unreachable(),
+            images,
+            base: None,
+            container: None,
+            communicator: None,
+            artifact: None,
+        }
+    }
+
+    fn step() -> StepCheckTag {
+        match plan(serde_json::json!({"image": "debian"})).produce {
+            Produce::Commit(target) => StepCheckTag::new(target),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_existing_version_tag_is_refused() {
+        let images = Arc::new(FakeImages::with(&[("web:1.2", "sha256:old")]));
+        let t = TestContext::new("app");
+        let err = step()
+            .run(&mut state(images.clone()), &t.cx)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("docker image web:1.2 already exists (sha256:old)"),
+            "{err}"
+        );
+        assert!(err.contains("bump `image.version`"), "{err}");
+        assert_eq!(images.calls(), vec!["inspect web:1.2"]);
+    }
+
+    #[tokio::test]
+    async fn a_free_version_tag_passes_and_other_tags_do_not_matter() {
+        let images = Arc::new(FakeImages::with(&[("web:latest", "sha256:old")]));
+        let t = TestContext::new("app");
+        step().run(&mut state(images), &t.cx).await.unwrap();
     }
 }

@@ -8,19 +8,22 @@
 //! Only then are the real tags applied. A build that does not succeed takes
 //! all of it back: tags moved from older images are returned, the new image
 //! is removed, and nothing dangling is left.
+//!
+//! Uses `state.container` and `state.base`. Produces `state.artifact`.
 
-use super::config::DockerConfig;
-use super::engine::{self, Engine};
+use super::engine::{self, ImageApi};
+use super::kind::DockerResource;
+use super::plan::Plan;
 use super::step_check_tag::Target;
 use super::step_pull::BaseImage;
 use super::{BUILD_LABEL, DockerState, RUN_ID_LABEL, remove_image, stop_container};
+use crate::Artifact;
 use crate::common::name_lock::NameLock;
 use crate::common::tracked::{record, release};
-use crate::{Artifact, ImageInfo};
 use async_trait::async_trait;
 use bollard::models::ContainerConfig;
 use bollard::query_parameters::{CommitContainerOptions, TagImageOptions};
-use imgbuild_core::{CleanupOutcome, Resource, ResourceId, Step, StepContext, StepError};
+use imgbuild_core::{CleanupOutcome, ResourceId, Step, StepContext, StepError};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
@@ -33,9 +36,8 @@ struct MovedTag {
 }
 
 pub struct StepCommit {
-    config: Arc<DockerConfig>,
+    plan: Arc<Plan>,
     target: Target,
-    image: ImageInfo,
     /// The journal entry for the new image: its temporary tag, then its id.
     journal_id: Option<ResourceId>,
     temporary: Option<String>,
@@ -47,11 +49,11 @@ pub struct StepCommit {
 }
 
 impl StepCommit {
-    pub fn new(config: Arc<DockerConfig>, target: Target, image: ImageInfo) -> Self {
+    /// `target` is the plan's commit target.
+    pub fn new(plan: Arc<Plan>, target: Target) -> Self {
         StepCommit {
-            config,
+            plan,
             target,
-            image,
             journal_id: None,
             temporary: None,
             in_flight: None,
@@ -68,13 +70,13 @@ impl StepCommit {
         let mut set = |key: &str, value: &str| {
             labels.insert(key.to_owned(), value.to_owned());
         };
-        set("org.opencontainers.image.title", &self.image.name);
-        set("org.opencontainers.image.version", &self.image.version);
-        set("org.opencontainers.image.created", &self.image.created);
-        if let Some(revision) = &self.image.revision {
+        set("org.opencontainers.image.title", &self.plan.image.name);
+        set("org.opencontainers.image.version", &self.plan.image.version);
+        set("org.opencontainers.image.created", &self.plan.image.created);
+        if let Some(revision) = &self.plan.image.revision {
             set("org.opencontainers.image.revision", revision);
         }
-        if let Some(description) = &self.image.description {
+        if let Some(description) = &self.plan.image.description {
             set("org.opencontainers.image.description", description);
         }
         set("org.opencontainers.image.base.name", &base.reference);
@@ -85,32 +87,28 @@ impl StepCommit {
         // RUN_ID_LABEL); set here so the image says so in one place.
         set(RUN_ID_LABEL, &cx.run_id);
         set(BUILD_LABEL, cx.build_name());
-        for (key, value) in &self.image.labels {
+        for (key, value) in &self.plan.image.labels {
             labels.insert(key.clone(), value.clone());
         }
         labels
     }
 
-    async fn tag(&self, engine: &Engine, image_id: &str, tag: &str) -> Result<(), StepError> {
+    async fn tag(&self, engine: &dyn ImageApi, image_id: &str, tag: &str) -> Result<(), StepError> {
         let options = TagImageOptions {
             repo: Some(self.target.repository.clone()),
             tag: Some(tag.to_owned()),
         };
-        engine
-            .quick()
-            .tag_image(image_id, Some(options))
-            .await
-            .map_err(|err| {
-                StepError::failed(format!(
-                    "cannot tag the new image {image_id} as {}: {}",
-                    self.target.reference_for(tag),
-                    engine::describe(&err)
-                ))
-            })
+        engine.tag_image(image_id, options).await.map_err(|err| {
+            StepError::failed(format!(
+                "cannot tag the new image {image_id} as {}: {}",
+                self.target.reference_for(tag),
+                engine::describe(&err)
+            ))
+        })
     }
 
     /// Takes back everything `run` did, as far as it got.
-    async fn undo(&mut self, engine: &Engine) -> Vec<String> {
+    async fn undo(&mut self, engine: &dyn ImageApi) -> Vec<String> {
         let mut errors = Vec::new();
         for moved in self.moved.drain(..).rev() {
             if let Some(previous) = moved.previous {
@@ -118,7 +116,7 @@ impl StepCommit {
                     repo: Some(self.target.repository.clone()),
                     tag: Some(moved.tag.clone()),
                 };
-                if let Err(err) = engine.quick().tag_image(&previous, Some(options)).await {
+                if let Err(err) = engine.tag_image(&previous, options).await {
                     errors.push(format!(
                         "cannot point {} back at {previous}: {}",
                         self.target.reference_for(&moved.tag),
@@ -192,27 +190,29 @@ impl Step<DockerState> for StepCommit {
             .container
             .clone()
             .ok_or_else(|| StepError::failed("the build container is not running"))?;
-        let engine = state.engine.clone();
-        stop_container(&engine, &container.id).await?;
+        let engine = state.images.clone();
+        stop_container(engine.as_ref(), &container.id).await?;
 
         let temporary_tag = temporary_tag(&cx.run_id, cx.build_name());
         let temporary = self.target.reference_for(&temporary_tag);
         self.journal_id = Some(record(
             cx,
-            Resource::DockerImage {
+            DockerResource::Image {
                 reference: temporary.clone(),
-            },
+            }
+            .into(),
         )?);
         self.temporary = Some(temporary.clone());
         let options = CommitContainerOptions {
             container: Some(container.id.clone()),
             repo: Some(self.target.repository.clone()),
             tag: Some(temporary_tag),
-            comment: self.config.message.clone(),
-            author: self.config.author.clone(),
+            comment: self.plan.config.message.clone(),
+            author: self.plan.config.author.clone(),
             // Stopped above; pausing a stopped container is pointless.
             pause: false,
-            changes: (!self.config.changes.is_empty()).then(|| self.config.changes.join("\n")),
+            changes: (!self.plan.config.changes.is_empty())
+                .then(|| self.plan.config.changes.join("\n")),
         };
         let body = image_config(&base, self.labels(&base, cx));
         cx.log
@@ -220,10 +220,8 @@ impl Step<DockerState> for StepCommit {
         let committing = engine.clone();
         let task = tokio::spawn(async move {
             committing
-                .slow()
                 .commit_container(options, body)
                 .await
-                .map(|response| response.id)
                 .map_err(|err| engine::describe(&err))
         });
         let in_flight = self.in_flight.insert(task);
@@ -242,9 +240,10 @@ impl Step<DockerState> for StepCommit {
             cx.journal
                 .update(
                     journal_id,
-                    Resource::DockerImage {
+                    DockerResource::Image {
                         reference: image_id.clone(),
-                    },
+                    }
+                    .into(),
                 )
                 .map_err(StepError::failed)?;
         }
@@ -263,18 +262,19 @@ impl Step<DockerState> for StepCommit {
         .await
         .map_err(StepError::failed)?;
         self.target
-            .ensure_free(&engine)
+            .ensure_free(engine.as_ref())
             .await
             .map_err(StepError::failed)?;
-        self.tag(&engine, &image_id, &self.target.version).await?;
+        self.tag(engine.as_ref(), &image_id, &self.target.version)
+            .await?;
         drop(name_lock);
         let mut tags = vec![self.target.version.clone()];
-        for tag in &self.config.tags {
+        for tag in &self.plan.config.tags {
             if tags.contains(tag) {
                 continue;
             }
             let reference = self.target.reference_for(tag);
-            let previous = match engine.quick().inspect_image(&reference).await {
+            let previous = match engine.inspect_image(&reference).await {
                 Ok(existing) => existing.id.filter(|id| *id != image_id),
                 Err(err) if engine::is_not_found(&err) => None,
                 Err(err) => {
@@ -284,14 +284,14 @@ impl Step<DockerState> for StepCommit {
                     )));
                 }
             };
-            self.tag(&engine, &image_id, tag).await?;
+            self.tag(engine.as_ref(), &image_id, tag).await?;
             self.moved.push(MovedTag {
                 tag: tag.clone(),
                 previous,
             });
             tags.push(tag.clone());
         }
-        remove_image(&engine, &temporary)
+        remove_image(engine.as_ref(), &temporary)
             .await
             .map_err(StepError::failed)?;
         self.temporary = None;
@@ -301,7 +301,6 @@ impl Step<DockerState> for StepCommit {
             .map(|tag| self.target.reference_for(tag))
             .collect();
         let size = engine
-            .quick()
             .inspect_image(&image_id)
             .await
             .ok()
@@ -343,7 +342,7 @@ impl Step<DockerState> for StepCommit {
             // The image is the artifact now.
             return release(cx, journal_id);
         }
-        let errors = self.undo(&state.engine).await;
+        let errors = self.undo(state.images.as_ref()).await;
         if !errors.is_empty() {
             self.journal_id = Some(journal_id);
             return Err(StepError::failed(errors.join("; ")));
@@ -395,5 +394,124 @@ mod tests {
             "imgbuild-0193ab-web-app"
         );
         assert!(temporary_tag("r", &"x".repeat(300)).len() <= 128);
+    }
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::docker::engine::Engine;
+    use crate::docker::engine::fake::{FakeImages, NEW_IMAGE};
+    use crate::docker::plan::Produce;
+    use crate::docker::plan::tests::plan;
+    use crate::docker::step_create_container::BuildContainer;
+    use bollard::models::ImageConfig;
+    use serde_json::json;
+
+    fn step(config: serde_json::Value) -> StepCommit {
+        let plan = Arc::new(plan(config));
+        match plan.produce.clone() {
+            Produce::Commit(target) => StepCommit::new(plan, target),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn state(images: &Arc<FakeImages>) -> DockerState {
+        DockerState {
+            engine: Engine::unreachable(),
+            images: images.clone(),
+            base: Some(BaseImage {
+                reference: "debian:bookworm".into(),
+                id: "sha256:base".into(),
+                digest: Some("debian@sha256:d1".into()),
+                config: ImageConfig {
+                    labels: Some(HashMap::from([("from.base".into(), "yes".into())])),
+                    ..Default::default()
+                },
+            }),
+            container: Some(BuildContainer {
+                id: "c0ffee".into(),
+                name: "imgbuild-unit-app".into(),
+                working_dir: "/".into(),
+            }),
+            communicator: None,
+            artifact: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_applies_the_config_changes_labels_and_tags_and_undoes_them_on_failure() {
+        let images = Arc::new(FakeImages::with(&[("web:latest", "sha256:old")]));
+        let mut state = state(&images);
+        let t = TestContext::new("app");
+        let mut step = step(json!({
+            "image": "debian:bookworm",
+            "changes": ["ENV A=1", "EXPOSE 8080/tcp"],
+            "author": "infra",
+            "message": "built by imgbuild",
+            "tags": ["latest"],
+        }));
+        step.run(&mut state, &t.cx).await.unwrap();
+
+        assert_eq!(
+            images.calls()[0],
+            "stop c0ffee",
+            "stopped before it is saved"
+        );
+        let commits = images.commits.lock().unwrap().clone();
+        let [(options, body)] = &commits[..] else {
+            panic!("{commits:?}")
+        };
+        assert_eq!(options.container.as_deref(), Some("c0ffee"));
+        assert_eq!(options.repo.as_deref(), Some("web"));
+        assert_eq!(options.tag.as_deref(), Some("imgbuild-unit0123-app"));
+        assert_eq!(options.changes.as_deref(), Some("ENV A=1\nEXPOSE 8080/tcp"));
+        assert_eq!(options.author.as_deref(), Some("infra"));
+        assert_eq!(options.comment.as_deref(), Some("built by imgbuild"));
+        let labels = body.labels.clone().unwrap();
+        assert_eq!(labels["from.base"], "yes");
+        assert_eq!(labels["org.opencontainers.image.version"], "1.2");
+        assert_eq!(labels["org.opencontainers.image.base.digest"], "sha256:d1");
+        assert_eq!(labels[RUN_ID_LABEL], "unit0123");
+
+        assert_eq!(images.image("web:1.2").as_deref(), Some(NEW_IMAGE));
+        assert_eq!(images.image("web:latest").as_deref(), Some(NEW_IMAGE));
+        assert_eq!(images.image("web:imgbuild-unit0123-app"), None);
+        let artifact = state.artifact.clone().unwrap();
+        assert_eq!(artifact.id, NEW_IMAGE);
+        assert_eq!(artifact.details["tags"], json!(["1.2", "latest"]));
+        assert_eq!(
+            artifact.details["references"],
+            json!(["web:1.2", "web:latest"])
+        );
+
+        // A later step failed: the moved tag goes back, the image goes.
+        step.cleanup(&mut state, &t.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert_eq!(images.image("web:latest").as_deref(), Some("sha256:old"));
+        assert_eq!(images.image("web:1.2"), None);
+    }
+
+    #[tokio::test]
+    async fn a_version_taken_while_provisioning_is_refused_and_the_new_image_removed() {
+        let images = Arc::new(FakeImages::with(&[("web:1.2", "sha256:other")]));
+        let mut state = state(&images);
+        let t = TestContext::new("app");
+        let mut step = step(json!({"image": "debian:bookworm"}));
+        let err = step.run(&mut state, &t.cx).await.unwrap_err().to_string();
+        assert!(err.contains("docker image web:1.2 already exists"), "{err}");
+        assert!(
+            !images.calls().iter().any(|call| call.starts_with("tag")),
+            "{:?}",
+            images.calls()
+        );
+        step.cleanup(&mut state, &t.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert_eq!(images.image("web:1.2").as_deref(), Some("sha256:other"));
+        assert_eq!(images.image("web:imgbuild-unit0123-app"), None);
+        assert!(state.artifact.is_none());
     }
 }

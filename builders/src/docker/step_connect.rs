@@ -1,21 +1,24 @@
 //! Gives the provisioners a way into the build container: the Engine exec
 //! and archive APIs, with the builder's `env` on every command.
+//!
+//! Uses `state.engine` and `state.container`. Produces
+//! `state.communicator`, which cleanup drops.
 
 use super::DockerState;
 use super::communicator::DockerCommunicator;
-use super::config::DockerConfig;
+use super::plan::Plan;
 use async_trait::async_trait;
 use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
 use imgbuild_provisioners::Communicator;
 use std::sync::Arc;
 
 pub struct StepConnect {
-    config: Arc<DockerConfig>,
+    plan: Arc<Plan>,
 }
 
 impl StepConnect {
-    pub fn new(config: Arc<DockerConfig>) -> Self {
-        StepConnect { config }
+    pub fn new(plan: Arc<Plan>) -> Self {
+        StepConnect { plan }
     }
 }
 
@@ -34,7 +37,7 @@ impl Step<DockerState> for StepConnect {
             state.engine.clone(),
             container.id.clone(),
             &container.name,
-            self.config.exec_env(),
+            self.plan.exec_env.clone(),
             container.working_dir.clone(),
         );
         // The container may have stopped since it started: say so here, not

@@ -1,9 +1,12 @@
 //! Creates and starts the build container from the base image's id, named
 //! after the run and the build so `imgbuild clean` can find it by name.
 //! Cleanup force-removes it (with its anonymous volumes) whatever happened.
+//!
+//! Uses `state.engine` and `state.base`. Produces `state.container`.
 
-use super::config::DockerConfig;
 use super::engine::{self, Engine};
+use super::kind::DockerResource;
+use super::plan::Plan;
 use super::{BUILD_LABEL, DockerState, RUN_ID_LABEL, Removal, remove_run_container};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
@@ -11,9 +14,8 @@ use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{CreateContainerOptions, InspectContainerOptions, LogsOptions};
 use futures_util::StreamExt;
-use imgbuild_core::{CleanupOutcome, Journal, Resource, ResourceId, Step, StepContext, StepError};
+use imgbuild_core::{CleanupOutcome, Journal, ResourceId, Step, StepContext, StepError};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 
@@ -47,8 +49,7 @@ pub fn container_name(run_id: &str, build: &str) -> String {
 type Started = Result<(String, Vec<String>), String>;
 
 pub struct StepCreateContainer {
-    config: Arc<DockerConfig>,
-    config_dir: PathBuf,
+    plan: Arc<Plan>,
     created: Option<(ResourceId, String)>,
     /// Creating and starting run as their own task: when the build is
     /// cancelled meanwhile, the engine finishes the call anyway, and cleanup
@@ -57,10 +58,9 @@ pub struct StepCreateContainer {
 }
 
 impl StepCreateContainer {
-    pub fn new(config: Arc<DockerConfig>, config_dir: PathBuf) -> Self {
+    pub fn new(plan: Arc<Plan>) -> Self {
         StepCreateContainer {
-            config,
-            config_dir,
+            plan,
             created: None,
             in_flight: None,
         }
@@ -71,11 +71,11 @@ impl StepCreateContainer {
             (RUN_ID_LABEL.to_owned(), cx.run_id.clone()),
             (BUILD_LABEL.to_owned(), cx.build_name().to_owned()),
         ]);
-        let binds = self.config.binds(&self.config_dir);
+        let binds = self.plan.binds.clone();
         ContainerCreateBody {
             image: Some(image_id.to_owned()),
             // As the entrypoint, so the image's CMD is not appended to it.
-            entrypoint: Some(self.config.run_command.clone()),
+            entrypoint: Some(self.plan.config.run_command.clone()),
             labels: Some(labels),
             attach_stdin: Some(false),
             attach_stdout: Some(false),
@@ -84,7 +84,7 @@ impl StepCreateContainer {
             open_stdin: Some(false),
             host_config: Some(HostConfig {
                 binds: (!binds.is_empty()).then_some(binds),
-                privileged: Some(self.config.privileged),
+                privileged: Some(self.plan.config.privileged),
                 ..Default::default()
             }),
             ..Default::default()
@@ -177,16 +177,16 @@ impl Step<DockerState> for StepCreateContainer {
             .base
             .as_ref()
             .ok_or_else(|| StepError::failed("no base image"))?;
-        let name = container_name(&cx.run_id, cx.build_name());
+        let name = self.plan.container_name.clone();
         let body = self.body(&base.id, cx);
-        let id = record(cx, Resource::DockerContainer { name: name.clone() })?;
+        let id = record(cx, DockerResource::Container { name: name.clone() }.into())?;
         self.created = Some((id, name.clone()));
         let task = tokio::spawn(create_and_start(
             state.engine.clone(),
             name.clone(),
             body,
-            self.config.platform.clone().unwrap_or_default(),
-            self.config.run_command.clone(),
+            self.plan.config.platform.clone().unwrap_or_default(),
+            self.plan.config.run_command.clone(),
             (cx.journal.clone(), id),
         ));
         let in_flight = self.in_flight.insert(task);
@@ -225,7 +225,7 @@ impl Step<DockerState> for StepCreateContainer {
                 .unwrap_or_default();
             return Err(StepError::failed(format!(
                 "the build container {name} stopped right after starting (exit code {exit_code}): `run_command` {:?} must keep running until the image is saved; {}",
-                self.config.run_command,
+                self.plan.config.run_command,
                 output_tail(&state.engine, &container_id).await
             )));
         }

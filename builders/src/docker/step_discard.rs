@@ -1,6 +1,8 @@
 //! `discard = true`: the provisioned container is thrown away (the
 //! create-container step's cleanup removes it); the build only proves that
 //! provisioning works.
+//!
+//! Uses `state.container` and `state.base`. Produces `state.artifact`.
 
 use super::DockerState;
 use crate::Artifact;

@@ -2,12 +2,15 @@
 //! `docker export` writes, loadable with `docker import`), hashed as it is
 //! written, under a temporary name next to it; only complete, it gets its
 //! final name, never replacing an existing file.
+//!
+//! Uses `state.container` and `state.base`. Produces `state.artifact`.
 
 use super::DockerState;
 use super::engine;
+use super::plan::Plan;
 use super::stop_container;
 use crate::ImageInfo;
-use crate::common::artifact::{Artifact, ArtifactFile, checksum_line};
+use crate::common::artifact::{Artifact, ArtifactFile, checksum_line, checksum_path};
 use crate::common::tracked::TrackedPath;
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -15,6 +18,7 @@ use imgbuild_core::fsutil::{parent_dir, partial_path, persist_no_clobber, write_
 use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
@@ -22,7 +26,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// Refuses when the tar or its checksum file exists: artifacts are immutable.
 pub fn ensure_absent(path: &Path, image: &ImageInfo) -> Result<(), String> {
-    let checksum = PathBuf::from(format!("{}.sha256", path.display()));
+    let checksum = checksum_path(path);
     for existing in [path, checksum.as_path()] {
         if existing.exists() {
             return Err(format!(
@@ -37,18 +41,19 @@ pub fn ensure_absent(path: &Path, image: &ImageInfo) -> Result<(), String> {
 }
 
 pub struct StepExport {
+    plan: Arc<Plan>,
     output: PathBuf,
     checksum_file: PathBuf,
-    image: ImageInfo,
     partial: Option<TrackedPath>,
 }
 
 impl StepExport {
-    pub fn new(output: PathBuf, checksum_file: PathBuf, image: ImageInfo) -> Self {
+    /// `output` and `checksum_file` are the plan's export paths.
+    pub fn new(plan: Arc<Plan>, output: PathBuf, checksum_file: PathBuf) -> Self {
         StepExport {
+            plan,
             output,
             checksum_file,
-            image,
             partial: None,
         }
     }
@@ -114,7 +119,7 @@ impl Step<DockerState> for StepExport {
             .container
             .clone()
             .ok_or_else(|| StepError::failed("the build container is not running"))?;
-        ensure_absent(&self.output, &self.image).map_err(StepError::failed)?;
+        ensure_absent(&self.output, &self.plan.image).map_err(StepError::failed)?;
         let dir = parent_dir(&self.output).to_path_buf();
         std::fs::create_dir_all(&dir)
             .map_err(|err| StepError::failed(format!("cannot create {}: {err}", dir.display())))?;

@@ -2,10 +2,13 @@
 //! unless `pull = false`, and records exactly which image the build starts
 //! from: its id, which the container is then created from, so a tag moved
 //! meanwhile cannot change the base under the build.
+//!
+//! Uses nothing from the state. Produces `state.base`.
 
 use super::DockerState;
-use super::config::{DockerConfig, PullPolicy, split_reference};
+use super::config::{PullPolicy, split_reference};
 use super::engine::{self, Engine};
+use super::plan::Plan;
 use crate::common::artifact::SourceIdentity;
 use async_trait::async_trait;
 use bollard::models::{ImageConfig, ImageInspect};
@@ -87,22 +90,22 @@ pub async fn inspect_local(
 }
 
 pub struct StepPull {
-    config: Arc<DockerConfig>,
+    plan: Arc<Plan>,
 }
 
 impl StepPull {
-    pub fn new(config: Arc<DockerConfig>) -> Self {
-        StepPull { config }
+    pub fn new(plan: Arc<Plan>) -> Self {
+        StepPull { plan }
     }
 
     async fn pull(&self, engine: &Engine, cx: &StepContext) -> Result<(), StepError> {
-        let reference = &self.config.image;
+        let reference = &self.plan.config.image;
         let (name, tag) = split_reference(reference);
         cx.log.info(format!("pulling {reference}"));
         let options = CreateImageOptions {
             from_image: Some(name),
             tag: Some(tag),
-            platform: self.config.platform.clone().unwrap_or_default(),
+            platform: self.plan.config.platform.clone().unwrap_or_default(),
             ..Default::default()
         };
         let mut stream = engine.quick().create_image(Some(options), None, None);
@@ -187,17 +190,17 @@ impl Step<DockerState> for StepPull {
     }
 
     async fn run(&mut self, state: &mut DockerState, cx: &StepContext) -> Result<(), StepError> {
-        let pull = match self.config.pull {
+        let pull = match self.plan.config.pull {
             PullPolicy::Always => true,
             PullPolicy::Never => false,
-            PullPolicy::Missing => inspect_local(&state.engine, &self.config.image, false)
+            PullPolicy::Missing => inspect_local(&state.engine, &self.plan.config.image, false)
                 .await
                 .is_err(),
         };
         if pull {
             self.pull(&state.engine, cx).await?;
         }
-        let base = inspect_local(&state.engine, &self.config.image, pull)
+        let base = inspect_local(&state.engine, &self.plan.config.image, pull)
             .await
             .map_err(StepError::failed)?;
         cx.log.info(format!(

@@ -7,6 +7,8 @@
 
 mod accel;
 pub mod config;
+pub mod kind;
+mod plan;
 mod qemu_img;
 mod serial_log;
 mod step_cloud_init;
@@ -19,16 +21,18 @@ mod step_shutdown;
 
 pub use config::QemuConfig;
 
-use crate::common::outcome::steps_result;
-use crate::common::step_provision::{HasCommunicator, StepProvision};
+use crate::common::artifact::checksum_path;
+use crate::common::outcome::{LeftRunning, debugging_hint, finish};
+use crate::common::step_provision::{StepProvision, has_communicator};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
 };
 use async_trait::async_trait;
-use config::{Accelerator, Compression};
+use config::Accelerator;
 use imgbuild_core::{Step, StepContext, cleanup_steps, run_steps};
 use imgbuild_provisioners::Communicator;
 use imgbuild_provisioners::ssh::TemporaryKey;
+use plan::Plan;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,26 +44,12 @@ impl QemuBuilder {
     pub fn new(config: QemuConfig) -> Self {
         QemuBuilder { config }
     }
-
-    fn output_file_name(&self, image: &ImageInfo) -> String {
-        let extension = self.config.format.as_str();
-        let compressed = match self.config.compression {
-            Compression::None => "",
-            Compression::Zstd => ".zst",
-        };
-        format!("{}.{extension}{compressed}", image.artifact_stem())
-    }
-
-    fn output_path(&self, image: &ImageInfo, config_dir: &Path) -> PathBuf {
-        config_dir
-            .join(&self.config.output_dir)
-            .join(self.output_file_name(image))
-    }
 }
 
 /// What the steps hand each other.
-#[derive(Default)]
 pub struct QemuState {
+    /// How the steps run `qemu-img`.
+    pub qemu_img: Arc<dyn qemu_img::QemuImg>,
     pub work_dir: Option<PathBuf>,
     pub base: Option<step_fetch_base::BaseImage>,
     pub disk: Option<PathBuf>,
@@ -72,11 +62,24 @@ pub struct QemuState {
     pub accelerator: Option<Accelerator>,
 }
 
-impl HasCommunicator for QemuState {
-    fn communicator(&self) -> Option<Arc<dyn Communicator>> {
-        self.communicator.clone()
+impl Default for QemuState {
+    fn default() -> Self {
+        QemuState {
+            qemu_img: Arc::new(qemu_img::Tool),
+            work_dir: None,
+            base: None,
+            disk: None,
+            seed: None,
+            ssh_key: None,
+            machine: None,
+            communicator: None,
+            artifact: None,
+            accelerator: None,
+        }
     }
 }
+
+has_communicator!(QemuState);
 
 #[async_trait]
 impl Builder for QemuBuilder {
@@ -97,8 +100,8 @@ impl Builder for QemuBuilder {
     }
 
     fn planned_artifact(&self, image: &ImageInfo, config_dir: &Path) -> PlannedArtifact {
-        let path = self.output_path(image, config_dir);
-        let checksum = PathBuf::from(format!("{}.sha256", path.display()));
+        let path = plan::output_path(&self.config, image, config_dir);
+        let checksum = checksum_path(&path);
         PlannedArtifact {
             description: format!("{} image {}", self.config.format.as_str(), path.display()),
             files: vec![path, checksum],
@@ -106,7 +109,7 @@ impl Builder for QemuBuilder {
     }
 
     async fn preflight(&self, request: &BuildRequest, _cx: &StepContext) -> Result<(), BuildError> {
-        let path = self.output_path(&request.image, &request.config_dir);
+        let path = plan::output_path(&self.config, &request.image, &request.config_dir);
         if path.exists() {
             return Err(BuildError::Refused(format!(
                 "{} already exists: image {} version {} was built before and is never overwritten; bump `image.version` to build a new one",
@@ -126,21 +129,24 @@ impl Builder for QemuBuilder {
         let mut candidates = accel::candidates(self.config.accelerator, &cx.log).await;
         loop {
             let accelerator = candidates.remove(0);
+            let plan = Plan::new(
+                &self.config,
+                request,
+                &cx.run_id,
+                cx.build_name(),
+                accelerator,
+            )
+            .map_err(BuildError::Refused)?;
+            let plan = Arc::new(plan);
             let mut state = QemuState {
                 accelerator: Some(accelerator),
                 ..QemuState::default()
             };
-            let mut steps = self.steps(request, accelerator);
+            let mut steps = Self::steps(&plan, request);
             let mut report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
-            let (step, message) = match steps_result(&mut report) {
-                Ok(()) => {
-                    return state.artifact.ok_or_else(|| BuildError::Failed {
-                        step: "export".into(),
-                        message: "no artifact was produced".into(),
-                    });
-                }
+            let (step, message) = match finish(&mut report, state.artifact.take(), "export") {
                 Err(BuildError::Failed { step, message }) => (step, message),
-                Err(other) => return Err(other),
+                other => return other,
             };
             let kvm_broke = accelerator == Accelerator::Kvm
                 && self.config.accelerator == Accelerator::Auto
@@ -159,7 +165,7 @@ impl Builder for QemuBuilder {
                 continue;
             }
             if report.left_for_debugging {
-                cx.log.warn(debugging_hint(&state, &self.config, cx));
+                cx.log.warn(vm_debugging_hint(&state, &plan));
             }
             return Err(BuildError::Failed { step, message });
         }
@@ -168,36 +174,43 @@ impl Builder for QemuBuilder {
 
 /// How to reach a VM left running by `--on-error abort`, and how to get rid
 /// of it afterwards.
-fn debugging_hint(state: &QemuState, config: &QemuConfig, cx: &StepContext) -> String {
+fn vm_debugging_hint(state: &QemuState, plan: &Plan) -> String {
     let clean = format!(
         "remove it and its files with `imgbuild clean --run {}`",
-        cx.run_id
+        plan.run_id
     );
-    let Some(machine) = state.machine.as_ref().filter(|m| !m.has_exited()) else {
-        return format!("the build's files are left for debugging; {clean}");
-    };
-    let port = config.ssh.port.unwrap_or(machine.ssh_port);
-    let user = &config.ssh.username;
-    let login = match (&state.ssh_key, &state.work_dir) {
-        (Some(key), Some(work_dir)) => {
-            let key_file = work_dir.join("ssh-key");
-            match key.write_private_openssh(&key_file) {
-                Ok(()) => format!(
-                    "ssh -i {} -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {user}@127.0.0.1",
-                    key_file.display()
+    let left = state
+        .machine
+        .as_ref()
+        .filter(|m| !m.has_exited())
+        .map(|machine| {
+            let port = plan.config.ssh.port.unwrap_or(machine.ssh_port);
+            let user = &plan.config.ssh.username;
+            let reach = match (&state.ssh_key, &state.work_dir) {
+                (Some(key), Some(work_dir)) => {
+                    let key_file = work_dir.join("ssh-key");
+                    match key.write_private_openssh(&key_file) {
+                        Ok(()) => format!(
+                            "ssh -i {} -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {user}@127.0.0.1",
+                            key_file.display()
+                        ),
+                        Err(err) => format!("(the build key could not be saved: {err})"),
+                    }
+                }
+                _ => format!(
+                    "ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {user}@127.0.0.1 (with the configured credentials)"
                 ),
-                Err(err) => format!("(the build key could not be saved: {err})"),
+            };
+            LeftRunning {
+                what: format!(
+                    "the VM (QEMU pid {}, serial console in {})",
+                    machine.pid,
+                    machine.serial_log.display()
+                ),
+                reach,
             }
-        }
-        _ => format!(
-            "ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {user}@127.0.0.1 (with the configured credentials)"
-        ),
-    };
-    format!(
-        "the VM is left running for debugging (QEMU pid {}, serial console in {}):\n  {login}\n{clean}",
-        machine.pid,
-        machine.serial_log.display()
-    )
+        });
+    debugging_hint(left, &clean)
 }
 
 fn first_line(text: &str) -> &str {
@@ -205,35 +218,16 @@ fn first_line(text: &str) -> &str {
 }
 
 impl QemuBuilder {
-    fn steps(
-        &self,
-        request: &BuildRequest,
-        accelerator: Accelerator,
-    ) -> Vec<Box<dyn Step<QemuState>>> {
-        let config = Arc::new(self.config.clone());
-        let dir = request.config_dir.clone();
+    fn steps(plan: &Arc<Plan>, request: &BuildRequest) -> Vec<Box<dyn Step<QemuState>>> {
         vec![
-            Box::new(step_fetch_base::StepFetchBase::new(
-                config.clone(),
-                dir.clone(),
-            )),
-            Box::new(step_create_disk::StepCreateDisk::new(
-                config.clone(),
-                dir.clone(),
-            )),
-            Box::new(step_cloud_init::StepCloudInit::new(config.clone())),
-            Box::new(step_launch::StepLaunch::new(
-                config.clone(),
-                dir.clone(),
-                accelerator,
-            )),
-            Box::new(step_connect::StepConnect::new(config.clone(), dir.clone())),
+            Box::new(step_fetch_base::StepFetchBase::new(plan.clone())),
+            Box::new(step_create_disk::StepCreateDisk::new(plan.clone())),
+            Box::new(step_cloud_init::StepCloudInit::new(plan.clone())),
+            Box::new(step_launch::StepLaunch::new(plan.clone())),
+            Box::new(step_connect::StepConnect::new(plan.clone())),
             Box::new(StepProvision::new(request.provisioners.clone())),
-            Box::new(step_shutdown::StepShutdown::new(config.clone())),
-            Box::new(step_export::StepExport::new(
-                config.clone(),
-                self.output_path(&request.image, &dir),
-            )),
+            Box::new(step_shutdown::StepShutdown::new(plan.clone())),
+            Box::new(step_export::StepExport::new(plan.clone())),
         ]
     }
 }

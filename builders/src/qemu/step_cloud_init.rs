@@ -1,9 +1,12 @@
 //! Writes a cloud-init NoCloud seed: a small FAT volume labelled `cidata`
 //! that tells an ordinary cloud image which user to create and which key to
 //! trust, so images from any distribution build without baked credentials.
+//!
+//! Uses `state.work_dir`. Produces `state.ssh_key` (when no credential is
+//! configured) and `state.seed` (with `cloud_init = true`).
 
 use super::QemuState;
-use super::config::QemuConfig;
+use super::plan::Plan;
 use async_trait::async_trait;
 use imgbuild_core::{Step, StepContext, StepError};
 use imgbuild_provisioners::shell::shell_quote;
@@ -15,12 +18,12 @@ use std::sync::Arc;
 const SEED_SIZE: usize = 1 << 20;
 
 pub struct StepCloudInit {
-    config: Arc<QemuConfig>,
+    plan: Arc<Plan>,
 }
 
 impl StepCloudInit {
-    pub fn new(config: Arc<QemuConfig>) -> Self {
-        StepCloudInit { config }
+    pub fn new(plan: Arc<Plan>) -> Self {
+        StepCloudInit { plan }
     }
 }
 
@@ -31,7 +34,7 @@ impl Step<QemuState> for StepCloudInit {
     }
 
     async fn run(&mut self, state: &mut QemuState, cx: &StepContext) -> Result<(), StepError> {
-        let ssh = &self.config.ssh;
+        let ssh = &self.plan.config.ssh;
         // The build logs in with the configured credentials if there are
         // any, and with a key made for this build alone otherwise.
         if ssh.password.is_none() && ssh.private_key_file.is_none() {
@@ -39,7 +42,7 @@ impl Step<QemuState> for StepCloudInit {
                 .map_err(|err| StepError::failed(format!("cannot generate an SSH key: {err}")))?;
             state.ssh_key = Some(Arc::new(key));
         }
-        if !self.config.cloud_init {
+        if !self.plan.config.cloud_init {
             return Ok(());
         }
         let work_dir = state

@@ -1,22 +1,23 @@
 //! Waits for the VM's SSH server through the forwarded port and logs in.
+//!
+//! Uses `state.machine` and `state.ssh_key`. Produces
+//! `state.communicator`, which cleanup drops.
 
 use super::QemuState;
-use super::config::QemuConfig;
+use super::plan::Plan;
 use crate::common::ssh;
 use async_trait::async_trait;
 use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
 use imgbuild_provisioners::ssh::{Liveness, SshTarget};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 pub struct StepConnect {
-    config: Arc<QemuConfig>,
-    config_dir: PathBuf,
+    plan: Arc<Plan>,
 }
 
 impl StepConnect {
-    pub fn new(config: Arc<QemuConfig>, config_dir: PathBuf) -> Self {
-        StepConnect { config, config_dir }
+    pub fn new(plan: Arc<Plan>) -> Self {
+        StepConnect { plan }
     }
 }
 
@@ -38,8 +39,8 @@ impl Step<QemuState> for StepConnect {
             port: machine.ssh_port,
         };
         let result = ssh::connect(
-            &self.config.ssh,
-            &self.config_dir,
+            &self.plan.config.ssh,
+            &self.plan.config_dir,
             target,
             state.ssh_key.as_deref(),
             cx,

@@ -1,8 +1,11 @@
 //! Creates the build's working directory and a copy-on-write disk on top of
 //! the base image, so the base is never written to.
+//!
+//! Uses `state.base`. Produces `state.work_dir` and `state.disk`; cleanup
+//! removes the working directory with everything in it.
 
-use super::config::{QemuConfig, parse_size};
-use super::{QemuState, qemu_img};
+use super::QemuState;
+use super::plan::Plan;
 use crate::common::tracked::TrackedPath;
 use async_trait::async_trait;
 use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
@@ -10,16 +13,14 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::sync::Arc;
 
 pub struct StepCreateDisk {
-    config: Arc<QemuConfig>,
-    config_dir: std::path::PathBuf,
+    plan: Arc<Plan>,
     work_dir: Option<TrackedPath>,
 }
 
 impl StepCreateDisk {
-    pub fn new(config: Arc<QemuConfig>, config_dir: std::path::PathBuf) -> Self {
+    pub fn new(plan: Arc<Plan>) -> Self {
         StepCreateDisk {
-            config,
-            config_dir,
+            plan,
             work_dir: None,
         }
     }
@@ -38,14 +39,14 @@ impl Step<QemuState> for StepCreateDisk {
             .ok_or_else(|| StepError::failed("no base image"))?;
         // The working directory sits in the output directory: the disk can
         // grow to gigabytes, and the export then renames within one file system.
-        let output_dir = self.config_dir.join(&self.config.output_dir);
-        std::fs::create_dir_all(&output_dir).map_err(|err| {
+        let output_dir = &self.plan.output_dir;
+        std::fs::create_dir_all(output_dir).map_err(|err| {
             StepError::failed(format!(
                 "cannot create the output directory {}: {err}",
                 output_dir.display()
             ))
         })?;
-        let work_dir = output_dir.join(format!(".imgbuild-{}-{}", cx.run_id, cx.build_name()));
+        let work_dir = self.plan.work_dir.clone();
         let tracked = TrackedPath::dir(cx, work_dir.clone())?;
         self.work_dir = Some(tracked);
         // Private: it holds the writable disk, the cloud-init seed (with a
@@ -58,25 +59,10 @@ impl Step<QemuState> for StepCreateDisk {
             })?;
 
         let disk = work_dir.join("disk.qcow2");
-        let backing = base.path.to_string_lossy().into_owned();
-        let disk_text = disk.to_string_lossy().into_owned();
-        let mut args = vec![
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            &base.format,
-            "-b",
-            &backing,
-            &disk_text,
-        ];
-        let size_bytes;
-        if let Some(size) = &self.config.disk_size {
-            size_bytes = parse_size(size).map_err(StepError::failed)?.to_string();
-            args.push(&size_bytes);
-        }
-        qemu_img::run(&args)
+        let size = self.plan.config.disk_size.as_ref().map(|size| size.bytes());
+        state
+            .qemu_img
+            .create_overlay(&disk, &base.path, &base.format, size)
             .await
             .map_err(|err| err.context("creating the build disk"))?;
         std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).map_err(|err| {
@@ -97,5 +83,91 @@ impl Step<QemuState> for StepCreateDisk {
             Some(dir) => dir.remove(cx).await,
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::qemu::plan::tests::plan;
+    use crate::qemu::qemu_img::fake::{Call, FakeQemuImg};
+    use crate::qemu::step_fetch_base::{BaseHash, BaseImage};
+    use serde_json::json;
+
+    fn state_on(fake: &Arc<FakeQemuImg>, format: &str) -> QemuState {
+        QemuState {
+            qemu_img: fake.clone(),
+            base: Some(BaseImage {
+                path: "/images/base.img".into(),
+                format: format.into(),
+                reference: "base.img".into(),
+                sha256: BaseHash::Known("0".repeat(64)),
+            }),
+            ..QemuState::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_disk_is_a_private_overlay_read_as_the_inspected_format_and_grown() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Arc::new(plan(
+            json!({"base_image": "base.img", "disk_size": "8G", "output_dir": "out"}),
+            dir.path(),
+        ));
+        let fake = Arc::new(FakeQemuImg::new(json!({})));
+        let mut state = state_on(&fake, "raw");
+        let t = TestContext::new("vm");
+        let mut step = StepCreateDisk::new(plan.clone());
+        step.run(&mut state, &t.cx).await.unwrap();
+
+        let disk = plan.work_dir.join("disk.qcow2");
+        assert_eq!(
+            fake.calls(),
+            vec![Call::CreateOverlay {
+                disk: disk.clone(),
+                backing: "/images/base.img".into(),
+                backing_format: "raw".into(),
+                size: Some(8 << 30),
+            }]
+        );
+        assert_eq!(state.disk.as_deref(), Some(disk.as_path()));
+        assert_eq!(state.work_dir.as_deref(), Some(plan.work_dir.as_path()));
+        let mode =
+            |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&plan.work_dir), 0o700);
+        assert_eq!(mode(&disk), 0o600);
+
+        step.cleanup(&mut state, &t.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert!(
+            !plan.work_dir.exists(),
+            "cleanup removes the working directory"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_disk_size_the_disk_keeps_the_base_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Arc::new(plan(json!({"base_image": "base.img"}), dir.path()));
+        let fake = Arc::new(FakeQemuImg::new(json!({})));
+        let mut state = state_on(&fake, "qcow2");
+        let t = TestContext::new("vm");
+        let mut step = StepCreateDisk::new(plan.clone());
+        step.run(&mut state, &t.cx).await.unwrap();
+        match &fake.calls()[..] {
+            [
+                Call::CreateOverlay {
+                    backing_format,
+                    size,
+                    ..
+                },
+            ] => assert_eq!((backing_format.as_str(), *size), ("qcow2", None)),
+            other => panic!("{other:?}"),
+        }
+        step.cleanup(&mut state, &t.cx, CleanupOutcome::Succeeded)
+            .await
+            .unwrap();
     }
 }

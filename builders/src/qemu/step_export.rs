@@ -1,9 +1,13 @@
 //! Writes the finished disk as a standalone image (no backing file) under a
 //! temporary name in the output directory, checksums it, and only then gives
 //! it its final `<name>-<version>` name, never replacing an existing file.
+//!
+//! Uses `state.disk`, `state.base` (for the artifact's source) and
+//! `state.accelerator`. Produces `state.artifact`.
 
 use super::QemuState;
-use super::config::{Compression, QemuConfig};
+use super::config::Compression;
+use super::plan::Plan;
 use crate::common::artifact::{
     Artifact, ArtifactFile, HashingWriter, checksum_line, sha256_file_async,
 };
@@ -13,20 +17,16 @@ use imgbuild_core::fsutil::{parent_dir, partial_path, persist_no_clobber, write_
 use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::AsyncReadExt;
-use tokio::process::Command;
 
 pub struct StepExport {
-    config: Arc<QemuConfig>,
-    output: PathBuf,
+    plan: Arc<Plan>,
     partials: Vec<TrackedPath>,
 }
 
 impl StepExport {
-    pub fn new(config: Arc<QemuConfig>, output: PathBuf) -> Self {
+    pub fn new(plan: Arc<Plan>) -> Self {
         StepExport {
-            config,
-            output,
+            plan,
             partials: Vec::new(),
         }
     }
@@ -35,64 +35,6 @@ impl StepExport {
         self.partials.push(TrackedPath::file(cx, path)?);
         Ok(())
     }
-
-    async fn convert(&self, cx: &StepContext, disk: &Path, target: &Path) -> Result<(), StepError> {
-        let format = self.config.format.as_str();
-        let mut child = Command::new("qemu-img")
-            .args(["convert", "-p", "-O", format])
-            .arg(disk)
-            .arg(target)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|err| {
-                StepError::failed(format!("cannot run qemu-img ({err}); install `qemu-utils`"))
-            })?;
-        // `-p` rewrites "(12.34/100%)" in place; turn it into progress events.
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut buffer = [0u8; 256];
-        let mut pending = String::new();
-        let mut last = -1i64;
-        loop {
-            let read = stdout
-                .read(&mut buffer)
-                .await
-                .map_err(|err| StepError::failed(format!("reading qemu-img progress: {err}")))?;
-            if read == 0 {
-                break;
-            }
-            pending.push_str(&String::from_utf8_lossy(&buffer[..read]));
-            while let Some(end) = pending.find(['\r', '\n']) {
-                let piece: String = pending.drain(..=end).collect();
-                if let Some(percent) = parse_progress(&piece) {
-                    let whole = percent as i64;
-                    if whole != last {
-                        last = whole;
-                        cx.log.progress_percent("write image", whole as u64);
-                    }
-                }
-            }
-        }
-        let output = child
-            .wait_with_output()
-            .await
-            .map_err(|err| StepError::failed(format!("qemu-img convert: {err}")))?;
-        if !output.status.success() {
-            return Err(StepError::failed(format!(
-                "qemu-img convert failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
-        Ok(())
-    }
-}
-
-fn parse_progress(text: &str) -> Option<f64> {
-    let inner = text.trim().trim_start_matches('(');
-    let number = inner.split('/').next()?;
-    number.trim().parse().ok()
 }
 
 /// Streams `source` through zstd into `target`, hashing what is written.
@@ -124,9 +66,10 @@ impl Step<QemuState> for StepExport {
             .disk
             .clone()
             .ok_or_else(|| StepError::failed("no build disk"))?;
-        let dir = parent_dir(&self.output).to_path_buf();
-        let final_name = self
-            .output
+        let plan = self.plan.clone();
+        let output = &plan.output;
+        let dir = parent_dir(output).to_path_buf();
+        let final_name = output
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -134,11 +77,17 @@ impl Step<QemuState> for StepExport {
         self.track(cx, converted.clone())?;
         cx.log.info(format!(
             "writing a standalone {} image",
-            self.config.format.as_str()
+            self.plan.config.format.as_str()
         ));
-        self.convert(cx, &disk, &converted).await?;
+        let log = cx.log.clone();
+        state
+            .qemu_img
+            .convert(&disk, &converted, plan.config.format, &move |percent| {
+                log.progress_percent("write image", percent)
+            })
+            .await?;
 
-        let (finished, size, sha256) = match self.config.compression {
+        let (finished, size, sha256) = match self.plan.config.compression {
             Compression::None => {
                 let (size, sha256) = sha256_file_async(converted.clone()).await.map_err(|err| {
                     StepError::failed(format!("cannot hash {}: {err}", converted.display()))
@@ -160,28 +109,24 @@ impl Step<QemuState> for StepExport {
                 (compressed, size, sha256)
             }
         };
-        persist_no_clobber(&finished, &self.output).map_err(|err| {
+        persist_no_clobber(&finished, output).map_err(|err| {
             StepError::failed(format!(
                 "cannot store the image as {}: {err}",
-                self.output.display()
+                output.display()
             ))
         })?;
-        let checksum_file = PathBuf::from(format!("{}.sha256", self.output.display()));
-        write_atomic(
-            &checksum_file,
-            checksum_line(&sha256, &self.output).as_bytes(),
-        )
-        .map_err(|err| {
+        let checksum_file = &plan.checksum_file;
+        write_atomic(checksum_file, checksum_line(&sha256, output).as_bytes()).map_err(|err| {
             StepError::failed(format!("cannot write {}: {err}", checksum_file.display()))
         })?;
         cx.log
-            .info(format!("image {} (sha256 {sha256})", self.output.display()));
+            .info(format!("image {} (sha256 {sha256})", output.display()));
 
         let source = match state.base.as_mut() {
             Some(base) => base.identity().await?,
             None => return Err(StepError::failed("no base image")),
         };
-        let output = std::fs::canonicalize(&self.output).unwrap_or_else(|_| self.output.clone());
+        let output = std::fs::canonicalize(output).unwrap_or_else(|_| output.clone());
         state.artifact = Some(Artifact {
             builder: "qemu".to_owned(),
             id: output.display().to_string(),
@@ -192,8 +137,8 @@ impl Step<QemuState> for StepExport {
             }],
             source,
             details: serde_json::json!({
-                "format": self.config.format.as_str(),
-                "compression": match self.config.compression {
+                "format": self.plan.config.format.as_str(),
+                "compression": match self.plan.config.compression {
                     Compression::None => "none",
                     Compression::Zstd => "zstd",
                 },
@@ -225,11 +170,118 @@ impl Step<QemuState> for StepExport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::testing::TestContext;
+    use crate::qemu::config::DiskFormat;
+    use crate::qemu::plan::tests::plan;
+    use crate::qemu::qemu_img::fake::{Call, FakeQemuImg};
+    use crate::qemu::step_fetch_base::{BaseHash, BaseImage};
+    use serde_json::json;
+    use sha2::{Digest, Sha256};
 
-    #[test]
-    fn reads_qemu_img_progress() {
-        assert_eq!(parse_progress("    (12.50/100%)\r"), Some(12.5));
-        assert_eq!(parse_progress("(100.00/100%)"), Some(100.0));
-        assert_eq!(parse_progress("garbage"), None);
+    async fn export(
+        config: serde_json::Value,
+    ) -> (tempfile::TempDir, Arc<Plan>, Arc<FakeQemuImg>, QemuState) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("output")).unwrap();
+        let disk = dir.path().join("disk.qcow2");
+        std::fs::write(&disk, b"overlay").unwrap();
+        let plan = Arc::new(plan(config, dir.path()));
+        let fake = Arc::new(FakeQemuImg::new(json!({})));
+        let mut state = QemuState {
+            qemu_img: fake.clone(),
+            disk: Some(disk),
+            base: Some(BaseImage {
+                path: dir.path().join("base.img"),
+                format: "raw".into(),
+                reference: "base.img".into(),
+                sha256: BaseHash::Known("1".repeat(64)),
+            }),
+            ..QemuState::default()
+        };
+        let t = TestContext::new("vm");
+        let mut step = StepExport::new(plan.clone());
+        step.run(&mut state, &t.cx).await.unwrap();
+        step.cleanup(&mut state, &t.cx, CleanupOutcome::Succeeded)
+            .await
+            .unwrap();
+        (dir, plan, fake, state)
+    }
+
+    fn hex_sha256(bytes: &[u8]) -> String {
+        Sha256::digest(bytes)
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn export_converts_to_the_configured_format_and_writes_the_checksum_file() {
+        let (dir, plan, fake, state) =
+            export(json!({"base_image": "base.img", "format": "raw"})).await;
+        assert_eq!(plan.output, dir.path().join("output/web-1.2.raw"));
+        match &fake.calls()[..] {
+            [
+                Call::Convert {
+                    source,
+                    target,
+                    format,
+                },
+            ] => {
+                assert_eq!(source, state.disk.as_ref().unwrap());
+                assert_eq!(*format, DiskFormat::Raw);
+                assert_ne!(
+                    target, &plan.output,
+                    "converted under a temporary name first"
+                );
+                assert!(!target.exists(), "the temporary name is gone");
+            }
+            other => panic!("{other:?}"),
+        }
+        let written = std::fs::read(&plan.output).unwrap();
+        assert_eq!(written, fake.converted);
+        let sha256 = hex_sha256(&written);
+        assert_eq!(
+            std::fs::read_to_string(&plan.checksum_file).unwrap(),
+            checksum_line(&sha256, &plan.output)
+        );
+        let artifact = state.artifact.unwrap();
+        assert_eq!(artifact.files[0].sha256, sha256);
+        assert_eq!(artifact.details["format"], "raw");
+        assert_eq!(artifact.details["compression"], "none");
+        assert_eq!(
+            artifact.source.sha256.as_deref(),
+            Some("1".repeat(64).as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_zstd_export_compresses_the_converted_image_and_hashes_what_is_stored() {
+        let (_dir, plan, fake, state) =
+            export(json!({"base_image": "base.img", "compression": "zstd"})).await;
+        assert!(matches!(
+            fake.calls()[..],
+            [Call::Convert {
+                format: DiskFormat::Qcow2,
+                ..
+            }]
+        ));
+        assert!(plan.output.to_string_lossy().ends_with(".qcow2.zst"));
+        let stored = std::fs::read(&plan.output).unwrap();
+        assert_eq!(zstd::decode_all(&stored[..]).unwrap(), fake.converted);
+        let sha256 = hex_sha256(&stored);
+        assert_eq!(
+            std::fs::read_to_string(&plan.checksum_file).unwrap(),
+            checksum_line(&sha256, &plan.output)
+        );
+        assert_eq!(state.artifact.unwrap().details["compression"], "zstd");
+        let leftovers: Vec<_> = std::fs::read_dir(plan.output.parent().unwrap())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            leftovers.len(),
+            2,
+            "only the image and its checksum: {leftovers:?}"
+        );
     }
 }

@@ -1,15 +1,18 @@
 //! Finds the base disk image: a local file, or an http(s) URL downloaded once
 //! into a cache keyed by its checksum, verified on every use; then checks
 //! that it is a standalone qcow2 or raw disk.
+//!
+//! Uses nothing from the state. Produces `state.base`.
 
-use super::config::{QemuConfig, is_url, parse_checksum};
+use super::config::is_url;
+use super::plan::{BaseSource, Plan};
 use super::{QemuState, qemu_img};
 use crate::common::artifact::{HashingWriter, SourceIdentity, sha256_file_async};
 use crate::common::tracked::TrackedPath;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use imgbuild_core::fsutil::parent_dir;
-use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
+use imgbuild_core::{CleanupOutcome, Sha256Digest, Step, StepContext, StepError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,40 +58,29 @@ impl BaseImage {
 }
 
 pub struct StepFetchBase {
-    config: Arc<QemuConfig>,
-    config_dir: PathBuf,
+    plan: Arc<Plan>,
     partial_download: Option<TrackedPath>,
 }
 
 impl StepFetchBase {
-    pub fn new(config: Arc<QemuConfig>, config_dir: PathBuf) -> Self {
+    pub fn new(plan: Arc<Plan>) -> Self {
         StepFetchBase {
-            config,
-            config_dir,
+            plan,
             partial_download: None,
         }
     }
 
-    fn cache_dir(&self) -> PathBuf {
-        if let Some(dir) = &self.config.cache_dir {
-            return self.config_dir.join(dir);
-        }
-        if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-            return PathBuf::from(dir).join("imgbuild");
-        }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        home.join(".cache/imgbuild")
-    }
-
-    async fn local(&self, cx: &StepContext) -> Result<BaseImage, StepError> {
-        let path = self.config_dir.join(&self.config.base_image);
-        let path = std::fs::canonicalize(&path)
+    async fn local(
+        &self,
+        path: &Path,
+        checksum: Option<&Sha256Digest>,
+        cx: &StepContext,
+    ) -> Result<BaseImage, StepError> {
+        let path = std::fs::canonicalize(path)
             .map_err(|err| StepError::failed(format!("base image {}: {err}", path.display())))?;
-        let sha256 = match &self.config.base_checksum {
+        let sha256 = match checksum {
             Some(expected) => {
-                let expected = parse_checksum(expected).map_err(StepError::failed)?;
+                let expected = expected.hex();
                 cx.log
                     .info(format!("verifying the checksum of {}", path.display()));
                 let (_, actual) = sha256_file_async(path.clone()).await.map_err(|err| {
@@ -112,16 +104,15 @@ impl StepFetchBase {
         })
     }
 
-    async fn download(&mut self, cx: &StepContext) -> Result<BaseImage, StepError> {
-        let url = self.config.base_image.clone();
-        let expected = parse_checksum(
-            self.config
-                .base_checksum
-                .as_deref()
-                .ok_or_else(|| StepError::failed("a base image URL needs base_checksum"))?,
-        )
-        .map_err(StepError::failed)?;
-        let cached = cached_download_path(&self.cache_dir(), &expected);
+    async fn download(
+        &mut self,
+        url: &str,
+        checksum: &Sha256Digest,
+        cx: &StepContext,
+    ) -> Result<BaseImage, StepError> {
+        let url = url.to_owned();
+        let expected = checksum.hex().to_owned();
+        let cached = cached_download_path(&self.plan.cache_dir, &expected);
         let dir = parent_dir(&cached).to_path_buf();
         // The cache is only a copy: a truncated, bit-rotted or tampered file
         // under the right name must never be booted, so it is hashed on
@@ -218,16 +209,14 @@ impl Step<QemuState> for StepFetchBase {
     }
 
     async fn run(&mut self, state: &mut QemuState, cx: &StepContext) -> Result<(), StepError> {
-        let mut base = if is_url(&self.config.base_image) {
-            self.download(cx).await?
-        } else {
-            self.local(cx).await?
+        let plan = self.plan.clone();
+        let mut base = match &plan.base {
+            BaseSource::Url { url, checksum } => self.download(url, checksum, cx).await?,
+            BaseSource::File { path, checksum } => self.local(path, checksum.as_ref(), cx).await?,
         };
-        base.format = qemu_img::inspect_base(
-            &base.path,
-            self.config.base_format.map(|format| format.as_str()),
-        )
-        .await?;
+        base.format =
+            qemu_img::inspect_base(state.qemu_img.as_ref(), &base.path, plan.config.base_format)
+                .await?;
         cx.log
             .info(format!("base image {} ({})", base.reference, base.format));
         state.base = Some(base);
@@ -256,4 +245,114 @@ impl Step<QemuState> for StepFetchBase {
 /// never be mistaken for the cached one.
 fn cached_download_path(cache_dir: &Path, sha256: &str) -> PathBuf {
     cache_dir.join("downloads").join(format!("{sha256}.img"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::qemu::config::DiskFormat;
+    use crate::qemu::plan::tests::plan;
+    use crate::qemu::qemu_img::fake::{Call, FakeQemuImg};
+    use crate::qemu::step_create_disk::StepCreateDisk;
+    use imgbuild_core::{OnError, run_steps};
+    use serde_json::json;
+
+    fn steps(plan: &Arc<super::Plan>) -> Vec<Box<dyn Step<QemuState>>> {
+        vec![
+            Box::new(StepFetchBase::new(plan.clone())),
+            Box::new(StepCreateDisk::new(plan.clone())),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_base_with_a_backing_file_is_refused_before_a_disk_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.qcow2"), b"qcow2").unwrap();
+        let plan = Arc::new(plan(json!({"base_image": "base.qcow2"}), dir.path()));
+        let fake = Arc::new(FakeQemuImg::new(
+            json!({"format": "qcow2", "backing-filename": "/etc/shadow"}),
+        ));
+        let mut state = QemuState {
+            qemu_img: fake.clone(),
+            ..QemuState::default()
+        };
+        let t = TestContext::new("vm");
+        let mut steps = steps(&plan);
+        let report = run_steps(&mut steps, &mut state, &t.cx, OnError::Cleanup).await;
+        match report.failure {
+            Some((step, StepError::Failed(message))) => {
+                assert_eq!(step, "fetch_base");
+                assert!(message.contains("refusing the base image"), "{message}");
+                assert!(message.contains("/etc/shadow"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let canonical = std::fs::canonicalize(dir.path().join("base.qcow2")).unwrap();
+        assert_eq!(
+            fake.calls(),
+            vec![Call::Info {
+                path: canonical,
+                declared: None
+            }],
+            "nothing but the inspection may touch the base"
+        );
+        assert!(state.disk.is_none());
+        assert!(!plan.work_dir.exists());
+    }
+
+    #[tokio::test]
+    async fn a_declared_format_is_passed_on_and_the_inspected_one_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.img"), b"raw disk").unwrap();
+        let plan = Arc::new(plan(
+            json!({"base_image": "base.img", "base_format": "raw"}),
+            dir.path(),
+        ));
+        let fake = Arc::new(FakeQemuImg::new(json!({"format": "raw"})));
+        let mut state = QemuState {
+            qemu_img: fake.clone(),
+            ..QemuState::default()
+        };
+        let t = TestContext::new("vm");
+        let mut step = StepFetchBase::new(plan.clone());
+        step.run(&mut state, &t.cx).await.unwrap();
+        assert!(matches!(
+            fake.calls()[..],
+            [Call::Info {
+                declared: Some(DiskFormat::Raw),
+                ..
+            }]
+        ));
+        let base = state.base.as_mut().unwrap();
+        assert_eq!(base.format, "raw");
+        let identity = base.identity().await.unwrap();
+        assert_eq!(identity.kind, "file");
+        assert_eq!(
+            identity.sha256.unwrap(),
+            crate::common::artifact::sha256_file(&base.path).unwrap().1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_local_base_that_does_not_match_its_checksum_is_never_inspected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.img"), b"tampered").unwrap();
+        let plan = Arc::new(plan(
+            json!({"base_image": "base.img", "base_checksum": format!("sha256:{}", "0".repeat(64))}),
+            dir.path(),
+        ));
+        let fake = Arc::new(FakeQemuImg::new(json!({"format": "raw"})));
+        let mut state = QemuState {
+            qemu_img: fake.clone(),
+            ..QemuState::default()
+        };
+        let t = TestContext::new("vm");
+        let err = StepFetchBase::new(plan)
+            .run(&mut state, &t.cx)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("but base_checksum says"), "{err}");
+        assert!(fake.calls().is_empty());
+    }
 }

@@ -1,10 +1,14 @@
 //! Starts QEMU: the build disk, the cloud-init seed, user-mode networking
 //! with SSH forwarded to a free loopback port, the serial console captured
 //! to a bounded file (see `serial_log`), no display.
+//!
+//! Uses `state.work_dir`, `state.disk` and `state.seed`. Produces
+//! `state.machine`; cleanup stops QEMU.
 
 use super::QemuState;
 use super::accel;
-use super::config::{Accelerator, Firmware, QemuConfig};
+use super::config::Firmware;
+use super::plan::Plan;
 use super::serial_log;
 use crate::common::process::{self, ProcessIdentity};
 use crate::common::tracked::{record, release};
@@ -79,18 +83,14 @@ impl Machine {
 }
 
 pub struct StepLaunch {
-    config: Arc<QemuConfig>,
-    config_dir: PathBuf,
-    accelerator: Accelerator,
+    plan: Arc<Plan>,
     process: Option<(ResourceId, Machine)>,
 }
 
 impl StepLaunch {
-    pub fn new(config: Arc<QemuConfig>, config_dir: PathBuf, accelerator: Accelerator) -> Self {
+    pub fn new(plan: Arc<Plan>) -> Self {
         StepLaunch {
-            config,
-            config_dir,
-            accelerator,
+            plan,
             process: None,
         }
     }
@@ -102,7 +102,7 @@ impl StepLaunch {
         port: u16,
         marker: &str,
     ) -> Result<Vec<String>, StepError> {
-        let config = &self.config;
+        let config = &self.plan.config;
         let disk = state
             .disk
             .as_ref()
@@ -113,7 +113,7 @@ impl StepLaunch {
             "-machine".into(),
             config.machine.clone(),
         ];
-        args.extend(accel::qemu_args(self.accelerator));
+        args.extend(accel::qemu_args(self.plan.accelerator));
         args.extend([
             "-m".into(),
             config.memory.to_string(),
@@ -155,16 +155,10 @@ impl StepLaunch {
                 format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
             ]);
         }
-        if let Some(kernel) = &config.kernel {
-            args.extend([
-                "-kernel".into(),
-                self.config_dir.join(kernel).display().to_string(),
-            ]);
-            if let Some(initrd) = &config.initrd {
-                args.extend([
-                    "-initrd".into(),
-                    self.config_dir.join(initrd).display().to_string(),
-                ]);
+        if let Some(kernel) = &self.plan.kernel {
+            args.extend(["-kernel".into(), kernel.display().to_string()]);
+            if let Some(initrd) = &self.plan.initrd {
+                args.extend(["-initrd".into(), initrd.display().to_string()]);
             }
             if let Some(kernel_args) = &config.kernel_args {
                 args.extend(["-append".into(), kernel_args.clone()]);
@@ -200,7 +194,7 @@ impl StepLaunch {
                 start_time: None,
             },
         )?;
-        let mut child = Command::new(&self.config.qemu_binary)
+        let mut child = Command::new(&self.plan.config.qemu_binary)
             .args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -210,7 +204,7 @@ impl StepLaunch {
                 let _ = release(cx, id);
                 StepError::failed(format!(
                     "cannot start {} ({err}); install Debian's `qemu-system-x86` package or set `qemu_binary`",
-                    self.config.qemu_binary
+                    self.plan.config.qemu_binary
                 ))
             })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(-1);
@@ -313,7 +307,7 @@ impl Step<QemuState> for StepLaunch {
             }
             cx.log.info(format!(
                 "QEMU started ({}, pid {}), SSH forwarded from 127.0.0.1:{}",
-                self.accelerator, machine.pid, machine.ssh_port
+                self.plan.accelerator, machine.pid, machine.ssh_port
             ));
             state.machine = Some(machine);
             return Ok(());

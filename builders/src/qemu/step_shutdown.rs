@@ -1,8 +1,11 @@
 //! Powers the VM off from inside with `shutdown_command`, so the guest
 //! flushes its file systems, then waits for QEMU to exit.
+//!
+//! Uses `state.machine`, `state.ssh_key`, and takes `state.communicator`
+//! (the connection ends with the machine). Produces nothing.
 
 use super::QemuState;
-use super::config::QemuConfig;
+use super::plan::Plan;
 use super::step_cloud_init::cleanup_script;
 use crate::common::process;
 use async_trait::async_trait;
@@ -13,12 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub struct StepShutdown {
-    config: Arc<QemuConfig>,
+    plan: Arc<Plan>,
 }
 
 impl StepShutdown {
-    pub fn new(config: Arc<QemuConfig>) -> Self {
-        StepShutdown { config }
+    pub fn new(plan: Arc<Plan>) -> Self {
+        StepShutdown { plan }
     }
 }
 
@@ -62,12 +65,13 @@ impl Step<QemuState> for StepShutdown {
                     StepError::failed(format!("cannot remove the build key from the image: {err}"))
                 })?;
         }
-        let command = self.config.shutdown_command();
+        let config = &self.plan.config;
+        let command = config.shutdown_command();
         let mut run = command.clone();
-        if self.config.cloud_init && self.config.cloud_init_cleanup {
+        if config.cloud_init && config.cloud_init_cleanup {
             cx.log
                 .info("removing what the cloud-init seed set up for the build");
-            let ssh = &self.config.ssh;
+            let ssh = &config.ssh;
             let script = cleanup_script(&ssh.username, ssh.password.is_some(), &command);
             let as_root = if ssh.username == "root" { "" } else { "sudo " };
             run = format!("{as_root}sh -c {}", shell_quote(&script));
@@ -78,7 +82,7 @@ impl Step<QemuState> for StepShutdown {
             Err(err) => return Err(StepError::failed(format!("`{command}` failed: {err}"))),
         }
         drop(comm);
-        let limit = self.config.shutdown_timeout;
+        let limit = config.shutdown_timeout;
         let exited = cx
             .cancellable(async { Ok(machine.wait_exit(limit).await) })
             .await?;
