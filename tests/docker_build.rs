@@ -2,10 +2,8 @@
 //! produces a tagged, labelled image that runs with the provisioners'
 //! changes; failures and interrupts leave no container and no tag.
 
-mod support;
-
+use imgbuild_test_support::{cli::*, common::*, docker::ImageCleanup};
 use std::time::Duration;
-use support::*;
 
 fn build_template(workspace: &Workspace, version: &str) -> Outcome {
     workspace
@@ -28,7 +26,7 @@ fn the_template_builds_a_tagged_image_that_runs_with_the_changes() {
     let workspace = Workspace::with_templates();
     let version = unique_version();
     let reference = format!("debian-app:{version}");
-    let _cleanup = ImageCleanup(vec![reference.clone()]);
+    let _cleanup = ImageCleanup::references(vec![reference.clone()]);
     build_template(&workspace, &version)
         .exits_with(EXIT_OK)
         .stderr_has("container | ==> provision");
@@ -141,7 +139,7 @@ fn a_failing_provisioner_leaves_no_container_and_no_tag() {
     let workspace = Workspace::new();
     let version = unique_version();
     workspace.write("image.toml", &failing_config(&version, "exit 4"));
-    let _cleanup = ImageCleanup(vec![format!("imgbuild-failing:{version}")]);
+    let _cleanup = ImageCleanup::references(vec![format!("imgbuild-failing:{version}")]);
     let outcome = workspace
         .imgbuild()
         .args(["build", "image.toml", "--var"])
@@ -190,7 +188,7 @@ fn a_killed_run_is_reported_by_the_next_build_and_removed_by_clean() {
     let workspace = Workspace::new();
     let version = unique_version();
     workspace.write("image.toml", &failing_config(&version, "sleep 600"));
-    let _cleanup = ImageCleanup(vec![format!("imgbuild-failing:{version}")]);
+    let _cleanup = ImageCleanup::references(vec![format!("imgbuild-failing:{version}")]);
     let mut running = workspace
         .imgbuild()
         .args(["build", "image.toml", "--var"])

@@ -15,12 +15,10 @@
 //! trusted.
 #![cfg(feature = "ec2")]
 
-mod support;
-
 use aws_sdk_ec2::types::Filter;
+use imgbuild_test_support::{cli::*, common::*, docker::docker_ready};
 use std::process::Command;
 use std::time::Duration;
-use support::*;
 
 const HOME_REGION: &str = "eu-west-1";
 const COPY_REGION: &str = "eu-central-1";

@@ -22,15 +22,14 @@
 //! The failing config is also saved under `target/tmp/fuzz-config-failures/`;
 //! once fixed, copy it into `tests/fuzz/corpus/config/` as a regression case.
 
-mod support;
-
 use bolero::check;
 use bolero::generator::{TypeGenerator, produce};
 use imgbuild::config::{LoadOptions, VariableInputs, load};
+use imgbuild_test_support::cli::{self, Workspace, sha256_of};
+use imgbuild_test_support::common::repo_root;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use support::{Workspace, repo_root, sha256_of};
 
 /// Random inputs per `cargo test` run: a few seconds in a debug build.
 const DEFAULT_ITERATIONS: usize = 1500;
@@ -883,7 +882,7 @@ fn a_template_error_beside_an_emoji_is_reported() {
         .imgbuild()
         .args(["validate", "image.toml"])
         .run()
-        .exits_with(support::EXIT_USAGE)
+        .exits_with(cli::EXIT_USAGE)
         .stderr_has("builders.vm.ssh.password: template error")
         .stderr_has("image.toml:15:15");
 }
@@ -901,6 +900,6 @@ fn a_docker_tag_equal_to_the_version_is_not_a_conflict() {
         .imgbuild()
         .args(["validate", "image.toml"])
         .run()
-        .exits_with(support::EXIT_OK)
+        .exits_with(cli::EXIT_OK)
         .stdout_has("image.toml is valid");
 }

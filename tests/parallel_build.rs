@@ -1,9 +1,7 @@
 //! One config, a VM and a container image of the same version, built at the
 //! same time with their output kept apart.
 
-mod support;
-
-use support::*;
+use imgbuild_test_support::{cli::*, common::*, docker::ImageCleanup};
 
 #[test]
 fn qemu_and_docker_builds_of_one_image_run_in_parallel() {
@@ -16,7 +14,7 @@ fn qemu_and_docker_builds_of_one_image_run_in_parallel() {
             .replace("version = \"0.9.0\"", &format!("version = \"{version}\"")),
     )
     .unwrap();
-    let _cleanup = ImageCleanup(vec![format!("edge-node:{version}")]);
+    let _cleanup = ImageCleanup::references(vec![format!("edge-node:{version}")]);
     let outcome = workspace
         .imgbuild()
         .args([

@@ -3,10 +3,8 @@
 //! the provisioners' changes, the manifest describes it truthfully, and
 //! failures, interrupts and kills leave nothing behind.
 
-mod support;
-
+use imgbuild_test_support::{cli::*, common::*};
 use std::time::Duration;
-use support::*;
 
 const BUILD_LIMIT: Duration = Duration::from_secs(900);
 

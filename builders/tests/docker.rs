@@ -3,19 +3,18 @@
 //! fixture from `tests/fixtures/docker-base-image.sh`. Every test uses its
 //! own repository and run id, and removes the images it makes.
 
-mod support;
-
 use imgbuild_builders::BuildError;
 use imgbuild_builders::docker::DockerCommunicator;
+use imgbuild_builders::docker::kind::DockerResource;
 use imgbuild_core::Stream;
 use imgbuild_core::journal;
 use imgbuild_core::{Journal, OnError, Resource};
 use imgbuild_provisioners::{CommError, Communicator, ExitStatus, OutputSink};
+use imgbuild_test_support::{docker::*, harness::*};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::*;
 
 #[tokio::test]
 async fn a_build_commits_a_tagged_labelled_image_and_leaves_nothing_else() {
@@ -321,7 +320,7 @@ async fn on_error_abort_keeps_the_container_for_debugging_until_cleaned() {
     assert_eq!(outstanding.len(), 1, "{outstanding:?}");
     assert_eq!(
         outstanding[0].resource,
-        Resource::DockerContainer { name: name.clone() }
+        Resource::from(DockerResource::Container { name: name.clone() })
     );
     imgbuild_builders::docker::clean_orphan(&outstanding[0].resource, harness.run_id())
         .await
@@ -842,9 +841,9 @@ async fn clean_orphan_removes_what_a_dead_run_left_behind() {
         journal
             .record(
                 "orphaned",
-                Resource::DockerContainer {
+                Resource::from(DockerResource::Container {
                     name: container.clone(),
-                },
+                }),
             )
             .unwrap();
         let body = bollard::models::ContainerCreateBody {
@@ -862,9 +861,9 @@ async fn clean_orphan_removes_what_a_dead_run_left_behind() {
         journal
             .record(
                 "orphaned",
-                Resource::DockerImage {
+                Resource::from(DockerResource::Image {
                     reference: image.clone(),
-                },
+                }),
             )
             .unwrap();
         let (name, tag) = image.rsplit_once(':').unwrap();
@@ -899,14 +898,17 @@ async fn clean_orphan_removes_what_a_dead_run_left_behind() {
     );
     // Already gone counts as removed.
     imgbuild_builders::docker::clean_orphan(
-        &Resource::DockerContainer { name: container },
+        &Resource::from(DockerResource::Container { name: container }),
         &run_id,
     )
     .await
     .unwrap();
-    imgbuild_builders::docker::clean_orphan(&Resource::DockerImage { reference: image }, &run_id)
-        .await
-        .unwrap();
+    imgbuild_builders::docker::clean_orphan(
+        &Resource::from(DockerResource::Image { reference: image }),
+        &run_id,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -1037,13 +1039,16 @@ async fn a_container_the_engine_creates_after_a_first_clean_is_removed_by_the_se
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
     let name = format!("imgbuild-{run_id}-late");
     let _cleanup = ContainerCleanup(vec![name.clone()]);
-    let never = Resource::DockerContainer {
+    let never = Resource::from(DockerResource::Container {
         name: format!("imgbuild-{run_id}-never"),
-    };
+    });
     {
         let journal = Journal::create(state.path(), &run_id, Path::new("image.toml")).unwrap();
         journal
-            .record("late", Resource::DockerContainer { name: name.clone() })
+            .record(
+                "late",
+                Resource::from(DockerResource::Container { name: name.clone() }),
+            )
             .unwrap();
         journal.record("never", never.clone()).unwrap();
     }
@@ -1102,7 +1107,7 @@ async fn clean_orphan_removes_only_a_container_that_carries_the_runs_id() {
 
     for name in [&other_run, &unlabelled] {
         let found = imgbuild_builders::docker::clean_orphan(
-            &Resource::DockerContainer { name: name.clone() },
+            &Resource::from(DockerResource::Container { name: name.clone() }),
             &run_id,
         )
         .await
@@ -1114,7 +1119,7 @@ async fn clean_orphan_removes_only_a_container_that_carries_the_runs_id() {
         assert!(container_exists(&docker, name).await, "{name} was removed");
     }
     let found = imgbuild_builders::docker::clean_orphan(
-        &Resource::DockerContainer { name: own.clone() },
+        &Resource::from(DockerResource::Container { name: own.clone() }),
         &run_id,
     )
     .await

@@ -2,13 +2,11 @@
 //! tag call overwrites, so the last check that a version is free and the tag
 //! that takes it happen under one lock.
 
-mod support;
-
 use bollard::query_parameters::TagImageOptions;
 use imgbuild_builders::BuildError;
 use imgbuild_builders::common::name_lock::NameLock;
+use imgbuild_test_support::{docker::*, harness::*};
 use std::time::Duration;
-use support::*;
 
 #[tokio::test]
 async fn a_version_taken_while_the_build_waits_to_tag_is_not_moved() {

@@ -13,16 +13,22 @@
 
 #![cfg(feature = "ec2")]
 
-mod ec2_support;
-
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{Filter, ImageAttributeName, ResourceType, Tag, TagSpecification};
-use ec2_support::*;
 use imgbuild_builders::common::orphans::{Removal, creation_grace};
+use imgbuild_builders::docker::kind::DockerResource;
+use imgbuild_builders::ec2::kind::Ec2Resource;
 use imgbuild_builders::ec2::{Ec2Builder, Ec2Config, clean_orphan, clean_orphan_within};
+use imgbuild_builders::registry::JournalResource;
 use imgbuild_builders::{BuildError, Builder};
 use imgbuild_core::Resource;
 use imgbuild_provisioners::ssh::TemporaryKey;
+use imgbuild_test_support::{
+    common::*,
+    docker::{PLACEHOLDER_KEY_LINE, SshTarget},
+    ec2::*,
+    harness::*,
+};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -792,7 +798,7 @@ async fn an_instance_that_dies_while_ssh_is_awaited_fails_the_build_at_once() {
     let builder = Ec2Builder::new(config);
     let request = h.request(&image, vec![]);
     let run_id = h.cx.run_id.clone();
-    let events = h.events.clone();
+    let events = h.sink.clone();
     let cancel = h.cx.cancel.clone();
     let killer = tokio::spawn(async move {
         let client = ec2(REGION).await;
@@ -912,18 +918,18 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
     let token = unique("token");
     let unknown = launch(&token).await;
     for resource in [
-        Resource::Ec2Instance {
+        Resource::from(Ec2Resource::Instance {
             region: REGION.into(),
             endpoint_url: endpoint.clone(),
             client_token: unique("unused"),
             instance_id: Some(known.clone()),
-        },
-        Resource::Ec2Instance {
+        }),
+        Resource::from(Ec2Resource::Instance {
             region: REGION.into(),
             endpoint_url: endpoint.clone(),
             client_token: token.clone(),
             instance_id: None,
-        },
+        }),
     ] {
         clean_orphan(&resource, "dead-run").await.unwrap();
         // Already gone is fine.
@@ -944,11 +950,11 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
         .send()
         .await
         .unwrap();
-    let resource = Resource::Ec2KeyPair {
+    let resource = Resource::from(Ec2Resource::KeyPair {
         region: REGION.into(),
         endpoint_url: endpoint.clone(),
         name: key_name.clone(),
-    };
+    });
     clean_orphan(&resource, "dead-run").await.unwrap();
     clean_orphan(&resource, "dead-run").await.unwrap();
     assert!(
@@ -973,12 +979,12 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
             .group_id()
             .unwrap()
             .to_owned();
-        let resource = Resource::Ec2SecurityGroup {
+        let resource = Resource::from(Ec2Resource::SecurityGroup {
             region: REGION.into(),
             endpoint_url: endpoint.clone(),
             name,
             group_id: by_id.then(|| id.clone()),
-        };
+        });
         clean_orphan(&resource, "dead-run").await.unwrap();
         clean_orphan(&resource, "dead-run").await.unwrap();
         assert!(
@@ -1007,12 +1013,12 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
     let by_id_snapshots = snapshots_described_for(&client, &by_id).await;
     assert!(!by_id_snapshots.is_empty());
     clean_orphan(
-        &Resource::Ec2Image {
+        &Resource::from(Ec2Resource::Image {
             region: REGION.into(),
             endpoint_url: endpoint.clone(),
             name: name.clone(),
             image_id: Some(by_id.clone()),
-        },
+        }),
         "dead-run",
     )
     .await
@@ -1029,12 +1035,12 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
     // A later run may have made an AMI of that name once the dead run's
     // never came to be; it is not the dead run's to remove.
     let later_run = image_of(&name, Some("later-run")).await;
-    let resource = Resource::Ec2Image {
+    let resource = Resource::from(Ec2Resource::Image {
         region: REGION.into(),
         endpoint_url: endpoint.clone(),
         name: name.clone(),
         image_id: None,
-    };
+    });
     assert_eq!(
         clean_orphan(&resource, "dead-run").await.unwrap(),
         Removal::Removed
@@ -1064,9 +1070,9 @@ async fn clean_orphan_removes_each_kind_of_ec2_leftover() {
         .unwrap();
 
     let err = clean_orphan(
-        &Resource::DockerImage {
+        &Resource::from(DockerResource::Image {
             reference: "x".into(),
-        },
+        }),
         "dead-run",
     )
     .await
@@ -1305,12 +1311,12 @@ async fn clean_keeps_an_instance_record_until_the_instance_shows_up() {
     let run_id = unique("dead-run");
     let token = unique("token");
     // The run died during RunInstances: the journal has the token only.
-    let record = Resource::Ec2Instance {
+    let record = Resource::from(Ec2Resource::Instance {
         region: REGION.into(),
         endpoint_url: Some(moto()),
         client_token: token.clone(),
         instance_id: None,
-    };
+    });
     assert_record_kept_while_absent(&record, &run_id).await;
 
     // EC2 shows the instance late; the next clean finds and terminates it.
@@ -1322,12 +1328,12 @@ async fn clean_keeps_an_instance_record_until_the_instance_shows_up() {
 
     // One that shows up while clean is still looking is found too.
     let token = unique("token");
-    let record = Resource::Ec2Instance {
+    let record = Resource::from(Ec2Resource::Instance {
         region: REGION.into(),
         endpoint_url: Some(moto()),
         client_token: token.clone(),
         instance_id: None,
-    };
+    });
     let cleaning = tokio::spawn({
         let run_id = run_id.clone();
         async move { clean_orphan(&record, &run_id).await }
@@ -1349,12 +1355,12 @@ async fn clean_keeps_an_ami_record_until_the_ami_shows_up() {
     let run_id = unique("dead-run");
     let name = unique("late-ami");
     // The run died during CreateImage: the journal has the name only.
-    let record = Resource::Ec2Image {
+    let record = Resource::from(Ec2Resource::Image {
         region: REGION.into(),
         endpoint_url: Some(moto()),
         name: name.clone(),
         image_id: None,
-    };
+    });
     assert_record_kept_while_absent(&record, &run_id).await;
 
     // The AMI appears late, tagged with the run as the build tags it.
@@ -1427,7 +1433,12 @@ async fn an_instance_launched_after_a_cancelled_run_instances_stays_recorded_unt
         h.cx.journal
             .outstanding()
             .into_iter()
-            .filter(|o| matches!(o.resource, Resource::Ec2Instance { .. }))
+            .filter(|o| {
+                matches!(
+                    Ec2Resource::from_resource(&o.resource),
+                    Some(Ok(Ec2Resource::Instance { .. }))
+                )
+            })
             .collect();
     assert_eq!(kept.len(), 1, "{}", h.transcript());
     assert!(

@@ -1,20 +1,27 @@
 //! The file provisioner against a real OpenSSH server on loopback: what a
 //! `[[provision]] type = "file"` table puts on, or fetches from, a machine.
 
-mod support;
-
 use imgbuild_core::events::MemorySink;
 use imgbuild_core::{CancellationToken, Event};
 use imgbuild_provisioners::file::{Direction, FileConfig, FileProvisioner};
 use imgbuild_provisioners::{ProvisionContext, ProvisionError, Provisioner};
+use imgbuild_test_support::common::test_log;
+use imgbuild_test_support::sshd::{self, Machine};
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use support::{Machine, test_log};
 
 const MIB: usize = 1024 * 1024;
 
-impl Machine {
+/// What these tests look at on a [`Machine`] (a type of the support crate).
+trait Inspect {
+    async fn tree(&self, dir: &str) -> Vec<String>;
+    async fn cat(&self, path: &str) -> Vec<String>;
+    async fn modes(&self, dir: &str, paths: &[&str]) -> Vec<String>;
+    async fn make_tree(&self) -> String;
+}
+
+impl Inspect for Machine {
     /// Everything under `dir` on the machine, as `type ./relative/path`
     /// lines (`d` directory, `f` file, `l` symlink), sorted.
     async fn tree(&self, dir: &str) -> Vec<String> {
@@ -675,7 +682,7 @@ impl HostileMachine {
         std::fs::set_permissions(bin.join("tar"), PermissionsExt::from_mode(0o755)).unwrap();
         // sshd takes only the first SetEnv line, so this one also does the
         // harness's SHLVL=1 (see `ServerOptions::skip_shell_rc`).
-        let options = support::ServerOptions {
+        let options = sshd::ServerOptions {
             skip_shell_rc: false,
             extra_config: vec![format!(
                 "SetEnv SHLVL=1 PATH={}:/usr/bin:/bin",

@@ -1,19 +1,18 @@
 //! The shell provisioner against a real OpenSSH server on loopback: what a
 //! `[[provision]] type = "shell"` table does on a machine.
 
-mod support;
-
 use imgbuild_core::events::MemorySink;
 use imgbuild_core::{CancellationToken, Event, Level, Stream};
 use imgbuild_provisioners::shell::{Script, ShellConfig, ShellProvisioner};
 use imgbuild_provisioners::{
     Communicator, ExitStatus, ProvisionContext, ProvisionError, Provisioner,
 };
+use imgbuild_test_support::common::{test_log, wait_until};
+use imgbuild_test_support::sshd::{Machine, is_sleeping, tracked_pid, tracked_sleep};
 use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{Machine, is_sleeping, test_log, tracked_pid, tracked_sleep, wait_until};
 
 /// A bound that only catches a hang: far beyond what any step here needs
 /// even on a loaded machine.
@@ -22,7 +21,13 @@ const HANG: Duration = Duration::from_secs(60);
 /// beyond `HANG`, so that a script left running cannot end in time.
 const LONG_SLEEP: u32 = 600;
 
-impl Machine {
+/// Shell provisioners for a [`Machine`] (a type of the support crate).
+trait Shell {
+    fn shell(&self, config: serde_json::Value) -> Provisioner;
+    fn shell_with_scripts(&self, config: serde_json::Value, scripts: Vec<Script>) -> Provisioner;
+}
+
+impl Shell for Machine {
     /// Like [`shell_in_tmp`], but scripts go to this test's own folder
     /// unless the config names one: a script whose run fails is left
     /// behind, and this "machine" is the host the tests run on.

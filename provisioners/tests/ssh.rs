@@ -1,10 +1,12 @@
 //! The SSH communicator against a real OpenSSH server on loopback.
 
-mod support;
-
 use imgbuild_core::{CancellationToken, Event, Level, Stream};
 use imgbuild_provisioners::communicator::{ByteStream, CommError, Communicator, ExitStatus};
 use imgbuild_provisioners::ssh::{SshAuth, SshCommunicator, TemporaryKey, load_private_key};
+use imgbuild_test_support::common::{test_log, wait_until};
+use imgbuild_test_support::sshd::{
+    self, Lines, ServerOptions, SshServer, process_running, test_wait_options,
+};
 use sha2::{Digest, Sha256};
 use std::io::{self, Write};
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -13,9 +15,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::{
-    Lines, ServerOptions, SshServer, process_running, test_log, test_wait_options, wait_until,
-};
 use tokio::io::AsyncReadExt;
 use tokio_util::io::SyncIoBridge;
 
@@ -523,7 +522,7 @@ async fn a_port_that_accepts_but_stays_silent_is_retried_on_a_new_connection() {
 
 #[tokio::test]
 async fn gives_up_after_the_timeout_naming_what_it_saw() {
-    let port = support::free_port().unwrap();
+    let port = sshd::free_port().unwrap();
     let started = Instant::now();
     let wait = Duration::from_millis(1500);
     let connecting = SshCommunicator::connect(
@@ -563,7 +562,7 @@ async fn gives_up_after_the_timeout_naming_what_it_saw() {
 async fn cancellation_and_liveness_stop_the_wait() {
     let target = imgbuild_provisioners::ssh::SshTarget {
         host: "127.0.0.1".to_owned(),
-        port: support::free_port().unwrap(),
+        port: sshd::free_port().unwrap(),
     };
     let auth = TemporaryKey::generate().unwrap().auth();
     // Far longer than `HANG`, so that only cancellation or liveness can
@@ -920,7 +919,7 @@ async fn logs_in_with_a_password() {
     // A test that returned here would report a pass without checking
     // anything; CI runs as root, so not being root is a broken setup.
     assert!(
-        support::is_root(),
+        sshd::is_root(),
         "password logins need a local user with a password, and creating one needs root: \
          run the provisioners tests as root, as CI does"
     );
