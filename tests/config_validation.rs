@@ -2,9 +2,7 @@
 //! launched, naming the file, line, column and field, and saying what is
 //! expected. Exit code 2.
 
-mod support;
-
-use support::*;
+use imgbuild_test_support::cli::*;
 
 /// A valid config around `builder_extra` and `provision`, with a real local
 /// base image file so only the part under test can be wrong.
@@ -457,4 +455,96 @@ fn two_builds_writing_one_output_file_are_refused() {
     // Apart, they are fine.
     let apart = second.replace("./output/../output", "output-2");
     validate(&workspace_with(&config("", &apart))).exits_with(EXIT_OK);
+}
+
+#[test]
+fn an_unknown_builder_type_lists_the_registered_kinds() {
+    let text = config("", "").replace("type = \"qemu\"", "type = \"nimbus\"");
+    let known = imgbuild_builders::registry::names();
+    assert!(
+        known.contains(&"qemu") && known.contains(&"ec2"),
+        "{known:?}"
+    );
+    validate(&workspace_with(&text))
+        .exits_with(EXIT_USAGE)
+        .stderr_has("unknown builder type `nimbus`")
+        .stderr_has("builders.vm.type")
+        .stderr_has(&format!("builder types: {}", known.join(", ")));
+}
+
+#[test]
+fn an_ansible_provisioner_without_a_playbook_names_the_field() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"ansible\"\nextra_vars = { a = \"b\" }\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("provision[0]")
+        .stderr_has("missing field `playbook_file`");
+}
+
+#[test]
+fn a_missing_ansible_playbook_is_reported_on_its_field() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"ansible\"\nplaybook_file = \"ansible/missing.yml\"\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("provision[0].playbook_file")
+        .stderr_has("ansible/missing.yml")
+        .stderr_has("image.toml:20:17")
+        .stderr_has("relative to the directory of the config file");
+}
+
+#[test]
+fn a_playbook_that_is_not_yaml_is_reported_on_its_field() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"ansible\"\nplaybook_file = \"site.yml\"\n",
+    ));
+    workspace.write("site.yml", "- hosts: [all\n  tasks: {\n");
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("provision[0].playbook_file")
+        .stderr_has("site.yml is not valid YAML");
+}
+
+#[test]
+fn ansible_playbook_missing_on_the_host_says_how_to_install_it() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"ansible\"\nplaybook_file = \"site.yml\"\n",
+    ));
+    workspace.write("site.yml", "- hosts: all\n  tasks: []\n");
+    let empty_path = workspace.join("no-programs-here");
+    std::fs::create_dir_all(&empty_path).unwrap();
+    validate(&workspace).exits_with(EXIT_OK);
+    workspace
+        .imgbuild()
+        .args(["validate", "image.toml"])
+        .env("PATH", &empty_path)
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("provision[0].type")
+        .stderr_has("ansible-playbook is not installed on the build host")
+        .stderr_has("apt-get install ansible");
+}
+
+#[test]
+fn an_unknown_provisioner_type_lists_every_registered_kind() {
+    let workspace = workspace_with(&config(
+        "",
+        "[[provision]]\ntype = \"puppet\"\nmanifest = \"site.pp\"\n",
+    ));
+    let kinds = imgbuild_provisioners::registry::names();
+    assert!(
+        kinds.contains(&"ansible") && kinds.contains(&"ansible-local"),
+        "{kinds:?}"
+    );
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("unknown provisioner type `puppet`")
+        .stderr_has(&format!("provisioner types: {}", kinds.join(", ")));
 }

@@ -4,6 +4,8 @@
 //! one, the Docker builder's exec API another. Provisioners (shell, file) are
 //! written against the trait and behave the same on every builder.
 
+pub mod ansible;
+pub mod ansible_local;
 pub mod communicator;
 pub mod file;
 pub mod provisioner;

@@ -43,6 +43,8 @@ pub enum ProvisionError {
     },
     #[error("execute_command template: {0}")]
     Template(String),
+    #[error(transparent)]
+    Ansible(#[from] crate::ansible::AnsibleError),
     #[error("cancelled")]
     Cancelled,
 }

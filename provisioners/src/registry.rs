@@ -9,8 +9,12 @@ use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
 /// The provisioner kinds, in the order help lists them.
-pub static PROVISIONERS: &[&dyn ProvisionerKind] =
-    &[&crate::shell::ShellKind, &crate::file::FileKind];
+pub static PROVISIONERS: &[&dyn ProvisionerKind] = &[
+    &crate::shell::ShellKind,
+    &crate::file::FileKind,
+    &crate::ansible::AnsibleKind,
+    &crate::ansible_local::AnsibleLocalKind,
+];
 
 /// One `type = "..."` of a `[[provision]]` table.
 pub trait ProvisionerKind: Sync {
