@@ -1,9 +1,7 @@
 //! `--output json`: one JSON event per line on stdout, and nothing else
 //! there, so CI can pipe it to `jq`; human logs and diagnostics on stderr.
 
-mod support;
-
-use support::*;
+use imgbuild_test_support::{cli::*, common::*, docker::ImageCleanup};
 
 fn config(version: &str, secret_line: &str) -> String {
     format!(
@@ -33,7 +31,7 @@ fn json_output_is_one_event_per_line_ending_with_the_artifacts() {
     let workspace = Workspace::new();
     let version = unique_version();
     workspace.write("image.toml", &config(&version, "echo token is $TOKEN"));
-    let _cleanup = ImageCleanup(vec![format!("imgbuild-json:{version}")]);
+    let _cleanup = ImageCleanup::references(vec![format!("imgbuild-json:{version}")]);
     let github_output = workspace.join("github-output");
     let outcome = workspace
         .imgbuild()
@@ -159,7 +157,7 @@ fn a_secret_inside_a_name_never_rewrites_what_the_manifest_records() {
         );
     workspace.write("image.toml", &text);
     let reference = format!("imgbuild-json:{version}");
-    let _cleanup = ImageCleanup(vec![reference.clone()]);
+    let _cleanup = ImageCleanup::references(vec![reference.clone()]);
     let outcome = workspace
         .imgbuild()
         .args(["--output", "json", "build", "image.toml", "--var"])
@@ -184,4 +182,21 @@ fn a_secret_inside_a_name_never_rewrites_what_the_manifest_records() {
     let handed_out: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
     assert_eq!(handed_out["image"]["name"], "imgbuild-json");
     assert_eq!(handed_out["details"]["references"][0], reference.as_str());
+}
+
+#[test]
+fn help_lists_every_registered_builder_and_provisioner_type() {
+    let workspace = Workspace::new();
+    let outcome = workspace.imgbuild().arg("--help").run().exits_with(EXIT_OK);
+    let help = outcome.stdout.clone();
+    let kinds = imgbuild_builders::registry::names()
+        .into_iter()
+        .chain(imgbuild_provisioners::registry::names());
+    for kind in kinds {
+        assert!(
+            help.lines()
+                .any(|line| line.split_whitespace().next() == Some(kind)),
+            "`imgbuild --help` does not list the `{kind}` type:\n{help}"
+        );
+    }
 }

@@ -10,7 +10,7 @@ mod validate;
 
 use crate::config::{LoadOptions, VariableInputs, variables::parse_cli_assignment};
 use crate::ui::{ColorChoice, OutputFormat, Verbosity};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 
 pub const EXIT_OK: i32 = 0;
@@ -18,12 +18,14 @@ pub const EXIT_BUILD_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
+const EXIT_CODES_HELP: &str = "Exit codes: 0 success, 1 a build failed, 2 bad usage or invalid config (nothing was launched), 130 interrupted.";
+
 #[derive(Parser)]
 #[command(
     name = "imgbuild",
     version,
     about = "Builds immutable, versioned machine images (QEMU, Docker, EC2) from one TOML file",
-    after_help = "Exit codes: 0 success, 1 a build failed, 2 bad usage or invalid config (nothing was launched), 130 interrupted."
+    after_help = EXIT_CODES_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -132,8 +134,26 @@ impl ConfigArgs {
     }
 }
 
+/// The builder and provisioner types, read from their registries so help
+/// lists exactly what this imgbuild has.
+pub fn kinds_help() -> String {
+    let mut text = String::from("Builder types ([builders.NAME] type = ...):\n");
+    for kind in imgbuild_builders::registry::BUILDERS {
+        text.push_str(&format!("  {:<14} {}\n", kind.name(), kind.summary()));
+    }
+    text.push_str("Provisioner types ([[provision]] type = ...):\n");
+    for kind in imgbuild_provisioners::PROVISIONERS {
+        text.push_str(&format!("  {:<14} {}\n", kind.name(), kind.summary()));
+    }
+    text
+}
+
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let command = Cli::command().after_long_help(format!("{}\n{EXIT_CODES_HELP}", kinds_help()));
+    let parsed = command
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
