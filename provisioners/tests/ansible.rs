@@ -8,7 +8,9 @@ use imgbuild_core::{CancellationToken, Event};
 use imgbuild_provisioners::registry::{self, ParseError, ParseInput};
 use imgbuild_provisioners::ssh::{SshCommunicator, SshTarget, TemporaryKey};
 use imgbuild_provisioners::{ProvisionContext, ProvisionError, Provisioner};
-use imgbuild_test_support::common::{processes_mentioning, test_log, wait_until};
+use imgbuild_test_support::common::{
+    processes_mentioning, provision_context, test_log, wait_until,
+};
 use imgbuild_test_support::docker::SshTarget as Container;
 use imgbuild_test_support::harness::{ansible, ansible_fixtures};
 use imgbuild_test_support::sshd::{Machine, test_wait_options};
@@ -82,14 +84,8 @@ struct Run {
 
 impl Run {
     fn new() -> Run {
-        let (log, sink) = test_log();
-        Run {
-            cx: ProvisionContext {
-                log,
-                cancel: CancellationToken::new(),
-            },
-            sink,
-        }
+        let (cx, sink) = provision_context();
+        Run { cx, sink }
     }
 
     async fn provision(

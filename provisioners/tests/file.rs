@@ -1,15 +1,14 @@
 //! The file provisioner against a real OpenSSH server on loopback: what a
 //! `[[provision]] type = "file"` table puts on, or fetches from, a machine.
 
-use imgbuild_core::events::MemorySink;
-use imgbuild_core::{CancellationToken, Event};
-use imgbuild_provisioners::file::{Direction, FileConfig, FileProvisioner};
-use imgbuild_provisioners::{ProvisionContext, ProvisionError, Provisioner};
-use imgbuild_test_support::common::test_log;
+use imgbuild_core::Event;
+use imgbuild_provisioners::file::Direction;
+use imgbuild_provisioners::{ProvisionError, Provisioner};
+use imgbuild_test_support::common::provision_context;
+use imgbuild_test_support::harness::file;
 use imgbuild_test_support::sshd::{self, Machine};
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 const MIB: usize = 1024 * 1024;
 
@@ -59,38 +58,6 @@ impl Inspect for Machine {
     }
 }
 
-fn context() -> (ProvisionContext, Arc<MemorySink>) {
-    let (log, sink) = test_log();
-    (
-        ProvisionContext {
-            log,
-            cancel: CancellationToken::new(),
-        },
-        sink,
-    )
-}
-
-fn file(
-    source: Option<&str>,
-    content: Option<&str>,
-    destination: &str,
-    direction: Direction,
-    base_dir: &Path,
-) -> Provisioner {
-    let config = FileConfig {
-        source: source.map(str::to_owned),
-        content: content.map(str::to_owned),
-        destination: destination.to_owned(),
-        direction,
-    };
-    let problems = config.problems();
-    assert!(
-        problems.is_empty(),
-        "the test's config is invalid: {problems:?}"
-    );
-    Provisioner::new(FileProvisioner::new(config, base_dir))
-}
-
 fn upload(source: &str, destination: &str, base_dir: &Path) -> Provisioner {
     file(Some(source), None, destination, Direction::Upload, base_dir)
 }
@@ -113,7 +80,7 @@ async fn provision_logged(
     machine: &Machine,
     provisioner: &Provisioner,
 ) -> (Result<(), ProvisionError>, Vec<Event>) {
-    let (cx, sink) = context();
+    let (cx, sink) = provision_context();
     let result = provisioner.run(machine.comm.as_ref(), &cx).await;
     (result, sink.events())
 }

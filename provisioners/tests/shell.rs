@@ -2,12 +2,12 @@
 //! `[[provision]] type = "shell"` table does on a machine.
 
 use imgbuild_core::events::MemorySink;
-use imgbuild_core::{CancellationToken, Event, Level, Stream};
+use imgbuild_core::{Event, Level, Stream};
 use imgbuild_provisioners::shell::{Script, ShellConfig, ShellProvisioner};
 use imgbuild_provisioners::{
     Communicator, ExitStatus, ProvisionContext, ProvisionError, Provisioner,
 };
-use imgbuild_test_support::common::{test_log, wait_until};
+use imgbuild_test_support::common::{provision_context, wait_until};
 use imgbuild_test_support::sshd::{Machine, is_sleeping, tracked_pid, tracked_sleep};
 use serde_json::json;
 use std::path::Path;
@@ -57,14 +57,8 @@ struct Run {
 
 impl Run {
     fn new() -> Run {
-        let (log, sink) = test_log();
-        Run {
-            cx: ProvisionContext {
-                log,
-                cancel: CancellationToken::new(),
-            },
-            sink,
-        }
+        let (cx, sink) = provision_context();
+        Run { cx, sink }
     }
 
     async fn provision(

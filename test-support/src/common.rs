@@ -3,7 +3,8 @@
 //! events, and polling for a condition.
 
 use imgbuild_core::events::MemorySink;
-use imgbuild_core::{BuildLog, Redactor};
+use imgbuild_core::{BuildLog, CancellationToken, Redactor};
+use imgbuild_provisioners::ProvisionContext;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -109,6 +110,17 @@ pub fn test_log() -> (BuildLog, Arc<MemorySink>) {
     let sink = Arc::new(MemorySink::default());
     let log = BuildLog::root(sink.clone(), Redactor::new()).for_build("test");
     (log, sink)
+}
+
+/// What a provisioner runs with in a test: a log that keeps its events,
+/// and a cancellation token nobody fires unless the test does.
+pub fn provision_context() -> (ProvisionContext, Arc<MemorySink>) {
+    let (log, sink) = test_log();
+    let cx = ProvisionContext {
+        log,
+        cancel: CancellationToken::new(),
+    };
+    (cx, sink)
 }
 
 /// Polls `condition` until it holds. `within` only catches a hang: make it

@@ -242,7 +242,8 @@ pub fn download(source: &str, destination: &str, base_dir: &Path) -> Provisioner
     )
 }
 
-fn file(
+/// A `file` provisioner, its config checked as the loader would.
+pub fn file(
     source: Option<&str>,
     content: Option<&str>,
     destination: &str,
@@ -255,6 +256,11 @@ fn file(
         destination: destination.to_owned(),
         direction,
     };
+    let problems = config.problems();
+    assert!(
+        problems.is_empty(),
+        "the test's config is invalid: {problems:?}"
+    );
     Provisioner::new(FileProvisioner::new(config, base_dir))
 }
 
