@@ -185,6 +185,19 @@ async fn create_and_start(docker: &Docker, prefix: &str, body: ContainerCreateBo
     name
 }
 
+/// Runs a cleanup on a fresh runtime on its own thread, from a `Drop`: the
+/// test's runtime may be the one unwinding, and a plain test has none.
+fn block_on_own_thread<F: std::future::Future<Output = ()> + Send + 'static>(work: F) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work);
+    })
+    .join();
+}
+
 /// Force-removes the listed containers when dropped.
 #[derive(Default)]
 pub struct ContainerCleanup(pub Vec<String>);
@@ -192,24 +205,17 @@ pub struct ContainerCleanup(pub Vec<String>);
 impl Drop for ContainerCleanup {
     fn drop(&mut self) {
         let names = std::mem::take(&mut self.0);
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let docker = docker();
-                for name in names {
-                    let options = RemoveContainerOptions {
-                        force: true,
-                        v: true,
-                        ..Default::default()
-                    };
-                    let _ = docker.remove_container(&name, Some(options)).await;
-                }
-            });
-        })
-        .join();
+        block_on_own_thread(async move {
+            let docker = docker();
+            for name in names {
+                let options = RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                };
+                let _ = docker.remove_container(&name, Some(options)).await;
+            }
+        });
     }
 }
 
@@ -274,37 +280,28 @@ impl Drop for ImageCleanup {
     fn drop(&mut self) {
         let references = std::mem::take(&mut self.references);
         let repositories = std::mem::take(&mut self.repositories);
-        // A fresh runtime on its own thread: a test's runtime may be the one
-        // unwinding, and a plain test has none.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let docker = docker();
-                let mut doomed = Vec::new();
-                for reference in references {
-                    if let Some(latest) = same_image_latest(&docker, &reference).await {
-                        doomed.push(latest);
-                    }
-                    doomed.push(reference);
+        block_on_own_thread(async move {
+            let docker = docker();
+            let mut doomed = Vec::new();
+            for reference in references {
+                if let Some(latest) = same_image_latest(&docker, &reference).await {
+                    doomed.push(latest);
                 }
-                for repository in repositories {
-                    for tag in repository_tags(&docker, &repository).await {
-                        doomed.push(format!("{repository}:{tag}"));
-                    }
+                doomed.push(reference);
+            }
+            for repository in repositories {
+                for tag in repository_tags(&docker, &repository).await {
+                    doomed.push(format!("{repository}:{tag}"));
                 }
-                for reference in doomed {
-                    let options = RemoveImageOptions {
-                        force: true,
-                        ..Default::default()
-                    };
-                    let _ = docker.remove_image(&reference, Some(options), None).await;
-                }
-            });
-        })
-        .join();
+            }
+            for reference in doomed {
+                let options = RemoveImageOptions {
+                    force: true,
+                    ..Default::default()
+                };
+                let _ = docker.remove_image(&reference, Some(options), None).await;
+            }
+        });
     }
 }
 
