@@ -156,25 +156,9 @@ pub async fn terminate(
 }
 
 /// Standard base64 with padding, as EC2 wants `UserData`.
-pub fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let bytes = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(bytes[0]) << 16) | (u32::from(bytes[1]) << 8) | u32::from(bytes[2]);
-        for (index, shift) in [18, 12, 6, 0].into_iter().enumerate() {
-            if index <= chunk.len() {
-                out.push(ALPHABET[((n >> shift) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+pub fn user_data_base64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 struct Launched {
@@ -199,7 +183,7 @@ impl StepRunInstance {
     fn user_data(&self) -> Result<Option<String>, StepError> {
         let config = &self.plan.config;
         if let Some(text) = &config.user_data {
-            return Ok(Some(base64(text.as_bytes())));
+            return Ok(Some(user_data_base64(text.as_bytes())));
         }
         if let Some(path) = &config.user_data_file {
             let path = self.plan.config_dir.join(path);
@@ -209,7 +193,7 @@ impl StepRunInstance {
                     path.display()
                 ))
             })?;
-            return Ok(Some(base64(&data)));
+            return Ok(Some(user_data_base64(&data)));
         }
         Ok(None)
     }
@@ -441,7 +425,7 @@ impl Step<Ec2State> for StepRunInstance {
 
 #[cfg(test)]
 mod tests {
-    use super::base64;
+    use super::user_data_base64;
 
     #[test]
     fn base64_matches_rfc_4648_vectors() {
@@ -455,8 +439,8 @@ mod tests {
             ("foobar", "Zm9vYmFy"),
         ];
         for (input, expected) in cases {
-            assert_eq!(base64(input.as_bytes()), expected, "{input}");
+            assert_eq!(user_data_base64(input.as_bytes()), expected, "{input}");
         }
-        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
+        assert_eq!(user_data_base64(&[0xff, 0xfe, 0xfd]), "//79");
     }
 }
