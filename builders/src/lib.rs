@@ -21,6 +21,7 @@ pub mod registry;
 use async_trait::async_trait;
 use imgbuild_core::{OnError, StepContext};
 use imgbuild_provisioners::Provisioner;
+use imgbuild_provisioners::image_test::{ImageTest, TestResult};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -124,4 +125,37 @@ pub trait Builder: Send + Sync {
 
     async fn build(&self, request: &BuildRequest, cx: &StepContext)
     -> Result<Artifact, BuildError>;
+
+    /// Starts a fresh machine from `artifact` (never writing the artifact
+    /// itself: a throwaway overlay, a new container, a new instance), runs
+    /// `tests` on it through its communicator with
+    /// [`imgbuild_provisioners::image_test::run_all`], and removes the
+    /// machine. What it creates is journalled and cleaned like a build's.
+    async fn test_artifact(
+        &self,
+        request: &BuildRequest,
+        artifact: &Artifact,
+        tests: &[ImageTest],
+        cx: &StepContext,
+    ) -> Result<Vec<TestResult>, BuildError> {
+        let _ = (request, artifact, tests, cx);
+        Err(BuildError::Refused(format!(
+            "the {} builder cannot run [[test]] on its artifacts yet; leave this build out of the tests with `except`, or pass --skip-tests",
+            self.kind()
+        )))
+    }
+
+    /// Removes what `build` produced (`on_test_failure = "delete"`): the
+    /// files, the tags, the AMIs with their snapshots.
+    async fn delete_artifact(
+        &self,
+        artifact: &Artifact,
+        cx: &StepContext,
+    ) -> Result<(), BuildError> {
+        let _ = (artifact, cx);
+        Err(BuildError::Refused(format!(
+            "the {} builder cannot delete its artifacts yet; remove it by hand",
+            self.kind()
+        )))
+    }
 }

@@ -8,6 +8,7 @@ pub mod ansible;
 pub mod ansible_local;
 pub mod communicator;
 pub mod file;
+pub mod image_test;
 pub mod provisioner;
 pub mod registry;
 pub mod shell;
