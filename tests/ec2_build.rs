@@ -16,8 +16,9 @@
 #![cfg(feature = "ec2")]
 
 use aws_sdk_ec2::types::Filter;
-use imgbuild_test_support::{cli::*, common::*, docker::docker_ready};
-use std::process::Command;
+use imgbuild_test_support::docker::SshTarget;
+use imgbuild_test_support::ec2::{ec2, moto, trust_imported_key};
+use imgbuild_test_support::{cli::*, common::*};
 use std::time::Duration;
 
 const HOME_REGION: &str = "eu-west-1";
@@ -26,43 +27,6 @@ const COPY_REGION: &str = "eu-central-1";
 /// would find Debian's.
 const SOURCE_OWNER: &str = "099720109477";
 
-fn moto_endpoint() -> String {
-    let output = Command::new("bash")
-        .arg(repo_root().join(".ci/start-moto.sh"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        output.status.success(),
-        "moto does not start: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let port = std::env::var("IMGBUILD_MOTO_PORT").unwrap_or_else(|_| "5055".to_owned());
-    format!("http://127.0.0.1:{port}")
-}
-
-/// Fake credentials and nothing from ~/.aws: neither imgbuild nor the test
-/// may reach real AWS or an instance metadata service.
-const AWS_ENV: [(&str, &str); 5] = [
-    ("AWS_ACCESS_KEY_ID", "testing"),
-    ("AWS_SECRET_ACCESS_KEY", "testing"),
-    ("AWS_EC2_METADATA_DISABLED", "true"),
-    ("AWS_CONFIG_FILE", "/nonexistent/imgbuild-test-aws-config"),
-    (
-        "AWS_SHARED_CREDENTIALS_FILE",
-        "/nonexistent/imgbuild-test-aws-credentials",
-    ),
-];
-
-async fn ec2(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::v2026_01_12())
-        .region(aws_config::Region::new(region.to_owned()))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::for_tests())
-        .load()
-        .await;
-    aws_sdk_ec2::Client::new(&sdk)
-}
-
 fn tag_filter(key: &str, value: &str) -> Filter {
     Filter::builder()
         .name(format!("tag:{key}"))
@@ -70,74 +34,9 @@ fn tag_filter(key: &str, value: &str) -> Filter {
         .build()
 }
 
-/// An sshd container standing in for the instance.
-struct SshTarget {
-    cid: String,
-    host: String,
-    port: u16,
-    _keys: tempfile::TempDir,
-}
-
-impl SshTarget {
-    fn start(user: &str) -> SshTarget {
-        docker_ready();
-        let image = fixture(
-            "IMGBUILD_TEST_SSHD_IMAGE",
-            "docker-base-image.sh",
-            &["--with-sshd"],
-        );
-        let keys = tempfile::tempdir().unwrap();
-        let authorized_keys = keys.path().join("authorized_keys");
-        std::fs::write(&authorized_keys, "# filled in by the test\n").unwrap();
-        let output = Command::new("bash")
-            .arg(repo_root().join("tests/fixtures/sshd-target/start.sh"))
-            .arg(user)
-            .arg(&authorized_keys)
-            .arg(image)
-            .output()
-            .expect("bash runs");
-        assert!(
-            output.status.success(),
-            "the sshd target does not start: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let line = String::from_utf8(output.stdout).unwrap();
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        SshTarget {
-            cid: fields[0].to_owned(),
-            host: fields[1].to_owned(),
-            port: fields[2].parse().unwrap(),
-            _keys: keys,
-        }
-    }
-
-    fn exec(&self, user: &str, script: &str, args: &[&str]) -> String {
-        let output = Command::new("docker")
-            .args(["exec", "-u", user, &self.cid, "sh", "-c", script, "sh"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "`{script}` in the target failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    }
-}
-
-impl Drop for SshTarget {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.cid])
-            .output();
-    }
-}
-
 /// A running build of the template against moto, with SSH going to
 /// `target`, which trusts the build's key once it is imported.
 struct Ec2Build {
-    endpoint: String,
     version: String,
     run_id: String,
     runtime: tokio::runtime::Runtime,
@@ -147,7 +46,7 @@ struct Ec2Build {
 impl Ec2Build {
     /// Starts the build; `extra` is appended to the template.
     fn start(workspace: &Workspace, target: &SshTarget, extra: &str) -> (Ec2Build, Running) {
-        let endpoint = moto_endpoint();
+        let endpoint = moto();
         let version = unique_version();
 
         // The main change to the template: SSH goes to the container instead
@@ -174,7 +73,7 @@ impl Ec2Build {
         let patched = with_cidrs;
         workspace.write("ec2-debian.toml", &format!("{patched}{extra}"));
 
-        let mut command = workspace.imgbuild().args([
+        let command = workspace.imgbuild().args([
             "build",
             "ec2-debian.toml",
             "--var",
@@ -184,9 +83,6 @@ impl Ec2Build {
             "--var",
             &format!("source_ami_owner={SOURCE_OWNER}"),
         ]);
-        for (key, value) in AWS_ENV {
-            command = command.env(key, value);
-        }
         let mut running = command
             .env("AWS_ENDPOINT_URL_EC2", &endpoint)
             .env("GITHUB_OUTPUT", workspace.join("github-output"))
@@ -195,36 +91,16 @@ impl Ec2Build {
         running.wait_for_output("imgbuild run ", Duration::from_secs(60));
         let run_id = run_id_in(&running.log());
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let home = runtime.block_on(ec2(&endpoint, HOME_REGION));
+        let home = runtime.block_on(ec2(HOME_REGION));
 
         // Cloud-init's part: trust the key pair the instance was launched
         // with.
-        let public_key = runtime.block_on(async {
-            for _ in 0..1200 {
-                let found = home
-                    .describe_key_pairs()
-                    .filters(tag_filter("imgbuild:run-id", &run_id))
-                    .include_public_key(true)
-                    .send()
-                    .await;
-                if let Some(key) = found
-                    .ok()
-                    .and_then(|out| out.key_pairs().first()?.public_key().map(str::to_owned))
-                {
-                    return key;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("no key pair tagged with run {run_id} appeared in moto");
-        });
+        let public_key = runtime
+            .block_on(async { trust_imported_key(HOME_REGION, &run_id, target).await })
+            .unwrap()
+            .unwrap_or_else(|| panic!("no key pair tagged with run {run_id} appeared in moto"));
         assert!(public_key.starts_with("ssh-ed25519 "), "{public_key}");
-        target.exec(
-            "admin",
-            "printf '%s\\n' \"$1\" >> ~/.ssh/authorized_keys",
-            &[public_key.trim()],
-        );
         let build = Ec2Build {
-            endpoint,
             version,
             run_id,
             runtime,
@@ -277,11 +153,10 @@ impl Ec2Build {
 
 #[test]
 fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
-    let target = SshTarget::start("admin");
+    let target = SshTarget::start("admin", None);
     let workspace = Workspace::with_templates();
     let (build, running) = Ec2Build::start(&workspace, &target, "");
-    let (endpoint, version, run_id, home) =
-        (&build.endpoint, &build.version, &build.run_id, &build.home);
+    let (version, run_id, home) = (&build.version, &build.run_id, &build.home);
     let github_output = workspace.join("github-output");
 
     let (status, log) = running.wait(Duration::from_secs(600));
@@ -290,15 +165,13 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
 
     // The provisioners ran on the "instance", as the temporary key's user.
     assert_eq!(
-        target.exec("admin", "cat /etc/imgbuild-release", &[]),
+        target.exec("cat /etc/imgbuild-release").trim(),
         format!("web-base {version} built by imgbuild (run {run_id})")
     );
     assert_eq!(
-        target.exec(
-            "admin",
-            "dpkg-query -W -f '${Version}' imgbuild-baseline",
-            &[]
-        ),
+        target
+            .exec("dpkg-query -W -f '${Version}' imgbuild-baseline")
+            .trim(),
         *version
     );
 
@@ -325,7 +198,7 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
     );
 
     build.runtime.block_on(async {
-        let copy = ec2(endpoint, COPY_REGION).await;
+        let copy = ec2(COPY_REGION).await;
         for (client, ami) in [(home, &home_ami), (&copy, &copy_ami)] {
             let image = client
                 .describe_images()
@@ -405,7 +278,7 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
 
 #[test]
 fn an_interrupt_mid_provisioning_exits_130_and_leaves_nothing_in_ec2() {
-    let target = SshTarget::start("admin");
+    let target = SshTarget::start("admin", None);
     let workspace = Workspace::with_templates();
     let (build, mut running) = Ec2Build::start(
         &workspace,
@@ -454,8 +327,8 @@ fn ssh_through_a_host_without_ssh_cidrs_is_refused_by_validate_and_build() {
     assert!(said.contains("bastion.example"), "{said}");
 
     // `build` validates first: nothing reaches EC2, nothing is journaled.
-    let endpoint = moto_endpoint();
-    let mut command = workspace.imgbuild().args([
+    let endpoint = moto();
+    let command = workspace.imgbuild().args([
         "build",
         "ec2-debian.toml",
         "--var",
@@ -463,9 +336,6 @@ fn ssh_through_a_host_without_ssh_cidrs_is_refused_by_validate_and_build() {
         "--var",
         &format!("source_ami_owner={SOURCE_OWNER}"),
     ]);
-    for (key, value) in AWS_ENV {
-        command = command.env(key, value);
-    }
     let build = command
         .env("AWS_ENDPOINT_URL_EC2", &endpoint)
         .run()
