@@ -35,7 +35,7 @@ qemu_utils_ok() {
 
 log "packages"
 apt_install debootstrap openssh-server openssh-client extlinux syslinux-common \
-  e2fsprogs util-linux zstd curl git ca-certificates python3 ovmf ansible
+  e2fsprogs util-linux zstd curl git ca-certificates python3 ovmf ansible sshpass
 if ! dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "install ok installed" || ! qemu_utils_ok; then
   log "installing qemu-system-x86 with Debian's qemu-utils"
   apt-get update -q

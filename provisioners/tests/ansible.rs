@@ -6,14 +6,16 @@
 use imgbuild_core::events::MemorySink;
 use imgbuild_core::{CancellationToken, Event};
 use imgbuild_provisioners::registry::{self, ParseError, ParseInput};
-use imgbuild_provisioners::ssh::{SshCommunicator, SshTarget, TemporaryKey};
+use imgbuild_provisioners::ssh::{SshAuth, SshCommunicator, SshTarget, TemporaryKey};
 use imgbuild_provisioners::{ProvisionContext, ProvisionError, Provisioner};
 use imgbuild_test_support::common::{
     processes_mentioning, provision_context, test_log, wait_until,
 };
 use imgbuild_test_support::docker::SshTarget as Container;
 use imgbuild_test_support::harness::{ansible, ansible_fixtures};
-use imgbuild_test_support::sshd::{Machine, test_wait_options};
+use imgbuild_test_support::sshd::{
+    self, Machine, PasswordUser, ServerOptions, SshServer, test_wait_options,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -594,4 +596,64 @@ async fn galaxy_roles_and_collections_are_installed_for_this_run_only() {
             .join(".ansible/collections/ansible_collections/imgbuild_test")
             .exists()
     );
+}
+
+/// A build that logs in with a password (no key): Ansible gets the password
+/// through sshpass from the 0600 inventory, never on a command line, and it
+/// stays out of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_login_reaches_the_machine_through_sshpass() {
+    assert!(
+        sshd::is_root(),
+        "password logins need a local user with a password, and creating one needs root: \
+         run the provisioners tests as root, as CI does"
+    );
+    let user = PasswordUser::create().expect("a local user with a password");
+    let server = SshServer::started_with(ServerOptions {
+        password_authentication: true,
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    let (log, _) = test_log();
+    let comm = SshCommunicator::connect(
+        server.target(),
+        user.name.clone(),
+        SshAuth::Password(user.password.clone()),
+        test_wait_options(Duration::from_secs(60)),
+        CancellationToken::new(),
+        log,
+        None,
+    )
+    .await
+    .unwrap();
+    let demo = format!("/home/{}/demo-{}", user.name, std::process::id());
+    let provisioner = ansible(
+        &format!(
+            "playbook_file = \"local.yml\"\nextra_vars = {{ demo_dir = \"{demo}\", greeting = \"by password\" }}\n"
+        ),
+        "web",
+    );
+    let run = Run::new();
+    run.cx.log.redactor().add(user.password.as_str());
+    let result = tokio::time::timeout(HANG, provisioner.run(&comm, &run.cx))
+        .await
+        .expect("the play hung");
+    assert!(result.is_ok(), "{result:?}\n{}", run.transcript());
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&demo).join("greeting")).unwrap(),
+        "greeting=by password\nhost=web\ntoken=none\n"
+    );
+    let owner = Command::new("stat")
+        .args(["-c", "%U", &demo])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&owner.stdout).trim(),
+        user.name,
+        "the play ran as the password user"
+    );
+    let transcript = run.transcript();
+    assert!(!transcript.contains(&user.password), "{transcript}");
+    let dir = run.work_dir().expect("the command line was logged");
+    assert!(!dir.exists(), "{} was left behind", dir.display());
 }

@@ -5,7 +5,7 @@ use imgbuild_provisioners::communicator::{ByteStream, CommError, Communicator, E
 use imgbuild_provisioners::ssh::{SshAuth, SshCommunicator, TemporaryKey, load_private_key};
 use imgbuild_test_support::common::{test_log, wait_until};
 use imgbuild_test_support::sshd::{
-    self, Lines, ServerOptions, SshServer, process_running, test_wait_options,
+    self, Lines, PasswordUser, ServerOptions, SshServer, process_running, test_wait_options,
 };
 use sha2::{Digest, Sha256};
 use std::io::{self, Write};
@@ -870,48 +870,6 @@ async fn key_files_load_or_explain_why_not() {
         .unwrap();
     let (status, _) = run(&comm, "true").await;
     assert_eq!(status, ExitStatus::Code(0));
-}
-
-/// A local user with a password, removed again on drop.
-struct PasswordUser {
-    name: String,
-    password: String,
-}
-
-impl PasswordUser {
-    fn create() -> io::Result<PasswordUser> {
-        let name = "imgbuild-ssh-test".to_owned();
-        let exists = Command::new("id").arg(&name).output()?.status.success();
-        if !exists {
-            let status = Command::new("useradd")
-                .args(["-m", "-s", "/bin/sh"])
-                .arg(&name)
-                .status()?;
-            if !status.success() {
-                return Err(io::Error::other(format!("useradd failed: {status}")));
-            }
-        }
-        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-        let mut chpasswd = Command::new("chpasswd")
-            .stdin(std::process::Stdio::piped())
-            .spawn()?;
-        chpasswd
-            .stdin
-            .take()
-            .ok_or_else(|| io::Error::other("no stdin"))?
-            .write_all(format!("{name}:{password}\n").as_bytes())?;
-        let status = chpasswd.wait()?;
-        if !status.success() {
-            return Err(io::Error::other(format!("chpasswd failed: {status}")));
-        }
-        Ok(PasswordUser { name, password })
-    }
-}
-
-impl Drop for PasswordUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg("-r").arg(&self.name).output();
-    }
 }
 
 #[tokio::test]

@@ -604,3 +604,47 @@ impl Machine {
         self.dir.join(name).display().to_string()
     }
 }
+
+/// A local user with a password, removed again on drop.
+pub struct PasswordUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl PasswordUser {
+    /// Creates (or reuses) the user `imgbuild-ssh-test` with a fresh
+    /// password; needs root.
+    pub fn create() -> io::Result<PasswordUser> {
+        let name = "imgbuild-ssh-test".to_owned();
+        let exists = Command::new("id").arg(&name).output()?.status.success();
+        if !exists {
+            let status = Command::new("useradd")
+                .args(["-m", "-s", "/bin/sh"])
+                .arg(&name)
+                .status()?;
+            if !status.success() {
+                return Err(io::Error::other(format!("useradd failed: {status}")));
+            }
+        }
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        let mut chpasswd = Command::new("chpasswd")
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        chpasswd
+            .stdin
+            .take()
+            .ok_or_else(|| io::Error::other("no stdin"))?
+            .write_all(format!("{name}:{password}\n").as_bytes())?;
+        let status = chpasswd.wait()?;
+        if !status.success() {
+            return Err(io::Error::other(format!("chpasswd failed: {status}")));
+        }
+        Ok(PasswordUser { name, password })
+    }
+}
+
+impl Drop for PasswordUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg("-r").arg(&self.name).output();
+    }
+}
