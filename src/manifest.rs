@@ -7,6 +7,7 @@
 use imgbuild_builders::{Artifact, ArtifactFile, SourceIdentity};
 use imgbuild_core::Redactor;
 use imgbuild_core::fsutil::{parent_dir, write_atomic};
+pub use imgbuild_provisioners::image_test::TestResult;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -72,6 +73,31 @@ pub struct BuildRecord {
     pub kind: String,
 }
 
+/// What a recorded version is good for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryStatus {
+    /// Built, and no `[[test]]` ran on it (none apply, or `--skip-tests`).
+    /// Entries written before tests existed read as this.
+    #[default]
+    Built,
+    /// Every test passed on the artifact.
+    Tested,
+    /// A test failed, or the tests could not run. The version stays taken;
+    /// `imgbuild output` refuses it unless asked with `--allow-failed`.
+    Failed,
+}
+
+impl EntryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryStatus::Built => "built",
+            EntryStatus::Tested => "tested",
+            EntryStatus::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
     pub run_id: String,
@@ -94,9 +120,38 @@ pub struct Entry {
     pub imgbuild_version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_commit: Option<String>,
+    #[serde(default)]
+    pub status: EntryStatus,
+    /// Each `[[test]]`'s result, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<TestResult>,
+    /// `--skip-tests` was given although tests apply to this build.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tests_skipped: bool,
+    /// Why the tests could not run at all (the builder cannot test, the
+    /// machine did not start), when that is what failed the version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_error: Option<String>,
+    /// `on_test_failure = "delete"` removed the artifact: the version is
+    /// taken, but nothing exists under its id.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl Entry {
+    /// The names of the tests that failed, for messages.
+    pub fn failed_tests(&self) -> Vec<&str> {
+        self.tests
+            .iter()
+            .filter(|t| !t.passed)
+            .map(|t| t.name.as_str())
+            .collect()
+    }
+
     /// Masks sensitive values in the entry's free text: the description,
     /// label values and a URL the base came from (a token in its query or
     /// credentials in it). Identities (image and build names, version,
@@ -115,6 +170,17 @@ impl Entry {
         self.image.labels.values_mut().for_each(mask);
         if self.source.kind == "url" {
             mask(&mut self.source.reference);
+        }
+        // What the machine printed during a test can echo a secret the test
+        // was given through `env`.
+        for test in &mut self.tests {
+            test.output_tail.iter_mut().for_each(mask);
+            if let Some(error) = &mut test.error {
+                mask(error);
+            }
+        }
+        if let Some(error) = &mut self.test_error {
+            mask(error);
         }
     }
 
@@ -256,7 +322,53 @@ mod tests {
             duration_secs: 1.0,
             imgbuild_version: "0".into(),
             git_commit: None,
+            status: EntryStatus::Built,
+            tests: Vec::new(),
+            tests_skipped: false,
+            test_error: None,
+            deleted: false,
         }
+    }
+
+    #[test]
+    fn an_entry_written_before_tests_existed_reads_as_built() {
+        // The shape of an entry from an imgbuild without `[[test]]`: no
+        // status, no tests.
+        let old = serde_json::json!({
+            "run_id": "r", "image": {"name": "web", "version": "1"},
+            "build": {"name": "vm", "type": "qemu"},
+            "artifact_id": "/out/web-1.qcow2",
+            "source": {"kind": "file", "reference": "/b"},
+            "inputs_sha256": "0", "started_at": "a", "finished_at": "b",
+            "duration_secs": 1.0, "imgbuild_version": "0.1.0"
+        });
+        let entry: Entry = serde_json::from_value(old).unwrap();
+        assert_eq!(entry.status, EntryStatus::Built);
+        assert!(entry.tests.is_empty());
+        assert!(!entry.tests_skipped && !entry.deleted);
+        assert!(entry.test_error.is_none());
+    }
+
+    #[test]
+    fn a_tested_entry_round_trips_with_its_results() {
+        let mut tested = entry("vm", "2");
+        tested.status = EntryStatus::Failed;
+        tested.tests = vec![TestResult {
+            name: "nginx answers".into(),
+            passed: false,
+            exit_code: Some(7),
+            duration_secs: 0.4,
+            attempts: 2,
+            output_tail: vec!["curl: (7) refused".into()],
+            error: Some("`curl` failed".into()),
+        }];
+        let json = serde_json::to_value(&tested).unwrap();
+        assert_eq!(json["status"], "failed");
+        assert_eq!(json["tests"][0]["exit_code"], 7);
+        let back: Entry = serde_json::from_value(json).unwrap();
+        assert_eq!(back.status, EntryStatus::Failed);
+        assert_eq!(back.tests, tested.tests);
+        assert_eq!(back.failed_tests(), vec!["nginx answers"]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! bare id for scripts, a Terraform variables file, and GitHub Actions step
 //! outputs.
 
-use crate::manifest::{Entry, Manifest};
+use crate::manifest::{Entry, EntryStatus, Manifest};
 use imgbuild_builders::registry::{self, OutputTarget, RecordedArtifact};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -17,6 +17,39 @@ pub fn latest_by_build(manifest: &Manifest) -> BTreeMap<String, &Entry> {
         latest.insert(entry.build.name.clone(), entry);
     }
     latest
+}
+
+/// Refuses an entry whose artifact must not be handed on: one that failed
+/// its tests (unless `allow_failed`), and one whose artifact was deleted
+/// (there is nothing to hand on).
+pub fn check_usable(entry: &Entry, allow_failed: bool) -> Result<(), String> {
+    if entry.status != EntryStatus::Failed {
+        return Ok(());
+    }
+    let why = match (&entry.test_error, entry.failed_tests()) {
+        (Some(error), _) => error.clone(),
+        (None, failed) => format!(
+            "failed tests: {}",
+            failed
+                .iter()
+                .map(|name| format!("`{name}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let (build, version) = (&entry.build.name, &entry.image.version);
+    if entry.deleted {
+        return Err(format!(
+            "build {build} version {version} failed its tests ({why}) and its artifact {} was deleted (on_test_failure = \"delete\"); there is nothing to hand out: fix the image and build a new version",
+            entry.artifact_id
+        ));
+    }
+    if allow_failed {
+        return Ok(());
+    }
+    Err(format!(
+        "build {build} version {version} failed its tests ({why}); a failed version is not handed out: fix the image and build a new version, or pass --allow-failed to use it anyway"
+    ))
 }
 
 /// The entry as its builder kind reads it.
@@ -93,10 +126,12 @@ pub fn named_outputs(entry: &Entry) -> Vec<(String, Value)> {
 
 /// A Terraform `*.auto.tfvars.json` document for the latest entry of every
 /// build: `<build>_ami_id`, `<build>_ami_ids` (a map by region),
-/// `<build>_artifact_id`, `<build>_version`.
-pub fn tfvars(manifest: &Manifest) -> Value {
+/// `<build>_artifact_id`, `<build>_version`. Refused when a latest entry
+/// failed its tests, unless `allow_failed`: Terraform would deploy it.
+pub fn tfvars(manifest: &Manifest, allow_failed: bool) -> Result<Value, String> {
     let mut document = Map::new();
     for (build, entry) in latest_by_build(manifest) {
+        check_usable(entry, allow_failed)?;
         document.insert(
             output_name(&build, "version"),
             entry.image.version.clone().into(),
@@ -107,7 +142,7 @@ pub fn tfvars(manifest: &Manifest) -> Value {
         );
         document.extend(kind_outputs(entry, OutputTarget::Tfvars));
     }
-    Value::Object(document)
+    Ok(Value::Object(document))
 }
 
 /// Appends `name=value` lines to the file GitHub Actions names in
@@ -178,7 +213,7 @@ mod tests {
             format_version: 1,
             builds: vec![ec2("1", "ami-old"), entry_of_qemu(), ec2("2", "ami-new")],
         };
-        let vars = tfvars(&manifest);
+        let vars = tfvars(&manifest, false).unwrap();
         assert_eq!(vars["web_ami_ami_id"], "ami-new");
         assert_eq!(vars["web_ami_version"], "2");
         assert_eq!(vars["web_ami_ami_ids"]["us-east-1"], "ami-copy");
@@ -199,5 +234,50 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("web_ami_version=3\n"), "{text}");
+    }
+
+    fn failed(mut entry: Entry, deleted: bool) -> Entry {
+        entry.status = EntryStatus::Failed;
+        entry.deleted = deleted;
+        entry.tests = vec![crate::manifest::TestResult {
+            name: "nginx answers".into(),
+            passed: false,
+            exit_code: Some(7),
+            duration_secs: 0.1,
+            attempts: 1,
+            output_tail: Vec::new(),
+            error: None,
+        }];
+        entry
+    }
+
+    #[test]
+    fn a_failed_version_is_refused_unless_allowed() {
+        let entry = failed(entry_of_qemu(), false);
+        let err = check_usable(&entry, false).unwrap_err();
+        assert!(err.contains("build vm version 2"), "{err}");
+        assert!(err.contains("`nginx answers`"), "{err}");
+        assert!(err.contains("--allow-failed"), "{err}");
+        check_usable(&entry, true).unwrap();
+        check_usable(&entry_of_qemu(), false).unwrap();
+
+        // tfvars would hand it to Terraform: refused the same way.
+        let manifest = Manifest {
+            format_version: 1,
+            builds: vec![ec2("1", "ami-old"), entry.clone()],
+        };
+        let err = tfvars(&manifest, false).unwrap_err();
+        assert!(err.contains("build vm version 2"), "{err}");
+        assert_eq!(
+            tfvars(&manifest, true).unwrap()["vm_artifact_id"],
+            "/out/vm-2"
+        );
+    }
+
+    #[test]
+    fn a_deleted_artifact_is_refused_even_when_failures_are_allowed() {
+        let entry = failed(entry_of_qemu(), true);
+        let err = check_usable(&entry, true).unwrap_err();
+        assert!(err.contains("was deleted"), "{err}");
     }
 }

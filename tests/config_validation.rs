@@ -548,3 +548,151 @@ fn an_unknown_provisioner_type_lists_every_registered_kind() {
         .stderr_has("unknown provisioner type `puppet`")
         .stderr_has(&format!("provisioner types: {}", kinds.join(", ")));
 }
+
+/// `[[test]]` tables after a valid shell provisioner.
+fn config_with_tests(tests: &str) -> String {
+    config(
+        "",
+        &format!("[[provision]]\ntype = \"shell\"\ninline = [\"true\"]\n\n{tests}"),
+    )
+}
+
+#[test]
+fn a_test_without_a_name_is_rejected() {
+    // Line 22: the `[[test]]` header, after the provisioner (18-20) and a
+    // blank line.
+    let workspace = workspace_with(&config_with_tests("[[test]]\ninline = [\"true\"]\n"));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("test[0]: missing field `name`")
+        .stderr_has("image.toml:22:");
+}
+
+#[test]
+fn two_tests_with_one_name_are_rejected_at_the_second() {
+    let workspace = workspace_with(&config_with_tests(
+        "[[test]]\nname = \"boots\"\ninline = [\"true\"]\n\n[[test]]\nname = \"boots\"\ninline = [\"false\"]\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("test[1].name: test[0] is already named `boots`")
+        .stderr_has("image.toml:27:8")
+        .stderr_has("give each test its own name");
+}
+
+#[test]
+fn an_unknown_field_in_a_test_is_rejected_with_a_suggestion() {
+    let workspace = workspace_with(&config_with_tests(
+        "[[test]]\nname = \"boots\"\ninline = [\"true\"]\nretires = 3\n\n[[test]]\nname = \"other\"\ninline = [\"true\"]\nmax_retries = 2\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("test[0].retires: unknown field `retires` in a test")
+        .stderr_has("image.toml:25:1")
+        .stderr_has("did you mean `retries`?")
+        // A shell provisioner field that makes no sense for a test says
+        // what to use instead.
+        .stderr_has("test[1].max_retries: unknown field `max_retries`")
+        .stderr_has("a test retries with `retries`");
+}
+
+#[test]
+fn a_test_naming_no_builder_in_only_is_rejected() {
+    let workspace = workspace_with(&config_with_tests(
+        "[[test]]\nname = \"boots\"\ninline = [\"true\"]\nonly = [\"mv\"]\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("test[0].only: `mv` is not a builder in this config")
+        .stderr_has("image.toml:25:8")
+        .stderr_has("did you mean `vm`?");
+}
+
+#[test]
+fn a_test_with_an_unreadable_script_or_no_command_is_rejected() {
+    let workspace = workspace_with(&config_with_tests(
+        "[[test]]\nname = \"release\"\nscript = \"tests/missing.sh\"\n\n[[test]]\nname = \"nothing\"\nretry_delay = \"soon\"\n",
+    ));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("test[0].script: cannot read script")
+        .stderr_has("tests/missing.sh")
+        .stderr_has("image.toml:24:10")
+        .stderr_has("test[1].retry_delay: invalid duration `soon`");
+}
+
+#[test]
+fn a_test_needs_a_command() {
+    let workspace = workspace_with(&config_with_tests("[[test]]\nname = \"nothing\"\n"));
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("test[0].inline")
+        .stderr_has("exactly one of `inline`, `script` or `scripts`");
+}
+
+#[test]
+fn inspect_shows_each_builds_tests_resolved() {
+    let second = "[builders.vm2]\ntype = \"qemu\"\nbase_image = \"base.qcow2\"\ncloud_init = false\noutput_dir = \"output-2\"\n[builders.vm2.ssh]\nusername = \"admin\"\npassword = \"x-password\"\n";
+    let text = config(
+        "",
+        &format!(
+            "{second}\n[[test]]\nname = \"release\"\nscript = \"checks/release.sh\"\nenv = {{ EXPECTED = \"{{{{ image.version }}}}-{{{{ build.name }}}}\" }}\nretries = 2\n\n[[test]]\nname = \"vm2 only\"\ninline = [\"true\"]\nexcept = [\"vm\"]\n"
+        ),
+    )
+    .replacen(
+        "[image]\nname = \"web\"",
+        "[image]\nname = \"web\"\non_test_failure = \"delete\"",
+        1,
+    );
+    let workspace = workspace_with(&text);
+    workspace.write(
+        "checks/release.sh",
+        "test \"$(cat /etc/release)\" = \"$EXPECTED\"\n",
+    );
+    let outcome = workspace
+        .imgbuild()
+        .args(["inspect", "image.toml", "--output", "json"])
+        .run()
+        .exits_with(EXIT_OK);
+    let document: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
+    assert_eq!(document["on_test_failure"], "delete");
+    let builds = document["builds"].as_array().unwrap();
+    let vm = &builds[0]["tests"];
+    assert_eq!(vm.as_array().unwrap().len(), 1, "{vm}");
+    assert_eq!(vm[0]["name"], "release");
+    assert_eq!(vm[0]["env"]["EXPECTED"], "1.2.3-vm");
+    assert_eq!(vm[0]["retries"], 2);
+    assert_eq!(vm[0]["retry_delay"], "5s");
+    let vm2 = &builds[1]["tests"];
+    let names: Vec<&str> = vm2
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["release", "vm2 only"]);
+    assert_eq!(vm2[0]["env"]["EXPECTED"], "1.2.3-vm2");
+    assert_eq!(vm2[1]["retries"], 0);
+
+    // Human output lists them under each build.
+    workspace
+        .imgbuild()
+        .args(["inspect", "image.toml"])
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout_has("  test 2: vm2 only: ");
+}
+
+#[test]
+fn on_test_failure_takes_keep_or_delete() {
+    let text = config("", "").replacen(
+        "[image]\nname = \"web\"",
+        "[image]\nname = \"web\"\non_test_failure = \"drop\"",
+        1,
+    );
+    validate(&workspace_with(&text))
+        .exits_with(EXIT_USAGE)
+        .stderr_has("image.on_test_failure")
+        .stderr_has("`keep`")
+        .stderr_has("`delete`");
+}

@@ -83,6 +83,29 @@ pub enum Event {
         step: String,
         error: String,
     },
+    /// A `[[test]]` begins on the machine started from the artifact.
+    TestStarted {
+        build: String,
+        name: String,
+        /// 1-based position in the build's tests, out of `total`.
+        index: usize,
+        total: usize,
+    },
+    /// A `[[test]]` ended; a failure carries what the user needs to see
+    /// why without scrolling back: the command's exit code and last lines.
+    TestFinished {
+        build: String,
+        name: String,
+        passed: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exit_code: Option<u32>,
+        duration_ms: u64,
+        attempts: u32,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        output_tail: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     Artifact {
         build: String,
         artifact: serde_json::Value,
@@ -112,6 +135,8 @@ impl Event {
             | Event::Output { build, .. }
             | Event::Progress { build, .. }
             | Event::CleanupFailed { build, .. }
+            | Event::TestStarted { build, .. }
+            | Event::TestFinished { build, .. }
             | Event::Artifact { build, .. }
             | Event::BuildFinished { build, .. } => Some(build),
         }
@@ -174,7 +199,29 @@ impl Event {
                 duration_ms,
                 error: error.map(mask),
             },
+            // Test names come from the config's structure, like step names;
+            // the output and the error are what the machine said.
+            Event::TestFinished {
+                build,
+                name,
+                passed,
+                exit_code,
+                duration_ms,
+                attempts,
+                output_tail,
+                error,
+            } => Event::TestFinished {
+                build,
+                name,
+                passed,
+                exit_code,
+                duration_ms,
+                attempts,
+                output_tail: output_tail.into_iter().map(mask).collect(),
+                error: error.map(mask),
+            },
             other @ (Event::RunStarted { .. }
+            | Event::TestStarted { .. }
             | Event::Artifact { .. }
             | Event::RunFinished { .. }
             | Event::BuildStarted { .. }
@@ -355,8 +402,18 @@ mod tests {
         log.output(Stream::Stdout, "password is tops3cret");
         log.info("using tops3cret");
         log.cleanup_failed("launch", "tops3cret leaked?");
+        log.emit(Event::TestFinished {
+            build: "vm".into(),
+            name: "login".into(),
+            passed: false,
+            exit_code: Some(1),
+            duration_ms: 5,
+            attempts: 1,
+            output_tail: vec!["token tops3cret rejected".into()],
+            error: Some("`check tops3cret` failed".into()),
+        });
         let json = serde_json::to_string(&sink.events()).unwrap();
         assert!(!json.contains("tops3cret"), "{json}");
-        assert_eq!(json.matches("<sensitive>").count(), 3, "{json}");
+        assert_eq!(json.matches("<sensitive>").count(), 5, "{json}");
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::communicator::{Communicator, ExitStatus};
 use crate::provisioner::{ProvisionContext, ProvisionError, Provisioner};
+use imgbuild_core::Event;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
@@ -44,26 +45,27 @@ pub async fn run_all(
     cx: &ProvisionContext,
 ) -> Result<Vec<TestResult>, ProvisionError> {
     let mut results = Vec::with_capacity(tests.len());
+    let build = cx.log.build_name().to_owned();
     for (index, test) in tests.iter().enumerate() {
-        cx.log.info(format!(
-            "test {} of {}: {}",
-            index + 1,
-            tests.len(),
-            test.name
-        ));
+        // Events rather than messages, so the terminal and `--output json`
+        // show tests the way they show steps.
+        cx.log.emit(Event::TestStarted {
+            build: build.clone(),
+            name: test.name.clone(),
+            index: index + 1,
+            total: tests.len(),
+        });
         let result = run_one(test, comm, cx).await?;
-        if result.passed {
-            cx.log.info(format!(
-                "test `{}` passed in {:.1}s",
-                test.name, result.duration_secs
-            ));
-        } else {
-            cx.log.error(format!(
-                "test `{}` failed: {}",
-                test.name,
-                result.error.as_deref().unwrap_or("no reason given")
-            ));
-        }
+        cx.log.emit(Event::TestFinished {
+            build: build.clone(),
+            name: result.name.clone(),
+            passed: result.passed,
+            exit_code: result.exit_code,
+            duration_ms: (result.duration_secs * 1000.0) as u64,
+            attempts: result.attempts,
+            output_tail: result.output_tail.clone(),
+            error: result.error.clone(),
+        });
         results.push(result);
     }
     Ok(results)
@@ -114,8 +116,13 @@ async fn run_one(
                 error: Some(err.to_string()),
             });
         }
+        // The output was just shown; the status is what says why.
+        let why = match &err {
+            ProvisionError::CommandFailed { status, .. } => status.to_string(),
+            other => other.to_string(),
+        };
         cx.log.warn(format!(
-            "test `{}` failed ({err}); attempt {} of {} in {}",
+            "test `{}` failed ({why}); attempt {} of {} in {}",
             test.name,
             attempts + 1,
             test.retries + 1,

@@ -61,6 +61,7 @@ pub fn document(config: &Config) -> serde_json::Value {
                 "type": build.builder.kind(),
                 "config": build.builder.resolved_config(),
                 "provisioners": build.provisioner_configs,
+                "tests": build.test_configs,
                 "output": planned,
             })
         })
@@ -70,6 +71,7 @@ pub fn document(config: &Config) -> serde_json::Value {
         "image": config.image,
         "variables": variables,
         "builds": builds,
+        "on_test_failure": config.on_test_failure,
         "excluded_builds": config.excluded,
     });
     config.redactor.redact_json(&mut document);
@@ -130,6 +132,15 @@ fn render_human(document: &serde_json::Value) -> String {
             .enumerate()
         {
             let _ = writeln!(out, "  provisioner {}: {}", index + 1, provisioner);
+        }
+        for (index, test) in build["tests"].as_array().into_iter().flatten().enumerate() {
+            let _ = writeln!(
+                out,
+                "  test {}: {}: {}",
+                index + 1,
+                text(&test["name"]),
+                test
+            );
         }
     }
     if let Some(excluded) = document["excluded_builds"]

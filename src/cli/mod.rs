@@ -18,7 +18,7 @@ pub const EXIT_BUILD_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
-const EXIT_CODES_HELP: &str = "Exit codes: 0 success, 1 a build failed, 2 bad usage or invalid config (nothing was launched), 130 interrupted.";
+const EXIT_CODES_HELP: &str = "Exit codes: 0 success, 1 a build or its [[test]]s failed, 2 bad usage or invalid config (nothing was launched), 130 interrupted.";
 
 #[derive(Parser)]
 #[command(

@@ -31,6 +31,9 @@ pub struct OutputArgs {
     region: Option<String>,
     #[arg(long, value_enum, default_value = "id")]
     format: Format,
+    /// Hand out a version whose [[test]]s failed (refused otherwise)
+    #[arg(long)]
+    allow_failed: bool,
 }
 
 pub fn run(args: OutputArgs, _global: &GlobalOptions) -> i32 {
@@ -52,7 +55,7 @@ fn render(args: &OutputArgs) -> Result<String, String> {
         return Err(format!("{} records no builds yet", args.manifest.display()));
     }
     if args.format == Format::Tfvars {
-        return serde_json::to_string_pretty(&outputs::tfvars(&manifest))
+        return serde_json::to_string_pretty(&outputs::tfvars(&manifest, args.allow_failed)?)
             .map_err(|e| e.to_string());
     }
     let latest = outputs::latest_by_build(&manifest);
@@ -73,6 +76,7 @@ fn render(args: &OutputArgs) -> Result<String, String> {
             ));
         }
     };
+    outputs::check_usable(entry, args.allow_failed)?;
     match args.format {
         Format::Id => outputs::artifact_for(entry, args.region.as_deref()),
         Format::Json => serde_json::to_string_pretty(entry).map_err(|e| e.to_string()),

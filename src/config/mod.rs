@@ -12,6 +12,7 @@ use imgbuild_builders::{Builder, ImageInfo};
 use imgbuild_core::ConfigProblem;
 use imgbuild_core::{Redactor, template};
 use imgbuild_provisioners::Provisioner;
+use imgbuild_provisioners::image_test::ImageTest;
 use imgbuild_provisioners::registry::{self as provisioner_registry, ParseError, ParseInput};
 use render::{Renderer, join};
 use serde::Deserialize;
@@ -19,11 +20,28 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 pub use variables::{Variable, VariableInputs};
 
-const TOP_LEVEL: &[&str] = &["image", "variables", "builders", "provision"];
+const TOP_LEVEL: &[&str] = &["image", "variables", "builders", "provision", "test"];
+const SECTIONS_HELP: &str =
+    "a config has [image], [variables], [builders.NAME], [[provision]] and [[test]]";
+
+/// The fields of a `[[test]]` handed to the shell provisioner kind; the
+/// others a shell provisioner takes (`expect_disconnect`, `max_retries`,
+/// ...) make no sense for a check and are refused.
+const TEST_SHELL_FIELDS: &[&str] = &[
+    "inline",
+    "script",
+    "scripts",
+    "env",
+    "valid_exit_codes",
+    "timeout",
+];
+/// The fields only a `[[test]]` has, handled here.
+const TEST_OWN_FIELDS: &[&str] = &["name", "retries", "retry_delay"];
 
 /// What a run was asked for, besides the config file.
 #[derive(Debug, Clone)]
@@ -49,6 +67,20 @@ pub struct Config {
     pub excluded: Vec<String>,
     /// Masks the values of sensitive variables everywhere.
     pub redactor: Redactor,
+    /// What happens to an artifact whose tests fail (`[image]
+    /// on_test_failure`).
+    pub on_test_failure: OnTestFailure,
+}
+
+/// `[image] on_test_failure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTestFailure {
+    /// Record the artifact as `failed`; it exists and its version is taken.
+    #[default]
+    Keep,
+    /// Remove the artifact, and record the failure.
+    Delete,
 }
 
 pub struct Build {
@@ -57,8 +89,13 @@ pub struct Build {
     pub provisioners: Vec<Provisioner>,
     /// The provisioners' tables as resolved for this build.
     pub provisioner_configs: Vec<serde_json::Value>,
-    /// Local files the build reads (scripts, uploads), for the inputs hash.
+    /// Local files the build reads (scripts, uploads, test scripts), for
+    /// the inputs hash.
     pub input_files: Vec<PathBuf>,
+    /// The `[[test]]`s that apply to this build, in config order.
+    pub tests: Vec<ImageTest>,
+    /// The tests' tables as resolved for this build.
+    pub test_configs: Vec<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -70,6 +107,24 @@ struct ImageSection {
     description: Option<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    on_test_failure: OnTestFailure,
+}
+
+/// The fields of a `[[test]]` that are not the shell provisioner's.
+#[derive(Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct TestOwnFields {
+    name: String,
+    /// Further attempts after a failure.
+    #[serde(default)]
+    retries: u32,
+    #[serde(default = "default_retry_delay", with = "imgbuild_core::duration")]
+    retry_delay: Duration,
+}
+
+fn default_retry_delay() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Deserialize)]
@@ -92,6 +147,21 @@ struct Provisioning {
     provisioners: Vec<Provisioner>,
     configs: Vec<serde_json::Value>,
     input_files: Vec<PathBuf>,
+}
+
+/// The tests that apply to one build, resolved for it.
+#[derive(Default)]
+struct Testing {
+    tests: Vec<ImageTest>,
+    configs: Vec<serde_json::Value>,
+    input_files: Vec<PathBuf>,
+}
+
+impl ProvisionTargets {
+    fn applies_to(&self, build: &str) -> bool {
+        (self.only.is_empty() || self.only.iter().any(|name| name == build))
+            && !self.except.iter().any(|name| name == build)
+    }
 }
 
 struct Loader<'a> {
@@ -175,8 +245,10 @@ impl Loader<'_> {
                 let mut diagnostic =
                     self.error(format!("unknown section `{name}`"), key.span(), name);
                 diagnostic = match did_you_mean(name, TOP_LEVEL.iter().copied()) {
-                    Some(best) => diagnostic.help(format!("did you mean `{best}`? a config has [image], [variables], [builders.NAME] and [[provision]]")),
-                    None => diagnostic.help("a config has [image], [variables], [builders.NAME] and [[provision]]"),
+                    Some(best) => {
+                        diagnostic.help(format!("did you mean `{best}`? {SECTIONS_HELP}"))
+                    }
+                    None => diagnostic.help(SECTIONS_HELP),
                 };
                 self.diagnostics.push(diagnostic);
             }
@@ -213,13 +285,14 @@ impl Loader<'_> {
         }
 
         let image = self.image(top, &env, &context, options, git_sha.clone());
-        if let Some(image) = &image {
+        if let Some((image, _)) = &image {
             context["image"] = serde_json::json!({"name": image.name, "version": image.version});
         }
 
         let (builders, kinds) = self.builders(top, &env, &context);
         let builder_names: Vec<String> = kinds.iter().map(|(name, _)| name.clone()).collect();
         let provisioners = self.provisioners(top, &env, &context, &kinds);
+        let tests = self.tests(top, &env, &context, &kinds);
 
         // --only / --except must name builders that exist.
         for (flag, names) in [("--only", &options.only), ("--except", &options.except)] {
@@ -255,7 +328,7 @@ impl Loader<'_> {
                 ),
             );
         }
-        let image = image?;
+        let (image, on_test_failure) = image?;
         self.refuse_shared_claims(top, &builders, &image);
         if !self.diagnostics.is_empty() {
             return None;
@@ -267,6 +340,7 @@ impl Loader<'_> {
         }
 
         let mut provisioners_by_build = provisioners;
+        let mut tests_by_build = tests;
         let mut builds = Vec::new();
         let mut excluded = Vec::new();
         for (name, builder) in builders {
@@ -277,12 +351,17 @@ impl Loader<'_> {
                 continue;
             }
             let provisioning = provisioners_by_build.remove(&name).unwrap_or_default();
+            let testing = tests_by_build.remove(&name).unwrap_or_default();
+            let mut input_files = provisioning.input_files;
+            input_files.extend(testing.input_files);
             builds.push(Build {
                 name,
                 builder,
                 provisioners: provisioning.provisioners,
                 provisioner_configs: provisioning.configs,
-                input_files: provisioning.input_files,
+                input_files,
+                tests: testing.tests,
+                test_configs: testing.configs,
             });
         }
         if builds.is_empty() {
@@ -300,6 +379,7 @@ impl Loader<'_> {
             builds,
             excluded,
             redactor,
+            on_test_failure,
         })
     }
 
@@ -310,7 +390,7 @@ impl Loader<'_> {
         context: &serde_json::Value,
         options: &LoadOptions,
         revision: Option<String>,
-    ) -> Option<ImageInfo> {
+    ) -> Option<(ImageInfo, OnTestFailure)> {
         let Some(section) = top.get("image") else {
             self.diagnostics.push(
                 Diagnostic::new(self.file, "the config has no [image] table")
@@ -349,16 +429,19 @@ impl Loader<'_> {
                 ok = false;
             }
         }
-        ok.then(|| ImageInfo {
-            name: parsed.name,
-            version: parsed.version,
-            description: parsed.description,
-            labels: parsed.labels,
-            revision,
-            created: options
-                .started
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+        ok.then(|| {
+            let image = ImageInfo {
+                name: parsed.name,
+                version: parsed.version,
+                description: parsed.description,
+                labels: parsed.labels,
+                revision,
+                created: options
+                    .started
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            };
+            (image, parsed.on_test_failure)
         })
     }
 
@@ -586,59 +669,15 @@ impl Loader<'_> {
                     continue;
                 }
             };
-            let mut targets_table = DeTable::new();
             let mut body = item.clone();
             if let DeValue::Table(inner) = body.get_mut() {
                 inner.remove("type");
-                for key in ["only", "except"] {
-                    if let Some((k, v)) = inner.remove_entry(key) {
-                        targets_table.insert(k, v);
-                    }
-                }
             }
-            let targets_value = Spanned::new(item.span(), DeValue::Table(targets_table));
-            let targets =
-                match ProvisionTargets::deserialize(ValueDeserializer::from(targets_value.clone()))
-                {
-                    Ok(targets) => targets,
-                    Err(err) => {
-                        self.serde_error(&err, item.span(), item, &field);
-                        continue;
-                    }
-                };
-            if !targets.only.is_empty() && !targets.except.is_empty() {
-                let span = find_span(item, "except").unwrap_or(item.span());
-                let diagnostic = self
-                    .error(
-                        "`only` and `except` exclude each other",
-                        span,
-                        &format!("{field}.except"),
-                    )
-                    .help("list the builds it runs on in `only`, or those it skips in `except`");
-                self.diagnostics.push(diagnostic);
+            let Some(targets) = self.targets(item, &mut body, &field, &names) else {
                 continue;
-            }
-            for (list_name, list) in [("only", &targets.only), ("except", &targets.except)] {
-                for name in list {
-                    if !names.contains(&name.as_str()) {
-                        let span = find_span(item, list_name).unwrap_or(item.span());
-                        let mut diagnostic = self.error(
-                            format!("`{name}` is not a builder in this config"),
-                            span,
-                            &format!("{field}.{list_name}"),
-                        );
-                        diagnostic = match did_you_mean(name, names.iter().copied()) {
-                            Some(best) => diagnostic.help(format!("did you mean `{best}`?")),
-                            None => diagnostic.help(format!("builders: {}", names.join(", "))),
-                        };
-                        self.diagnostics.push(diagnostic);
-                    }
-                }
-            }
+            };
             for (build, kind_of_build) in builders {
-                let applies = (targets.only.is_empty() || targets.only.contains(build))
-                    && !targets.except.contains(build);
-                if !applies {
+                if !targets.applies_to(build) {
                     continue;
                 }
                 let mut build_context = context.clone();
@@ -676,6 +715,243 @@ impl Loader<'_> {
                 let entry = by_build.entry(build.clone()).or_default();
                 entry.provisioners.push(parsed.provisioner);
                 entry.configs.push(parsed.resolved);
+                entry.input_files.extend(parsed.input_files);
+            }
+        }
+        by_build
+    }
+
+    /// Takes `only`/`except` out of `body` (a `[[provision]]` or `[[test]]`
+    /// table) and checks them against the config's builds. `None` when
+    /// they cannot be used at all (reported); names that are not builds are
+    /// reported but the rest still apply, so later checks still run.
+    fn targets(
+        &mut self,
+        item: &Spanned<DeValue<'_>>,
+        body: &mut Spanned<DeValue<'_>>,
+        field: &str,
+        names: &[&str],
+    ) -> Option<ProvisionTargets> {
+        let mut targets_table = DeTable::new();
+        if let DeValue::Table(inner) = body.get_mut() {
+            for key in ["only", "except"] {
+                if let Some((k, v)) = inner.remove_entry(key) {
+                    targets_table.insert(k, v);
+                }
+            }
+        }
+        let targets_value = Spanned::new(item.span(), DeValue::Table(targets_table));
+        let targets =
+            match ProvisionTargets::deserialize(ValueDeserializer::from(targets_value.clone())) {
+                Ok(targets) => targets,
+                Err(err) => {
+                    self.serde_error(&err, item.span(), item, field);
+                    return None;
+                }
+            };
+        if !targets.only.is_empty() && !targets.except.is_empty() {
+            let span = find_span(item, "except").unwrap_or(item.span());
+            let diagnostic = self
+                .error(
+                    "`only` and `except` exclude each other",
+                    span,
+                    &format!("{field}.except"),
+                )
+                .help("list the builds it runs on in `only`, or those it skips in `except`");
+            self.diagnostics.push(diagnostic);
+            return None;
+        }
+        for (list_name, list) in [("only", &targets.only), ("except", &targets.except)] {
+            for name in list {
+                if !names.contains(&name.as_str()) {
+                    let span = find_span(item, list_name).unwrap_or(item.span());
+                    let mut diagnostic = self.error(
+                        format!("`{name}` is not a builder in this config"),
+                        span,
+                        &format!("{field}.{list_name}"),
+                    );
+                    diagnostic = match did_you_mean(name, names.iter().copied()) {
+                        Some(best) => diagnostic.help(format!("did you mean `{best}`?")),
+                        None => diagnostic.help(format!("builders: {}", names.join(", "))),
+                    };
+                    self.diagnostics.push(diagnostic);
+                }
+            }
+        }
+        Some(targets)
+    }
+
+    /// `[[test]]` tables: shell checks run on each build's artifact. The
+    /// shell part is parsed by the `shell` provisioner kind, so a test's
+    /// commands, scripts, env and templates follow exactly its rules.
+    fn tests(
+        &mut self,
+        top: &DeTable<'_>,
+        env: &minijinja::Environment<'static>,
+        context: &serde_json::Value,
+        builders: &[(String, String)],
+    ) -> BTreeMap<String, Testing> {
+        let mut by_build: BTreeMap<String, Testing> = BTreeMap::new();
+        let Some(section) = top.get("test") else {
+            return by_build;
+        };
+        let DeValue::Array(items) = section.get_ref() else {
+            let diagnostic = self
+                .error("`test` must be a list of tables", section.span(), "test")
+                .help("write each test as a [[test]] table with a `name`");
+            self.diagnostics.push(diagnostic);
+            return by_build;
+        };
+        let shell = provisioner_registry::find("shell")
+            .expect("the shell provisioner kind is always compiled in");
+        let names: Vec<&str> = builders.iter().map(|(name, _)| name.as_str()).collect();
+        let mut seen_names: BTreeMap<String, usize> = BTreeMap::new();
+        for (index, item) in items.iter().enumerate() {
+            let field = format!("test[{index}]");
+            let DeValue::Table(table) = item.get_ref() else {
+                let diagnostic = self.error("a test must be a table", item.span(), &field);
+                self.diagnostics.push(diagnostic);
+                continue;
+            };
+            let mut unknown = false;
+            for (key, _) in table.iter() {
+                let key_name: &str = key.get_ref();
+                let known = TEST_SHELL_FIELDS.contains(&key_name)
+                    || TEST_OWN_FIELDS.contains(&key_name)
+                    || matches!(key_name, "only" | "except");
+                if known {
+                    continue;
+                }
+                unknown = true;
+                let all = TEST_SHELL_FIELDS
+                    .iter()
+                    .chain(TEST_OWN_FIELDS)
+                    .chain(&["only", "except"])
+                    .copied();
+                let listing = all.clone().collect::<Vec<_>>().join(", ");
+                let help = match key_name {
+                    "type" => "a test is always shell commands: remove `type`".to_owned(),
+                    "max_retries" => {
+                        "a test retries with `retries` (and waits `retry_delay` between attempts)"
+                            .to_owned()
+                    }
+                    "on_test_failure" => {
+                        "`on_test_failure` applies to the whole image: set it in [image]".to_owned()
+                    }
+                    _ => match did_you_mean(key_name, all) {
+                        Some(best) => format!("did you mean `{best}`? a [[test]] takes: {listing}"),
+                        None => format!("a [[test]] takes: {listing}"),
+                    },
+                };
+                let diagnostic = self
+                    .error(
+                        format!("unknown field `{key_name}` in a test"),
+                        key.span(),
+                        &format!("{field}.{key_name}"),
+                    )
+                    .help(help);
+                self.diagnostics.push(diagnostic);
+            }
+            if unknown {
+                continue;
+            }
+
+            let mut own_table = DeTable::new();
+            let mut body = item.clone();
+            if let DeValue::Table(inner) = body.get_mut() {
+                for key in TEST_OWN_FIELDS {
+                    if let Some((k, v)) = inner.remove_entry(*key) {
+                        own_table.insert(k, v);
+                    }
+                }
+            }
+            let own_value = Spanned::new(item.span(), DeValue::Table(own_table));
+            let own = match TestOwnFields::deserialize(ValueDeserializer::from(own_value)) {
+                Ok(own) => own,
+                Err(err) => {
+                    self.serde_error(&err, item.span(), item, &field);
+                    continue;
+                }
+            };
+            let name_span = find_span(item, "name").unwrap_or(item.span());
+            if own.name.trim().is_empty() {
+                let diagnostic = self
+                    .error(
+                        "a test's name must not be empty",
+                        name_span,
+                        &format!("{field}.name"),
+                    )
+                    .help(
+                        "name it after what it checks: results are reported and recorded by name",
+                    );
+                self.diagnostics.push(diagnostic);
+                continue;
+            }
+            if let Some(first) = seen_names.insert(own.name.clone(), index) {
+                let diagnostic = self
+                    .error(
+                        format!("test[{first}] is already named `{}`", own.name),
+                        name_span,
+                        &format!("{field}.name"),
+                    )
+                    .help("give each test its own name: results are reported and recorded by name");
+                self.diagnostics.push(diagnostic);
+                continue;
+            }
+            let Some(targets) = self.targets(item, &mut body, &field, &names) else {
+                continue;
+            };
+            for (build, kind_of_build) in builders {
+                if !targets.applies_to(build) {
+                    continue;
+                }
+                let mut build_context = context.clone();
+                build_context["build"] = serde_json::json!({"name": build, "type": kind_of_build});
+                let source = self.source.clone();
+                let renderer = Renderer {
+                    env,
+                    context: &minijinja::Value::from_serialize(&build_context),
+                    file: self.file,
+                    source: &source,
+                };
+                let mut rendered = body.clone();
+                let before = self.diagnostics.len();
+                renderer.render_tree(&mut rendered, &field, &mut self.diagnostics);
+                if self.diagnostics.len() > before {
+                    // The same template error would repeat for every build.
+                    break;
+                }
+                let parsed = shell.parse(ParseInput {
+                    table: &rendered,
+                    config_dir: &self.dir,
+                    template_context: &build_context,
+                });
+                let parsed = match parsed {
+                    Ok(parsed) => parsed,
+                    Err(ParseError::Invalid(err)) => {
+                        self.serde_error(&err, item.span(), item, &field);
+                        break;
+                    }
+                    Err(ParseError::Problems(problems)) => {
+                        self.push_problems(problems, item, item.span(), &field);
+                        break;
+                    }
+                };
+                let mut resolved = match serde_json::to_value(&own) {
+                    Ok(serde_json::Value::Object(fields)) => fields,
+                    _ => serde_json::Map::new(),
+                };
+                if let serde_json::Value::Object(shell_fields) = parsed.resolved {
+                    resolved.extend(shell_fields);
+                }
+                let entry = by_build.entry(build.clone()).or_default();
+                entry.tests.push(ImageTest {
+                    name: own.name.clone(),
+                    shell: parsed.provisioner,
+                    retries: own.retries,
+                    retry_delay: own.retry_delay,
+                });
+                entry.configs.push(serde_json::Value::Object(resolved));
                 entry.input_files.extend(parsed.input_files);
             }
         }
@@ -786,4 +1062,83 @@ pub fn git_head(dir: &Path) -> Option<String> {
         .ok()?;
     let sha = String::from_utf8(output.stdout).ok()?.trim().to_owned();
     (output.status.success() && sha.len() >= 40).then_some(sha)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(dir: &Path, text: &str) -> Result<Config, Diagnostics> {
+        let path = dir.join("image.toml");
+        std::fs::write(&path, text).unwrap();
+        let options = LoadOptions {
+            variables: VariableInputs {
+                cli: Vec::new(),
+                var_files: Vec::new(),
+                environment: BTreeMap::new(),
+            },
+            run_id: "run".into(),
+            started: time::OffsetDateTime::UNIX_EPOCH,
+            only: Vec::new(),
+            except: Vec::new(),
+        };
+        load(&path, &options)
+    }
+
+    #[test]
+    fn tests_resolve_per_build_with_their_scripts_as_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("checks")).unwrap();
+        std::fs::write(dir.path().join("checks/release.sh"), "true\n").unwrap();
+        let config = load_text(
+            dir.path(),
+            r#"
+[image]
+name = "web"
+version = "1"
+
+[builders.a]
+type = "docker"
+image = "debian:12"
+
+[builders.b]
+type = "docker"
+image = "debian:12"
+repository = "web-b"
+
+[[test]]
+name = "release"
+script = "checks/release.sh"
+retries = 2
+retry_delay = "1m"
+
+[[test]]
+name = "only b"
+inline = ["true"]
+only = ["b"]
+"#,
+        )
+        .unwrap_or_else(|d| panic!("{}", d.render(false)));
+        assert_eq!(config.on_test_failure, OnTestFailure::Keep);
+        let a = &config.builds[0];
+        let b = &config.builds[1];
+        let names = |build: &Build| {
+            build
+                .tests
+                .iter()
+                .map(|t| t.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(a), ["release"]);
+        assert_eq!(names(b), ["release", "only b"]);
+        assert_eq!(a.tests[0].retries, 2);
+        assert_eq!(a.tests[0].retry_delay, Duration::from_secs(60));
+        assert_eq!(b.tests[1].retries, 0);
+        assert_eq!(b.tests[1].retry_delay, Duration::from_secs(5));
+        let script = std::fs::canonicalize(dir.path())
+            .unwrap()
+            .join("checks/release.sh");
+        assert!(a.input_files.contains(&script), "{:?}", a.input_files);
+        assert_eq!(a.test_configs[0]["retry_delay"], "1m");
+    }
 }

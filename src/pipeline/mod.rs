@@ -5,9 +5,9 @@
 pub mod inputs;
 pub mod signals;
 
-use crate::config::{Build, Config};
-use crate::manifest::{self, BuildRecord, Entry, ImageRecord};
-use imgbuild_builders::{BuildError, BuildRequest};
+use crate::config::{Build, Config, OnTestFailure};
+use crate::manifest::{self, BuildRecord, Entry, EntryStatus, ImageRecord, TestResult};
+use imgbuild_builders::{Artifact, BuildError, BuildRequest};
 use imgbuild_core::events::BuildStatus;
 use imgbuild_core::journal::{self, Journal};
 use imgbuild_core::{BuildLog, CancellationToken, Event, OnError, StepContext};
@@ -22,6 +22,8 @@ pub struct RunOptions {
     pub on_error: OnError,
     pub manifest: PathBuf,
     pub state_dir: PathBuf,
+    /// `--skip-tests`: record the artifacts without running their tests.
+    pub skip_tests: bool,
 }
 
 /// How the run ended, as the exit code says it.
@@ -138,11 +140,13 @@ async fn preflight(
             &build.name,
         ) {
             cx.log.error(format!(
-                "image {} version {} was already built by this builder (run {}, {}; recorded in {}); versions are immutable: bump `image.version` to build a new one",
+                "image {} version {} was already built by this builder (run {}, {}, {}{}; recorded in {}); versions are immutable, failed ones too: bump `image.version` to build a new one",
                 config.image.name,
                 config.image.version,
                 entry.run_id,
                 entry.artifact_id,
+                entry.status.as_str(),
+                if entry.deleted { ", deleted" } else { "" },
                 options.manifest.display()
             ));
             refused = true;
@@ -191,6 +195,7 @@ async fn run_builds(
         let permits = permits.clone();
         let manifest_path = options.manifest.clone();
         let on_error = options.on_error;
+        let skip_tests = options.skip_tests;
         let run_id = options.run_id.clone();
         tasks.spawn(async move {
             let _permit = tokio::select! {
@@ -208,6 +213,7 @@ async fn run_builds(
                     on_error,
                     &manifest_path,
                     &run_id,
+                    skip_tests,
                 )
                 .await,
             )
@@ -244,6 +250,154 @@ async fn run_builds(
     status
 }
 
+/// What the tests said about one artifact.
+struct Verdict {
+    status: EntryStatus,
+    tests: Vec<TestResult>,
+    skipped: bool,
+    /// Why the tests could not run, or did not finish.
+    error: Option<String>,
+    cancelled: bool,
+}
+
+impl Verdict {
+    fn untested(skipped: bool) -> Self {
+        Verdict {
+            status: EntryStatus::Built,
+            tests: Vec::new(),
+            skipped,
+            error: None,
+            cancelled: false,
+        }
+    }
+
+    fn failed(error: String, cancelled: bool) -> Self {
+        Verdict {
+            status: EntryStatus::Failed,
+            tests: Vec::new(),
+            skipped: false,
+            error: Some(error),
+            cancelled,
+        }
+    }
+
+    /// The build's failure message, when the verdict fails it: each failed
+    /// test with what it ran and how it ended.
+    fn failure(&self, build: &Build) -> Option<String> {
+        if self.status != EntryStatus::Failed {
+            return None;
+        }
+        if let Some(error) = &self.error {
+            return Some(error.clone());
+        }
+        let failed: Vec<String> = self
+            .tests
+            .iter()
+            .filter(|t| !t.passed)
+            .map(|t| {
+                let ran = build
+                    .test_configs
+                    .iter()
+                    .find(|c| c["name"] == t.name.as_str())
+                    .map(test_command)
+                    .unwrap_or_default();
+                let ended = match t.exit_code {
+                    Some(code) => format!("exit code {code}"),
+                    None => t.error.clone().unwrap_or_else(|| "no exit code".into()),
+                };
+                format!("`{}` ({ran}: {ended})", t.name)
+            })
+            .collect();
+        Some(format!(
+            "{} of {} tests failed on the artifact: {}",
+            failed.len(),
+            self.tests.len(),
+            failed.join(", ")
+        ))
+    }
+}
+
+/// What a test's resolved config runs, in one line: its inline commands or
+/// its script files.
+fn test_command(config: &serde_json::Value) -> String {
+    let list = |value: &serde_json::Value| -> Vec<String> {
+        match value {
+            serde_json::Value::Array(items) => items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_owned))
+                .collect(),
+            serde_json::Value::String(text) => vec![text.clone()],
+            _ => Vec::new(),
+        }
+    };
+    for (field, separator) in [("inline", "; "), ("script", ", "), ("scripts", ", ")] {
+        let items = list(&config[field]);
+        if !items.is_empty() {
+            return format!("{field} `{}`", items.join(separator));
+        }
+    }
+    String::from("the test")
+}
+
+/// Runs the build's `[[test]]`s on its artifact, unless there are none or
+/// `--skip-tests` was given.
+async fn test(
+    build: &Build,
+    request: &BuildRequest,
+    artifact: &Artifact,
+    cx: &StepContext,
+    skip_tests: bool,
+) -> Verdict {
+    if build.tests.is_empty() {
+        return Verdict::untested(false);
+    }
+    if skip_tests {
+        cx.log.warn(format!(
+            "--skip-tests: the {} test(s) of this build did not run; the version is recorded as untested (status `built`, `tests_skipped`)",
+            build.tests.len()
+        ));
+        return Verdict::untested(true);
+    }
+    match build
+        .builder
+        .test_artifact(request, artifact, &build.tests, cx)
+        .await
+    {
+        // A builder that returned fewer results than tests did not run them
+        // all: that is no pass.
+        Ok(results) if results.len() == build.tests.len() && results.iter().all(|r| r.passed) => {
+            Verdict {
+                status: EntryStatus::Tested,
+                tests: results,
+                skipped: false,
+                error: None,
+                cancelled: false,
+            }
+        }
+        Ok(results) => {
+            let error = (results.len() != build.tests.len()).then(|| {
+                format!(
+                    "the builder reported {} results for {} tests",
+                    results.len(),
+                    build.tests.len()
+                )
+            });
+            Verdict {
+                status: EntryStatus::Failed,
+                tests: results,
+                skipped: false,
+                error,
+                cancelled: false,
+            }
+        }
+        Err(BuildError::Cancelled) => Verdict::failed(
+            "interrupted before the tests finished; the artifact is recorded as failed".into(),
+            true,
+        ),
+        Err(err) => Verdict::failed(format!("the tests could not run: {err}"), false),
+    }
+}
+
 async fn run_one(
     config: &Config,
     build: &Build,
@@ -251,6 +405,7 @@ async fn run_one(
     on_error: OnError,
     manifest_path: &std::path::Path,
     run_id: &str,
+    skip_tests: bool,
 ) -> Outcome {
     let started_at = now_rfc3339();
     let started = Instant::now();
@@ -286,7 +441,28 @@ async fn run_one(
         }
     };
 
-    let description = serde_json::json!({
+    let verdict = test(build, &request, &artifact, &cx, skip_tests).await;
+    let mut deleted = false;
+    if verdict.status == EntryStatus::Failed
+        && !verdict.cancelled
+        && config.on_test_failure == OnTestFailure::Delete
+    {
+        match build.builder.delete_artifact(&artifact, &cx).await {
+            Ok(()) => {
+                cx.log.info(format!(
+                    "deleted the artifact {} (on_test_failure = \"delete\")",
+                    artifact.id
+                ));
+                deleted = true;
+            }
+            Err(err) => cx.log.error(format!(
+                "the artifact {} failed its tests but could not be deleted ({err}); it stays recorded as failed: remove it by hand",
+                artifact.id
+            )),
+        }
+    }
+
+    let mut description = serde_json::json!({
         "image": {
             "name": config.image.name,
             "version": config.image.version,
@@ -298,6 +474,11 @@ async fn run_one(
         "builder": build.builder.resolved_config(),
         "provisioners": build.provisioner_configs,
     });
+    // Only when there are tests, so a config without any keeps the hash it
+    // had before tests existed.
+    if !build.test_configs.is_empty() {
+        description["tests"] = serde_json::json!(build.test_configs);
+    }
     let inputs = inputs::Inputs {
         description,
         files: build.input_files.clone(),
@@ -345,6 +526,11 @@ async fn run_one(
         duration_secs: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         imgbuild_version: env!("CARGO_PKG_VERSION").to_owned(),
         git_commit: config.image.revision.clone(),
+        status: verdict.status,
+        tests: verdict.tests.clone(),
+        tests_skipped: verdict.skipped,
+        test_error: verdict.error.clone(),
+        deleted,
     };
     entry.mask_free_text(&config.redactor);
     let entry_json = serde_json::to_value(&entry).expect("entries serialize");
@@ -385,6 +571,31 @@ async fn run_one(
                 artifact: None,
             };
         }
+    }
+    if let Some(failure) = verdict.failure(build) {
+        let kept = if deleted {
+            "the artifact was deleted"
+        } else {
+            "the artifact is kept"
+        };
+        let message = format!(
+            "{failure}; version {} is recorded as failed in {} ({kept}), and `imgbuild output` refuses it without --allow-failed",
+            config.image.version,
+            manifest_path.display()
+        );
+        if verdict.cancelled {
+            cx.log.warn(message);
+            finish(BuildStatus::Cancelled, None);
+            return Outcome {
+                status: BuildStatus::Cancelled,
+                artifact: None,
+            };
+        }
+        finish(BuildStatus::Failed, Some(message));
+        return Outcome {
+            status: BuildStatus::Failed,
+            artifact: None,
+        };
     }
     if let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty())
         && let Err(err) =
@@ -438,4 +649,131 @@ pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OnTestFailure;
+    use imgbuild_builders::{Builder, ConfigProblem, ImageInfo, PlannedArtifact, SourceIdentity};
+    use imgbuild_core::Redactor;
+    use imgbuild_core::events::MemorySink;
+    use imgbuild_provisioners::image_test::ImageTest;
+    use std::path::Path;
+
+    /// Builds an artifact instantly and keeps the trait's defaults for
+    /// `test_artifact` and `delete_artifact`: both refuse, as a builder that
+    /// cannot test yet does.
+    struct CannotTest;
+
+    #[async_trait::async_trait]
+    impl Builder for CannotTest {
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+        fn validate(&self, _: &Path) -> Vec<ConfigProblem> {
+            Vec::new()
+        }
+        fn resolved_config(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn planned_artifact(&self, _: &ImageInfo, _: &Path) -> PlannedArtifact {
+            PlannedArtifact {
+                description: "nothing".into(),
+                files: Vec::new(),
+            }
+        }
+        async fn preflight(&self, _: &BuildRequest, _: &StepContext) -> Result<(), BuildError> {
+            Ok(())
+        }
+        async fn build(&self, _: &BuildRequest, _: &StepContext) -> Result<Artifact, BuildError> {
+            Ok(Artifact {
+                builder: "fake".into(),
+                id: "fake-artifact-1".into(),
+                files: Vec::new(),
+                source: SourceIdentity {
+                    kind: "file".into(),
+                    reference: "/base".into(),
+                    sha256: None,
+                },
+                details: serde_json::Value::Null,
+            })
+        }
+    }
+
+    fn shell_test(name: &str) -> ImageTest {
+        let table = toml::de::DeTable::parse("inline = [\"true\"]").unwrap();
+        let table = toml::Spanned::new(table.span(), toml::de::DeValue::Table(table.into_inner()));
+        let parsed = imgbuild_provisioners::registry::find("shell")
+            .unwrap()
+            .parse(imgbuild_provisioners::registry::ParseInput {
+                table: &table,
+                config_dir: Path::new("/"),
+                template_context: &serde_json::json!({}),
+            })
+            .unwrap();
+        ImageTest {
+            name: name.into(),
+            shell: parsed.provisioner,
+            retries: 0,
+            retry_delay: std::time::Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn tests_that_cannot_run_fail_the_build_and_record_the_version_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            path: dir.path().join("image.toml"),
+            dir: dir.path().to_path_buf(),
+            image: ImageInfo {
+                name: "web".into(),
+                version: "1".into(),
+                description: None,
+                labels: Default::default(),
+                revision: None,
+                created: "now".into(),
+            },
+            variables: Vec::new(),
+            builds: vec![Build {
+                name: "box".into(),
+                builder: Box::new(CannotTest),
+                provisioners: Vec::new(),
+                provisioner_configs: Vec::new(),
+                input_files: Vec::new(),
+                tests: vec![shell_test("boots")],
+                test_configs: vec![serde_json::json!({"name": "boots", "inline": ["true"]})],
+            }],
+            excluded: Vec::new(),
+            redactor: Redactor::new(),
+            on_test_failure: OnTestFailure::Delete,
+        };
+        let options = RunOptions {
+            run_id: "run1".into(),
+            started: time::OffsetDateTime::UNIX_EPOCH,
+            parallel: 1,
+            on_error: OnError::Cleanup,
+            manifest: dir.path().join("manifest.json"),
+            state_dir: dir.path().join("state"),
+            skip_tests: false,
+        };
+        let sink = Arc::new(MemorySink::default());
+        let log = BuildLog::root(sink.clone(), Redactor::new());
+        let status = run(config, options, log, CancellationToken::new()).await;
+        assert_eq!(status, RunStatus::Failed);
+
+        let manifest = manifest::read(&dir.path().join("manifest.json")).unwrap();
+        let entry = &manifest.builds[0];
+        assert_eq!(entry.status, EntryStatus::Failed);
+        assert!(!entry.deleted, "the builder refused to delete it");
+        let error = entry.test_error.as_deref().unwrap();
+        assert!(error.contains("cannot run [[test]]"), "{error}");
+
+        let events = serde_json::to_string(&sink.events()).unwrap();
+        assert!(
+            events.contains("failed its tests but could not be deleted"),
+            "{events}"
+        );
+        assert!(events.contains("the tests could not run"), "{events}");
+    }
 }

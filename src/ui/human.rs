@@ -176,6 +176,60 @@ impl EventSink for HumanSink {
             Event::CleanupFailed { step, error, .. } => {
                 format!("{prefix}{ERROR}cleanup of {step} failed:{ERROR:#} {error}")
             }
+            Event::TestStarted {
+                name, index, total, ..
+            } => {
+                if quiet {
+                    return;
+                }
+                format!("{prefix}{BOLD}==> test {index} of {total}: {name}{BOLD:#}")
+            }
+            Event::TestFinished {
+                name,
+                passed,
+                exit_code,
+                duration_ms,
+                attempts,
+                output_tail,
+                error,
+                ..
+            } => {
+                let secs = *duration_ms as f64 / 1000.0;
+                let tries = if *attempts > 1 {
+                    format!(" after {attempts} attempts")
+                } else {
+                    String::new()
+                };
+                if *passed {
+                    if quiet {
+                        return;
+                    }
+                    format!("{prefix}    {OK}test passed:{OK:#} {name} ({secs:.1}s{tries})")
+                } else {
+                    // Always shown, even with -q: it is why the build fails.
+                    // The error names the command; the exit code and the
+                    // tail are repeated on their own lines to be found.
+                    let code = match exit_code {
+                        Some(code) => format!("exit code {code}"),
+                        None => "no exit code".to_owned(),
+                    };
+                    let mut text = format!(
+                        "{prefix}{ERROR}test failed:{ERROR:#} {name} ({code}, {secs:.1}s{tries})"
+                    );
+                    // With an exit code, the error only names the uploaded
+                    // temporary script; the build's summary names the test's
+                    // own commands. Without one (a timeout, a lost
+                    // connection), the error is the reason.
+                    if let (None, Some(error)) = (exit_code, error) {
+                        let first = error.lines().next().unwrap_or_default();
+                        text.push_str(&format!("\n{prefix}    {first}"));
+                    }
+                    for line in output_tail {
+                        text.push_str(&format!("\n{prefix}    {DIM}|{DIM:#} {line}"));
+                    }
+                    text
+                }
+            }
             Event::Artifact { .. } => return,
             Event::BuildFinished {
                 status,

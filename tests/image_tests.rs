@@ -1,0 +1,303 @@
+//! `[[test]]` end to end through the CLI with the real Docker Engine: the
+//! tests run on a container started from the committed image, their results
+//! land in the manifest with the version's status, a failure fails the build
+//! and `imgbuild output` refuses the failed version unless asked.
+
+use imgbuild_test_support::{cli::*, common::*, docker::ImageCleanup};
+
+/// A Docker build of `name:version` whose provisioner writes the version
+/// into the image, followed by `tests`.
+fn config(name: &str, version: &str, image_extra: &str, tests: &str) -> String {
+    format!(
+        r#"[image]
+name = "{name}"
+version = "{version}"
+{image_extra}
+
+[variables]
+base = {{ description = "base image" }}
+
+[builders.box]
+type = "docker"
+image = "{{{{ var.base }}}}"
+pull = "never"
+
+[[provision]]
+type = "shell"
+inline = ["echo {{{{ image.version }}}} > /etc/imgbuild-release"]
+
+{tests}
+"#
+    )
+}
+
+/// Three tests: the middle one fails with exit code 3 after printing a
+/// marker; the last one passes, proving every test runs after a failure.
+const FAILING_SUITE: &str = r#"
+[[test]]
+name = "release file"
+inline = ["test \"$(cat /etc/imgbuild-release)\" = \"$EXPECTED\""]
+env = { EXPECTED = "{{ image.version }}" }
+
+[[test]]
+name = "service answers"
+inline = ["echo probe-said-no", "exit 3"]
+
+[[test]]
+name = "runs after a failure"
+inline = ["true"]
+"#;
+
+/// `imgbuild build`, as in GitHub Actions: step outputs go to
+/// `github_output` in the workspace.
+fn build(workspace: &Workspace, extra: &[&str]) -> Outcome {
+    workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--var"])
+        .arg(format!("base={}", docker_base_image()))
+        .args(extra)
+        .env("GITHUB_OUTPUT", workspace.join("github_output"))
+        .run()
+}
+
+fn output(workspace: &Workspace, extra: &[&str]) -> Outcome {
+    workspace.imgbuild().arg("output").args(extra).run()
+}
+
+fn image_exists(reference: &str) -> bool {
+    std::process::Command::new("docker")
+        .args(["image", "inspect", reference])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// No container of the run is left, the test container included.
+fn assert_nothing_left(workspace: &Workspace, run_id: &str) {
+    assert!(
+        containers_labelled(&format!("org.imgbuild.run-id={run_id}")).is_empty(),
+        "a container of run {run_id} is left"
+    );
+    assert!(workspace.journals().is_empty());
+}
+
+#[test]
+fn a_passing_suite_marks_the_version_tested() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    let reference = format!("imgbuild-tested:{version}");
+    let _cleanup = ImageCleanup::references(vec![reference.clone()]);
+    let suite = r#"
+[[test]]
+name = "release file"
+script = "checks/release.sh"
+env = { EXPECTED = "{{ image.version }}" }
+
+[[test]]
+name = "shell works"
+inline = ["test -x /bin/sh"]
+"#;
+    workspace.write(
+        "image.toml",
+        &config("imgbuild-tested", &version, "", suite),
+    );
+    workspace.write(
+        "checks/release.sh",
+        "#!/bin/sh\ntest \"$(cat /etc/imgbuild-release)\" = \"$EXPECTED\"\n",
+    );
+    let outcome = build(&workspace, &["--output", "json"]).exits_with(EXIT_OK);
+
+    // JSON shows each test like a step: started, then finished with its result.
+    let events = outcome.events();
+    let of = |kind: &str| -> Vec<&serde_json::Value> {
+        events.iter().filter(|e| e["event"] == kind).collect()
+    };
+    let started: Vec<&str> = of("test_started")
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        started,
+        ["release file", "shell works"],
+        "{}",
+        outcome.stdout
+    );
+    let finished = of("test_finished");
+    assert_eq!(finished.len(), 2, "{}", outcome.stdout);
+    assert!(
+        finished
+            .iter()
+            .all(|e| e["passed"] == true && e["build"] == "box")
+    );
+
+    let manifest = workspace.manifest();
+    let entry = &manifest["builds"][0];
+    assert_eq!(entry["status"], "tested", "{entry}");
+    let tests = entry["tests"].as_array().unwrap();
+    assert_eq!(tests.len(), 2, "{entry}");
+    assert_eq!(tests[0]["name"], "release file");
+    assert_eq!(tests[0]["passed"], true);
+    assert_eq!(tests[0]["exit_code"], 0);
+    assert!(entry.get("tests_skipped").is_none(), "{entry}");
+
+    // A tested version is handed out.
+    let id = docker(&["image", "inspect", "--format", "{{.Id}}", &reference]);
+    output(&workspace, &[]).exits_with(EXIT_OK).stdout_has(&id);
+    assert!(
+        workspace
+            .read("github_output")
+            .contains(&format!("box_artifact_id={id}")),
+    );
+    assert_nothing_left(&workspace, entry["run_id"].as_str().unwrap());
+}
+
+#[test]
+fn a_failing_test_fails_the_build_and_output_refuses_the_version() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    let reference = format!("imgbuild-untrusted:{version}");
+    let _cleanup = ImageCleanup::references(vec![reference.clone()]);
+    workspace.write(
+        "image.toml",
+        &config("imgbuild-untrusted", &version, "", FAILING_SUITE),
+    );
+    let outcome = build(&workspace, &[])
+        .exits_with(EXIT_BUILD_FAILED)
+        // The failure shows the test, its exit code and its output.
+        .stderr_has("test failed: service answers (exit code 3")
+        .stderr_has("probe-said-no")
+        .stderr_has("1 of 3 tests failed on the artifact: `service answers` (inline `echo probe-said-no; exit 3`: exit code 3)")
+        .stderr_has("test passed: runs after a failure");
+    let run_id = run_id_in(&outcome.stderr);
+
+    // Recorded as failed, with every test's result; the artifact is kept.
+    let manifest = workspace.manifest();
+    let entry = &manifest["builds"][0];
+    assert_eq!(entry["status"], "failed", "{entry}");
+    let tests = entry["tests"].as_array().unwrap();
+    let passed: Vec<bool> = tests.iter().map(|t| t["passed"] == true).collect();
+    assert_eq!(passed, [true, false, true], "{entry}");
+    assert_eq!(tests[1]["exit_code"], 3);
+    assert!(
+        tests[1]["output_tail"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|line| line == "probe-said-no"),
+        "{entry}"
+    );
+    assert!(entry.get("deleted").is_none(), "{entry}");
+    assert!(image_exists(&reference), "on_test_failure = keep keeps it");
+    assert!(
+        !workspace.join("github_output").exists(),
+        "a failed version is not handed to later steps"
+    );
+    assert_nothing_left(&workspace, &run_id);
+
+    // `output` refuses it, naming the version and the failed test, in every
+    // format; --allow-failed hands it out.
+    for format in ["id", "json", "tfvars"] {
+        output(&workspace, &["--format", format])
+            .exits_with(EXIT_USAGE)
+            .stderr_has(&format!("build box version {version} failed its tests"))
+            .stderr_has("`service answers`")
+            .stderr_has("--allow-failed");
+    }
+    let id = docker(&["image", "inspect", "--format", "{{.Id}}", &reference]);
+    output(&workspace, &["--allow-failed"])
+        .exits_with(EXIT_OK)
+        .stdout_has(&id);
+
+    // The version stays taken.
+    build(&workspace, &[])
+        .exits_with(EXIT_USAGE)
+        .stderr_has("failed")
+        .stderr_has("nothing was launched");
+}
+
+#[test]
+fn on_test_failure_delete_removes_the_image_and_records_the_failure() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    let reference = format!("imgbuild-deleted:{version}");
+    let _cleanup = ImageCleanup::references(vec![reference.clone()]);
+    workspace.write(
+        "image.toml",
+        &config(
+            "imgbuild-deleted",
+            &version,
+            "on_test_failure = \"delete\"",
+            FAILING_SUITE,
+        ),
+    );
+    build(&workspace, &[])
+        .exits_with(EXIT_BUILD_FAILED)
+        .stderr_has("the artifact was deleted");
+    let manifest = workspace.manifest();
+    let entry = &manifest["builds"][0];
+    assert_eq!(entry["status"], "failed", "{entry}");
+    assert_eq!(entry["deleted"], true, "{entry}");
+    assert!(!image_exists(&reference), "the failed image is deleted");
+    // Nothing to hand out, even when failures are allowed.
+    output(&workspace, &["--allow-failed"])
+        .exits_with(EXIT_USAGE)
+        .stderr_has("was deleted");
+}
+
+#[test]
+fn skip_tests_records_an_untested_version() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    let reference = format!("imgbuild-skipped:{version}");
+    let _cleanup = ImageCleanup::references(vec![reference.clone()]);
+    workspace.write(
+        "image.toml",
+        &config("imgbuild-skipped", &version, "", FAILING_SUITE),
+    );
+    build(&workspace, &["--skip-tests"])
+        .exits_with(EXIT_OK)
+        .stderr_has("--skip-tests: the 3 test(s) of this build did not run")
+        .stderr_lacks("test failed");
+    let manifest = workspace.manifest();
+    let entry = &manifest["builds"][0];
+    assert_eq!(entry["status"], "built", "{entry}");
+    assert_eq!(entry["tests_skipped"], true, "{entry}");
+    assert!(entry.get("tests").is_none(), "{entry}");
+    output(&workspace, &[]).exits_with(EXIT_OK);
+}
+
+#[test]
+fn an_interrupt_during_the_tests_exits_130_and_removes_the_test_container() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    let reference = format!("imgbuild-interrupted:{version}");
+    let _cleanup = ImageCleanup::references(vec![reference.clone()]);
+    let suite = "[[test]]\nname = \"slow\"\ninline = [\"echo test-is-running\", \"sleep 600\"]\n";
+    workspace.write(
+        "image.toml",
+        &config("imgbuild-interrupted", &version, "", suite),
+    );
+    let mut running = workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--var"])
+        .arg(format!("base={}", docker_base_image()))
+        .spawn(&workspace.join("build.log"));
+    running.wait_for_output("test-is-running", std::time::Duration::from_secs(300));
+    let run_id = run_id_in(&running.log());
+    running.signal(libc::SIGINT);
+    let (status, log) = running.wait(std::time::Duration::from_secs(120));
+    assert_eq!(status.code(), Some(EXIT_INTERRUPTED), "{log}");
+    assert_nothing_left(&workspace, &run_id);
+    // The image exists, so its version is taken: recorded, as failed.
+    let manifest = workspace.manifest();
+    let entry = &manifest["builds"][0];
+    assert_eq!(entry["status"], "failed", "{entry}");
+    assert!(
+        entry["test_error"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted before the tests finished"),
+        "{entry}"
+    );
+}
