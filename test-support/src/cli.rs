@@ -97,21 +97,7 @@ impl Workspace {
     /// QEMU processes whose command line mentions this workspace: a run's
     /// VMs keep their disks here, so any such process belongs to a test run.
     pub fn qemu_processes(&self) -> Vec<u32> {
-        let marker = self.path().to_string_lossy().into_owned();
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.starts_with("qemu-system") && cmdline.contains(&marker) {
-                found.push(pid);
-            }
-        }
-        found
+        crate::common::qemu_processes_mentioning(self.path())
     }
 
     /// Journals of runs in this workspace's state directory.

@@ -156,3 +156,24 @@ pub fn processes_mentioning(text: &str) -> Vec<String> {
         .filter(|cmdline| cmdline.contains(text))
         .collect()
 }
+
+/// QEMU processes whose command line mentions `dir`: a build's VM keeps its
+/// disk, seed and serial console under its output directory, so any such
+/// process belongs to a build or test run there.
+pub fn qemu_processes_mentioning(dir: &Path) -> Vec<u32> {
+    let marker = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("qemu-system") && cmdline.contains(&marker) {
+            found.push(pid);
+        }
+    }
+    found
+}

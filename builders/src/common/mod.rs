@@ -8,6 +8,7 @@ pub mod outcome;
 pub mod process;
 pub mod ssh;
 pub mod step_provision;
+pub mod step_run_tests;
 #[cfg(test)]
 pub mod testing;
 pub mod tracked;

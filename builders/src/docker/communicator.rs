@@ -22,6 +22,7 @@ use imgbuild_provisioners::communicator::{ByteStream, LineSplitter};
 use imgbuild_provisioners::{CommError, Communicator, ExitStatus, OutputSink};
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 /// Go's `os.ModeDir` and `os.ModeSymlink`, as the archive API reports modes.
@@ -39,6 +40,19 @@ pub struct DockerCommunicator {
     env: Vec<String>,
     /// Where commands start; relative paths in transfers resolve against it.
     working_dir: String,
+    /// The container's `USER` when it is not root. Uploads then go through
+    /// `tar -x` run as that user, as over SSH, so the user owns what it
+    /// was sent (the shell provisioner's `chmod +x` needs that): the
+    /// archive API extracts as root, and its `copyUIDGID` looks the user up
+    /// on the engine's host rather than in the container.
+    upload_user: Option<String>,
+}
+
+/// `USER` values that mean root, for which the archive API's ownership is
+/// already right.
+fn runs_as_root(user: &str) -> bool {
+    let name = user.split(':').next().unwrap_or_default();
+    name.is_empty() || name == "root" || name == "0"
 }
 
 impl DockerCommunicator {
@@ -62,11 +76,10 @@ impl DockerCommunicator {
             .name
             .map(|name| name.trim_start_matches('/').to_owned())
             .unwrap_or_else(|| container.to_owned());
-        let working_dir = inspected
-            .config
-            .and_then(|config| config.working_dir)
-            .unwrap_or_default();
-        let communicator = DockerCommunicator::new(engine, id, &name, env, working_dir);
+        let config = inspected.config.unwrap_or_default();
+        let working_dir = config.working_dir.unwrap_or_default();
+        let user = config.user.unwrap_or_default();
+        let communicator = DockerCommunicator::new(engine, id, &name, env, working_dir, &user);
         communicator.reconnect().await?;
         Ok(communicator)
     }
@@ -77,6 +90,7 @@ impl DockerCommunicator {
         container_name: &str,
         env: Vec<String>,
         working_dir: String,
+        user: &str,
     ) -> Self {
         let working_dir = if working_dir.starts_with('/') {
             working_dir
@@ -89,6 +103,36 @@ impl DockerCommunicator {
             label: format!("container {container_name}"),
             env,
             working_dir,
+            upload_user: (!runs_as_root(user)).then(|| user.to_owned()),
+        }
+    }
+
+    /// `mkdir -p` and `tar -x` as the container's user, as over SSH.
+    async fn upload_as_user(
+        &self,
+        dest: &str,
+        user: &str,
+        archive: ByteStream,
+    ) -> Result<(), CommError> {
+        let collected = Collected::default();
+        let argv = [
+            "sh",
+            "-c",
+            "mkdir -p -- \"$0\" && tar -x -f - -C \"$0\"",
+            dest,
+        ]
+        .map(String::from)
+        .to_vec();
+        match self.exec_attached(argv, Some(archive), &collected).await? {
+            ExitStatus::Code(0) => Ok(()),
+            status => Err(CommError::Operation {
+                operation: format!("extracting files into {dest}"),
+                target: self.label.clone(),
+                reason: format!(
+                    "`tar -x` as the container's user {user} failed with {status}: {}; the image needs `tar`, and {user} must be allowed to write there",
+                    collected.text()
+                ),
+            }),
         }
     }
 
@@ -119,9 +163,19 @@ impl DockerCommunicator {
         argv: Vec<String>,
         output: &dyn OutputSink,
     ) -> Result<ExitStatus, CommError> {
+        self.exec_attached(argv, None, output).await
+    }
+
+    /// Runs `argv` with `stdin` (closed once sent) as its standard input.
+    async fn exec_attached(
+        &self,
+        argv: Vec<String>,
+        stdin: Option<ByteStream>,
+        output: &dyn OutputSink,
+    ) -> Result<ExitStatus, CommError> {
         let operation = "running a command";
         let options = CreateExecOptions {
-            attach_stdin: Some(false),
+            attach_stdin: Some(stdin.is_some()),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             tty: Some(false),
@@ -154,9 +208,7 @@ impl DockerCommunicator {
             .map_err(|err| self.error(operation, &err))?;
         let StartExecResults::Attached {
             output: mut stream,
-            // Held until the output ends: the command's stdin is not
-            // attached, but the connection must stay whole meanwhile.
-            input: _input,
+            mut input,
         } = started
         else {
             return Err(CommError::Operation {
@@ -165,24 +217,39 @@ impl DockerCommunicator {
                 reason: "the engine started the command detached".to_owned(),
             });
         };
-        let mut stdout = LineSplitter::new(Stream::Stdout);
-        let mut stderr = LineSplitter::new(Stream::Stderr);
-        let mut broken = None;
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                    stdout.push(&message, output)
-                }
-                Ok(LogOutput::StdErr { message }) => stderr.push(&message, output),
-                Ok(LogOutput::StdIn { .. }) => {}
-                Err(err) => {
-                    broken = Some(err);
-                    break;
+        // Without stdin the input half is still held until the output ends:
+        // the connection must stay whole meanwhile.
+        let feeding = async {
+            let Some(mut stdin) = stdin else {
+                return Ok(());
+            };
+            let sent = tokio::io::copy(&mut stdin, &mut input).await.map(drop);
+            // End of input: the command sees EOF once the engine sees this.
+            let closed = input.shutdown().await;
+            sent.and(closed)
+        };
+        let draining = async {
+            let mut stdout = LineSplitter::new(Stream::Stdout);
+            let mut stderr = LineSplitter::new(Stream::Stderr);
+            let mut broken = None;
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                        stdout.push(&message, output)
+                    }
+                    Ok(LogOutput::StdErr { message }) => stderr.push(&message, output),
+                    Ok(LogOutput::StdIn { .. }) => {}
+                    Err(err) => {
+                        broken = Some(err);
+                        break;
+                    }
                 }
             }
-        }
-        stdout.finish(output);
-        stderr.finish(output);
+            stdout.finish(output);
+            stderr.finish(output);
+            broken
+        };
+        let (fed, broken) = tokio::join!(feeding, draining);
         if let Some(err) = broken {
             return Err(CommError::Disconnected {
                 target: self.label.clone(),
@@ -201,6 +268,18 @@ impl DockerCommunicator {
                 .map_err(|err| self.error(operation, &err))?;
             match (inspected.running, inspected.exit_code) {
                 (Some(false) | None, Some(code)) => {
+                    // A command that exits without reading all its input
+                    // breaks the pipe: its exit code says why, unless it
+                    // claims success.
+                    if code == 0
+                        && let Err(err) = &fed
+                    {
+                        return Err(CommError::Operation {
+                            operation: operation.to_owned(),
+                            target: self.label.clone(),
+                            reason: format!("the command's input could not be sent: {err}"),
+                        });
+                    }
                     return Ok(ExitStatus::Code(code.clamp(0, u32::MAX as i64) as u32));
                 }
                 _ if tokio::time::Instant::now() < deadline => {
@@ -315,6 +394,9 @@ impl Communicator for DockerCommunicator {
 
     async fn upload_tar(&self, dest_dir: &str, archive: ByteStream) -> Result<(), CommError> {
         let dest = self.resolve(dest_dir);
+        if let Some(user) = &self.upload_user {
+            return self.upload_as_user(&dest, user, archive).await;
+        }
         self.ensure_directory(&dest).await?;
         let options = UploadToContainerOptions {
             path: dest.clone(),
@@ -416,6 +498,16 @@ impl Communicator for DockerCommunicator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_non_root_user_changes_how_files_are_uploaded() {
+        for root in ["", "root", "0", "root:root", "0:0"] {
+            assert!(runs_as_root(root), "{root}");
+        }
+        for user in ["app", "app:app", "1000", "1000:0"] {
+            assert!(!runs_as_root(user), "{user}");
+        }
+    }
 
     #[test]
     fn relative_paths_start_in_the_working_directory() {

@@ -289,8 +289,14 @@ pub mod fake {
                 .get(reference)
                 .or_else(|| images.values().find(|id| *id == reference))
                 .ok_or_else(|| not_found(reference))?;
+            let repo_tags = images
+                .iter()
+                .filter(|(name, named)| *named == id && !name.starts_with("sha256:"))
+                .map(|(name, _)| name.clone())
+                .collect();
             Ok(ImageInspect {
                 id: Some(id.clone()),
+                repo_tags: Some(repo_tags),
                 ..Default::default()
             })
         }

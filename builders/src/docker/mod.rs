@@ -7,12 +7,17 @@
 //! image is present (pulling it), create and start the container, connect,
 //! provision, then commit, export or discard.
 //!
+//! `[[test]]`s run on a fresh container started from the committed image
+//! (test_run.rs); `delete` takes back the tags or files a build kept.
+//!
 //! The engine is whatever `DOCKER_HOST` names (the local socket by
 //! default); the docker CLI is never run.
 
 pub mod communicator;
 pub mod config;
+mod delete;
 mod engine;
+mod kept;
 pub mod kind;
 mod plan;
 mod step_check_tag;
@@ -22,6 +27,7 @@ mod step_create_container;
 mod step_discard;
 mod step_export;
 mod step_pull;
+mod test_run;
 
 pub use communicator::DockerCommunicator;
 pub use config::DockerConfig;
@@ -40,6 +46,7 @@ use config::{Output, PullPolicy};
 use engine::{Engine, ImageApi};
 use imgbuild_core::{Resource, Step, StepContext, StepError, run_steps};
 use imgbuild_provisioners::Communicator;
+use imgbuild_provisioners::image_test::{ImageTest, TestResult};
 use plan::{Plan, Produce};
 use std::path::Path;
 use std::sync::Arc;
@@ -75,9 +82,17 @@ pub struct DockerState {
     pub container: Option<step_create_container::BuildContainer>,
     pub communicator: Option<Arc<dyn Communicator>>,
     pub artifact: Option<Artifact>,
+    /// What the `[[test]]`s on a test container came to.
+    pub test_results: Option<Vec<TestResult>>,
 }
 
 has_communicator!(DockerState);
+
+impl crate::common::step_run_tests::HasTestResults for DockerState {
+    fn set_test_results(&mut self, results: Vec<TestResult>) {
+        self.test_results = Some(results);
+    }
+}
 
 #[async_trait]
 impl Builder for DockerBuilder {
@@ -182,21 +197,45 @@ impl Builder for DockerBuilder {
             container: None,
             communicator: None,
             artifact: None,
+            test_results: None,
         };
         let mut steps = Self::steps(&plan, request);
         let mut report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
-        if report.left_for_debugging
-            && let Some(container) = &state.container
-        {
-            let name = &container.name;
-            let left = LeftRunning {
-                what: format!("the build container {name} (on-error = abort)"),
-                reach: format!("docker exec -it {name} sh"),
-            };
-            let clean = format!("`docker rm -f {name}` or `imgbuild clean` removes it");
-            cx.log.warn(debugging_hint(Some(left), &clean));
+        if report.left_for_debugging {
+            warn_left_running(&state, "build container", cx);
         }
         finish(&mut report, state.artifact.take(), "commit")
+    }
+
+    async fn test_artifact(
+        &self,
+        request: &BuildRequest,
+        artifact: &Artifact,
+        tests: &[ImageTest],
+        cx: &StepContext,
+    ) -> Result<Vec<TestResult>, BuildError> {
+        test_run::test_image(&self.config, request, artifact, tests, cx).await
+    }
+
+    async fn delete_artifact(
+        &self,
+        artifact: &Artifact,
+        cx: &StepContext,
+    ) -> Result<(), BuildError> {
+        delete::delete(artifact, cx).await
+    }
+}
+
+/// Says how to reach and remove the container `--on-error abort` left.
+fn warn_left_running(state: &DockerState, role: &str, cx: &StepContext) {
+    if let Some(container) = &state.container {
+        let name = &container.name;
+        let left = LeftRunning {
+            what: format!("the {role} {name} (on-error = abort)"),
+            reach: format!("docker exec -it {name} sh"),
+        };
+        let clean = format!("`docker rm -f {name}` or `imgbuild clean` removes it");
+        cx.log.warn(debugging_hint(Some(left), &clean));
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Plan {
     pub produce: Produce,
     /// `imgbuild-<run id>-<build>`, which `imgbuild clean` finds it by.
     pub container_name: String,
+    /// What the container is for, as messages name it: "build container".
+    pub container_role: &'static str,
     /// `volumes`, host paths resolved against the config directory.
     pub binds: Vec<String>,
     /// `env` as `KEY=value`, for every exec.
@@ -58,9 +60,25 @@ impl Plan {
             image: request.image.clone(),
             produce,
             container_name: container_name(run_id, build_name),
+            container_role: "build container",
             binds: config.binds(&request.config_dir),
             exec_env: config.exec_env(),
         })
+    }
+
+    /// The same settings for the container `[[test]]`s run in, started from
+    /// the committed image: it sees the image as it will be used, so the
+    /// build's mounts and exec `env` (which the image does not keep) stay
+    /// out. Its name cannot meet a build container's: build names have no
+    /// `.`.
+    pub fn for_test_container(&self, run_id: &str, build_name: &str) -> Plan {
+        Plan {
+            container_name: container_name(run_id, &format!("{build_name}.test")),
+            container_role: "test container",
+            binds: Vec::new(),
+            exec_env: Vec::new(),
+            ..self.clone()
+        }
     }
 }
 
@@ -125,6 +143,29 @@ pub(crate) mod tests {
         }));
         assert_eq!(plan.binds, vec!["/srv/data:/data:ro", "cache:/cache"]);
         assert_eq!(plan.exec_env, vec!["A=1", "B=2"]);
+    }
+
+    #[test]
+    fn the_test_container_sees_the_image_without_the_builds_mounts_and_env() {
+        let build = plan(serde_json::json!({
+            "image": "debian",
+            "volumes": ["/srv/data:/data:ro"],
+            "env": {"A": "1"},
+            "privileged": true,
+        }));
+        let test = build.for_test_container("run1", "app");
+        assert_eq!(test.container_name, "imgbuild-run1-app.test");
+        assert_eq!(test.container_role, "test container");
+        assert!(test.binds.is_empty(), "{:?}", test.binds);
+        assert!(test.exec_env.is_empty(), "{:?}", test.exec_env);
+        assert!(test.config.privileged);
+        assert_eq!(test.config.run_command, build.config.run_command);
+        // A build may be called `app-test`; its container stays distinct.
+        assert_ne!(
+            test.container_name,
+            container_name("run1", "app-test"),
+            "a test container's name must not be a build container's"
+        );
     }
 
     #[test]

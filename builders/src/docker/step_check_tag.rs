@@ -128,6 +128,7 @@ mod tests {
             container: None,
             communicator: None,
             artifact: None,
+            test_results: None,
         }
     }
 

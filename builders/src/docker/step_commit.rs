@@ -434,9 +434,11 @@ mod step_tests {
                 id: "c0ffee".into(),
                 name: "imgbuild-unit-app".into(),
                 working_dir: "/".into(),
+                user: String::new(),
             }),
             communicator: None,
             artifact: None,
+            test_results: None,
         }
     }
 

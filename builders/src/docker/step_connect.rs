@@ -39,6 +39,7 @@ impl Step<DockerState> for StepConnect {
             &container.name,
             self.plan.exec_env.clone(),
             container.working_dir.clone(),
+            &container.user,
         );
         // The container may have stopped since it started: say so here, not
         // as a puzzling failure of the first provisioner.

@@ -1,6 +1,8 @@
 //! Creates and starts the build container from the base image's id, named
 //! after the run and the build so `imgbuild clean` can find it by name.
 //! Cleanup force-removes it (with its anonymous volumes) whatever happened.
+//! The `[[test]]` run starts its test container from the committed image
+//! the same way (`state.base` is then that image).
 //!
 //! Uses `state.engine` and `state.base`. Produces `state.container`.
 
@@ -29,6 +31,8 @@ pub struct BuildContainer {
     pub name: String,
     /// Where commands start: the image's WORKDIR, `/` when it has none.
     pub working_dir: String,
+    /// Whom commands run as: the image's USER, empty for root.
+    pub user: String,
 }
 
 /// `imgbuild-<run id>-<build>`, with characters Docker does not allow in
@@ -94,6 +98,7 @@ impl StepCreateContainer {
 
 async fn create_and_start(
     engine: Engine,
+    role: &'static str,
     name: String,
     body: ContainerCreateBody,
     platform: String,
@@ -115,7 +120,7 @@ async fn create_and_start(
                     engine::describe(&err)
                 )
             } else {
-                format!("cannot create the build container {name}: {}", engine::describe(&err))
+                format!("cannot create the {role} {name}: {}", engine::describe(&err))
             }
         })?;
     // Until this is written, a dead run's journal cannot tell a container
@@ -128,7 +133,7 @@ async fn create_and_start(
         .await
         .map_err(|err| {
             format!(
-                "cannot start the build container {name} running {run_command:?}: {}; the image must contain the program `run_command` names (set `run_command` for an image without /bin/sh)",
+                "cannot start the {role} {name} running {run_command:?}: {}; the image must contain the program `run_command` names (set `run_command` for an image without /bin/sh)",
                 engine::describe(&err)
             )
         })?;
@@ -183,6 +188,7 @@ impl Step<DockerState> for StepCreateContainer {
         self.created = Some((id, name.clone()));
         let task = tokio::spawn(create_and_start(
             state.engine.clone(),
+            self.plan.container_role,
             name.clone(),
             body,
             self.plan.config.platform.clone().unwrap_or_default(),
@@ -190,14 +196,15 @@ impl Step<DockerState> for StepCreateContainer {
             (cx.journal.clone(), id),
         ));
         let in_flight = self.in_flight.insert(task);
-        let started = in_flight
-            .await
-            .map_err(|err| StepError::failed(format!("creating the build container: {err}")))?;
+        let started = in_flight.await.map_err(|err| {
+            StepError::failed(format!("creating the {}: {err}", self.plan.container_role))
+        })?;
         self.in_flight = None;
         let (container_id, warnings) = started.map_err(StepError::failed)?;
         for warning in warnings {
             cx.log.warn(format!(
-                "the engine warns about the build container: {warning}"
+                "the engine warns about the {}: {warning}",
+                self.plan.container_role
             ));
         }
 
@@ -208,7 +215,8 @@ impl Step<DockerState> for StepCreateContainer {
             .await
             .map_err(|err| {
                 StepError::failed(format!(
-                    "cannot inspect the build container {name}: {}",
+                    "cannot inspect the {} {name}: {}",
+                    self.plan.container_role,
                     engine::describe(&err)
                 ))
             })?;
@@ -224,18 +232,21 @@ impl Step<DockerState> for StepCreateContainer {
                 .and_then(|s| s.exit_code)
                 .unwrap_or_default();
             return Err(StepError::failed(format!(
-                "the build container {name} stopped right after starting (exit code {exit_code}): `run_command` {:?} must keep running until the image is saved; {}",
+                "the {} {name} stopped right after starting (exit code {exit_code}): `run_command` {:?} must keep running until the container is no longer needed; {}",
+                self.plan.container_role,
                 self.plan.config.run_command,
                 output_tail(&state.engine, &container_id).await
             )));
         }
-        let working_dir = inspected
-            .config
-            .and_then(|config| config.working_dir)
+        let config = inspected.config.unwrap_or_default();
+        let working_dir = config
+            .working_dir
             .filter(|dir| !dir.is_empty())
             .unwrap_or_else(|| "/".to_owned());
+        let user = config.user.unwrap_or_default();
         cx.log.info(format!(
-            "started build container {name} ({}) from {}",
+            "started {} {name} ({}) from {}",
+            self.plan.container_role,
             &container_id[..container_id.len().min(12)],
             base.reference
         ));
@@ -243,6 +254,7 @@ impl Step<DockerState> for StepCreateContainer {
             id: container_id,
             name,
             working_dir,
+            user,
         });
         Ok(())
     }
@@ -262,7 +274,9 @@ impl Step<DockerState> for StepCreateContainer {
             return Ok(());
         };
         match remove_run_container(&state.engine, &name, &cx.run_id).await {
-            Ok(Removal::Removed) => cx.log.info(format!("removed build container {name}")),
+            Ok(Removal::Removed) => cx
+                .log
+                .info(format!("removed {} {name}", self.plan.container_role)),
             Ok(Removal::Absent) => {}
             // The name was taken before this run's create, which then failed.
             Ok(Removal::NotOurs(message)) => cx.log.warn(message),

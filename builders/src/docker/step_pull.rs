@@ -34,7 +34,10 @@ pub struct BaseImage {
 }
 
 impl BaseImage {
-    fn from_inspect(reference: &str, inspected: ImageInspect) -> Result<BaseImage, String> {
+    pub(super) fn from_inspect(
+        reference: &str,
+        inspected: ImageInspect,
+    ) -> Result<BaseImage, String> {
         let id = inspected
             .id
             .ok_or_else(|| format!("the engine reported no id for image {reference}"))?;

@@ -4,6 +4,9 @@
 //! Steps, in order: fetch the base image, create the copy-on-write disk,
 //! write the cloud-init seed, launch QEMU, connect over SSH, provision, shut
 //! down, export.
+//!
+//! `[[test]]` boots the finished image again through the same disk, seed,
+//! launch and connect steps, on an overlay of its own (see `test_run`).
 
 mod accel;
 pub mod config;
@@ -18,19 +21,22 @@ mod step_export;
 mod step_fetch_base;
 mod step_launch;
 mod step_shutdown;
+mod test_run;
 
 pub use config::QemuConfig;
 
 use crate::common::artifact::checksum_path;
-use crate::common::outcome::{LeftRunning, debugging_hint, finish};
+use crate::common::outcome::{LeftRunning, debugging_hint, finish, steps_result};
 use crate::common::step_provision::{StepProvision, has_communicator};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
 };
 use async_trait::async_trait;
 use config::Accelerator;
+use imgbuild_core::step::StepsReport;
 use imgbuild_core::{Step, StepContext, cleanup_steps, run_steps};
 use imgbuild_provisioners::Communicator;
+use imgbuild_provisioners::image_test::{ImageTest, TestResult};
 use imgbuild_provisioners::ssh::TemporaryKey;
 use plan::Plan;
 use std::path::{Path, PathBuf};
@@ -60,6 +66,8 @@ pub struct QemuState {
     pub artifact: Option<Artifact>,
     /// The accelerator actually in use for this attempt.
     pub accelerator: Option<Accelerator>,
+    /// What a test run of the artifact found.
+    pub test_results: Option<Vec<TestResult>>,
 }
 
 impl Default for QemuState {
@@ -75,11 +83,18 @@ impl Default for QemuState {
             communicator: None,
             artifact: None,
             accelerator: None,
+            test_results: None,
         }
     }
 }
 
 has_communicator!(QemuState);
+
+impl crate::common::step_run_tests::HasTestResults for QemuState {
+    fn set_test_results(&mut self, results: Vec<TestResult>) {
+        self.test_results = Some(results);
+    }
+}
 
 #[async_trait]
 impl Builder for QemuBuilder {
@@ -126,6 +141,62 @@ impl Builder for QemuBuilder {
         request: &BuildRequest,
         cx: &StepContext,
     ) -> Result<Artifact, BuildError> {
+        self.attempts(
+            request,
+            cx,
+            |plan| plan,
+            |plan| Self::steps(plan, request),
+            |state, report| finish(report, state.artifact.take(), "export"),
+        )
+        .await
+    }
+
+    async fn test_artifact(
+        &self,
+        request: &BuildRequest,
+        artifact: &Artifact,
+        tests: &[ImageTest],
+        cx: &StepContext,
+    ) -> Result<Vec<TestResult>, BuildError> {
+        let disk = test_run::ArtifactDisk::of(artifact, &self.config)?;
+        self.attempts(
+            request,
+            cx,
+            |plan| test_run::test_plan(plan, &disk),
+            |plan| test_run::steps(plan, disk.clone(), tests),
+            |state, report| {
+                steps_result(report)?;
+                state.test_results.take().ok_or_else(|| BuildError::Failed {
+                    step: "test".to_owned(),
+                    message: "the steps finished without test results".to_owned(),
+                })
+            },
+        )
+        .await
+    }
+
+    async fn delete_artifact(
+        &self,
+        artifact: &Artifact,
+        _cx: &StepContext,
+    ) -> Result<(), BuildError> {
+        test_run::delete(artifact).await
+    }
+}
+
+impl QemuBuilder {
+    /// Runs the steps `steps` makes for the plan `adapt` makes of the
+    /// build's, once per accelerator to try: an `auto` run whose KVM attempt
+    /// fails in a KVM-shaped way is made again under TCG. `outcome` turns a
+    /// finished run's state and report into the result.
+    async fn attempts<T>(
+        &self,
+        request: &BuildRequest,
+        cx: &StepContext,
+        adapt: impl Fn(Plan) -> Plan,
+        steps: impl Fn(&Arc<Plan>) -> Vec<Box<dyn Step<QemuState>>>,
+        outcome: impl Fn(&mut QemuState, &mut StepsReport) -> Result<T, BuildError>,
+    ) -> Result<T, BuildError> {
         let mut candidates = accel::candidates(self.config.accelerator, &cx.log).await;
         loop {
             let accelerator = candidates.remove(0);
@@ -137,14 +208,14 @@ impl Builder for QemuBuilder {
                 accelerator,
             )
             .map_err(BuildError::Refused)?;
-            let plan = Arc::new(plan);
+            let plan = Arc::new(adapt(plan));
             let mut state = QemuState {
                 accelerator: Some(accelerator),
                 ..QemuState::default()
             };
-            let mut steps = Self::steps(&plan, request);
+            let mut steps = steps(&plan);
             let mut report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
-            let (step, message) = match finish(&mut report, state.artifact.take(), "export") {
+            let (step, message) = match outcome(&mut state, &mut report) {
                 Err(BuildError::Failed { step, message }) => (step, message),
                 other => return other,
             };

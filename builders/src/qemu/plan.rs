@@ -42,6 +42,10 @@ pub struct Plan {
     pub initrd: Option<PathBuf>,
     /// The accelerator of this attempt (an `auto` build may make two).
     pub accelerator: Accelerator,
+    /// The cloud-init instance id in the seed. A boot under a new id is a
+    /// new instance to cloud-init, which then creates the user and trusts
+    /// the key again even in an image that kept its cloud-init state.
+    pub instance_id: String,
 }
 
 /// `<name>-<version>.<format>[.zst]` in the output directory.
@@ -92,6 +96,7 @@ impl Plan {
             output_dir,
             kernel: config.kernel.as_ref().map(|path| config_dir.join(path)),
             initrd: config.initrd.as_ref().map(|path| config_dir.join(path)),
+            instance_id: format!("imgbuild-{run_id}"),
             run_id: run_id.to_owned(),
             config: config.clone(),
             config_dir,

@@ -52,8 +52,8 @@ impl Step<QemuState> for StepCloudInit {
         let public_key = state.ssh_key.as_ref().map(|key| key.public_openssh());
         let user_data = user_data(&ssh.username, public_key, ssh.password.as_deref());
         let meta_data = format!(
-            "instance-id: imgbuild-{}\nlocal-hostname: {}\n",
-            cx.run_id,
+            "instance-id: {}\nlocal-hostname: {}\n",
+            self.plan.instance_id,
             hostname(cx.build_name())
         );
         let image = fat_volume(&[
