@@ -105,6 +105,10 @@ fn marker_command(username: &str) -> String {
 /// seed (which holds the password in clear). cloud-init runs afresh on the
 /// image's first real boot. Ends with `then`, run as root, which powers the
 /// machine off: once the build user is gone its own `sudo` no longer works.
+///
+/// On a slow machine cloud-init's last stages can still be running when
+/// provisioning ends, and would write their record back after a `clean`;
+/// so the script first waits (bounded) for cloud-init to finish.
 pub fn cleanup_script(username: &str, password_was_set: bool, then: &str) -> String {
     let user = shell_quote(username);
     let unset_password = if password_was_set {
@@ -126,7 +130,7 @@ pub fn cleanup_script(username: &str, password_was_set: bool, then: &str) -> Str
            fi; \
            created=no; [ -e {MARKERS}/created-user ] && created=yes; \
            rm -rf {MARKERS}; \
-           if command -v cloud-init >/dev/null; then cloud-init clean --logs >/dev/null 2>&1; fi; \
+           if command -v cloud-init >/dev/null; then timeout 300 cloud-init status --wait >/dev/null 2>&1; cloud-init clean --logs >/dev/null 2>&1; fi; \
            if [ $created = yes ]; then userdel -f -r {user} 2>/dev/null || userdel -f {user}; \
            else {unset_password}; fi; \
            sync; \
