@@ -100,8 +100,11 @@ fn the_template_builds_a_tagged_image_that_runs_with_the_changes() {
         id
     );
     assert_eq!(entry["source"]["kind"], "docker-image");
+    // The template's test ran on a fresh container of the image and passed.
+    assert_eq!(entry["status"], "tested", "{entry}");
+    assert_eq!(entry["tests"][0]["passed"], true, "{entry}");
 
-    // Nothing of the build is left running.
+    // Nothing of the build (nor of its test) is left running.
     let run_id = entry["run_id"].as_str().unwrap();
     assert!(containers_labelled(&format!("org.imgbuild.run-id={run_id}")).is_empty());
     assert!(workspace.journals().is_empty());
