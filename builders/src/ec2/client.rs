@@ -214,6 +214,8 @@ impl AwsError {
                 "AMIs belong to one region: check `source_ami` and `region`".to_owned()
             }
             Some(_) => return None,
+            // EC2 answered, just not with what was needed.
+            None if self.status.is_some_and(|status| status < 400) => return None,
             None if self.message.contains("credentials") => {
                 "configure AWS credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, `aws sso login`, or an instance role".to_owned()
             }
@@ -359,5 +361,18 @@ mod tests {
             ..error("RunInstances", None, "no answer before the timeout")
         };
         assert!(!unanswered.is_refusal());
+    }
+
+    #[test]
+    fn an_answer_missing_what_was_asked_for_gets_no_network_hint() {
+        let answered = AwsError {
+            status: Some(200),
+            ..error("CreateImage", None, "the answer holds no image id")
+        };
+        assert_eq!(
+            answered.to_string(),
+            "EC2 CreateImage in eu-west-1 failed: the answer holds no image id (request id req-1)"
+        );
+        assert!(!answered.is_refusal());
     }
 }

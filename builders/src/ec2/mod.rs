@@ -10,6 +10,7 @@
 //! instance and deletes the temporary key pair and security group always,
 //! and the AMIs (with their snapshots) unless the build succeeded.
 
+mod api;
 mod client;
 pub mod config;
 pub mod kind;
@@ -34,6 +35,7 @@ use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
     SourceIdentity,
 };
+use api::{Ec2Api, Ec2Apis};
 use async_trait::async_trait;
 use client::{Ec2Clients, RUN_ID_TAG};
 use imgbuild_core::{Resource, Step, StepContext, StepError, run_steps};
@@ -100,13 +102,12 @@ impl Ec2Builder {
         }
         // Decided before anything is made, so a build that cannot say who
         // may reach SSH makes nothing at all.
-        let client = clients.get(&region);
+        let api = clients.in_region(&region);
         let endpoint = clients.custom_endpoint();
         let sources = cx.cancellable(async {
             step_security_group::ssh_sources(
                 &self.config,
-                &client,
-                &region,
+                api.as_ref(),
                 endpoint.as_deref(),
                 step_security_group::CHECKIP_URL,
             )
@@ -141,7 +142,7 @@ impl Ec2Builder {
             build_name: request.build_name.clone(),
             run_id: cx.run_id.clone(),
             config_dir: request.config_dir.clone(),
-            clients,
+            apis: Arc::new(clients),
             ssh_sources,
             lookup_timeout: self.lookup_timeout,
         })
@@ -166,7 +167,7 @@ impl Ec2Builder {
     }
 }
 
-/// The build's settings, resolved: region, AMI name, clients.
+/// The build's settings, resolved: region, AMI name, EC2 per region.
 pub(crate) struct Plan {
     pub config: Ec2Config,
     pub region: String,
@@ -179,7 +180,8 @@ pub(crate) struct Plan {
     pub build_name: String,
     pub run_id: String,
     pub config_dir: PathBuf,
-    pub clients: Ec2Clients,
+    /// EC2 as the steps see it, per region.
+    pub apis: Arc<dyn Ec2Apis>,
     /// Who the temporary security group admits; `None` with
     /// `security_group_ids`.
     pub ssh_sources: Option<step_security_group::SshSources>,
@@ -189,8 +191,14 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    pub fn client(&self) -> aws_sdk_ec2::Client {
-        self.clients.get(&self.region)
+    /// EC2 in the build region.
+    pub fn api(&self) -> Arc<dyn Ec2Api> {
+        self.apis.in_region(&self.region)
+    }
+
+    /// EC2 in `region`.
+    pub fn api_in(&self, region: &str) -> Arc<dyn Ec2Api> {
+        self.apis.in_region(region)
     }
 
     /// The name of a temporary key pair or security group:
@@ -524,7 +532,7 @@ pub async fn clean_orphan_within(
     let resource = resource?;
     let (region, endpoint_url) = resource.place();
     let clients = Ec2Clients::load(Some(region), endpoint_url).await;
-    let client = clients.get(region);
+    let api = clients.in_region(region);
     let text = |err: StepError| err.to_string();
     match &resource {
         Ec2Resource::Instance {
@@ -538,7 +546,7 @@ pub async fn clean_orphan_within(
                 run_id,
                 lookup,
             };
-            let Some(ids) = step_run_instance::find_launched(&client, region, &launch)
+            let Some(ids) = step_run_instance::find_launched(api.as_ref(), &launch)
                 .await
                 .map_err(text)?
             else {
@@ -549,7 +557,7 @@ pub async fn clean_orphan_within(
                     instance_id: Some(id),
                     ..launch
                 };
-                step_run_instance::terminate(&client, region, &launch, ORPHAN_TIMEOUT, None)
+                step_run_instance::terminate(api.as_ref(), &launch, ORPHAN_TIMEOUT, None)
                     .await
                     .map_err(text)?;
             }
@@ -561,7 +569,7 @@ pub async fn clean_orphan_within(
             ..
         } => {
             let Some(ids) =
-                step_create_image::look_up_own(&client, region, name, Some(run_id), lookup, None)
+                step_create_image::look_up_own(api.as_ref(), name, Some(run_id), lookup, None)
                     .await
                     .map_err(text)?
             else {
@@ -569,8 +577,7 @@ pub async fn clean_orphan_within(
             };
             for id in &ids {
                 step_create_image::deregister(
-                    &client,
-                    region,
+                    api.as_ref(),
                     Some(id),
                     name,
                     Some(run_id),
@@ -590,8 +597,7 @@ pub async fn clean_orphan_within(
             instance_id,
             ..
         } => step_run_instance::terminate(
-            &client,
-            region,
+            api.as_ref(),
             &step_run_instance::Launch {
                 instance_id: instance_id.as_deref(),
                 client_token,
@@ -603,13 +609,12 @@ pub async fn clean_orphan_within(
         )
         .await
         .map(|_| ()),
-        Ec2Resource::KeyPair { name, .. } => step_key_pair::delete_key_pair(&client, region, name)
+        Ec2Resource::KeyPair { name, .. } => step_key_pair::delete_key_pair(api.as_ref(), name)
             .await
             .map_err(StepError::from),
         Ec2Resource::SecurityGroup { name, group_id, .. } => {
             step_security_group::delete_group(
-                &client,
-                region,
+                api.as_ref(),
                 group_id.as_deref(),
                 name,
                 ORPHAN_TIMEOUT,
@@ -619,8 +624,7 @@ pub async fn clean_orphan_within(
         }
         Ec2Resource::Image { name, image_id, .. } => {
             step_create_image::deregister(
-                &client,
-                region,
+                api.as_ref(),
                 image_id.as_deref(),
                 name,
                 Some(run_id),

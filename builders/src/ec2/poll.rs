@@ -11,9 +11,7 @@
 //! period, and want an AMI `available` on two consecutive reads, as
 //! Bottlerocket's AMI publisher does.
 
-use super::client::{AwsError, AwsResultExt};
-use aws_sdk_ec2::Client;
-use aws_sdk_ec2::types::{Image, Instance};
+use super::api::{Ec2Api, ImageDescription, InstanceDescription};
 use imgbuild_core::{BuildLog, StepError};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -220,63 +218,32 @@ impl ImageWatch {
     }
 }
 
-fn image_seen(image: Option<&Image>) -> ImageSeen {
+fn image_seen(image: Option<&ImageDescription>) -> ImageSeen {
     match image {
         None => ImageSeen::NotFound,
         Some(image) => ImageSeen::State {
-            state: image
-                .state()
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_else(|| "unknown".to_owned()),
-            reason: image.state_reason().map(|reason| {
-                format!(
-                    "{}: {}",
-                    reason.code().unwrap_or("no code"),
-                    reason.message().unwrap_or("no message")
-                )
-            }),
+            state: image.state.clone(),
+            reason: image.reason.clone(),
         },
-    }
-}
-
-/// Describes one AMI; `None` when EC2 does not (yet, or any more) know it.
-pub async fn describe_image(
-    client: &Client,
-    region: &str,
-    image_id: &str,
-) -> Result<Option<Image>, AwsError> {
-    let result = client
-        .describe_images()
-        .image_ids(image_id)
-        .send()
-        .await
-        .aws("DescribeImages", region);
-    match result {
-        Ok(output) => Ok(output.images().first().cloned()),
-        Err(err) if err.is("InvalidAMIID.NotFound") || err.is("InvalidAMIID.Unavailable") => {
-            Ok(None)
-        }
-        Err(err) => Err(err),
     }
 }
 
 /// Waits until `image_id` is available and returns it as last described.
 pub async fn wait_for_image(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     image_id: &str,
     timeout: Duration,
     log: &BuildLog,
-) -> Result<Image, StepError> {
+) -> Result<ImageDescription, StepError> {
     let mut watch = ImageWatch::new(Instant::now());
     let mut poller = Poller::new(
-        format!("AMI {image_id} in {region}"),
+        format!("AMI {image_id} in {}", api.region()),
         timeout,
         Backoff::standard(),
         Some(log),
     );
     loop {
-        let image = describe_image(client, region, image_id).await?;
+        let image = api.describe_image(image_id).await?;
         let seen = image_seen(image.as_ref());
         match watch.observe(Instant::now(), &seen) {
             Ok(Poll::Ready(())) => return Ok(image.expect("a ready AMI was described")),
@@ -297,49 +264,11 @@ pub async fn wait_for_image(
     }
 }
 
-/// Describes one instance; `None` when EC2 does not know it.
-pub async fn describe_instance(
-    client: &Client,
-    region: &str,
-    instance_id: &str,
-) -> Result<Option<Instance>, AwsError> {
-    let result = client
-        .describe_instances()
-        .instance_ids(instance_id)
-        .send()
-        .await
-        .aws("DescribeInstances", region);
-    match result {
-        Ok(output) => Ok(output
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find(|i| i.instance_id() == Some(instance_id))
-            .cloned()),
-        Err(err) if err.is("InvalidInstanceID.NotFound") => Ok(None),
-        Err(err) => Err(err),
-    }
-}
-
-pub fn instance_state(instance: &Instance) -> &str {
-    instance
-        .state()
-        .and_then(|s| s.name())
-        .map(|n| n.as_str())
-        .unwrap_or("unknown")
-}
-
 /// Why the instance is in its state, as EC2 explains it
-/// ("Client.InstanceInitiatedShutdown: ...").
-pub fn instance_reason(instance: &Instance) -> String {
-    match instance.state_reason() {
-        Some(reason) => format!(
-            " ({})",
-            reason
-                .message()
-                .or(reason.code())
-                .unwrap_or("no reason given")
-        ),
+/// ("Client.InstanceInitiatedShutdown: ..."), for after the state.
+pub fn instance_reason(instance: &InstanceDescription) -> String {
+    match &instance.reason {
+        Some(reason) => format!(" ({reason})"),
         None => String::new(),
     }
 }
@@ -378,22 +307,21 @@ impl InstanceTarget {
 /// Waits for the instance to reach `target`. An instance EC2 no longer
 /// knows counts as terminated; while it is new, as pending.
 pub async fn wait_for_instance(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     instance_id: &str,
     target: InstanceTarget,
     timeout: Duration,
     log: Option<&BuildLog>,
-) -> Result<Option<Instance>, StepError> {
+) -> Result<Option<InstanceDescription>, StepError> {
     let started = Instant::now();
     let mut poller = Poller::new(
-        format!("instance {instance_id} in {region}"),
+        format!("instance {instance_id} in {}", api.region()),
         timeout,
         Backoff::standard(),
         log,
     );
     loop {
-        let Some(instance) = describe_instance(client, region, instance_id).await? else {
+        let Some(instance) = api.describe_instance(instance_id).await? else {
             if target == InstanceTarget::Terminated {
                 return Ok(None);
             }
@@ -406,7 +334,7 @@ pub async fn wait_for_instance(
                 poller.what()
             )));
         };
-        let state = instance_state(&instance).to_owned();
+        let state = instance.state.clone();
         match target.judge(&state) {
             Ok(true) => return Ok(Some(instance)),
             Ok(false) => poller.pending(state).await?,

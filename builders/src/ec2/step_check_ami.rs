@@ -4,55 +4,24 @@
 //! anything is created, and again as the first step, in case another run
 //! took the name in between.
 
-use super::client::{AwsError, AwsResultExt, filter};
 use super::{Ec2State, Plan};
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use imgbuild_core::{Step, StepContext, StepError};
 use std::sync::Arc;
 
-/// AMIs this account owns named `name` in `region`, as (id, state).
-pub async fn find_by_name(
-    client: &aws_sdk_ec2::Client,
-    region: &str,
-    name: &str,
-) -> Result<Vec<(String, String)>, AwsError> {
-    let output = client
-        .describe_images()
-        .owners("self")
-        .filters(filter("name", name))
-        .send()
-        .await
-        .aws("DescribeImages", region)?;
-    Ok(output
-        .images()
-        .iter()
-        // The name filter is a wildcard pattern; `*` and `?` are not allowed
-        // in AMI names, but compare exactly all the same.
-        .filter(|image| image.name() == Some(name))
-        .filter_map(|image| {
-            let id = image.image_id()?.to_owned();
-            let state = image
-                .state()
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_default();
-            Some((id, state))
-        })
-        .collect())
-}
-
 pub async fn refuse_existing(plan: &Plan) -> Result<(), StepError> {
     let regions: Vec<&String> = std::iter::once(&plan.region)
         .chain(&plan.copy_regions)
         .collect();
     let lookups = regions.iter().map(|region| async move {
-        let client = plan.clients.get(region);
-        find_by_name(&client, region, &plan.ami_name)
+        plan.api_in(region)
+            .own_images_named(&plan.ami_name)
             .await
             .map(|found| {
                 found
                     .into_iter()
-                    .map(|(id, state)| format!("{id} in {region} ({state})"))
+                    .map(|image| format!("{} in {region} ({})", image.image_id, image.state))
                     .collect::<Vec<_>>()
             })
     });
@@ -97,5 +66,53 @@ impl Step<Ec2State> for StepCheckAmi {
                 .join(", ")
         ));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::ec2::api::fake::{FakeEc2, plan};
+
+    #[tokio::test]
+    async fn a_name_taken_in_a_copy_region_is_refused_before_anything_is_made() {
+        let fake = FakeEc2::new("eu-west-1").with_image("us-west-2", "app-1.0", "ami-theirs");
+        let plan = plan(serde_json::json!({"ami_regions": ["us-west-2"]}), &fake);
+        let test = TestContext::new("app");
+        let mut step = StepCheckAmi::new(plan);
+        let err = step
+            .run(&mut Ec2State::default(), &test.cx)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`app-1.0` already exists: ami-theirs in us-west-2 (available)")
+                && err.contains("bump `image.version`"),
+            "{err}"
+        );
+        let mut calls = fake.calls();
+        calls.sort();
+        assert_eq!(
+            calls,
+            [
+                "eu-west-1 DescribeImages app-1.0",
+                "us-west-2 DescribeImages app-1.0"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_free_name_everywhere_passes() {
+        // Same name, other region; other name, same region: neither counts.
+        let fake = FakeEc2::new("eu-west-1")
+            .with_image("ap-south-1", "app-1.0", "ami-elsewhere")
+            .with_image("eu-west-1", "app-0.9", "ami-older");
+        let plan = plan(serde_json::json!({"ami_regions": ["us-west-2"]}), &fake);
+        let test = TestContext::new("app");
+        StepCheckAmi::new(plan)
+            .run(&mut Ec2State::default(), &test.cx)
+            .await
+            .unwrap();
     }
 }

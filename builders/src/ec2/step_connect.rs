@@ -4,7 +4,7 @@
 //! once instead of after the whole SSH timeout.
 
 use super::config::SshInterface;
-use super::poll::{describe_instance, instance_reason, instance_state};
+use super::poll::instance_reason;
 use super::{Ec2State, InstanceInfo, Plan};
 use crate::common::ssh;
 use async_trait::async_trait;
@@ -67,16 +67,15 @@ impl StepConnect {
     /// reports it gone once it is stopping, stopped or terminated.
     fn watch(&self, instance_id: &str) -> (Liveness, AbortOnDrop) {
         let verdict: Arc<Mutex<Option<String>>> = Arc::default();
-        let client = self.plan.client();
-        let region = self.plan.region.clone();
+        let api = self.plan.api();
         let id = instance_id.to_owned();
         let writer = verdict.clone();
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LIVENESS_INTERVAL).await;
                 // A failed look is no verdict: the SSH wait has its own limit.
-                let dead = match describe_instance(&client, &region, &id).await {
-                    Ok(Some(instance)) => match instance_state(&instance) {
+                let dead = match api.describe_instance(&id).await {
+                    Ok(Some(instance)) => match instance.state.as_str() {
                         state @ ("shutting-down" | "terminated" | "stopping" | "stopped") => {
                             Some(format!(
                                 "instance {id} is {state}{}; check its system log (`aws ec2 get-console-output --instance-id {id}`)",

@@ -8,13 +8,12 @@
 //! the rest. Cleanup deregisters every copy made, as it does on
 //! cancellation or when a later step fails.
 
-use super::client::{AwsResultExt, tag_spec, tags};
+use super::api::NewCopy;
 use super::poll::wait_for_image;
-use super::step_create_image::{deregister, snapshot_ids, tag_snapshots};
+use super::step_create_image::{deregister, tag_snapshots};
 use super::{AmiInfo, Ec2State, Plan, SourceAmi};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
-use aws_sdk_ec2::types::ResourceType;
 use futures_util::future::{join_all, try_join_all};
 use imgbuild_core::{CleanupOutcome, ResourceId, Step, StepContext, StepError};
 use std::collections::BTreeMap;
@@ -58,7 +57,7 @@ impl StepCopyRegions {
         region: &str,
     ) -> Result<String, StepError> {
         let plan = &self.plan;
-        let client = plan.clients.get(region);
+        let api = plan.api_in(region);
         let ami_tags = plan.artifact_tags(&plan.config.ami_tags, source);
         let journal_id = record(cx, plan.journal_image(region, None))?;
         self.note(
@@ -68,22 +67,18 @@ impl StepCopyRegions {
                 image_id: None,
             },
         );
-        let mut request = client
-            .copy_image()
-            .source_image_id(source_image_id)
-            .source_region(&plan.region)
-            .name(&plan.ami_name)
-            .set_description(plan.ami_description.clone())
+        let copy = NewCopy {
+            source_image_id,
+            source_region: &plan.region,
+            name: &plan.ami_name,
+            description: plan.ami_description.clone(),
             // The SDK resends the same token on a retry: never two copies.
-            .client_token(uuid::Uuid::new_v4().to_string())
-            .tag_specifications(tag_spec(ResourceType::Image, &ami_tags));
-        if plan.config.encrypt_boot {
-            request = request
-                .encrypted(true)
-                .set_kms_key_id(plan.copy_kms_key(region));
-        }
-        let output = match request.send().await.aws("CopyImage", region) {
-            Ok(output) => output,
+            client_token: uuid::Uuid::new_v4().to_string(),
+            encrypt_with: plan.config.encrypt_boot.then(|| plan.copy_kms_key(region)),
+            tags: ami_tags.clone(),
+        };
+        let image_id = match api.copy_image(copy).await {
+            Ok(image_id) => image_id,
             Err(err) if err.is_refusal() => {
                 // EC2 turned the copy down: there is nothing to look for.
                 self.copies
@@ -95,12 +90,6 @@ impl StepCopyRegions {
             }
             Err(err) => return Err(err.into()),
         };
-        let image_id = output
-            .image_id()
-            .ok_or_else(|| {
-                StepError::failed(format!("CopyImage to {region} returned no image id"))
-            })?
-            .to_owned();
         self.note(
             region,
             Copy {
@@ -117,13 +106,8 @@ impl StepCopyRegions {
         cx.log.info(format!("copying to {region} as {image_id}"));
         // Tag specifications on CopyImage are not honoured everywhere (moto
         // drops them); tagging again is harmless.
-        client
-            .create_tags()
-            .resources(&image_id)
-            .set_tags(Some(tags(&ami_tags)))
-            .send()
-            .await
-            .aws("CreateTags", region)?;
+        api.create_tags(std::slice::from_ref(&image_id), &ami_tags)
+            .await?;
         Ok(image_id)
     }
 
@@ -136,13 +120,12 @@ impl StepCopyRegions {
         image_id: &str,
     ) -> Result<AmiInfo, StepError> {
         let plan = &self.plan;
-        let client = plan.clients.get(region);
+        let api = plan.api_in(region);
         let image =
-            wait_for_image(&client, region, image_id, plan.config.ami_timeout, &cx.log).await?;
-        let snapshots = snapshot_ids(&image);
+            wait_for_image(api.as_ref(), image_id, plan.config.ami_timeout, &cx.log).await?;
+        let snapshots = image.snapshot_ids;
         tag_snapshots(
-            &client,
-            region,
+            api.as_ref(),
             &snapshots,
             &plan.artifact_tags(&plan.config.snapshot_tags, source),
         )
@@ -228,10 +211,8 @@ impl Step<Ec2State> for StepCopyRegions {
         let removals = copies.iter().map(|(region, copy)| {
             let plan = plan.clone();
             async move {
-                let client = plan.clients.get(region);
                 let result = deregister(
-                    &client,
-                    region,
+                    plan.api_in(region).as_ref(),
                     copy.image_id.as_deref(),
                     &plan.ami_name,
                     Some(&plan.run_id),
@@ -261,5 +242,134 @@ impl Step<Ec2State> for StepCopyRegions {
                 failures.join("; ")
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::ec2::api::fake::{FakeEc2, plan};
+
+    fn built(fake: &FakeEc2) -> Ec2State {
+        let mut state = Ec2State {
+            source: Some(SourceAmi {
+                id: "ami-source".to_owned(),
+                name: None,
+                owner: None,
+                creation_date: None,
+                root_device_name: None,
+            }),
+            ..Ec2State::default()
+        };
+        let home = fake.with_own_image("eu-west-1", "app-1.0", "unit0123");
+        state.amis.insert(
+            "eu-west-1".to_owned(),
+            AmiInfo {
+                image_id: home,
+                snapshot_ids: Vec::new(),
+            },
+        );
+        state
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_copy_lands_tagged_and_is_kept_on_success() {
+        let fake = FakeEc2::new("eu-west-1");
+        let settings = serde_json::json!({"ami_regions": ["us-west-2", "ap-south-1"]});
+        let test = TestContext::new("app");
+        let mut state = built(&fake);
+        let mut step = StepCopyRegions::new(plan(settings, &fake));
+        step.run(&mut state, &test.cx).await.unwrap();
+        assert_eq!(
+            state.amis.keys().collect::<Vec<_>>(),
+            ["ap-south-1", "eu-west-1", "us-west-2"]
+        );
+        for region in ["us-west-2", "ap-south-1"] {
+            let copy = &state.amis[region];
+            assert_eq!(
+                fake.amis_in(region),
+                [(copy.image_id.clone(), "app-1.0".to_owned())]
+            );
+            assert_eq!(copy.snapshot_ids.len(), 1, "{copy:?}");
+        }
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Succeeded)
+            .await
+            .unwrap();
+        assert_eq!(fake.amis_in("us-west-2").len(), 1);
+        assert!(test.cx.journal.outstanding().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_copy_fails_the_step_and_cleanup_removes_the_copies_made() {
+        let fake = FakeEc2::new("eu-west-1");
+        let settings = serde_json::json!({"ami_regions": ["us-west-2", "ap-south-1"]});
+        fake.at("ap-south-1")
+            .fail_next("CopyImage", Some("InvalidParameterValue"), Some(400));
+        let test = TestContext::new("app");
+        let mut state = built(&fake);
+        let mut step = StepCopyRegions::new(plan(settings, &fake));
+        let err = step
+            .run(&mut state, &test.cx)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("copy to ap-south-1: EC2 CopyImage in ap-south-1 failed"),
+            "{err}"
+        );
+        // The refused copy made nothing; the other one is on record.
+        assert_eq!(test.cx.journal.outstanding().len(), 1);
+        let made = fake.amis_in("us-west-2");
+        assert_eq!(made.len(), 1);
+        let made_snapshots: Vec<String> = fake
+            .world
+            .lock()
+            .unwrap()
+            .snapshots
+            .iter()
+            .filter(|((region, _), ami)| region == "us-west-2" && **ami == made[0].0)
+            .map(|((_, id), _)| id.clone())
+            .collect();
+        assert_eq!(made_snapshots.len(), 1);
+
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert!(fake.amis_in("us-west-2").is_empty());
+        assert!(fake.amis_in("ap-south-1").is_empty());
+        let calls = fake.calls();
+        assert!(
+            calls.contains(&format!("us-west-2 DeleteSnapshot {}", made_snapshots[0])),
+            "{calls:?}"
+        );
+        // The build region's AMI is the create step's to remove.
+        assert_eq!(fake.amis_in("eu-west-1").len(), 1);
+        assert!(test.cx.journal.outstanding().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_whose_answer_was_lost_is_found_by_name_and_run_and_removed() {
+        let fake = FakeEc2::new("eu-west-1");
+        let settings = serde_json::json!({"ami_regions": ["us-west-2"]});
+        fake.at("us-west-2").fail_next("CopyImage", None, None);
+        let test = TestContext::new("app");
+        let mut state = built(&fake);
+        let mut step = StepCopyRegions::new(plan(settings, &fake));
+        step.run(&mut state, &test.cx).await.unwrap_err();
+        assert_eq!(test.cx.journal.outstanding().len(), 1);
+        // EC2 made the copy after all, tagged with the run; a same-named
+        // AMI of another run must be left alone.
+        let ours = fake.with_own_image("us-west-2", "app-1.0", "unit0123");
+        let theirs = fake.with_own_image("us-west-2", "app-1.0", "other-run");
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Cancelled)
+            .await
+            .unwrap();
+        assert_eq!(
+            fake.amis_in("us-west-2"),
+            [(theirs, "app-1.0".to_owned())],
+            "{ours} should be gone"
+        );
+        assert!(test.cx.journal.outstanding().is_empty());
     }
 }

@@ -5,78 +5,36 @@
 //! CreateImage is lost. On failure or cancellation the AMI is deregistered
 //! and its snapshots deleted; on success it is kept as the artifact.
 
-use super::client::{AwsResultExt, RUN_ID_TAG, filter, tag_spec, tags};
-use super::poll::{Backoff, Poller, describe_image, look_until_found, wait_for_image};
+use super::api::Ec2Api;
+use super::poll::{Backoff, Poller, look_until_found, wait_for_image};
 use super::{AmiInfo, Ec2State, Plan};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
-use aws_sdk_ec2::Client;
-use aws_sdk_ec2::types::{Image, ResourceType};
 use imgbuild_core::{BuildLog, CleanupOutcome, ResourceId, Step, StepContext, StepError};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The EBS snapshots behind an AMI.
-pub fn snapshot_ids(image: &Image) -> Vec<String> {
-    image
-        .block_device_mappings()
-        .iter()
-        .filter_map(|mapping| mapping.ebs().and_then(|ebs| ebs.snapshot_id()))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Tags an AMI's snapshots (separately from CreateImage: a `snapshot` tag
 /// specification there is not supported everywhere, moto answers it 500).
 pub async fn tag_snapshots(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     snapshots: &[String],
     values: &BTreeMap<String, String>,
 ) -> Result<(), StepError> {
     if snapshots.is_empty() {
         return Ok(());
     }
-    client
-        .create_tags()
-        .set_resources(Some(snapshots.to_vec()))
-        .set_tags(Some(tags(values)))
-        .send()
-        .await
-        .aws("CreateTags", region)?;
+    api.create_tags(snapshots, values).await?;
     Ok(())
 }
 
-/// Snapshots whose description names `image_id`: EC2 describes the ones it
-/// makes for an AMI as "Created by CreateImage(i-...) for ami-..." or
-/// "Copied for DestinationAmi ami-...", which finds them even when the AMI
-/// was deregistered before listing them.
-async fn snapshots_described_for(
-    client: &Client,
-    region: &str,
-    image_id: &str,
-) -> Result<Vec<String>, StepError> {
-    let output = client
-        .describe_snapshots()
-        .owner_ids("self")
-        .filters(filter("description", format!("*{image_id}*")))
-        .send()
-        .await
-        .aws("DescribeSnapshots", region)?;
-    Ok(output
-        .snapshots()
-        .iter()
-        .filter_map(|s| s.snapshot_id().map(str::to_owned))
-        .collect())
-}
-
 async fn delete_snapshot(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     snapshot_id: &str,
     log: Option<&BuildLog>,
 ) -> Result<(), StepError> {
+    let region = api.region();
     let backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(10));
     let mut poller = Poller::new(
         format!("deleting snapshot {snapshot_id} in {region}"),
@@ -85,13 +43,7 @@ async fn delete_snapshot(
         log,
     );
     loop {
-        match client
-            .delete_snapshot()
-            .snapshot_id(snapshot_id)
-            .send()
-            .await
-            .aws("DeleteSnapshot", region)
-        {
+        match api.delete_snapshot(snapshot_id).await {
             Ok(_) => return Ok(()),
             Err(err) if err.is("InvalidSnapshot.NotFound") => return Ok(()),
             // The deregistration has not reached the snapshot yet.
@@ -103,51 +55,21 @@ async fn delete_snapshot(
     }
 }
 
-/// AMIs named `name` that imgbuild made: tagged with `run_id` when given,
-/// with any run id otherwise. Used when an AMI's id was never learned; the
-/// tag keeps a same-named AMI made by someone else out of reach.
-async fn find_own(
-    client: &Client,
-    region: &str,
-    name: &str,
-    run_id: Option<&str>,
-) -> Result<Vec<String>, StepError> {
-    let tag_filter = match run_id {
-        Some(run_id) => filter(&format!("tag:{RUN_ID_TAG}"), run_id),
-        None => filter("tag-key", RUN_ID_TAG),
-    };
-    let output = client
-        .describe_images()
-        .owners("self")
-        .filters(filter("name", name))
-        .filters(tag_filter)
-        .send()
-        .await
-        .aws("DescribeImages", region)?;
-    Ok(output
-        .images()
-        .iter()
-        .filter(|image| image.name() == Some(name))
-        .filter_map(|image| image.image_id().map(str::to_owned))
-        .collect())
-}
-
 /// The AMIs named `name` of run `run_id`, for a CreateImage or CopyImage
 /// whose answer never arrived; looked for up to `lookup` (see
 /// [`look_until_found`]), `None` when none showed up.
 pub async fn look_up_own(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     name: &str,
     run_id: Option<&str>,
     lookup: Duration,
     log: Option<&BuildLog>,
 ) -> Result<Option<Vec<String>>, StepError> {
     look_until_found(
-        format!("looking for AMI `{name}` in {region}"),
+        format!("looking for AMI `{name}` in {}", api.region()),
         lookup,
         log,
-        || find_own(client, region, name, run_id),
+        || async { Ok(api.own_images_of_run(name, run_id).await?) },
     )
     .await
 }
@@ -156,17 +78,17 @@ pub async fn look_up_own(
 /// looked up by name among those imgbuild made, for up to `lookup` (see
 /// [`look_up_own`]). An AMI or snapshot already gone counts as removed.
 pub async fn deregister(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     image_id: Option<&str>,
     name: &str,
     run_id: Option<&str>,
     lookup: Duration,
     log: Option<&BuildLog>,
 ) -> Result<(), StepError> {
+    let region = api.region();
     let ids: Vec<String> = match image_id {
         Some(id) => vec![id.to_owned()],
-        None => look_up_own(client, region, name, run_id, lookup, log)
+        None => look_up_own(api, name, run_id, lookup, log)
             .await?
             .ok_or_else(|| {
                 let run = run_id.map(|id| format!(" of run {id}")).unwrap_or_default();
@@ -177,28 +99,22 @@ pub async fn deregister(
             })?,
     };
     for id in ids {
-        let mut snapshots = match describe_image(client, region, &id).await? {
-            Some(image) => snapshot_ids(&image),
+        let mut snapshots = match api.describe_image(&id).await? {
+            Some(image) => image.snapshot_ids,
             None => Vec::new(),
         };
-        match client
-            .deregister_image()
-            .image_id(&id)
-            .send()
-            .await
-            .aws("DeregisterImage", region)
-        {
+        match api.deregister_image(&id).await {
             Ok(_) => {}
             Err(err) if err.is("InvalidAMIID.NotFound") || err.is("InvalidAMIID.Unavailable") => {}
             Err(err) => return Err(err.into()),
         }
-        for snapshot in snapshots_described_for(client, region, &id).await? {
+        for snapshot in api.snapshots_described_for(&id).await? {
             if !snapshots.contains(&snapshot) {
                 snapshots.push(snapshot);
             }
         }
         for snapshot in &snapshots {
-            delete_snapshot(client, region, snapshot, log).await?;
+            delete_snapshot(api, snapshot, log).await?;
         }
         if let Some(log) = log {
             let deleted = if snapshots.is_empty() {
@@ -214,8 +130,10 @@ pub async fn deregister(
 
 /// After a lost answer and a retry, CreateImage fails as a duplicate of the
 /// AMI its first attempt made; that one carries this run's id.
-async fn adopt_own_duplicate(plan: &Plan, client: &Client) -> Result<Option<String>, StepError> {
-    let found = find_own(client, &plan.region, &plan.ami_name, Some(&plan.run_id)).await?;
+async fn adopt_own_duplicate(plan: &Plan, api: &dyn Ec2Api) -> Result<Option<String>, StepError> {
+    let found = api
+        .own_images_of_run(&plan.ami_name, Some(&plan.run_id))
+        .await?;
     Ok(found.into_iter().next())
 }
 
@@ -245,7 +163,7 @@ impl Step<Ec2State> for StepCreateImage {
     async fn run(&mut self, state: &mut Ec2State, cx: &StepContext) -> Result<(), StepError> {
         let plan = self.plan.clone();
         let region = &plan.region;
-        let client = plan.client();
+        let api = plan.api();
         let instance_id = state
             .instance
             .as_ref()
@@ -265,25 +183,18 @@ impl Step<Ec2State> for StepCreateImage {
             "creating AMI `{}` from instance {instance_id}",
             plan.ami_name
         ));
-        let result = client
-            .create_image()
-            .instance_id(&instance_id)
-            .name(&plan.ami_name)
-            .set_description(plan.ami_description.clone())
-            .tag_specifications(tag_spec(
-                ResourceType::Image,
+        let result = api
+            .create_image(
+                &instance_id,
+                &plan.ami_name,
+                plan.ami_description.clone(),
                 &plan.artifact_tags(&plan.config.ami_tags, &source),
-            ))
-            .send()
-            .await
-            .aws("CreateImage", region);
+            )
+            .await;
         let image_id = match result {
-            Ok(output) => output
-                .image_id()
-                .ok_or_else(|| StepError::failed("CreateImage returned no image id"))?
-                .to_owned(),
+            Ok(image_id) => image_id,
             Err(err) if err.is("InvalidAMIName.Duplicate") => {
-                match adopt_own_duplicate(&plan, &client).await? {
+                match adopt_own_duplicate(&plan, api.as_ref()).await? {
                     Some(id) => id,
                     None => {
                         // Someone else took the name since the check: nothing
@@ -313,11 +224,10 @@ impl Step<Ec2State> for StepCreateImage {
             .map_err(StepError::failed)?;
 
         let image =
-            wait_for_image(&client, region, &image_id, plan.config.ami_timeout, &cx.log).await?;
-        let snapshots = snapshot_ids(&image);
+            wait_for_image(api.as_ref(), &image_id, plan.config.ami_timeout, &cx.log).await?;
+        let snapshots = image.snapshot_ids;
         tag_snapshots(
-            &client,
-            region,
+            api.as_ref(),
             &snapshots,
             &plan.artifact_tags(&plan.config.snapshot_tags, &source),
         )
@@ -355,8 +265,7 @@ impl Step<Ec2State> for StepCreateImage {
         }
         state.amis.remove(&self.plan.region);
         let result = deregister(
-            &self.plan.client(),
-            &self.plan.region,
+            self.plan.api().as_ref(),
             made.image_id.as_deref(),
             &self.plan.ami_name,
             Some(&self.plan.run_id),
@@ -374,5 +283,93 @@ impl Step<Ec2State> for StepCreateImage {
                 Err(StepError::failed(message))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::ec2::api::fake::{FakeEc2, plan};
+    use crate::ec2::{InstanceInfo, SourceAmi};
+
+    fn stopped() -> Ec2State {
+        Ec2State {
+            source: Some(SourceAmi {
+                id: "ami-source".to_owned(),
+                name: None,
+                owner: None,
+                creation_date: None,
+                root_device_name: None,
+            }),
+            instance: Some(InstanceInfo {
+                id: "i-build".to_owned(),
+                public_ip: None,
+                private_ip: None,
+                public_dns: None,
+                private_dns: None,
+            }),
+            ..Ec2State::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ami_is_made_tagged_and_removed_with_its_snapshots_when_the_build_fails() {
+        let fake = FakeEc2::new("eu-west-1");
+        let test = TestContext::new("app");
+        let mut state = stopped();
+        let mut step = StepCreateImage::new(plan(serde_json::json!({}), &fake));
+        step.run(&mut state, &test.cx).await.unwrap();
+        let ami = state.amis["eu-west-1"].clone();
+        assert_eq!(ami.snapshot_ids.len(), 1);
+        let calls = fake.calls();
+        assert_eq!(calls[0], "eu-west-1 CreateImage app-1.0 from i-build");
+        assert_eq!(
+            calls.last().unwrap(),
+            &format!("eu-west-1 CreateTags {}", ami.snapshot_ids[0])
+        );
+        assert_eq!(test.cx.journal.outstanding().len(), 1);
+
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert!(fake.amis_in("eu-west-1").is_empty());
+        assert!(fake.world.lock().unwrap().snapshots.is_empty());
+        assert!(!state.amis.contains_key("eu-west-1"));
+        assert!(test.cx.journal.outstanding().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_duplicate_left_by_this_runs_lost_answer_is_adopted() {
+        let fake = FakeEc2::new("eu-west-1");
+        // The first CreateImage went through but its answer was lost; the
+        // retry is turned down as a duplicate of it.
+        let first = fake.with_own_image("eu-west-1", "app-1.0", "unit0123");
+        fake.fail_next("CreateImage", Some("InvalidAMIName.Duplicate"), Some(400));
+        let test = TestContext::new("app");
+        let mut state = stopped();
+        let mut step = StepCreateImage::new(plan(serde_json::json!({}), &fake));
+        step.run(&mut state, &test.cx).await.unwrap();
+        assert_eq!(state.amis["eu-west-1"].image_id, first);
+        assert_eq!(fake.amis_in("eu-west-1").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_of_someone_else_fails_and_is_left_alone() {
+        let fake = FakeEc2::new("eu-west-1").with_image("eu-west-1", "app-1.0", "ami-theirs");
+        fake.fail_next("CreateImage", Some("InvalidAMIName.Duplicate"), Some(400));
+        let test = TestContext::new("app");
+        let mut state = stopped();
+        let mut step = StepCreateImage::new(plan(serde_json::json!({}), &fake));
+        let err = step.run(&mut state, &test.cx).await.unwrap_err();
+        assert!(err.to_string().contains("bump `image.version`"), "{err}");
+        assert!(test.cx.journal.outstanding().is_empty());
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert_eq!(
+            fake.amis_in("eu-west-1"),
+            [("ami-theirs".to_owned(), "app-1.0".to_owned())]
+        );
     }
 }

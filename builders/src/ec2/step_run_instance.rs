@@ -8,63 +8,35 @@
 //! terminates it and waits until it is gone; an instance it cannot find
 //! yet stays recorded rather than be forgotten while it may still start.
 
-use super::client::{AwsResultExt, CLIENT_TOKEN_TAG, RUN_ID_TAG, filter, tag_spec};
+use super::api::{Ec2Api, NewInstance, RootVolume};
+use super::client::CLIENT_TOKEN_TAG;
 use super::kind::Ec2Resource;
 use super::poll::{InstanceTarget, look_until_found, wait_for_instance};
 use super::{Ec2State, InstanceInfo, Plan};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
-use aws_sdk_ec2::Client;
-use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, IamInstanceProfileSpecification,
-    InstanceNetworkInterfaceSpecification, InstanceType, ResourceType, VolumeType,
-};
 use imgbuild_core::{BuildLog, CleanupOutcome, ResourceId, Step, StepContext, StepError};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Instances of run `run_id` launched with `client_token`, terminated ones
-/// included, as (id, state).
-async fn find_by_client_token(
-    client: &Client,
-    region: &str,
-    run_id: &str,
-    client_token: &str,
-) -> Result<Vec<(String, String)>, StepError> {
-    let output = client
-        .describe_instances()
-        .filters(filter(&format!("tag:{CLIENT_TOKEN_TAG}"), client_token))
-        .filters(filter(&format!("tag:{RUN_ID_TAG}"), run_id))
-        .send()
-        .await
-        .aws("DescribeInstances", region)?;
-    Ok(output
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter_map(|i| {
-            let id = i.instance_id()?.to_owned();
-            Some((id, super::poll::instance_state(i).to_owned()))
-        })
-        .collect())
-}
 
 /// The instances launched with `client_token` that are not terminated
 /// yet, for a launch whose answer never arrived; looked for up to `lookup`
 /// (see [`look_until_found`]), `None` when none showed up.
 async fn look_up_launched(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     run_id: &str,
     client_token: &str,
     lookup: Duration,
     log: Option<&BuildLog>,
 ) -> Result<Option<Vec<String>>, StepError> {
     let found = look_until_found(
-        format!("looking for the instance with client token {client_token} in {region}"),
+        format!(
+            "looking for the instance with client token {client_token} in {}",
+            api.region()
+        ),
         lookup,
         log,
-        || find_by_client_token(client, region, run_id, client_token),
+        || async { Ok(api.instances_launched_with(run_id, client_token).await?) },
     )
     .await?;
     Ok(found.map(|found| {
@@ -88,19 +60,10 @@ fn not_found_yet(launch: &Launch<'_>, region: &str) -> StepError {
 /// Looks for the instance a record without an id stands for; `None` when
 /// nothing has appeared within `launch.lookup`.
 pub async fn find_launched(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     launch: &Launch<'_>,
 ) -> Result<Option<Vec<String>>, StepError> {
-    look_up_launched(
-        client,
-        region,
-        launch.run_id,
-        launch.client_token,
-        launch.lookup,
-        None,
-    )
-    .await
+    look_up_launched(api, launch.run_id, launch.client_token, launch.lookup, None).await
 }
 
 /// A launched instance as the journal knows it.
@@ -116,41 +79,27 @@ pub struct Launch<'a> {
 /// never learned it is looked up by its client token among its run's
 /// instances (see [`look_up_launched`]). Returns the ids terminated.
 pub async fn terminate(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     launch: &Launch<'_>,
     timeout: Duration,
     log: Option<&BuildLog>,
 ) -> Result<Vec<String>, StepError> {
     let ids = match launch.instance_id {
         Some(id) => vec![id.to_owned()],
-        None => look_up_launched(
-            client,
-            region,
-            launch.run_id,
-            launch.client_token,
-            launch.lookup,
-            log,
-        )
-        .await?
-        .ok_or_else(|| not_found_yet(launch, region))?,
+        None => look_up_launched(api, launch.run_id, launch.client_token, launch.lookup, log)
+            .await?
+            .ok_or_else(|| not_found_yet(launch, api.region()))?,
     };
     if ids.is_empty() {
         return Ok(ids);
     }
-    let result = client
-        .terminate_instances()
-        .set_instance_ids(Some(ids.clone()))
-        .send()
-        .await
-        .aws("TerminateInstances", region);
-    match result {
+    match api.terminate_instances(&ids).await {
         Ok(_) => {}
         Err(err) if err.is("InvalidInstanceID.NotFound") => return Ok(Vec::new()),
         Err(err) => return Err(err.into()),
     }
     for id in &ids {
-        wait_for_instance(client, region, id, InstanceTarget::Terminated, timeout, log).await?;
+        wait_for_instance(api, id, InstanceTarget::Terminated, timeout, log).await?;
     }
     Ok(ids)
 }
@@ -199,7 +148,7 @@ impl StepRunInstance {
     }
 
     /// The root volume as configured, when anything about it is.
-    fn root_volume(&self, state: &Ec2State) -> Result<Option<BlockDeviceMapping>, StepError> {
+    fn root_volume(&self, state: &Ec2State) -> Result<Option<RootVolume>, StepError> {
         let config = &self.plan.config;
         if config.root_volume_size.is_none()
             && config.root_volume_type.is_none()
@@ -217,19 +166,13 @@ impl StepRunInstance {
                 source.id
             ))
         })?;
-        let ebs = EbsBlockDevice::builder()
-            .delete_on_termination(true)
-            .set_volume_size(config.root_volume_size)
-            .set_volume_type(config.root_volume_type.as_deref().map(VolumeType::from))
-            .set_encrypted(config.encrypt_boot.then_some(true))
-            .set_kms_key_id(config.kms_key_id.clone())
-            .build();
-        Ok(Some(
-            BlockDeviceMapping::builder()
-                .device_name(device)
-                .ebs(ebs)
-                .build(),
-        ))
+        Ok(Some(RootVolume {
+            device_name: device,
+            size_gib: config.root_volume_size,
+            volume_type: config.root_volume_type.clone(),
+            encrypted: config.encrypt_boot,
+            kms_key_id: config.kms_key_id.clone(),
+        }))
     }
 }
 
@@ -269,46 +212,23 @@ impl Step<Ec2State> for StepRunInstance {
 
         let mut instance_tags = plan.run_tags();
         instance_tags.insert(CLIENT_TOKEN_TAG.to_owned(), client_token.clone());
-        let mut request = plan
-            .client()
-            .run_instances()
-            .image_id(&source.id)
-            .instance_type(InstanceType::from(config.instance_type.as_str()))
-            .min_count(1)
-            .max_count(1)
-            .client_token(&client_token)
-            .set_key_name(state.key_pair_name.clone())
-            .set_user_data(user_data)
-            .set_block_device_mappings(root_volume.map(|mapping| vec![mapping]))
-            .tag_specifications(tag_spec(ResourceType::Instance, &instance_tags))
-            .tag_specifications(tag_spec(ResourceType::Volume, &plan.run_tags()));
-        if let Some(profile) = &config.iam_instance_profile {
-            let spec = IamInstanceProfileSpecification::builder();
-            let spec = if profile.starts_with("arn:") {
-                spec.arn(profile)
-            } else {
-                spec.name(profile)
-            };
-            request = request.iam_instance_profile(spec.build());
-        }
-        request = match config.associate_public_ip {
-            // A public IP choice can only be made on a network interface,
-            // which then carries the subnet and groups too.
-            Some(public) => request.network_interfaces(
-                InstanceNetworkInterfaceSpecification::builder()
-                    .device_index(0)
-                    .associate_public_ip_address(public)
-                    .delete_on_termination(true)
-                    .set_subnet_id(config.subnet_id.clone())
-                    .set_groups(Some(state.security_group_ids.clone()))
-                    .build(),
-            ),
-            None => request
-                .set_subnet_id(config.subnet_id.clone())
-                .set_security_group_ids(Some(state.security_group_ids.clone())),
+        let api = plan.api();
+        let launch = NewInstance {
+            image_id: source.id.clone(),
+            instance_type: config.instance_type.clone(),
+            client_token: client_token.clone(),
+            key_name: state.key_pair_name.clone(),
+            user_data,
+            root_volume,
+            instance_tags,
+            volume_tags: plan.run_tags(),
+            iam_instance_profile: config.iam_instance_profile.clone(),
+            associate_public_ip: config.associate_public_ip,
+            subnet_id: config.subnet_id.clone(),
+            security_group_ids: state.security_group_ids.clone(),
         };
-        let output = match request.send().await.aws("RunInstances", region) {
-            Ok(output) => output,
+        let instance_id = match api.run_instance(launch).await {
+            Ok(instance_id) => instance_id,
             Err(err) if err.is_refusal() => {
                 // EC2 said no to this client token: no instance exists to
                 // look for, now or later.
@@ -318,12 +238,6 @@ impl Step<Ec2State> for StepRunInstance {
             }
             Err(err) => return Err(err.into()),
         };
-        let instance_id = output
-            .instances()
-            .first()
-            .and_then(|i| i.instance_id())
-            .ok_or_else(|| StepError::failed("RunInstances returned no instance"))?
-            .to_owned();
         if let Some(launched) = self.launched.as_mut() {
             launched.instance_id = Some(instance_id.clone());
         }
@@ -344,10 +258,8 @@ impl Step<Ec2State> for StepRunInstance {
             config.instance_type, source.id
         ));
 
-        let client = plan.client();
         let instance = wait_for_instance(
-            &client,
-            region,
+            api.as_ref(),
             &instance_id,
             InstanceTarget::Running,
             plan.instance_timeout(),
@@ -357,23 +269,14 @@ impl Step<Ec2State> for StepRunInstance {
         .ok_or_else(|| StepError::failed(format!("instance {instance_id} disappeared")))?;
         let info = InstanceInfo {
             id: instance_id.clone(),
-            public_ip: instance.public_ip_address().map(str::to_owned),
-            private_ip: instance.private_ip_address().map(str::to_owned),
-            public_dns: instance
-                .public_dns_name()
-                .filter(|d| !d.is_empty())
-                .map(str::to_owned),
-            private_dns: instance
-                .private_dns_name()
-                .filter(|d| !d.is_empty())
-                .map(str::to_owned),
+            public_ip: instance.public_ip.clone(),
+            private_ip: instance.private_ip.clone(),
+            public_dns: instance.public_dns.clone(),
+            private_dns: instance.private_dns.clone(),
         };
         cx.log.info(format!(
             "instance {instance_id} is running in {}: public IP {}, private IP {}",
-            instance
-                .placement()
-                .and_then(|p| p.availability_zone())
-                .unwrap_or(region),
+            instance.availability_zone.as_deref().unwrap_or(region),
             info.public_ip.as_deref().unwrap_or("none"),
             info.private_ip.as_deref().unwrap_or("none"),
         ));
@@ -392,8 +295,7 @@ impl Step<Ec2State> for StepRunInstance {
         };
         state.instance = None;
         let result = terminate(
-            &self.plan.client(),
-            &self.plan.region,
+            self.plan.api().as_ref(),
             &Launch {
                 instance_id: launched.instance_id.as_deref(),
                 client_token: &launched.client_token,
@@ -425,7 +327,129 @@ impl Step<Ec2State> for StepRunInstance {
 
 #[cfg(test)]
 mod tests {
-    use super::user_data_base64;
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::ec2::SourceAmi;
+    use crate::ec2::api::fake::{FakeEc2, plan};
+    use crate::ec2::client::RUN_ID_TAG;
+    use crate::registry::JournalResource;
+
+    fn ready() -> Ec2State {
+        Ec2State {
+            source: Some(SourceAmi {
+                id: "ami-source".to_owned(),
+                name: None,
+                owner: None,
+                creation_date: None,
+                root_device_name: Some("/dev/xvda".to_owned()),
+            }),
+            key_pair_name: Some("imgbuild-app-unit0123".to_owned()),
+            security_group_ids: vec!["sg-1".to_owned()],
+            ..Ec2State::default()
+        }
+    }
+
+    /// The client token of the one instance on record.
+    fn recorded_token(test: &TestContext) -> String {
+        let recorded = test.cx.journal.outstanding();
+        assert_eq!(recorded.len(), 1);
+        match Ec2Resource::from_resource(&recorded[0].resource) {
+            Some(Ok(Ec2Resource::Instance { client_token, .. })) => client_token,
+            other => panic!("not an instance record: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_instance_is_launched_as_planned_and_terminated_on_cleanup() {
+        let fake = FakeEc2::new("eu-west-1");
+        let test = TestContext::new("app");
+        let settings = serde_json::json!({"root_volume_size": 20, "subnet_id": "subnet-1"});
+        let mut step = StepRunInstance::new(plan(settings, &fake));
+        let mut state = ready();
+        step.run(&mut state, &test.cx).await.unwrap();
+        let token = recorded_token(&test);
+        let instance = state.instance.clone().unwrap();
+        assert_eq!(instance.private_ip.as_deref(), Some("10.0.0.5"));
+        {
+            let world = fake.world.lock().unwrap();
+            let launch = &world.instances[&("eu-west-1".to_owned(), instance.id.clone())].launch;
+            assert_eq!(launch.image_id, "ami-source");
+            assert_eq!(launch.client_token, token);
+            assert_eq!(launch.key_name.as_deref(), Some("imgbuild-app-unit0123"));
+            assert_eq!(launch.security_group_ids, ["sg-1"]);
+            assert_eq!(launch.subnet_id.as_deref(), Some("subnet-1"));
+            let root = launch.root_volume.as_ref().unwrap();
+            assert_eq!(
+                (root.device_name.as_str(), root.size_gib),
+                ("/dev/xvda", Some(20))
+            );
+            // Tagged so a launch whose answer is lost can still be found.
+            assert_eq!(launch.instance_tags[CLIENT_TOKEN_TAG], token);
+            assert_eq!(launch.instance_tags[RUN_ID_TAG], "unit0123");
+        }
+
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Succeeded)
+            .await
+            .unwrap();
+        assert_eq!(
+            fake.instance_state("eu-west-1", &instance.id).as_deref(),
+            Some("terminated")
+        );
+        assert!(state.instance.is_none());
+        assert!(test.cx.journal.outstanding().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_launch_whose_answer_was_lost_is_found_by_its_client_token_and_terminated() {
+        let fake = FakeEc2::new("eu-west-1");
+        fake.fail_next("RunInstances", None, None);
+        let test = TestContext::new("app");
+        let mut step = StepRunInstance::new(plan(serde_json::json!({}), &fake));
+        let mut state = ready();
+        step.run(&mut state, &test.cx).await.unwrap_err();
+        let token = recorded_token(&test);
+        // EC2 launched it after all; another launch of the run is not ours.
+        let tags = |token: &str| {
+            std::collections::BTreeMap::from([
+                (RUN_ID_TAG.to_owned(), "unit0123".to_owned()),
+                (CLIENT_TOKEN_TAG.to_owned(), token.to_owned()),
+            ])
+        };
+        fake.with_instance("eu-west-1", "i-late", tags(&token));
+        fake.with_instance("eu-west-1", "i-other", tags("another-token"));
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert_eq!(
+            fake.instance_state("eu-west-1", "i-late").as_deref(),
+            Some("terminated")
+        );
+        assert_eq!(
+            fake.instance_state("eu-west-1", "i-other").as_deref(),
+            Some("running")
+        );
+        assert!(test.cx.journal.outstanding().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refused_launch_leaves_nothing_on_record() {
+        let fake = FakeEc2::new("eu-west-1");
+        fake.fail_next("RunInstances", Some("InvalidParameterValue"), Some(400));
+        let test = TestContext::new("app");
+        let mut step = StepRunInstance::new(plan(serde_json::json!({}), &fake));
+        let mut state = ready();
+        let err = step.run(&mut state, &test.cx).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("EC2 RunInstances in eu-west-1 failed"),
+            "{err}"
+        );
+        assert!(test.cx.journal.outstanding().is_empty());
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert_eq!(fake.calls(), ["eu-west-1 RunInstances ami-source t3.micro"]);
+    }
 
     #[test]
     fn base64_matches_rfc_4648_vectors() {

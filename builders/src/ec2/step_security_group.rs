@@ -4,15 +4,13 @@
 //! ([`ssh_sources`]), and is deleted on cleanup, which may have to wait
 //! until the instance using it is gone.
 
-use super::client::{AwsResultExt, filter, tag_spec};
+use super::api::{Ec2Api, NewSecurityGroup};
 use super::config::Ec2Config;
 use super::kind::Ec2Resource;
 use super::poll::{Backoff, Poller};
 use super::{Ec2State, Plan};
 use crate::common::tracked::{record, release};
 use async_trait::async_trait;
-use aws_sdk_ec2::Client;
-use aws_sdk_ec2::types::{IpPermission, IpRange, Ipv6Range, ResourceType, VpcCidrBlockStateCode};
 use imgbuild_core::{BuildLog, Cidr, CleanupOutcome, ResourceId, Step, StepContext, StepError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,31 +19,11 @@ use std::time::Duration;
 /// AWS (no other endpoint) and when SSH goes to a public address.
 pub(super) const CHECKIP_URL: &str = "https://checkip.amazonaws.com";
 
-/// Finds a group by name, for a run that died before learning its id.
-async fn group_id_by_name(
-    client: &Client,
-    region: &str,
-    name: &str,
-) -> Result<Option<String>, StepError> {
-    let output = client
-        .describe_security_groups()
-        .filters(filter("group-name", name))
-        .send()
-        .await
-        .aws("DescribeSecurityGroups", region)?;
-    Ok(output
-        .security_groups()
-        .iter()
-        .find(|group| group.group_name() == Some(name))
-        .and_then(|group| group.group_id().map(str::to_owned)))
-}
-
 /// Deletes a security group, retrying while EC2 says it is still in use
 /// (an instance using it takes a while to let go after terminating).
 /// A group that is already gone counts as deleted.
 pub async fn delete_group(
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     group_id: Option<&str>,
     name: &str,
     timeout: Duration,
@@ -53,11 +31,12 @@ pub async fn delete_group(
 ) -> Result<(), StepError> {
     let group_id = match group_id {
         Some(id) => id.to_owned(),
-        None => match group_id_by_name(client, region, name).await? {
+        None => match api.security_group_id(name).await? {
             Some(id) => id,
             None => return Ok(()),
         },
     };
+    let region = api.region();
     let backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(10));
     let mut poller = Poller::new(
         format!("deleting security group {group_id} ({name}) in {region}"),
@@ -66,13 +45,7 @@ pub async fn delete_group(
         log,
     );
     loop {
-        match client
-            .delete_security_group()
-            .group_id(&group_id)
-            .send()
-            .await
-            .aws("DeleteSecurityGroup", region)
-        {
+        match api.delete_security_group(&group_id).await {
             Ok(_) => return Ok(()),
             Err(err) if err.is("InvalidGroup.NotFound") => return Ok(()),
             // The instance using it has not let go yet.
@@ -109,71 +82,42 @@ async fn public_address_cidr(url: &str) -> Result<Cidr, String> {
 
 /// The VPC the instance runs in, when it is not the default one: `vpc_id`,
 /// else the subnet's.
-async fn configured_vpc(
-    config: &Ec2Config,
-    client: &Client,
-    region: &str,
-) -> Result<Option<String>, StepError> {
+async fn configured_vpc(config: &Ec2Config, api: &dyn Ec2Api) -> Result<Option<String>, StepError> {
     if let Some(vpc) = &config.vpc_id {
         return Ok(Some(vpc.clone()));
     }
     let Some(subnet) = &config.subnet_id else {
         return Ok(None);
     };
-    let output = client
-        .describe_subnets()
-        .subnet_ids(subnet)
-        .send()
-        .await
-        .aws("DescribeSubnets", region)?;
-    let vpc = output
-        .subnets()
-        .first()
-        .and_then(|s| s.vpc_id())
-        .map(str::to_owned);
-    vpc.map(Some)
-        .ok_or_else(|| StepError::failed(format!("subnet {subnet} does not exist in {region}")))
+    let vpc = api.subnet_vpc(subnet).await?;
+    vpc.map(Some).ok_or_else(|| {
+        StepError::failed(format!(
+            "subnet {subnet} does not exist in {}",
+            api.region()
+        ))
+    })
 }
 
 /// The IPv4 ranges of the instance's VPC (the default VPC's when no subnet
 /// or VPC is configured), for SSH that comes from inside it.
-async fn vpc_cidrs(
-    config: &Ec2Config,
-    client: &Client,
-    region: &str,
-) -> Result<SshSources, StepError> {
-    let request = client.describe_vpcs();
-    let request = match configured_vpc(config, client, region).await? {
-        Some(vpc) => request.vpc_ids(vpc),
-        None => request.filters(filter("is-default", "true")),
-    };
-    let output = request.send().await.aws("DescribeVpcs", region)?;
-    let vpc = output.vpcs().first().ok_or_else(|| {
+async fn vpc_cidrs(config: &Ec2Config, api: &dyn Ec2Api) -> Result<SshSources, StepError> {
+    let region = api.region();
+    let vpc = configured_vpc(config, api).await?;
+    let vpc = api.vpc_ranges(vpc.as_deref()).await?.ok_or_else(|| {
         StepError::failed(format!(
             "{region} has no default VPC to take the SSH address range from; set `subnet_id` or `vpc_id`"
         ))
     })?;
-    let vpc_id = vpc.vpc_id().unwrap_or("(no id)");
-    let mut ranges: Vec<&str> = vpc
-        .cidr_block_association_set()
-        .iter()
-        .filter(|block| {
-            block.cidr_block_state().and_then(|state| state.state())
-                == Some(&VpcCidrBlockStateCode::Associated)
-        })
-        .filter_map(|block| block.cidr_block())
-        .collect();
-    if ranges.is_empty() {
-        ranges.extend(vpc.cidr_block());
-    }
-    if ranges.is_empty() {
+    let vpc_id = &vpc.vpc_id;
+    if vpc.cidrs.is_empty() {
         return Err(StepError::failed(format!(
             "VPC {vpc_id} in {region} reports no IPv4 range"
         )));
     }
-    let cidrs = ranges
-        .into_iter()
-        .map(Cidr::parse)
+    let cidrs = vpc
+        .cidrs
+        .iter()
+        .map(|cidr| Cidr::parse(cidr))
         .collect::<Result<_, _>>()
         .map_err(|err| StepError::failed(format!("VPC {vpc_id} in {region}: {err}")))?;
     Ok(SshSources {
@@ -198,8 +142,7 @@ pub struct SshSources {
 /// fails, naming `ssh_cidrs`.
 pub(super) async fn ssh_sources(
     config: &Ec2Config,
-    client: &Client,
-    region: &str,
+    api: &dyn Ec2Api,
     custom_endpoint: Option<&str>,
     public_address_url: &str,
 ) -> Result<Option<SshSources>, String> {
@@ -223,7 +166,7 @@ pub(super) async fn ssh_sources(
         )));
     }
     if config.ssh_interface.is_some_and(|i| !i.is_public()) {
-        return vpc_cidrs(config, client, region)
+        return vpc_cidrs(config, api)
             .await
             .map(Some)
             .map_err(|err| unknown(err.to_string()));
@@ -283,8 +226,8 @@ impl Step<Ec2State> for StepSecurityGroup {
         let cidrs = &sources.cidrs;
         let name = plan.temporary_name();
         let region = &plan.region;
-        let client = plan.client();
-        let vpc_id = configured_vpc(&plan.config, &client, region).await?;
+        let api = plan.api();
+        let vpc_id = configured_vpc(&plan.config, api.as_ref()).await?;
 
         let id = record(
             cx,
@@ -297,22 +240,14 @@ impl Step<Ec2State> for StepSecurityGroup {
             .into(),
         )?;
         self.created = Some((id, name.clone(), None));
-        let output = client
-            .create_security_group()
-            .group_name(&name)
-            .description(format!(
-                "imgbuild: SSH to the build instance of run {}",
-                plan.run_id
-            ))
-            .set_vpc_id(vpc_id)
-            .tag_specifications(tag_spec(ResourceType::SecurityGroup, &plan.base_tags()))
-            .send()
-            .await
-            .aws("CreateSecurityGroup", region)?;
-        let group_id = output
-            .group_id()
-            .ok_or_else(|| StepError::failed("CreateSecurityGroup returned no group id"))?
-            .to_owned();
+        let group_id = api
+            .create_security_group(NewSecurityGroup {
+                name: &name,
+                description: format!("imgbuild: SSH to the build instance of run {}", plan.run_id),
+                vpc_id,
+                tags: plan.base_tags(),
+            })
+            .await?;
         self.created = Some((id, name.clone(), Some(group_id.clone())));
         cx.journal
             .update(
@@ -332,38 +267,16 @@ impl Step<Ec2State> for StepSecurityGroup {
         // and the instance still takes SSH on 22.
         let ssh = &plan.config.ssh;
         let port = match (&ssh.host, ssh.port) {
-            (None, Some(port)) => i32::from(port),
+            (None, Some(port)) => port,
             _ => 22,
         };
-        let mut permission = IpPermission::builder()
-            .ip_protocol("tcp")
-            .from_port(port)
-            .to_port(port);
-        for cidr in cidrs {
-            let description = format!("imgbuild SSH, run {}", plan.run_id);
-            permission = if cidr.address().is_ipv4() {
-                permission.ip_ranges(
-                    IpRange::builder()
-                        .cidr_ip(cidr.as_str())
-                        .description(description)
-                        .build(),
-                )
-            } else {
-                permission.ipv6_ranges(
-                    Ipv6Range::builder()
-                        .cidr_ipv6(cidr.as_str())
-                        .description(description)
-                        .build(),
-                )
-            };
-        }
-        client
-            .authorize_security_group_ingress()
-            .group_id(&group_id)
-            .ip_permissions(permission.build())
-            .send()
-            .await
-            .aws("AuthorizeSecurityGroupIngress", region)?;
+        api.authorize_tcp_ingress(
+            &group_id,
+            port,
+            cidrs,
+            &format!("imgbuild SSH, run {}", plan.run_id),
+        )
+        .await?;
         cx.log.info(format!(
             "created temporary security group {group_id} ({name}) admitting tcp/{port} from {} ({})",
             cidrs
@@ -387,8 +300,7 @@ impl Step<Ec2State> for StepSecurityGroup {
             return Ok(());
         };
         let result = delete_group(
-            &self.plan.client(),
-            &self.plan.region,
+            self.plan.api().as_ref(),
             group_id.as_deref(),
             &name,
             self.plan.instance_timeout(),
@@ -412,6 +324,9 @@ impl Step<Ec2State> for StepSecurityGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::testing::TestContext;
+    use crate::ec2::api::fake::{FakeEc2, plan};
+    use crate::registry::JournalResource;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn config(extra: serde_json::Value) -> Ec2Config {
@@ -422,14 +337,9 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
-    /// Never used to call EC2: the branches tested here decide without it.
-    fn offline_client() -> Client {
-        Client::from_conf(
-            aws_sdk_ec2::Config::builder()
-                .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
-                .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-                .build(),
-        )
+    /// The branches tested here decide without calling EC2.
+    fn offline_client() -> FakeEc2 {
+        FakeEc2::new("us-east-1")
     }
 
     /// A checkip stand-in answering every request with `body`.
@@ -464,28 +374,16 @@ mod tests {
     async fn an_unknown_public_address_fails_naming_ssh_cidrs_instead_of_opening_ssh() {
         let client = offline_client();
         let url = closed_url();
-        let err = ssh_sources(
-            &config(serde_json::json!({})),
-            &client,
-            "us-east-1",
-            None,
-            &url,
-        )
-        .await
-        .unwrap_err();
+        let err = ssh_sources(&config(serde_json::json!({})), &client, None, &url)
+            .await
+            .unwrap_err();
         assert!(err.contains("`ssh_cidrs`"), "{err}");
         assert!(err.contains(&url), "{err}");
 
         let garbage = answering("<html>not an address</html>").await;
-        let err = ssh_sources(
-            &config(serde_json::json!({})),
-            &client,
-            "us-east-1",
-            None,
-            &garbage,
-        )
-        .await
-        .unwrap_err();
+        let err = ssh_sources(&config(serde_json::json!({})), &client, None, &garbage)
+            .await
+            .unwrap_err();
         assert!(err.contains("not an IPv4 address"), "{err}");
     }
 
@@ -495,7 +393,6 @@ mod tests {
         let sources = ssh_sources(
             &config(serde_json::json!({})),
             &offline_client(),
-            "us-east-1",
             None,
             &url,
         )
@@ -512,7 +409,7 @@ mod tests {
         let client = offline_client();
         let through_host =
             config(serde_json::json!({"ssh": {"username": "admin", "host": "bastion.example"}}));
-        let err = ssh_sources(&through_host, &client, "us-east-1", None, &url)
+        let err = ssh_sources(&through_host, &client, None, &url)
             .await
             .unwrap_err();
         assert!(
@@ -523,7 +420,6 @@ mod tests {
         let err = ssh_sources(
             &config(serde_json::json!({})),
             &client,
-            "us-east-1",
             Some("http://127.0.0.1:5055"),
             &url,
         )
@@ -539,10 +435,137 @@ mod tests {
             "ssh_cidrs": ["0.0.0.0/0"],
             "ssh": {"username": "admin", "host": "bastion.example"},
         }));
-        let sources = ssh_sources(&open, &client, "us-east-1", Some("http://x"), &url)
+        let sources = ssh_sources(&open, &client, Some("http://x"), &url)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(sources.cidrs, vec!["0.0.0.0/0"]);
+    }
+
+    fn journalled(test: &TestContext) -> Vec<String> {
+        test.cx
+            .journal
+            .outstanding()
+            .iter()
+            .map(|o| o.resource.describe())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_temporary_group_admits_only_the_planned_cidrs_on_the_ssh_port_and_is_deleted() {
+        let fake = FakeEc2::new("eu-west-1");
+        let settings = serde_json::json!({
+            "ssh_cidrs": ["198.51.100.0/24", "2001:db8::/32"],
+            "ssh": {"username": "admin", "port": 2222},
+            "subnet_id": "subnet-1",
+        });
+        let test = TestContext::new("app");
+        let mut step = StepSecurityGroup::new(plan(settings, &fake));
+        let mut state = Ec2State::default();
+        step.run(&mut state, &test.cx).await.unwrap();
+        assert_eq!(state.security_group_ids, ["sg-1"]);
+        assert_eq!(
+            fake.calls(),
+            [
+                "eu-west-1 DescribeSubnets subnet-1",
+                "eu-west-1 CreateSecurityGroup imgbuild-app-unit0123 in vpc-of-subnet-1",
+                "eu-west-1 AuthorizeSecurityGroupIngress sg-1 tcp/2222 198.51.100.0/24,2001:db8::/32",
+            ]
+        );
+        // The journal learns the id as soon as EC2 tells it.
+        let recorded = test.cx.journal.outstanding();
+        assert_eq!(recorded.len(), 1);
+        let resource = Ec2Resource::from_resource(&recorded[0].resource);
+        assert!(
+            matches!(
+                resource,
+                Some(Ok(Ec2Resource::SecurityGroup { group_id: Some(ref id), .. })) if id == "sg-1"
+            ),
+            "{resource:?}"
+        );
+
+        // The instance has not let go of it yet: cleanup waits, then deletes.
+        fake.fail_next(
+            "DeleteSecurityGroup",
+            Some("DependencyViolation"),
+            Some(400),
+        );
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        let calls = fake.calls();
+        assert_eq!(
+            calls[3..],
+            [
+                "eu-west-1 DeleteSecurityGroup sg-1",
+                "eu-west-1 DeleteSecurityGroup sg-1"
+            ]
+        );
+        assert!(fake.world.lock().unwrap().groups.is_empty());
+        assert!(journalled(&test).is_empty());
+    }
+
+    #[tokio::test]
+    async fn ssh_through_a_host_is_admitted_on_port_22() {
+        // `ssh.port` with `ssh.host` is the port of the host in between.
+        let fake = FakeEc2::new("eu-west-1");
+        let settings = serde_json::json!({
+            "ssh_cidrs": ["10.0.0.0/8"],
+            "ssh": {"username": "admin", "host": "bastion.example", "port": 2222},
+        });
+        let test = TestContext::new("app");
+        let mut step = StepSecurityGroup::new(plan(settings, &fake));
+        step.run(&mut Ec2State::default(), &test.cx).await.unwrap();
+        assert_eq!(
+            fake.world
+                .lock()
+                .unwrap()
+                .ingress
+                .values()
+                .collect::<Vec<_>>(),
+            [&(22, vec!["10.0.0.0/8".to_owned()])]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_group_whose_creation_went_unanswered_is_found_by_name_and_deleted() {
+        let fake = FakeEc2::new("eu-west-1");
+        let test = TestContext::new("app");
+        let mut step = StepSecurityGroup::new(plan(serde_json::json!({}), &fake));
+        let mut state = Ec2State::default();
+        fake.fail_next("CreateSecurityGroup", None, None);
+        step.run(&mut state, &test.cx).await.unwrap_err();
+        assert_eq!(journalled(&test).len(), 1);
+        // EC2 made it after all; the run never learned its id.
+        fake.world.lock().unwrap().groups.insert(
+            ("eu-west-1".to_owned(), "sg-late".to_owned()),
+            "imgbuild-app-unit0123".to_owned(),
+        );
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert_eq!(
+            fake.calls()[1..],
+            [
+                "eu-west-1 DescribeSecurityGroups imgbuild-app-unit0123",
+                "eu-west-1 DeleteSecurityGroup sg-late"
+            ]
+        );
+        assert!(journalled(&test).is_empty());
+    }
+
+    #[tokio::test]
+    async fn existing_groups_are_used_and_nothing_is_made() {
+        let fake = FakeEc2::new("eu-west-1");
+        let test = TestContext::new("app");
+        let settings = serde_json::json!({"security_group_ids": ["sg-ops"]});
+        let mut step = StepSecurityGroup::new(plan(settings, &fake));
+        let mut state = Ec2State::default();
+        step.run(&mut state, &test.cx).await.unwrap();
+        assert_eq!(state.security_group_ids, ["sg-ops"]);
+        step.cleanup(&mut state, &test.cx, CleanupOutcome::Failed)
+            .await
+            .unwrap();
+        assert!(fake.calls().is_empty(), "{:?}", fake.calls());
     }
 }

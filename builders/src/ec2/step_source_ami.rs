@@ -3,11 +3,10 @@
 //! first when `most_recent` is set. The choice is logged and recorded in
 //! the artifact, so the manifest says exactly what an image was built on.
 
-use super::client::{AwsResultExt, filter};
+use super::api::SourceImage;
 use super::config::SourceAmiFilter;
 use super::{Ec2State, Plan, SourceAmi};
 use async_trait::async_trait;
-use aws_sdk_ec2::types::{DeviceType, Image};
 use imgbuild_core::{Step, StepContext, StepError};
 use std::sync::Arc;
 
@@ -20,55 +19,28 @@ impl StepSourceAmi {
         StepSourceAmi { plan }
     }
 
-    async fn by_id(&self, id: &str) -> Result<Image, StepError> {
+    async fn by_id(&self, id: &str) -> Result<SourceImage, StepError> {
         let region = &self.plan.region;
-        let result = self
-            .plan
-            .client()
-            .describe_images()
-            .image_ids(id)
-            .send()
-            .await
-            .aws("DescribeImages", region);
-        let images = match result {
-            Ok(output) => output.images().to_vec(),
-            Err(err) if err.is("InvalidAMIID.NotFound") => Vec::new(),
-            Err(err) => return Err(err.into()),
-        };
-        images.into_iter().next().ok_or_else(|| {
+        self.plan.api().source_image(id).await?.ok_or_else(|| {
             StepError::failed(format!(
                 "source AMI {id} does not exist in {region}, or is not shared with this account; AMI ids differ between regions"
             ))
         })
     }
 
-    async fn by_filter(&self, wanted: &SourceAmiFilter) -> Result<Image, StepError> {
+    async fn by_filter(&self, wanted: &SourceAmiFilter) -> Result<SourceImage, StepError> {
         let region = &self.plan.region;
-        let client = self.plan.client();
-        let mut images: Vec<Image> = Vec::new();
-        let mut next_token: Option<String> = None;
-        loop {
-            let mut request = client
-                .describe_images()
-                .set_owners(Some(wanted.owners.clone()))
-                .filters(filter("state", "available"))
-                .set_next_token(next_token.take());
-            for (name, value) in &wanted.filters {
-                request = request.filters(filter(name, value));
-            }
-            let output = request.send().await.aws("DescribeImages", region)?;
-            images.extend(output.images().iter().cloned());
-            match output.next_token() {
-                Some(token) if !token.is_empty() => next_token = Some(token.to_owned()),
-                _ => break,
-            }
-        }
+        let mut images = self
+            .plan
+            .api()
+            .available_images(&wanted.owners, &wanted.filters)
+            .await?;
         let described = describe_filter(wanted);
         // ISO 8601 timestamps in one format sort as strings.
         images.sort_by(|a, b| {
-            a.creation_date()
-                .cmp(&b.creation_date())
-                .then(a.image_id().cmp(&b.image_id()))
+            a.creation_date
+                .cmp(&b.creation_date)
+                .then(a.image_id.cmp(&b.image_id))
         });
         match images.len() {
             0 => Err(StepError::failed(format!(
@@ -84,9 +56,9 @@ impl StepSourceAmi {
                     .map(|image| {
                         format!(
                             "{} ({}, {})",
-                            image.image_id().unwrap_or("?"),
-                            image.name().unwrap_or("unnamed"),
-                            image.creation_date().unwrap_or("no date")
+                            image.image_id,
+                            image.name.as_deref().unwrap_or("unnamed"),
+                            image.creation_date.as_deref().unwrap_or("no date")
                         )
                     })
                     .collect();
@@ -128,26 +100,25 @@ impl Step<Ec2State> for StepSourceAmi {
                 return Err(StepError::failed("no `source_ami` or `source_ami_filter`"));
             }
         };
-        let id = image.image_id().unwrap_or_default().to_owned();
-        if let Some(state) = image.state()
-            && state.as_str() != "available"
+        let id = image.image_id;
+        if let Some(state) = image.state.as_deref()
+            && state != "available"
         {
             return Err(StepError::failed(format!(
-                "source AMI {id} is {}, not available",
-                state.as_str()
+                "source AMI {id} is {state}, not available"
             )));
         }
-        if image.root_device_type() == Some(&DeviceType::InstanceStore) {
+        if image.instance_store {
             return Err(StepError::failed(format!(
                 "source AMI {id} is instance-store backed; the ec2 builder makes EBS-backed AMIs and needs an EBS-backed source"
             )));
         }
         let source = SourceAmi {
             id,
-            name: image.name().map(str::to_owned),
-            owner: image.owner_id().map(str::to_owned),
-            creation_date: image.creation_date().map(str::to_owned),
-            root_device_name: image.root_device_name().map(str::to_owned),
+            name: image.name,
+            owner: image.owner,
+            creation_date: image.creation_date,
+            root_device_name: image.root_device_name,
         };
         cx.log.info(format!(
             "source AMI {} ({}) owned by {}, created {}",
@@ -161,5 +132,38 @@ impl Step<Ec2State> for StepSourceAmi {
         ));
         state.source = Some(source);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::ec2::api::fake::{FakeEc2, plan};
+
+    #[tokio::test]
+    async fn a_source_ami_by_id_is_resolved_or_refused_naming_the_region() {
+        let fake = FakeEc2::new("eu-west-1").with_image("eu-west-1", "debian-13", "ami-base");
+        let test = TestContext::new("app");
+        let mut state = Ec2State::default();
+        StepSourceAmi::new(plan(serde_json::json!({"source_ami": "ami-base"}), &fake))
+            .run(&mut state, &test.cx)
+            .await
+            .unwrap();
+        let source = state.source.unwrap();
+        assert_eq!(
+            (source.id.as_str(), source.name.as_deref()),
+            ("ami-base", Some("debian-13"))
+        );
+
+        let err = StepSourceAmi::new(plan(serde_json::json!({"source_ami": "ami-gone"}), &fake))
+            .run(&mut Ec2State::default(), &test.cx)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("source AMI ami-gone does not exist in eu-west-1"),
+            "{err}"
+        );
     }
 }

@@ -3,7 +3,6 @@
 //! machine's `authorized_keys` (cloud-init put it there from the key pair;
 //! an image must not trust a build's key).
 
-use super::client::AwsResultExt;
 use super::poll::{InstanceTarget, wait_for_instance};
 use super::{Ec2State, Plan};
 use async_trait::async_trait;
@@ -62,18 +61,11 @@ impl Step<Ec2State> for StepStopInstance {
         // The SSH session must be closed before the machine goes down.
         state.communicator = None;
 
-        let region = &self.plan.region;
-        let client = self.plan.client();
+        let api = self.plan.api();
         cx.log.info(format!("stopping instance {instance_id}"));
-        client
-            .stop_instances()
-            .instance_ids(&instance_id)
-            .send()
-            .await
-            .aws("StopInstances", region)?;
+        api.stop_instance(&instance_id).await?;
         wait_for_instance(
-            &client,
-            region,
+            api.as_ref(),
             &instance_id,
             InstanceTarget::Stopped,
             self.plan.instance_timeout(),
@@ -82,5 +74,57 @@ impl Step<Ec2State> for StepStopInstance {
         .await?;
         cx.log.info(format!("instance {instance_id} is stopped"));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::ec2::InstanceInfo;
+    use crate::ec2::api::fake::{FakeEc2, plan};
+
+    #[tokio::test(start_paused = true)]
+    async fn the_instance_is_stopped_through_the_api_and_waited_for() {
+        let fake = FakeEc2::new("eu-west-1");
+        fake.with_instance("eu-west-1", "i-build", Default::default());
+        let test = TestContext::new("app");
+        let mut state = Ec2State {
+            instance: Some(InstanceInfo {
+                id: "i-build".to_owned(),
+                public_ip: None,
+                private_ip: None,
+                public_dns: None,
+                private_dns: None,
+            }),
+            ..Ec2State::default()
+        };
+        StepStopInstance::new(plan(serde_json::json!({}), &fake))
+            .run(&mut state, &test.cx)
+            .await
+            .unwrap();
+        assert_eq!(
+            fake.calls(),
+            [
+                "eu-west-1 StopInstances i-build",
+                "eu-west-1 DescribeInstances i-build"
+            ]
+        );
+        assert_eq!(
+            fake.instance_state("eu-west-1", "i-build").as_deref(),
+            Some("stopped")
+        );
+    }
+
+    #[tokio::test]
+    async fn without_an_instance_nothing_is_called() {
+        let fake = FakeEc2::new("eu-west-1");
+        let test = TestContext::new("app");
+        let err = StepStopInstance::new(plan(serde_json::json!({}), &fake))
+            .run(&mut Ec2State::default(), &test.cx)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not running"), "{err}");
+        assert!(fake.calls().is_empty());
     }
 }
