@@ -13,7 +13,9 @@ use imgbuild_core::ConfigProblem;
 use imgbuild_core::{Redactor, template};
 use imgbuild_provisioners::Provisioner;
 use imgbuild_provisioners::image_test::ImageTest;
-use imgbuild_provisioners::registry::{self as provisioner_registry, ParseError, ParseInput};
+use imgbuild_provisioners::registry::{
+    self as provisioner_registry, ParseError, ParseInput, Parsed, ProvisionerKind,
+};
 use render::{Renderer, join};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -676,43 +678,10 @@ impl Loader<'_> {
             let Some(targets) = self.targets(item, &mut body, &field, &names) else {
                 continue;
             };
-            for (build, kind_of_build) in builders {
-                if !targets.applies_to(build) {
-                    continue;
-                }
-                let mut build_context = context.clone();
-                build_context["build"] = serde_json::json!({"name": build, "type": kind_of_build});
-                let source = self.source.clone();
-                let renderer = Renderer {
-                    env,
-                    context: &minijinja::Value::from_serialize(&build_context),
-                    file: self.file,
-                    source: &source,
-                };
-                let mut rendered = body.clone();
-                let before = self.diagnostics.len();
-                renderer.render_tree(&mut rendered, &field, &mut self.diagnostics);
-                if self.diagnostics.len() > before {
-                    // The same template error would repeat for every build.
-                    break;
-                }
-                let parsed = kind.parse(ParseInput {
-                    table: &rendered,
-                    config_dir: &self.dir,
-                    template_context: &build_context,
-                });
-                let parsed = match parsed {
-                    Ok(parsed) => parsed,
-                    Err(ParseError::Invalid(err)) => {
-                        self.serde_error(&err, item.span(), item, &field);
-                        break;
-                    }
-                    Err(ParseError::Problems(problems)) => {
-                        self.push_problems(problems, item, item.span(), &field);
-                        break;
-                    }
-                };
-                let entry = by_build.entry(build.clone()).or_default();
+            let parsed =
+                self.parse_for_builds(kind, item, &body, &field, &targets, builders, env, context);
+            for (build, parsed) in parsed {
+                let entry = by_build.entry(build).or_default();
                 entry.provisioners.push(parsed.provisioner);
                 entry.configs.push(parsed.resolved);
                 entry.input_files.extend(parsed.input_files);
@@ -901,42 +870,9 @@ impl Loader<'_> {
             let Some(targets) = self.targets(item, &mut body, &field, &names) else {
                 continue;
             };
-            for (build, kind_of_build) in builders {
-                if !targets.applies_to(build) {
-                    continue;
-                }
-                let mut build_context = context.clone();
-                build_context["build"] = serde_json::json!({"name": build, "type": kind_of_build});
-                let source = self.source.clone();
-                let renderer = Renderer {
-                    env,
-                    context: &minijinja::Value::from_serialize(&build_context),
-                    file: self.file,
-                    source: &source,
-                };
-                let mut rendered = body.clone();
-                let before = self.diagnostics.len();
-                renderer.render_tree(&mut rendered, &field, &mut self.diagnostics);
-                if self.diagnostics.len() > before {
-                    // The same template error would repeat for every build.
-                    break;
-                }
-                let parsed = shell.parse(ParseInput {
-                    table: &rendered,
-                    config_dir: &self.dir,
-                    template_context: &build_context,
-                });
-                let parsed = match parsed {
-                    Ok(parsed) => parsed,
-                    Err(ParseError::Invalid(err)) => {
-                        self.serde_error(&err, item.span(), item, &field);
-                        break;
-                    }
-                    Err(ParseError::Problems(problems)) => {
-                        self.push_problems(problems, item, item.span(), &field);
-                        break;
-                    }
-                };
+            let parsed =
+                self.parse_for_builds(shell, item, &body, &field, &targets, builders, env, context);
+            for (build, parsed) in parsed {
                 let mut resolved = match serde_json::to_value(&own) {
                     Ok(serde_json::Value::Object(fields)) => fields,
                     _ => serde_json::Map::new(),
@@ -944,7 +880,7 @@ impl Loader<'_> {
                 if let serde_json::Value::Object(shell_fields) = parsed.resolved {
                     resolved.extend(shell_fields);
                 }
-                let entry = by_build.entry(build.clone()).or_default();
+                let entry = by_build.entry(build).or_default();
                 entry.tests.push(ImageTest {
                     name: own.name.clone(),
                     shell: parsed.provisioner,
@@ -956,6 +892,62 @@ impl Loader<'_> {
             }
         }
         by_build
+    }
+
+    /// `body` (a `[[provision]]` or `[[test]]` table without `type`, `only`
+    /// and `except`) rendered for each build it applies to and parsed by
+    /// `kind`, in config order. Stops at the first problem: the same one
+    /// would repeat for every build.
+    #[allow(clippy::too_many_arguments)]
+    fn parse_for_builds(
+        &mut self,
+        kind: &dyn ProvisionerKind,
+        item: &Spanned<DeValue<'_>>,
+        body: &Spanned<DeValue<'_>>,
+        field: &str,
+        targets: &ProvisionTargets,
+        builders: &[(String, String)],
+        env: &minijinja::Environment<'static>,
+        context: &serde_json::Value,
+    ) -> Vec<(String, Parsed)> {
+        let mut parsed_by_build = Vec::new();
+        for (build, kind_of_build) in builders {
+            if !targets.applies_to(build) {
+                continue;
+            }
+            let mut build_context = context.clone();
+            build_context["build"] = serde_json::json!({"name": build, "type": kind_of_build});
+            let source = self.source.clone();
+            let renderer = Renderer {
+                env,
+                context: &minijinja::Value::from_serialize(&build_context),
+                file: self.file,
+                source: &source,
+            };
+            let mut rendered = body.clone();
+            let before = self.diagnostics.len();
+            renderer.render_tree(&mut rendered, field, &mut self.diagnostics);
+            if self.diagnostics.len() > before {
+                break;
+            }
+            let parsed = kind.parse(ParseInput {
+                table: &rendered,
+                config_dir: &self.dir,
+                template_context: &build_context,
+            });
+            match parsed {
+                Ok(parsed) => parsed_by_build.push((build.clone(), parsed)),
+                Err(ParseError::Invalid(err)) => {
+                    self.serde_error(&err, item.span(), item, field);
+                    break;
+                }
+                Err(ParseError::Problems(problems)) => {
+                    self.push_problems(problems, item, item.span(), field);
+                    break;
+                }
+            }
+        }
+        parsed_by_build
     }
 
     /// Problems a builder or provisioner found in its table, each pointing
