@@ -88,6 +88,28 @@ pub struct DockerState {
 
 has_communicator!(DockerState);
 
+impl DockerState {
+    /// A fresh state on the engine `DOCKER_HOST` names: the start of a
+    /// build and of a test run.
+    pub(crate) async fn connect() -> Result<DockerState, BuildError> {
+        let engine = Engine::connect()
+            .await
+            .map_err(|message| BuildError::Failed {
+                step: "connect to the engine".to_owned(),
+                message,
+            })?;
+        Ok(DockerState {
+            images: Arc::new(engine.clone()),
+            engine,
+            base: None,
+            container: None,
+            communicator: None,
+            artifact: None,
+            test_results: None,
+        })
+    }
+}
+
 impl crate::common::step_run_tests::HasTestResults for DockerState {
     fn set_test_results(&mut self, results: Vec<TestResult>) {
         self.test_results = Some(results);
@@ -184,21 +206,7 @@ impl Builder for DockerBuilder {
         let plan = Plan::new(&self.config, request, &cx.run_id, cx.build_name())
             .map_err(BuildError::Refused)?;
         let plan = Arc::new(plan);
-        let engine = Engine::connect()
-            .await
-            .map_err(|message| BuildError::Failed {
-                step: "connect to the engine".to_owned(),
-                message,
-            })?;
-        let mut state = DockerState {
-            images: Arc::new(engine.clone()),
-            engine,
-            base: None,
-            container: None,
-            communicator: None,
-            artifact: None,
-            test_results: None,
-        };
+        let mut state = DockerState::connect().await?;
         let mut steps = Self::steps(&plan, request);
         let mut report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
         if report.left_for_debugging {

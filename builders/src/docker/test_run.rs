@@ -13,7 +13,7 @@
 //! Steps, in order: find the image, create and start the container,
 //! connect, run the tests. The last produces `state.test_results`.
 
-use super::engine::{self, Engine, ImageApi};
+use super::engine::{self, ImageApi};
 use super::kept::Kept;
 use super::plan::Plan;
 use super::step_connect::StepConnect;
@@ -45,21 +45,7 @@ pub async fn test_image(
         .map_err(BuildError::Refused)?
         .for_test_container(&cx.run_id, cx.build_name());
     let plan = Arc::new(plan);
-    let engine = Engine::connect()
-        .await
-        .map_err(|message| BuildError::Failed {
-            step: "connect to the engine".to_owned(),
-            message,
-        })?;
-    let mut state = DockerState {
-        images: Arc::new(engine.clone()),
-        engine,
-        base: None,
-        container: None,
-        communicator: None,
-        artifact: None,
-        test_results: None,
-    };
+    let mut state = DockerState::connect().await?;
     let mut steps: Vec<Box<dyn Step<DockerState>>> = vec![
         Box::new(StepFindImage {
             image_id,
@@ -210,7 +196,7 @@ mod tests {
 
     fn state(images: Arc<FakeImages>) -> DockerState {
         DockerState {
-            engine: Engine::unreachable(),
+            engine: engine::Engine::unreachable(),
             images,
             base: None,
             container: None,
