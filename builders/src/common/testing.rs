@@ -32,3 +32,23 @@ impl TestContext {
         }
     }
 }
+
+/// A Docker build's artifact record, as a finished build or the manifest
+/// hands it to a test run or a delete.
+pub fn docker_artifact(
+    id: &str,
+    files: Vec<crate::ArtifactFile>,
+    details: serde_json::Value,
+) -> crate::Artifact {
+    crate::Artifact {
+        builder: "docker".into(),
+        id: id.into(),
+        files,
+        source: crate::SourceIdentity {
+            kind: "docker-image".into(),
+            reference: "debian".into(),
+            sha256: None,
+        },
+        details,
+    }
+}

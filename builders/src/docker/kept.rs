@@ -79,22 +79,9 @@ impl Kept {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ArtifactFile, SourceIdentity};
+    use crate::ArtifactFile;
+    use crate::common::testing::docker_artifact as artifact;
     use serde_json::json;
-
-    fn artifact(id: &str, files: Vec<ArtifactFile>, details: serde_json::Value) -> Artifact {
-        Artifact {
-            builder: "docker".into(),
-            id: id.into(),
-            files,
-            source: SourceIdentity {
-                kind: "docker-image".into(),
-                reference: "debian".into(),
-                sha256: None,
-            },
-            details,
-        }
-    }
 
     #[test]
     fn each_output_reads_back_from_its_record() {

@@ -137,24 +137,11 @@ impl Step<DockerState> for StepFindImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ArtifactFile;
     use crate::common::testing::TestContext;
+    use crate::common::testing::docker_artifact as artifact;
     use crate::docker::engine::fake::FakeImages;
-    use crate::{ArtifactFile, SourceIdentity};
     use serde_json::json;
-
-    fn artifact(id: &str, files: Vec<ArtifactFile>, details: serde_json::Value) -> Artifact {
-        Artifact {
-            builder: "docker".into(),
-            id: id.into(),
-            files,
-            source: SourceIdentity {
-                kind: "docker-image".into(),
-                reference: "debian".into(),
-                sha256: None,
-            },
-            details,
-        }
-    }
 
     #[test]
     fn the_committed_image_is_tested_by_id_and_the_others_are_refused() {
