@@ -616,18 +616,11 @@ impl Loader<'_> {
         builders: &[(String, String)],
     ) -> BTreeMap<String, Provisioning> {
         let mut by_build: BTreeMap<String, Provisioning> = BTreeMap::new();
-        let Some(section) = top.get("provision") else {
-            return by_build;
-        };
-        let DeValue::Array(items) = section.get_ref() else {
-            let diagnostic = self
-                .error(
-                    "`provision` must be a list of tables",
-                    section.span(),
-                    "provision",
-                )
-                .help("write each provisioner as a [[provision]] table");
-            self.diagnostics.push(diagnostic);
+        let Some(items) = self.table_array(
+            top,
+            "provision",
+            "write each provisioner as a [[provision]] table",
+        ) else {
             return by_build;
         };
         let names: Vec<&str> = builders.iter().map(|(name, _)| name.as_str()).collect();
@@ -688,6 +681,30 @@ impl Loader<'_> {
             }
         }
         by_build
+    }
+
+    /// The array of tables under `key` (`[[provision]]`, `[[test]]`);
+    /// `None` when there is none, or when `key` is something else
+    /// (reported, with `help`).
+    fn table_array<'a, 'i>(
+        &mut self,
+        top: &'a DeTable<'i>,
+        key: &str,
+        help: &str,
+    ) -> Option<&'a toml::de::DeArray<'i>> {
+        let section = top.get(key)?;
+        let DeValue::Array(items) = section.get_ref() else {
+            let diagnostic = self
+                .error(
+                    format!("`{key}` must be a list of tables"),
+                    section.span(),
+                    key,
+                )
+                .help(help);
+            self.diagnostics.push(diagnostic);
+            return None;
+        };
+        Some(items)
     }
 
     /// Takes `only`/`except` out of `body` (a `[[provision]]` or `[[test]]`
@@ -761,14 +778,11 @@ impl Loader<'_> {
         builders: &[(String, String)],
     ) -> BTreeMap<String, Testing> {
         let mut by_build: BTreeMap<String, Testing> = BTreeMap::new();
-        let Some(section) = top.get("test") else {
-            return by_build;
-        };
-        let DeValue::Array(items) = section.get_ref() else {
-            let diagnostic = self
-                .error("`test` must be a list of tables", section.span(), "test")
-                .help("write each test as a [[test]] table with a `name`");
-            self.diagnostics.push(diagnostic);
+        let Some(items) = self.table_array(
+            top,
+            "test",
+            "write each test as a [[test]] table with a `name`",
+        ) else {
             return by_build;
         };
         let shell = provisioner_registry::find("shell")
