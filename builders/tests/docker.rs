@@ -349,7 +349,9 @@ async fn wait_for_process(docker: &bollard::Docker, run_id: &str, argv: &str) ->
     while Instant::now() < deadline {
         for name in containers_of_run(docker, run_id).await {
             let name = name.trim_start_matches('/');
-            if docker_exec(docker, name, &["sh", "-c", &probe]).await.0 == 0 {
+            // A container listed before it starts refuses the exec: not yet.
+            let probed = try_docker_exec(docker, name, &["sh", "-c", &probe]).await;
+            if matches!(probed, Ok((0, _))) {
                 return true;
             }
         }

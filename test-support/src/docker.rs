@@ -133,28 +133,36 @@ pub async fn run_image(docker: &Docker, image: &str, cmd: Option<Vec<&str>>) -> 
 
 /// Runs `argv` in a running container; returns the exit code and output.
 pub async fn docker_exec(docker: &Docker, container: &str, argv: &[&str]) -> (i64, String) {
+    try_docker_exec(docker, container, argv)
+        .await
+        .unwrap_or_else(|e| panic!("exec {argv:?} in {container}: {e}"))
+}
+
+/// As `docker_exec`, for pollers: a container listed but not yet started
+/// (or already stopping) answers the exec with an error, which is "not
+/// yet", not a failed test.
+pub async fn try_docker_exec(
+    docker: &Docker,
+    container: &str,
+    argv: &[&str],
+) -> Result<(i64, String), bollard::errors::Error> {
     let options = bollard::exec::CreateExecOptions {
         attach_stdout: Some(true),
         attach_stderr: Some(true),
         cmd: Some(argv.iter().map(|a| a.to_string()).collect()),
         ..Default::default()
     };
-    let exec = docker.create_exec(container, options).await.unwrap();
+    let exec = docker.create_exec(container, options).await?;
     let mut text = String::new();
     if let bollard::exec::StartExecResults::Attached { mut output, .. } =
-        docker.start_exec(&exec.id, None).await.unwrap()
+        docker.start_exec(&exec.id, None).await?
     {
         while let Some(Ok(chunk)) = output.next().await {
             text.push_str(&chunk.to_string());
         }
     }
-    let code = docker
-        .inspect_exec(&exec.id)
-        .await
-        .unwrap()
-        .exit_code
-        .unwrap_or(-1);
-    (code, text)
+    let code = docker.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1);
+    Ok((code, text))
 }
 
 /// Starts a container from `image` that just sleeps; returns its name.
