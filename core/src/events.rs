@@ -106,6 +106,20 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// Provisioners whose result was taken from the step cache instead of
+    /// run: the first `steps` of the build's provisioners.
+    StepsCached {
+        build: String,
+        steps: usize,
+        key: String,
+    },
+    /// `--skip-unchanged`: the build's inputs equal those of a recorded
+    /// version, which stands instead of a new one.
+    BuildSkipped {
+        build: String,
+        version: String,
+        artifact_id: String,
+    },
     Artifact {
         build: String,
         artifact: serde_json::Value,
@@ -138,6 +152,8 @@ impl Event {
             | Event::TestStarted { build, .. }
             | Event::TestFinished { build, .. }
             | Event::Artifact { build, .. }
+            | Event::StepsCached { build, .. }
+            | Event::BuildSkipped { build, .. }
             | Event::BuildFinished { build, .. } => Some(build),
         }
     }
@@ -223,6 +239,8 @@ impl Event {
             other @ (Event::RunStarted { .. }
             | Event::TestStarted { .. }
             | Event::Artifact { .. }
+            | Event::StepsCached { .. }
+            | Event::BuildSkipped { .. }
             | Event::RunFinished { .. }
             | Event::BuildStarted { .. }
             | Event::StepStarted { .. }

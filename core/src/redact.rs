@@ -62,6 +62,29 @@ impl Redactor {
         }
     }
 
+    /// As [`Self::redact_json`], but each sensitive value is replaced by
+    /// what `replace` makes of it (a hash, for a cache key that must change
+    /// when a password does without containing it).
+    pub fn replace_json(&self, value: &mut serde_json::Value, replace: &dyn Fn(&str) -> String) {
+        match value {
+            serde_json::Value::String(text) => {
+                let secrets = self.secrets.read().expect("redactor lock poisoned");
+                for secret in secrets.iter() {
+                    if text.contains(secret.as_str()) {
+                        *text = text.replace(secret.as_str(), &replace(secret));
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                items.iter_mut().for_each(|v| self.replace_json(v, replace))
+            }
+            serde_json::Value::Object(map) => {
+                map.values_mut().for_each(|v| self.replace_json(v, replace))
+            }
+            _ => {}
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.secrets
             .read()
@@ -101,6 +124,19 @@ fn encoded_forms(secret: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replaces_secrets_in_json_strings_with_what_the_caller_makes_of_them() {
+        let redactor = Redactor::new();
+        redactor.add("hunter2");
+        let mut value =
+            serde_json::json!({"env": {"PW": "pw=hunter2"}, "n": 1, "list": ["hunter2"]});
+        redactor.replace_json(&mut value, &|secret| format!("<{}>", secret.len()));
+        assert_eq!(
+            value,
+            serde_json::json!({"env": {"PW": "pw=<7>"}, "n": 1, "list": ["<7>"]})
+        );
+    }
 
     #[test]
     fn masks_every_occurrence_and_longest_first() {

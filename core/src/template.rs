@@ -45,6 +45,27 @@ fn env_lookup(name: String, default: Option<String>) -> Result<String, Error> {
     }
 }
 
+/// Template values that differ on every run. A step whose config uses one
+/// produces something different each time, so its result is never reused.
+pub const PER_RUN_VALUES: &[&str] = &["run_id", "timestamp", "isotime", "uuid"];
+
+/// The per-run values `text` refers to, in [`PER_RUN_VALUES`] order. A
+/// template that does not compile refers to none (rendering reports it).
+pub fn per_run_values(env: &Environment<'_>, text: &str) -> Vec<&'static str> {
+    if !is_template(text) {
+        return Vec::new();
+    }
+    let Ok(template) = env.template_from_str(text) else {
+        return Vec::new();
+    };
+    let used = template.undeclared_variables(false);
+    PER_RUN_VALUES
+        .iter()
+        .copied()
+        .filter(|name| used.contains(*name))
+        .collect()
+}
+
 /// Whether `text` contains template syntax at all; plain strings skip the
 /// engine entirely.
 pub fn is_template(text: &str) -> bool {
@@ -93,6 +114,23 @@ mod tests {
 
     fn ctx() -> Value {
         Value::from_serialize(serde_json::json!({"var": {"name": "a&b"}, "build": {"name": "vm"}}))
+    }
+
+    #[test]
+    fn finds_per_run_values_in_expressions_and_calls_but_not_in_plain_text() {
+        let env = environment();
+        assert_eq!(
+            per_run_values(
+                &env,
+                "echo {{ uuid() }}-{{ run_id | upper }} at {{ timestamp }}"
+            ),
+            vec!["run_id", "timestamp", "uuid"]
+        );
+        assert_eq!(
+            per_run_values(&env, "{% if isotime %}x{% endif %}"),
+            vec!["isotime"]
+        );
+        assert!(per_run_values(&env, "echo run_id {{ image.version }} {{ var.uuid }}").is_empty());
     }
 
     #[test]
