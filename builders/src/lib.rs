@@ -61,6 +61,8 @@ pub struct BuildRequest {
     pub on_error: OnError,
     /// Relative paths in the config are relative to this directory.
     pub config_dir: PathBuf,
+    /// The provisioners' step inputs, and whether kept states may be used.
+    pub cache: common::cache::StepCache,
 }
 
 #[derive(Debug, Error)]
@@ -118,6 +120,31 @@ pub trait Builder: Send + Sync {
     fn secrets(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Why no `[[test]]` could run on what this build keeps, seen from its
+    /// config alone: the loader refuses tests on such a build before
+    /// anything runs, at the field this problem names.
+    fn untestable(&self, config_dir: &Path) -> Option<ConfigProblem> {
+        let _ = config_dir;
+        None
+    }
+
+    /// The settings that shape the machine's disk before any provisioner
+    /// runs (not memory, CPUs or timeouts), part of the first step key.
+    /// `None`: this builder keeps no per-step states.
+    fn cache_settings(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Which base the build would start from now, resolved fresh (a file's
+    /// SHA-256, a URL's pinned checksum, an image's id after the pull
+    /// policy, the AMI a filter selects), without creating anything: for
+    /// `plan` and for skipping unchanged builds.
+    async fn resolve_source(
+        &self,
+        request: &BuildRequest,
+        cx: &StepContext,
+    ) -> Result<SourceIdentity, BuildError>;
 
     /// Checks made before anything is created, such as refusing a version
     /// that already exists. May read remote state, never change it.

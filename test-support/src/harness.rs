@@ -77,6 +77,7 @@ impl Harness {
             provisioners,
             on_error: OnError::Cleanup,
             config_dir: self.config_dir.path().to_path_buf(),
+            cache: Default::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! resources, the provisioning step, and removal of what dead runs left.
 
 pub mod artifact;
+pub mod cache;
 pub mod name_lock;
 pub mod orphans;
 pub mod outcome;

@@ -28,6 +28,31 @@ macro_rules! has_communicator {
 }
 pub(crate) use has_communicator;
 
+/// Builder state that can keep the machine's state after a provisioner
+/// (the step cache) and start from a kept one. The defaults keep nothing.
+#[async_trait]
+pub trait KeepsSteps: Send {
+    /// How many leading provisioners the machine already went through,
+    /// because it started from a kept state.
+    fn steps_done(&self) -> usize {
+        0
+    }
+
+    /// The key to keep the state after provisioner `index` under; `None`
+    /// keeps nothing.
+    fn key_after(&self, index: usize) -> Option<String> {
+        let _ = index;
+        None
+    }
+
+    /// Keeps the machine's state under `key`. A failure here costs only a
+    /// later build's time: it is reported and the build goes on.
+    async fn keep(&mut self, key: &str, cx: &StepContext) -> Result<(), String> {
+        let _ = (key, cx);
+        Ok(())
+    }
+}
+
 pub struct StepProvision {
     provisioners: Vec<Provisioner>,
 }
@@ -39,7 +64,7 @@ impl StepProvision {
 }
 
 #[async_trait]
-impl<S: HasCommunicator + Send> Step<S> for StepProvision {
+impl<S: HasCommunicator + KeepsSteps + Send> Step<S> for StepProvision {
     fn name(&self) -> &'static str {
         "provision"
     }
@@ -57,7 +82,8 @@ impl<S: HasCommunicator + Send> Step<S> for StepProvision {
             cancel: cx.cancel.clone(),
         };
         let count = self.provisioners.len();
-        for (index, provisioner) in self.provisioners.iter().enumerate() {
+        let done = state.steps_done().min(count);
+        for (index, provisioner) in self.provisioners.iter().enumerate().skip(done) {
             let label = format!(
                 "provisioner {} of {count}: {}",
                 index + 1,
@@ -72,6 +98,20 @@ impl<S: HasCommunicator + Send> Step<S> for StepProvision {
                 )),
                 Err(ProvisionError::Cancelled) => return Err(StepError::Cancelled),
                 Err(err) => return Err(StepError::failed(format!("{label}: {err}"))),
+            }
+            if let Some(key) = state.key_after(index) {
+                let keeping = Instant::now();
+                match state.keep(&key, cx).await {
+                    Ok(()) => cx.log.info(format!(
+                        "kept the state after provisioner {} in the step cache ({:.1}s)",
+                        index + 1,
+                        keeping.elapsed().as_secs_f64()
+                    )),
+                    Err(message) => cx.log.warn(format!(
+                        "cannot keep the state after provisioner {} in the step cache ({message}); the build goes on, a later one redoes this step",
+                        index + 1
+                    )),
+                }
             }
         }
         Ok(())

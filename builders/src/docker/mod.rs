@@ -20,6 +20,7 @@ mod engine;
 mod kept;
 pub mod kind;
 mod plan;
+mod step_cache;
 mod step_check_tag;
 mod step_commit;
 mod step_connect;
@@ -37,6 +38,7 @@ use crate::common::outcome::{LeftRunning, debugging_hint, finish};
 use crate::common::step_provision::{StepProvision, has_communicator};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
+    SourceIdentity,
 };
 use async_trait::async_trait;
 use bollard::query_parameters::{
@@ -84,6 +86,8 @@ pub struct DockerState {
     pub artifact: Option<Artifact>,
     /// What the `[[test]]`s on a test container came to.
     pub test_results: Option<Vec<TestResult>>,
+    /// The step cache for this build, once the base is known.
+    pub cache: Option<step_cache::CachePlan>,
 }
 
 has_communicator!(DockerState);
@@ -106,6 +110,7 @@ impl DockerState {
             communicator: None,
             artifact: None,
             test_results: None,
+            cache: None,
         })
     }
 }
@@ -128,6 +133,29 @@ impl Builder for DockerBuilder {
 
     fn resolved_config(&self) -> serde_json::Value {
         serde_json::to_value(&self.config).unwrap_or_default()
+    }
+
+    fn untestable(&self, config_dir: &Path) -> Option<ConfigProblem> {
+        match self.config.output(config_dir) {
+            Output::Commit => None,
+            Output::Export(path) => Some(
+                ConfigProblem::new(
+                    "export_path",
+                    format!(
+                        "the build exports its filesystem to {}, a tar without the image's configuration: no container can start from it to run tests in",
+                        path.display()
+                    ),
+                )
+                .help("drop `export_path` to commit an image, which can be tested"),
+            ),
+            Output::Discard => Some(
+                ConfigProblem::new(
+                    "discard",
+                    "the build discards its container (`discard = true`): nothing is left to run tests in",
+                )
+                .help("drop `discard` to commit an image, which can be tested"),
+            ),
+        }
     }
 
     fn claims(&self, image: &ImageInfo, config_dir: &Path) -> Vec<String> {
@@ -175,6 +203,28 @@ impl Builder for DockerBuilder {
                 files: Vec::new(),
             },
         }
+    }
+
+    fn cache_settings(&self) -> Option<serde_json::Value> {
+        step_cache::cache_settings(&self.config)
+    }
+
+    async fn resolve_source(
+        &self,
+        request: &BuildRequest,
+        cx: &StepContext,
+    ) -> Result<SourceIdentity, BuildError> {
+        let plan = Plan::new(&self.config, request, &cx.run_id, cx.build_name())
+            .map_err(BuildError::Refused)?;
+        let engine = Engine::connect().await.map_err(BuildError::Refused)?;
+        let base = step_pull::StepPull::new(Arc::new(plan))
+            .resolve(&engine, cx)
+            .await
+            .map_err(|err| match err {
+                StepError::Cancelled => BuildError::Cancelled,
+                StepError::Failed(message) => BuildError::Refused(message),
+            })?;
+        Ok(base.identity())
     }
 
     async fn preflight(&self, request: &BuildRequest, cx: &StepContext) -> Result<(), BuildError> {
@@ -254,6 +304,12 @@ impl DockerBuilder {
             steps.push(Box::new(step_check_tag::StepCheckTag::new(target.clone())));
         }
         steps.push(Box::new(step_pull::StepPull::new(plan.clone())));
+        if request.cache.enabled && !request.provisioners.is_empty() {
+            steps.push(Box::new(step_cache::StepFindCached::new(
+                plan.clone(),
+                request.cache.clone(),
+            )));
+        }
         steps.push(Box::new(step_create_container::StepCreateContainer::new(
             plan.clone(),
         )));

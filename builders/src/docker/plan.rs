@@ -102,6 +102,7 @@ pub(crate) mod tests {
             provisioners: Vec::new(),
             on_error: OnError::Cleanup,
             config_dir: config_dir.to_path_buf(),
+            cache: Default::default(),
         }
     }
 

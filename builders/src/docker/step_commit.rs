@@ -155,7 +155,7 @@ fn temporary_tag(run_id: &str, build: &str) -> String {
 /// engine fills whatever is left empty from the build container, whose
 /// entrypoint is the run command: an explicitly empty entrypoint and command
 /// keep it from leaking into the image.
-fn image_config(base: &BaseImage, labels: HashMap<String, String>) -> ContainerConfig {
+pub(super) fn image_config(base: &BaseImage, labels: HashMap<String, String>) -> ContainerConfig {
     let config = &base.config;
     ContainerConfig {
         user: config.user.clone(),
@@ -439,6 +439,7 @@ mod step_tests {
             communicator: None,
             artifact: None,
             test_results: None,
+            cache: None,
         }
     }
 

@@ -183,7 +183,13 @@ impl Step<DockerState> for StepCreateContainer {
             .as_ref()
             .ok_or_else(|| StepError::failed("no base image"))?;
         let name = self.plan.container_name.clone();
-        let body = self.body(&base.id, cx);
+        // From the longest cached prefix of the build's steps, if any.
+        let start_image = state
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.start_image.clone())
+            .unwrap_or_else(|| base.id.clone());
+        let body = self.body(&start_image, cx);
         let id = record(cx, DockerResource::Container { name: name.clone() }.into())?;
         self.created = Some((id, name.clone()));
         let task = tokio::spawn(create_and_start(

@@ -193,19 +193,7 @@ impl Step<DockerState> for StepPull {
     }
 
     async fn run(&mut self, state: &mut DockerState, cx: &StepContext) -> Result<(), StepError> {
-        let pull = match self.plan.config.pull {
-            PullPolicy::Always => true,
-            PullPolicy::Never => false,
-            PullPolicy::Missing => inspect_local(&state.engine, &self.plan.config.image, false)
-                .await
-                .is_err(),
-        };
-        if pull {
-            self.pull(&state.engine, cx).await?;
-        }
-        let base = inspect_local(&state.engine, &self.plan.config.image, pull)
-            .await
-            .map_err(StepError::failed)?;
+        let base = self.resolve(&state.engine, cx).await?;
         cx.log.info(format!(
             "base image {} ({}{})",
             base.reference,
@@ -217,6 +205,26 @@ impl Step<DockerState> for StepPull {
         ));
         state.base = Some(base);
         Ok(())
+    }
+}
+
+impl StepPull {
+    /// Applies the pull policy and returns the image the engine then has:
+    /// what a build starts from, and what `plan` compares.
+    pub async fn resolve(&self, engine: &Engine, cx: &StepContext) -> Result<BaseImage, StepError> {
+        let pull = match self.plan.config.pull {
+            PullPolicy::Always => true,
+            PullPolicy::Never => false,
+            PullPolicy::Missing => inspect_local(engine, &self.plan.config.image, false)
+                .await
+                .is_err(),
+        };
+        if pull {
+            self.pull(engine, cx).await?;
+        }
+        inspect_local(engine, &self.plan.config.image, pull)
+            .await
+            .map_err(StepError::failed)
     }
 }
 

@@ -190,6 +190,7 @@ mod tests {
             communicator: None,
             artifact: None,
             test_results: None,
+            cache: None,
         }
     }
 

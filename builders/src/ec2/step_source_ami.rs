@@ -92,6 +92,26 @@ impl Step<Ec2State> for StepSourceAmi {
     }
 
     async fn run(&mut self, state: &mut Ec2State, cx: &StepContext) -> Result<(), StepError> {
+        let source = self.resolve().await?;
+        cx.log.info(format!(
+            "source AMI {} ({}) owned by {}, created {}",
+            source.id,
+            source.name.as_deref().unwrap_or("unnamed"),
+            source.owner.as_deref().unwrap_or("unknown"),
+            source
+                .creation_date
+                .as_deref()
+                .unwrap_or("at an unknown time")
+        ));
+        state.source = Some(source);
+        Ok(())
+    }
+}
+
+impl StepSourceAmi {
+    /// The AMI the build would start from now: what a build records and
+    /// `plan` compares.
+    pub async fn resolve(&self) -> Result<SourceAmi, StepError> {
         let config = &self.plan.config;
         let image = match (&config.source_ami, &config.source_ami_filter) {
             (Some(id), _) => self.by_id(id).await?,
@@ -120,18 +140,7 @@ impl Step<Ec2State> for StepSourceAmi {
             creation_date: image.creation_date,
             root_device_name: image.root_device_name,
         };
-        cx.log.info(format!(
-            "source AMI {} ({}) owned by {}, created {}",
-            source.id,
-            source.name.as_deref().unwrap_or("unnamed"),
-            source.owner.as_deref().unwrap_or("unknown"),
-            source
-                .creation_date
-                .as_deref()
-                .unwrap_or("at an unknown time")
-        ));
-        state.source = Some(source);
-        Ok(())
+        Ok(source)
     }
 }
 

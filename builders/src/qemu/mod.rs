@@ -30,6 +30,7 @@ use crate::common::outcome::{LeftRunning, debugging_hint, finish, steps_result};
 use crate::common::step_provision::{StepProvision, has_communicator};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
+    SourceIdentity,
 };
 use async_trait::async_trait;
 use config::Accelerator;
@@ -89,6 +90,8 @@ impl Default for QemuState {
 }
 
 has_communicator!(QemuState);
+// Per-step disk layers are not kept yet: every build runs every step.
+impl crate::common::step_provision::KeepsSteps for QemuState {}
 
 impl crate::common::step_run_tests::HasTestResults for QemuState {
     fn set_test_results(&mut self, results: Vec<TestResult>) {
@@ -121,6 +124,41 @@ impl Builder for QemuBuilder {
             description: format!("{} image {}", self.config.format.as_str(), path.display()),
             files: vec![path, checksum],
         }
+    }
+
+    fn cache_settings(&self) -> Option<serde_json::Value> {
+        // What the guest's disk is made of and what it boots into; the
+        // output format and compression apply at export, which always runs.
+        let c = &self.config;
+        Some(serde_json::json!({
+            "base_format": c.base_format,
+            "disk_size": c.disk_size,
+            "firmware": c.firmware,
+            "machine": c.machine,
+            "kernel": c.kernel,
+            "initrd": c.initrd,
+            "kernel_args": c.kernel_args,
+            "qemu_args": c.qemu_args,
+            "cloud_init": c.cloud_init,
+            "cloud_init_cleanup": c.cloud_init_cleanup,
+            "ssh_username": c.ssh.username,
+        }))
+    }
+
+    async fn resolve_source(
+        &self,
+        request: &BuildRequest,
+        cx: &StepContext,
+    ) -> Result<SourceIdentity, BuildError> {
+        let plan = Plan::new(
+            &self.config,
+            request,
+            &cx.run_id,
+            cx.build_name(),
+            self.config.accelerator,
+        )
+        .map_err(BuildError::Refused)?;
+        plan.base.identity().await.map_err(BuildError::Refused)
     }
 
     async fn preflight(&self, request: &BuildRequest, _cx: &StepContext) -> Result<(), BuildError> {

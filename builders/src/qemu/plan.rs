@@ -3,7 +3,7 @@
 //! absolute here, so no step joins `config_dir` itself.
 
 use super::config::{Accelerator, Compression, QemuConfig, is_url};
-use crate::common::artifact::checksum_path;
+use crate::common::artifact::{SourceIdentity, checksum_path, sha256_file_async};
 use crate::{BuildRequest, ImageInfo};
 
 use imgbuild_core::Sha256Digest;
@@ -19,6 +19,32 @@ pub enum BaseSource {
         path: PathBuf,
         checksum: Option<Sha256Digest>,
     },
+}
+
+impl BaseSource {
+    /// The base's identity as a build records it, resolved now: a URL's
+    /// pinned checksum, a local file's SHA-256 as it is on disk.
+    pub async fn identity(&self) -> Result<SourceIdentity, String> {
+        match self {
+            BaseSource::Url { url, checksum } => Ok(SourceIdentity {
+                kind: "url".to_owned(),
+                reference: url.clone(),
+                sha256: Some(checksum.hex().to_owned()),
+            }),
+            BaseSource::File { path, .. } => {
+                let path = std::fs::canonicalize(path)
+                    .map_err(|err| format!("base image {}: {err}", path.display()))?;
+                let (_, digest) = sha256_file_async(path.clone())
+                    .await
+                    .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+                Ok(SourceIdentity {
+                    kind: "file".to_owned(),
+                    reference: path.display().to_string(),
+                    sha256: Some(digest),
+                })
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +163,7 @@ pub(crate) mod tests {
             provisioners: Vec::new(),
             on_error: OnError::Cleanup,
             config_dir: config_dir.to_path_buf(),
+            cache: Default::default(),
         }
     }
 
