@@ -1,12 +1,14 @@
 //! `imgbuild build templates/ec2-debian.toml` end to end against moto (a
-//! local EC2 API): the AMI and its copy are made, tagged and shared, the
-//! build's instance, key pair and security group are gone afterwards, and
+//! local EC2 API): the AMI and its copy are made, tagged and shared, its
+//! `[[test]]`s run on a new instance of the AMI, the build's and the test
+//! run's instances, key pairs and security groups are gone afterwards, and
 //! `imgbuild output` hands the AMI id on.
 //!
 //! moto's instances have no SSH, so the build's SSH goes to an sshd
 //! container (tests/fixtures/sshd-target) through `ssh.host`/`ssh.port`, and
 //! the test plays cloud-init: once the build has imported its temporary key
-//! pair into moto, the container trusts that key.
+//! pair into moto, the container trusts that key. The same container plays
+//! the instance the tests run on, which gets a key pair of its own.
 //!
 //! What cannot be tested here: moto's AMIs hold no data (an AMI is only its
 //! metadata), so the AMI's name, tags, sharing and copy are checked in moto,
@@ -17,7 +19,7 @@
 
 use aws_sdk_ec2::types::Filter;
 use imgbuild_test_support::docker::SshTarget;
-use imgbuild_test_support::ec2::{ec2, moto, trust_imported_key};
+use imgbuild_test_support::ec2::{ec2, moto, trust_imported_key, trust_imported_key_named};
 use imgbuild_test_support::{cli::*, common::*};
 use std::time::Duration;
 
@@ -109,6 +111,42 @@ impl Ec2Build {
         (build, running)
     }
 
+    /// Cloud-init's part on the instance the tests run on: once the test run
+    /// has started, the target trusts the key pair imported for it. Returns
+    /// that key.
+    fn trust_test_key(
+        &self,
+        running: &mut Running,
+        target: &SshTarget,
+    ) -> tokio::task::JoinHandle<Option<String>> {
+        running.wait_for_output("ami | ==> find_ami", Duration::from_secs(600));
+        let _runtime = self.runtime.enter();
+        let name = format!("imgbuild-ami-test-{}", self.run_id);
+        trust_imported_key_named(HOME_REGION, &self.run_id, &name, target)
+    }
+
+    /// (instance id, image id) of every instance the run launched.
+    fn instances_of_run(&self) -> Vec<(String, String)> {
+        let (home, run_id) = (&self.home, &self.run_id);
+        self.runtime.block_on(async {
+            home.describe_instances()
+                .filters(tag_filter("imgbuild:run-id", run_id))
+                .send()
+                .await
+                .unwrap()
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .map(|i| {
+                    (
+                        i.instance_id().unwrap_or_default().to_owned(),
+                        i.image_id().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+    }
+
     /// Asserts that the build's instance is terminated and its temporary key
     /// pair and security group are gone.
     fn assert_nothing_of_the_run_left(&self) {
@@ -155,13 +193,18 @@ impl Ec2Build {
 fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
     let target = SshTarget::start("admin", None);
     let workspace = Workspace::with_templates();
-    let (build, running) = Ec2Build::start(&workspace, &target, "");
+    let (build, mut running) = Ec2Build::start(&workspace, &target, "");
     let (version, run_id, home) = (&build.version, &build.run_id, &build.home);
     let github_output = workspace.join("github-output");
+    let test_key = build.trust_test_key(&mut running, &target);
 
     let (status, log) = running.wait(Duration::from_secs(600));
     assert!(status.success(), "the build failed ({status}):\n{log}");
     assert!(log.contains("ami | ==> provision"), "{log}");
+    assert!(
+        build.runtime.block_on(test_key).unwrap().is_some(),
+        "the test run imported no key pair of its own"
+    );
 
     // The provisioners ran on the "instance", as the temporary key's user.
     assert_eq!(
@@ -188,6 +231,16 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
     let home_ami = details["amis"][HOME_REGION].as_str().unwrap().to_owned();
     let copy_ami = details["amis"][COPY_REGION].as_str().unwrap().to_owned();
     assert_eq!(entry["artifact_id"], format!("{HOME_REGION}:{home_ami}"));
+    // The template's test passed on an instance launched from the new AMI.
+    assert_eq!(entry["status"], "tested", "{entry}");
+    assert_eq!(entry["tests"][0]["passed"], true, "{entry}");
+    let launched_from: Vec<String> = build
+        .instances_of_run()
+        .into_iter()
+        .map(|(_, image)| image)
+        .collect();
+    assert_eq!(launched_from.len(), 2, "{launched_from:?}");
+    assert!(launched_from.contains(&home_ami), "{launched_from:?}");
     assert_eq!(details["source_ami"]["owner"], SOURCE_OWNER);
     assert!(
         details["source_ami"]["name"]
@@ -303,6 +356,140 @@ fn an_interrupt_mid_provisioning_exits_130_and_leaves_nothing_in_ec2() {
     assert!(images.images().is_empty(), "{images:?}");
     assert!(workspace.journals().is_empty());
     assert!(!workspace.join("imgbuild-manifest.json").exists());
+}
+
+/// Every snapshot this account owns in `client`'s region.
+async fn own_snapshots(client: &aws_sdk_ec2::Client) -> Vec<String> {
+    client
+        .describe_snapshots()
+        .owner_ids("self")
+        .send()
+        .await
+        .unwrap()
+        .snapshots()
+        .iter()
+        .filter_map(|s| s.snapshot_id().map(str::to_owned))
+        .collect()
+}
+
+/// Ids of the AMIs named `name` in `client`'s region.
+async fn amis_named(client: &aws_sdk_ec2::Client, name: &str) -> Vec<String> {
+    client
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name("name").values(name).build())
+        .send()
+        .await
+        .unwrap()
+        .images()
+        .iter()
+        .filter_map(|i| i.image_id().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn a_failing_test_exits_1_and_on_test_failure_delete_leaves_no_ami_or_snapshot_in_any_region() {
+    let target = SshTarget::start("admin", None);
+    let workspace = Workspace::with_templates();
+    let template = workspace.read("ec2-debian.toml");
+    let labels = "labels = { team = \"platform\", os = \"debian-12\" }\n";
+    let patched = template.replacen(
+        labels,
+        &format!("{labels}on_test_failure = \"delete\"\n"),
+        1,
+    );
+    assert_ne!(patched, template, "the template's [image] labels moved");
+    workspace.write("ec2-debian.toml", &patched);
+    let (build, mut running) = Ec2Build::start(
+        &workspace,
+        &target,
+        "\n[[test]]\nname = \"a check that fails\"\ninline = [\"echo imgbuild-check-ran-$((40+2))\", \"exit 7\"]\n",
+    );
+    let test_key = build.trust_test_key(&mut running, &target);
+    let (status, log) = running.wait(Duration::from_secs(600));
+    assert_eq!(status.code(), Some(EXIT_BUILD_FAILED), "{log}");
+    test_key.abort();
+    // What the machine printed, not the command echoed back.
+    assert!(log.contains("imgbuild-check-ran-42"), "{log}");
+
+    let manifest = workspace.manifest();
+    let entry = manifest["builds"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(entry["status"], "failed", "{entry}");
+    assert_eq!(entry["deleted"], true, "{entry}");
+    assert_eq!(entry["tests"][0]["passed"], true, "{entry}");
+    assert_eq!(entry["tests"][1]["passed"], false, "{entry}");
+    assert_eq!(entry["tests"][1]["exit_code"], 7, "{entry}");
+
+    let details = &entry["details"];
+    let ami_name = details["ami_name"].as_str().unwrap();
+    let recorded_snapshots = |region: &str| -> Vec<String> {
+        serde_json::from_value(details["snapshots"][region].clone()).unwrap()
+    };
+    assert!(
+        !recorded_snapshots(HOME_REGION).is_empty(),
+        "the build recorded no snapshot to delete: {details}"
+    );
+    build.runtime.block_on(async {
+        for region in [HOME_REGION, COPY_REGION] {
+            assert!(details["amis"][region].is_string(), "{details}");
+            let client = ec2(region).await;
+            assert_eq!(
+                amis_named(&client, ami_name).await,
+                Vec::<String>::new(),
+                "AMI left in {region}"
+            );
+            let left = own_snapshots(&client).await;
+            for snapshot in recorded_snapshots(region) {
+                assert!(!left.contains(&snapshot), "{snapshot} left in {region}");
+            }
+        }
+    });
+    build.assert_nothing_of_the_run_left();
+    assert!(workspace.journals().is_empty());
+    workspace
+        .imgbuild()
+        .args(["output"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("was deleted");
+}
+
+#[test]
+fn an_interrupt_during_the_tests_exits_130_and_leaves_no_instance_key_pair_or_group() {
+    let target = SshTarget::start("admin", None);
+    let workspace = Workspace::with_templates();
+    let (build, mut running) = Ec2Build::start(
+        &workspace,
+        &target,
+        "\n[[test]]\nname = \"a slow check\"\ninline = [\"echo imgbuild-sleeping-$((40+2))\", \"sleep 600\"]\n",
+    );
+    let test_key = build.trust_test_key(&mut running, &target);
+    running.wait_for_output("imgbuild-sleeping-42", Duration::from_secs(300));
+    running.signal(libc::SIGINT);
+    let (status, log) = running.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(EXIT_INTERRUPTED), "{log}");
+    assert!(
+        build.runtime.block_on(test_key).unwrap().is_some(),
+        "the test run imported no key pair"
+    );
+
+    // Both instances, the build's and the test run's, are terminated, and
+    // both key pairs and groups are gone.
+    assert_eq!(build.instances_of_run().len(), 2);
+    build.assert_nothing_of_the_run_left();
+    assert!(workspace.journals().is_empty());
+    let entry = workspace.manifest()["builds"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(entry["status"], "failed", "{entry}");
 }
 
 #[test]

@@ -68,6 +68,27 @@ pub fn trust_imported_key(
     run_id: &str,
     target: &SshTarget,
 ) -> tokio::task::JoinHandle<Option<String>> {
+    trust_key_pair(region, run_id, None, target)
+}
+
+/// [`trust_imported_key`] for the key pair called `name` only: a run that
+/// tests its AMI imports a second key pair, for the test instance, which a
+/// fresh instance's cloud-init would trust.
+pub fn trust_imported_key_named(
+    region: &str,
+    run_id: &str,
+    name: &str,
+    target: &SshTarget,
+) -> tokio::task::JoinHandle<Option<String>> {
+    trust_key_pair(region, run_id, Some(name.to_owned()), target)
+}
+
+fn trust_key_pair(
+    region: &str,
+    run_id: &str,
+    name: Option<String>,
+    target: &SshTarget,
+) -> tokio::task::JoinHandle<Option<String>> {
     let region = region.to_owned();
     let run_id = run_id.to_owned();
     let (cid, user) = (target.cid.clone(), target.user.clone());
@@ -86,7 +107,11 @@ pub fn trust_imported_key(
                 .send()
                 .await;
             if let Ok(output) = found
-                && let Some(key) = output.key_pairs().first().and_then(|k| k.public_key())
+                && let Some(key) = output
+                    .key_pairs()
+                    .iter()
+                    .find(|k| name.is_none() || k.key_name() == name.as_deref())
+                    .and_then(|k| k.public_key())
             {
                 let key = key.trim().to_owned();
                 append_authorized_key(&cid, &user, &key);

@@ -13,6 +13,7 @@
 mod api;
 mod client;
 pub mod config;
+mod delete;
 pub mod kind;
 mod poll;
 mod step_check_ami;
@@ -25,6 +26,7 @@ mod step_run_instance;
 mod step_security_group;
 mod step_source_ami;
 mod step_stop_instance;
+mod test_run;
 
 pub use config::{Ec2Config, SourceAmiFilter, SshInterface};
 
@@ -40,6 +42,7 @@ use async_trait::async_trait;
 use client::{Ec2Clients, RUN_ID_TAG};
 use imgbuild_core::{Resource, Step, StepContext, StepError, run_steps};
 use imgbuild_provisioners::Communicator;
+use imgbuild_provisioners::image_test::{ImageTest, TestResult};
 use imgbuild_provisioners::ssh::TemporaryKey;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -314,11 +317,25 @@ pub struct Ec2State {
     pub communicator: Option<Arc<dyn Communicator>>,
     /// Finished AMIs by region, the build region first to be added.
     pub amis: BTreeMap<String, AmiInfo>,
+    /// What a test run's tests found.
+    pub test_results: Option<Vec<TestResult>>,
 }
+
+// An AMI per step would cost minutes and money: EC2 keeps no steps.
+impl crate::common::step_provision::KeepsSteps for Ec2State {}
 
 impl HasCommunicator for Ec2State {
     fn communicator(&self) -> Option<Arc<dyn Communicator>> {
         self.communicator.clone()
+    }
+}
+
+/// An AMI id is immutable: it names the source exactly.
+fn source_identity(plan: &Plan, source: &SourceAmi) -> SourceIdentity {
+    SourceIdentity {
+        kind: "ami".to_owned(),
+        reference: format!("{}:{}", plan.region, source.id),
+        sha256: None,
     }
 }
 
@@ -342,11 +359,7 @@ fn artifact(plan: &Plan, state: &Ec2State) -> Result<Artifact, String> {
         builder: "ec2".to_owned(),
         id: format!("{}:{}", plan.region, home.image_id),
         files: Vec::new(),
-        source: SourceIdentity {
-            kind: "ami".to_owned(),
-            reference: format!("{}:{}", plan.region, source.id),
-            sha256: None,
-        },
+        source: source_identity(plan, source),
         details: serde_json::json!({
             "region": plan.region,
             "ami_name": plan.ami_name,
@@ -465,6 +478,20 @@ impl Builder for Ec2Builder {
         }
     }
 
+    async fn resolve_source(
+        &self,
+        request: &BuildRequest,
+        cx: &StepContext,
+    ) -> Result<SourceIdentity, BuildError> {
+        let plan = Arc::new(self.plan(request, cx).await?);
+        let resolving = step_source_ami::StepSourceAmi::new(plan.clone());
+        match cx.cancellable(resolving.resolve()).await {
+            Ok(source) => Ok(source_identity(&plan, &source)),
+            Err(StepError::Cancelled) => Err(BuildError::Cancelled),
+            Err(StepError::Failed(message)) => Err(BuildError::Refused(message)),
+        }
+    }
+
     async fn preflight(&self, request: &BuildRequest, cx: &StepContext) -> Result<(), BuildError> {
         let plan = self.plan(request, cx).await?;
         let check = cx.cancellable(async { step_check_ami::refuse_existing(&plan).await });
@@ -492,6 +519,32 @@ impl Builder for Ec2Builder {
             step: "create_image".into(),
             message,
         })
+    }
+
+    async fn test_artifact(
+        &self,
+        request: &BuildRequest,
+        artifact: &Artifact,
+        tests: &[ImageTest],
+        cx: &StepContext,
+    ) -> Result<Vec<TestResult>, BuildError> {
+        let amis = test_run::RecordedAmis::of(artifact)?;
+        if tests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let plan = Arc::new(test_run::test_plan(self.plan(request, cx).await?, &amis));
+        test_run::run(&plan, &amis, tests, request.on_error, cx).await
+    }
+
+    async fn delete_artifact(
+        &self,
+        artifact: &Artifact,
+        cx: &StepContext,
+    ) -> Result<(), BuildError> {
+        let amis = test_run::RecordedAmis::of(artifact)?;
+        let endpoint_url = self.config.endpoint_url.as_deref();
+        let clients = Ec2Clients::load(Some(&amis.region), endpoint_url).await;
+        delete::delete(&clients, &amis, endpoint_url, self.lookup_timeout, cx).await
     }
 }
 

@@ -29,7 +29,7 @@ pub async fn tag_snapshots(
     Ok(())
 }
 
-async fn delete_snapshot(
+pub(super) async fn delete_snapshot(
     api: &dyn Ec2Api,
     snapshot_id: &str,
     log: Option<&BuildLog>,
