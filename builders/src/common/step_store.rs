@@ -1,0 +1,355 @@
+//! The local step store: files (a QEMU disk layer, say) kept under a step
+//! key, for later builds to start from.
+//!
+//! An entry is `<key>.layer` with `<key>.json` beside it (its SHA-256,
+//! size, what made it, when it was last used). Both appear only complete:
+//! the data is copied to a temporary name and renamed, and the record is
+//! written last, atomically. An entry is verified on every use; one whose
+//! record is missing or whose data does not match it (a crash mid-put, a
+//! bit flip, a hand edit) is reported, removed and treated as absent, never
+//! used. A lock per key lets concurrent builds share the store: the second
+//! to keep a key finds it present and keeps nothing.
+
+use crate::common::artifact::sha256_file;
+use imgbuild_core::BuildLog;
+use imgbuild_core::fsutil::write_atomic;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error(
+        "cannot {action} {path} in the step cache: {source}; set IMGBUILD_CACHE_DIR to a writable directory, or pass --no-cache"
+    )]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// What an entry is, as `imgbuild cache ls` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// The image and build that kept it.
+    pub image: String,
+    pub build: String,
+    /// "step 2 (shell (setup.sh))", "final".
+    pub step: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub sha256: String,
+    pub size: u64,
+    #[serde(flatten)]
+    pub info: EntryInfo,
+    /// RFC 3339.
+    pub created: String,
+    pub last_used: String,
+    pub hits: u64,
+}
+
+pub struct StepStore {
+    root: PathBuf,
+}
+
+/// Held while a key is checked and kept; released on drop.
+pub struct KeyLock {
+    _file: File,
+}
+
+impl StepStore {
+    /// `IMGBUILD_CACHE_DIR`, else `$XDG_CACHE_HOME/imgbuild/steps`, else
+    /// `~/.cache/imgbuild/steps`.
+    pub fn default_root() -> PathBuf {
+        if let Some(dir) = std::env::var_os("IMGBUILD_CACHE_DIR").filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir);
+        }
+        if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir).join("imgbuild/steps");
+        }
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        home.join(".cache/imgbuild/steps")
+    }
+
+    pub fn at(root: impl Into<PathBuf>) -> StepStore {
+        StepStore { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the data of `key` lives once kept: a stable path, so a QEMU
+    /// layer above it can name it as its backing file.
+    pub fn path(&self, key: &str) -> PathBuf {
+        self.root.join(format!("{key}.layer"))
+    }
+
+    fn record_path(&self, key: &str) -> PathBuf {
+        self.root.join(format!("{key}.json"))
+    }
+
+    fn ensure_root(&self) -> Result<(), StoreError> {
+        std::fs::create_dir_all(self.root.join(".locks")).map_err(io_error("create", &self.root))
+    }
+
+    /// Waits for the lock on `key`.
+    pub async fn lock(&self, key: &str) -> Result<KeyLock, StoreError> {
+        self.ensure_root()?;
+        let path = self.root.join(".locks").join(format!("{key}.lock"));
+        tokio::task::spawn_blocking(move || {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io_error("open the lock", &path))?;
+            file.lock().map_err(io_error("lock", &path))?;
+            Ok(KeyLock { _file: file })
+        })
+        .await
+        .map_err(|err| StoreError::Io {
+            action: "lock",
+            path: self.root.clone(),
+            source: std::io::Error::other(err.to_string()),
+        })?
+    }
+
+    /// The entry for `key` if it is present and sound (its data hashes to
+    /// its record), counting the use. An unsound entry is reported in `log`,
+    /// removed, and `None`.
+    pub async fn get(&self, key: &str, log: &BuildLog) -> Option<Entry> {
+        let record_path = self.record_path(key);
+        let data = self.path(key);
+        let record = match std::fs::read(&record_path) {
+            Ok(bytes) => serde_json::from_slice::<Entry>(&bytes).ok(),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                if data.exists() {
+                    log.warn(format!(
+                        "the step cache holds {} without its record (a build died while keeping it): removing it",
+                        data.display()
+                    ));
+                    let _ = std::fs::remove_file(&data);
+                }
+                return None;
+            }
+            Err(_) => None,
+        };
+        let measured = tokio::task::spawn_blocking({
+            let data = data.clone();
+            move || sha256_file(&data)
+        })
+        .await
+        .ok()
+        .and_then(Result::ok);
+        let sound = match (&record, &measured) {
+            (Some(record), Some((size, sha256))) => {
+                record.key == key && record.size == *size && record.sha256 == *sha256
+            }
+            _ => false,
+        };
+        if !sound {
+            log.warn(format!(
+                "the step cache entry {key} is corrupt or incomplete ({}): discarding it; the step runs again",
+                match (&record, &measured) {
+                    (None, _) => "its record is unreadable".to_owned(),
+                    (Some(_), None) => format!("{} is missing or unreadable", data.display()),
+                    (Some(record), Some((_, sha256))) => format!(
+                        "sha256 {} where {} was kept",
+                        &sha256[..12],
+                        &record.sha256[..record.sha256.len().min(12)]
+                    ),
+                }
+            ));
+            self.remove(key);
+            return None;
+        }
+        let mut entry = record?;
+        entry.hits += 1;
+        entry.last_used = now();
+        // Counting a use is bookkeeping: a read-only store still serves.
+        let _ = write_atomic(
+            &record_path,
+            &serde_json::to_vec_pretty(&entry).unwrap_or_default(),
+        );
+        Some(entry)
+    }
+
+    /// Keeps a copy of `source` under `key`, unless a sound entry is
+    /// already there (another build kept it first). Call with the key's
+    /// lock held.
+    pub async fn put(
+        &self,
+        key: &str,
+        source: &Path,
+        info: EntryInfo,
+        log: &BuildLog,
+    ) -> Result<Entry, StoreError> {
+        if let Some(existing) = self.get(key, log).await {
+            return Ok(existing);
+        }
+        self.ensure_root()?;
+        let temp = self
+            .root
+            .join(format!(".{key}.{}.partial", uuid::Uuid::new_v4().simple()));
+        let (data, record_path) = (self.path(key), self.record_path(key));
+        let source = source.to_path_buf();
+        let key = key.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                std::fs::copy(&source, &temp).map_err(io_error("copy into", &temp))?;
+                File::open(&temp)
+                    .and_then(|file| file.sync_all())
+                    .map_err(io_error("flush", &temp))?;
+                let (size, sha256) = sha256_file(&temp).map_err(io_error("hash", &temp))?;
+                std::fs::rename(&temp, &data).map_err(io_error("store", &data))?;
+                let time = now();
+                let entry = Entry {
+                    key,
+                    sha256,
+                    size,
+                    info,
+                    created: time.clone(),
+                    last_used: time,
+                    hits: 0,
+                };
+                let bytes = serde_json::to_vec_pretty(&entry).expect("entries serialize");
+                write_atomic(&record_path, &bytes).map_err(io_error("write", &record_path))?;
+                Ok(entry)
+            })();
+            if result.is_err() {
+                let _ = std::fs::remove_file(&temp);
+            }
+            result
+        })
+        .await
+        .map_err(|err| StoreError::Io {
+            action: "keep",
+            path: self.root.clone(),
+            source: std::io::Error::other(err.to_string()),
+        })?
+    }
+
+    /// Every entry with a readable record, oldest use first.
+    pub fn list(&self) -> Vec<Entry> {
+        let Ok(dir) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut entries: Vec<Entry> = dir
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+            .collect();
+        entries.sort_by(|a, b| a.last_used.cmp(&b.last_used).then(a.key.cmp(&b.key)));
+        entries
+    }
+
+    /// Removes an entry: its record first, so a reader never finds a record
+    /// without its data.
+    pub fn remove(&self, key: &str) {
+        let _ = std::fs::remove_file(self.record_path(key));
+        let _ = std::fs::remove_file(self.path(key));
+    }
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgbuild_core::events::MemorySink;
+    use std::sync::Arc;
+
+    fn info() -> EntryInfo {
+        EntryInfo {
+            image: "web".into(),
+            build: "vm".into(),
+            step: "step 1 (shell)".into(),
+        }
+    }
+
+    fn log() -> (Arc<MemorySink>, BuildLog) {
+        let sink = Arc::new(MemorySink::default());
+        let log = BuildLog::root(sink.clone(), imgbuild_core::Redactor::new());
+        (sink, log)
+    }
+
+    #[tokio::test]
+    async fn a_kept_file_comes_back_verified_and_counts_its_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StepStore::at(dir.path().join("steps"));
+        let source = dir.path().join("layer");
+        std::fs::write(&source, b"disk delta").unwrap();
+        let (_, log) = log();
+        let _lock = store.lock("k1").await.unwrap();
+        let kept = store.put("k1", &source, info(), &log).await.unwrap();
+        assert_eq!(kept.size, 10);
+        assert_eq!(std::fs::read(store.path("k1")).unwrap(), b"disk delta");
+        let got = store.get("k1", &log).await.unwrap();
+        assert_eq!(got.hits, 1);
+        assert_eq!(store.list().len(), 1);
+        assert!(store.get("absent", &log).await.is_none());
+        // No temporary file is left beside the entry.
+        let names: Vec<String> = std::fs::read_dir(store.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(".locks"))
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn a_bit_flipped_or_recordless_entry_is_reported_removed_and_never_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StepStore::at(dir.path());
+        let source = dir.path().join("layer");
+        std::fs::write(&source, b"disk delta").unwrap();
+        let (sink, log) = log();
+        store.put("k1", &source, info(), &log).await.unwrap();
+        std::fs::write(store.path("k1"), b"disk delTa").unwrap();
+        assert!(store.get("k1", &log).await.is_none());
+        assert!(!store.path("k1").exists());
+        assert!(format!("{:?}", sink.events()).contains("corrupt"));
+
+        // Data whose record was never written: a put that died midway.
+        std::fs::write(store.path("k2"), b"half").unwrap();
+        assert!(store.get("k2", &log).await.is_none());
+        assert!(!store.path("k2").exists());
+    }
+
+    #[tokio::test]
+    async fn a_second_put_of_a_kept_key_keeps_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StepStore::at(dir.path().join("s"));
+        let (first, second) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&first, b"first").unwrap();
+        std::fs::write(&second, b"second").unwrap();
+        let (_, log) = log();
+        store.put("k", &first, info(), &log).await.unwrap();
+        let entry = store.put("k", &second, info(), &log).await.unwrap();
+        assert_eq!(entry.size, 5);
+        assert_eq!(std::fs::read(store.path("k")).unwrap(), b"first");
+    }
+}
