@@ -19,6 +19,13 @@ fn the_ansible_template_bakes_the_roles_changes_into_the_disk() {
         .stderr_has("RUNNING HANDLER [baseline : note the release in the changelog]");
     assert!(workspace.qemu_processes().is_empty());
     assert!(workspace.journals().is_empty());
+    // The template's test booted the produced image and found the role's
+    // changes in effect.
+    let manifest = workspace.manifest();
+    let entry = &manifest["builds"][0];
+    assert_eq!(entry["status"], "tested", "{entry}");
+    assert_eq!(entry["tests"][0]["name"], "the baseline role is applied");
+    assert_eq!(entry["tests"][0]["passed"], true, "{entry}");
     let disk = workspace.join("output/debian-ansible-1.0.0.qcow2");
     let (release, banner, changelog) = with_mounted_disk(&disk, |root| {
         let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();

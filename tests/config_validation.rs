@@ -696,3 +696,46 @@ fn on_test_failure_takes_keep_or_delete() {
         .stderr_has("`keep`")
         .stderr_has("`delete`");
 }
+
+#[test]
+fn tests_on_a_docker_build_that_exports_or_discards_are_refused() {
+    let docker = |name: &str, extra: &str| {
+        format!(
+            "[builders.{name}]\ntype = \"docker\"\nimage = \"debian:bookworm\"\npull = \"never\"\n{extra}\n"
+        )
+    };
+    let text = |test_extra: &str| {
+        format!(
+            "[image]\nname = \"web\"\nversion = \"1.2.3\"\n\n{}{}{}[[test]]\nname = \"release\"\ninline = [\"true\"]\n{test_extra}",
+            docker("tar", "export_path = \"out/rootfs.tar\""),
+            docker("gone", "discard = true"),
+            docker("kept", ""),
+        )
+    };
+    let workspace = workspace_with(&text(""));
+    // Line 9 holds `export_path`, line 14 `discard`; each problem points at
+    // the field that leaves nothing to test.
+    validate(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("builders.tar.export_path: test `release` applies to build `tar`, which keeps nothing to test: the build exports its filesystem to")
+        .stderr_has("image.toml:9:15")
+        .stderr_has("drop `export_path` to commit an image, which can be tested, or leave `tar` out of the test with `except = [\"tar\"]`")
+        .stderr_has("builders.gone.discard: test `release` applies to build `gone`, which keeps nothing to test: the build discards its container")
+        .stderr_has("image.toml:14:11")
+        .stderr_lacks("builders.kept");
+
+    // `build` refuses it the same way, before anything is created.
+    workspace
+        .imgbuild()
+        .args(["build", "image.toml"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("builders.tar.export_path: test `release`");
+    assert!(!workspace.join("out").exists());
+    assert!(!workspace.join("imgbuild-manifest.json").exists());
+    assert!(workspace.journals().is_empty());
+
+    // Left out of the test, the same builds are valid.
+    workspace.write("image.toml", &text("except = [\"tar\", \"gone\"]\n"));
+    validate(&workspace).exits_with(EXIT_OK);
+}

@@ -63,6 +63,13 @@ fn qemu_and_docker_builds_of_one_image_run_in_parallel() {
     assert_eq!(vm["build"]["type"], "qemu");
     assert_eq!(container["build"]["type"], "docker");
     assert_eq!(vm["run_id"], container["run_id"]);
+    // The template's test ran on each artifact (a boot of the raw disk, a
+    // container of the image) and passed on both.
+    for entry in [&vm, &container] {
+        assert_eq!(entry["status"], "tested", "{entry}");
+        assert_eq!(entry["tests"][0]["name"], "the node release is recorded");
+        assert_eq!(entry["tests"][0]["passed"], true, "{entry}");
+    }
     // They overlapped in time: each started before the other finished.
     let time = |e: &serde_json::Value, field: &str| e[field].as_str().unwrap().to_owned();
     assert!(time(&vm, "started_at") < time(&container, "finished_at"));

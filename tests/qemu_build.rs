@@ -400,6 +400,11 @@ fn the_cloud_image_template_downloads_verifies_caches_and_uses_cloud_init() {
     assert_eq!(entry["source"]["reference"], url);
     assert_eq!(entry["source"]["sha256"], checksum);
     assert_eq!(entry["details"]["compression"], "zstd");
+    // The template's test booted the produced image and found the release
+    // and the hardening in effect.
+    assert_eq!(entry["status"], "tested", "{entry}");
+    assert_eq!(entry["tests"][0]["name"], "released and hardened");
+    assert_eq!(entry["tests"][0]["passed"], true, "{entry}");
     let artifact = workspace.join("output-a/debian-cloud-hardened-2.3.0.qcow2.zst");
     assert_eq!(entry["files"][0]["sha256"], sha256_of(&artifact));
     // zstd frames start with the magic number 28 b5 2f fd.

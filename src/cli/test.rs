@@ -1,0 +1,103 @@
+//! `imgbuild test`: run the config's `[[test]]`s again on a version the
+//! manifest records, and record the new verdict.
+
+use super::{ConfigArgs, EXIT_USAGE, GlobalOptions, new_run_id, report_diagnostics, runtime};
+use crate::config;
+use crate::manifest;
+use crate::pipeline::{self, RunOptions, RunStatus};
+use crate::ui::{HumanSink, JsonSink, OutputFormat};
+use clap::Args;
+use imgbuild_core::journal::default_state_dir;
+use imgbuild_core::{BuildLog, CancellationToken, EventSink, OnError};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct TestArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The recorded version to test; the config is read as if its
+    /// `image.version` were this [default: the config's `image.version`]
+    #[arg(long, value_name = "VERSION")]
+    version: Option<String>,
+    /// The manifest recording the version [default: imgbuild-manifest.json
+    /// beside the config]
+    #[arg(long, value_name = "PATH")]
+    manifest: Option<PathBuf>,
+}
+
+pub fn run(args: TestArgs, global: &GlobalOptions) -> i32 {
+    let run_id = new_run_id();
+    let started = time::OffsetDateTime::now_utc();
+    let options = args.config.load_options(&run_id, started);
+    let config = match config::load_version(&args.config.config, &options, args.version.as_deref())
+    {
+        Ok(config) => config,
+        Err(diagnostics) => {
+            report_diagnostics(&diagnostics, global);
+            return EXIT_USAGE;
+        }
+    };
+    let names: Vec<String> = config.builds.iter().map(|b| b.name.clone()).collect();
+    let sink: Arc<dyn EventSink> = match global.output {
+        OutputFormat::Human => Arc::new(HumanSink::new(
+            global.color.to_anstream(),
+            global.verbosity(),
+            &names,
+        )),
+        OutputFormat::Json => Arc::new(JsonSink::new()),
+    };
+    let log = BuildLog::root(sink, config.redactor.clone());
+    let manifest_path = args
+        .manifest
+        .clone()
+        .unwrap_or_else(|| manifest::default_path(&config.dir));
+    let run_options = RunOptions {
+        run_id,
+        started,
+        parallel: 1,
+        on_error: OnError::Cleanup,
+        manifest: manifest_path.clone(),
+        state_dir: default_state_dir(),
+        skip_tests: false,
+        use_cache: false,
+        skip_unchanged: false,
+    };
+    let status = runtime().block_on(async move {
+        let cancel = CancellationToken::new();
+        let watcher = match pipeline::signals::watch(cancel.clone(), log.clone()) {
+            Ok(watcher) => Some(watcher),
+            Err(err) => {
+                log.warn(format!(
+                    "cannot watch for Ctrl-C ({err}); an interrupt will not clean up"
+                ));
+                None
+            }
+        };
+        let status = pipeline::retest::run(config, run_options, log, cancel).await;
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
+        status
+    });
+    if global.output == OutputFormat::Human && !global.quiet {
+        summarize(status, &manifest_path);
+    }
+    status.exit_code()
+}
+
+fn summarize(status: RunStatus, manifest_path: &std::path::Path) {
+    let manifest_path = manifest_path.display();
+    match status {
+        RunStatus::Succeeded => super::print_result(&format!(
+            "all tests passed; the versions are recorded as tested in {manifest_path}"
+        )),
+        RunStatus::Failed => {
+            eprintln!("some tests failed; those versions are recorded as failed in {manifest_path}")
+        }
+        RunStatus::Refused => {}
+        RunStatus::Interrupted => eprintln!(
+            "interrupted; cleanup is done, and versions whose tests did not finish keep their earlier status in {manifest_path}"
+        ),
+    }
+}
