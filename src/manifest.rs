@@ -1,8 +1,9 @@
 //! The artifact manifest: one JSON file that downstream tools (Terraform,
 //! deploy pipelines, `jq` in CI) read to find what was built.
 //!
-//! Entries are only ever appended, atomically and under a lock, so two builds
-//! finishing at once both land and a reader never sees a half-written file.
+//! Entries are appended, and an entry's test verdict is replaced by
+//! `imgbuild test`, atomically and under a lock, so two builds finishing at
+//! once both land and a reader never sees a half-written file.
 
 use imgbuild_builders::{Artifact, ArtifactFile, SourceIdentity};
 use imgbuild_core::Redactor;
@@ -15,7 +16,12 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: entries carry a test verdict (`status`, `tests`, ...). A version 1
+/// reader would ignore `status` and hand out a failed version, and a
+/// version 1 writer would drop the verdicts of every entry when it appends,
+/// so a manifest written by this imgbuild says 2 and a version 1 imgbuild
+/// refuses it. Version 1 files read as entries without verdicts (`built`).
+pub const FORMAT_VERSION: u32 = 2;
 pub const DEFAULT_FILE_NAME: &str = "imgbuild-manifest.json";
 
 #[derive(Debug, Error)]
@@ -39,6 +45,15 @@ pub enum ManifestError {
         "the manifest {path} has format version {found}, newer than this imgbuild understands ({FORMAT_VERSION}); upgrade imgbuild"
     )]
     TooNew { path: PathBuf, found: u32 },
+    #[error(
+        "the manifest {path} no longer records build {build} of {image} version {version}; it was there when the run started: was the manifest replaced meanwhile?"
+    )]
+    EntryGone {
+        path: PathBuf,
+        image: String,
+        version: String,
+        build: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +129,15 @@ pub struct Entry {
     /// SHA-256 over the resolved config of this build, the scripts and files
     /// it reads and the identity of its base: equal hashes, equal inputs.
     pub inputs_sha256: String,
+    /// The same hash with the version masked wherever it appears: equal for
+    /// two versions built from equal inputs (`--skip-unchanged`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unversioned_inputs_sha256: String,
+    /// Each provisioner step: its key in the step cache, its config
+    /// (sensitive values masked) and the files it read, with their hashes;
+    /// what `plan` compares to say what changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<crate::pipeline::keys::StepRecord>,
     pub started_at: String,
     pub finished_at: String,
     pub duration_secs: f64,
@@ -136,6 +160,10 @@ pub struct Entry {
     /// taken, but nothing exists under its id.
     #[serde(default, skip_serializing_if = "is_false")]
     pub deleted: bool,
+    /// When `imgbuild test` last replaced the verdict (RFC 3339); the build
+    /// recorded the first one at `finished_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retested_at: Option<String>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -269,14 +297,70 @@ pub fn append(path: &Path, entry: Entry) -> Result<Option<Entry>, ManifestError>
         return Ok(Some(existing.clone()));
     }
     manifest.builds.push(entry);
+    write(path, manifest).map(|()| None)
+}
+
+/// Changes the entry of `image` `version` `build` with `change`, under the
+/// lock and atomically, and returns it as written. The entry is looked up
+/// again under the lock: builds recorded since the caller read the
+/// manifest are kept.
+pub fn update(
+    path: &Path,
+    image: &str,
+    version: &str,
+    build: &str,
+    change: impl FnOnce(&mut Entry),
+) -> Result<Entry, ManifestError> {
+    let _lock = DirectoryLock::acquire(path)?;
+    let mut manifest = read(path)?;
+    let entry = manifest
+        .builds
+        .iter_mut()
+        .find(|e| e.image.name == image && e.image.version == version && e.build.name == build)
+        .ok_or_else(|| ManifestError::EntryGone {
+            path: path.to_path_buf(),
+            image: image.to_owned(),
+            version: version.to_owned(),
+            build: build.to_owned(),
+        })?;
+    change(entry);
+    let updated = entry.clone();
+    write(path, manifest)?;
+    Ok(updated)
+}
+
+/// Replaces the manifest file; the caller holds the lock. Written in this
+/// imgbuild's format, whatever version the file had.
+fn write(path: &Path, mut manifest: Manifest) -> Result<(), ManifestError> {
+    manifest.format_version = FORMAT_VERSION;
     let mut text = serde_json::to_vec_pretty(&manifest).expect("manifests always serialize");
     text.push(b'\n');
     write_atomic(path, &text).map_err(|source| ManifestError::Io {
         action: "write",
         path: path.to_path_buf(),
         source,
-    })?;
-    Ok(None)
+    })
+}
+
+/// The most recently recorded version of `build` of `image`.
+pub fn latest<'a>(manifest: &'a Manifest, image: &str, build: &str) -> Option<&'a Entry> {
+    manifest
+        .builds
+        .iter()
+        .rev()
+        .find(|e| e.image.name == image && e.build.name == build)
+}
+
+impl Entry {
+    /// How long ago the build finished, when its time is readable.
+    pub fn age(&self) -> Option<std::time::Duration> {
+        let finished = time::OffsetDateTime::parse(
+            &self.finished_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()?;
+        (time::OffsetDateTime::now_utc() - finished).try_into().ok()
+    }
 }
 
 pub fn find<'a>(
@@ -292,7 +376,7 @@ pub fn find<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn entry(build: &str, version: &str) -> Entry {
@@ -317,6 +401,8 @@ mod tests {
                 sha256: None,
             },
             inputs_sha256: "00".into(),
+            unversioned_inputs_sha256: String::new(),
+            steps: Vec::new(),
             started_at: "t0".into(),
             finished_at: "t1".into(),
             duration_secs: 1.0,
@@ -327,6 +413,7 @@ mod tests {
             tests_skipped: false,
             test_error: None,
             deleted: false,
+            retested_at: None,
         }
     }
 
@@ -381,6 +468,35 @@ mod tests {
         let manifest = read(&path).unwrap();
         assert_eq!(manifest.builds.len(), 2);
         assert_eq!(manifest.format_version, FORMAT_VERSION);
+    }
+
+    #[test]
+    fn update_changes_one_entry_and_writes_the_current_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        // A file an imgbuild before tests wrote.
+        let old = Manifest {
+            format_version: 1,
+            builds: vec![entry("a", "1"), entry("b", "1")],
+        };
+        std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+
+        let updated = update(&path, "img", "1", "b", |e| {
+            e.status = EntryStatus::Failed;
+            e.retested_at = Some("now".into());
+        })
+        .unwrap();
+        assert_eq!(updated.status, EntryStatus::Failed);
+        let manifest = read(&path).unwrap();
+        assert_eq!(manifest.format_version, FORMAT_VERSION);
+        assert_eq!(manifest.builds[0].status, EntryStatus::Built);
+        assert_eq!(manifest.builds[1].status, EntryStatus::Failed);
+        assert_eq!(manifest.builds[1].retested_at.as_deref(), Some("now"));
+
+        let before = std::fs::read(&path).unwrap();
+        let err = update(&path, "img", "2", "b", |_| panic!("no such entry")).unwrap_err();
+        assert!(matches!(err, ManifestError::EntryGone { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
     #[test]

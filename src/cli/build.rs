@@ -36,6 +36,14 @@ pub struct BuildArgs {
     /// emergencies; the manifest entry says the tests were skipped)
     #[arg(long)]
     skip_tests: bool,
+    /// Take no provisioner step from the step cache and add none to it
+    #[arg(long, env = "IMGBUILD_NO_CACHE")]
+    no_cache: bool,
+    /// Build nothing for a build whose inputs (its version aside) equal
+    /// those of its latest recorded version, which then stands (see
+    /// `max_age`)
+    #[arg(long)]
+    skip_unchanged: bool,
 }
 
 pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
@@ -78,6 +86,8 @@ pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
         manifest: manifest_path.clone(),
         state_dir: default_state_dir(),
         skip_tests: args.skip_tests,
+        use_cache: !args.no_cache,
+        skip_unchanged: args.skip_unchanged,
     };
     let quiet = global.quiet;
     let output = global.output;

@@ -6,6 +6,8 @@ mod build;
 mod clean;
 pub mod inspect;
 mod output;
+mod plan;
+mod test;
 mod validate;
 
 use crate::config::{LoadOptions, VariableInputs, variables::parse_cli_assignment};
@@ -96,6 +98,12 @@ enum Command {
     Clean(clean::CleanArgs),
     /// Print the latest AMI id or artifact of a build from a manifest
     Output(output::OutputArgs),
+    /// Say per build whether it is up to date, which step it would rebuild
+    /// from and why, or that it builds from scratch; creates nothing
+    Plan(plan::PlanArgs),
+    /// Run the [[test]]s again on a version the manifest records, and
+    /// record the new verdict
+    Test(test::TestArgs),
 }
 
 /// Inputs shared by every command that reads a config.
@@ -171,6 +179,8 @@ pub fn main() -> i32 {
         Command::Inspect(args) => inspect::run(args, &cli.global),
         Command::Clean(args) => clean::run(args, &cli.global),
         Command::Output(args) => output::run(args, &cli.global),
+        Command::Plan(args) => plan::run(args, &cli.global),
+        Command::Test(args) => test::run(args, &cli.global),
     }
 }
 

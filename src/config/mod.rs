@@ -72,6 +72,9 @@ pub struct Config {
     /// What happens to an artifact whose tests fail (`[image]
     /// on_test_failure`).
     pub on_test_failure: OnTestFailure,
+    /// This run's `run_id`, `timestamp` and `isotime` as templates render
+    /// them: masked, like the version, where `--skip-unchanged` compares.
+    pub run_values: Vec<String>,
 }
 
 /// `[image] on_test_failure`.
@@ -91,6 +94,11 @@ pub struct Build {
     pub provisioners: Vec<Provisioner>,
     /// The provisioners' tables as resolved for this build.
     pub provisioner_configs: Vec<serde_json::Value>,
+    /// What each provisioner's step key covers besides its table.
+    pub steps: Vec<StepSource>,
+    /// With `--skip-unchanged`, a recorded version older than this is
+    /// rebuilt even when nothing changed (to pick up package updates).
+    pub max_age: Option<Duration>,
     /// Local files the build reads (scripts, uploads, test scripts), for
     /// the inputs hash.
     pub input_files: Vec<PathBuf>,
@@ -148,7 +156,51 @@ type BuilderKind = (String, String);
 struct Provisioning {
     provisioners: Vec<Provisioner>,
     configs: Vec<serde_json::Value>,
-    input_files: Vec<PathBuf>,
+    steps: Vec<StepSource>,
+}
+
+/// What a provisioner's step key is made of, besides its resolved config.
+#[derive(Debug, Clone)]
+pub struct StepSource {
+    /// The local files it reads (scripts, upload sources, playbooks).
+    pub files: Vec<PathBuf>,
+    /// Why its result is never reused: `cache = false`, or a per-run value
+    /// (`run_id`, `timestamp`, `isotime`, `uuid()`) in its config.
+    pub uncacheable: Option<String>,
+}
+
+/// The per-run values any string in `value` uses, templates not yet
+/// rendered included (`execute_command` is rendered only at run time).
+fn per_run_values(
+    env: &minijinja::Environment<'static>,
+    value: &Spanned<DeValue<'_>>,
+) -> Vec<&'static str> {
+    fn walk(
+        env: &minijinja::Environment<'static>,
+        value: &DeValue<'_>,
+        found: &mut Vec<&'static str>,
+    ) {
+        match value {
+            DeValue::String(text) => {
+                for name in template::per_run_values(env, text) {
+                    if !found.contains(&name) {
+                        found.push(name);
+                    }
+                }
+            }
+            DeValue::Array(items) => items
+                .iter()
+                .for_each(|item| walk(env, item.get_ref(), found)),
+            DeValue::Table(table) => table
+                .iter()
+                .for_each(|(_, item)| walk(env, item.get_ref(), found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    walk(env, value.get_ref(), &mut found);
+    found.sort_by_key(|name| template::PER_RUN_VALUES.iter().position(|n| n == name));
+    found
 }
 
 /// The tests that apply to one build, resolved for it.
@@ -171,9 +223,26 @@ struct Loader<'a> {
     dir: PathBuf,
     source: Arc<str>,
     diagnostics: Diagnostics,
+    /// Replaces `image.version` (`imgbuild test --version`).
+    version: Option<String>,
+    /// Each builder's `max_age`, taken out of its table before its kind
+    /// parses it: it is the pipeline's setting, not the builder's.
+    max_ages: BTreeMap<String, Duration>,
 }
 
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Config, Diagnostics> {
+    load_version(path, options, None)
+}
+
+/// Loads the config as if its `image.version` were `version` (when given),
+/// so that everything rendered from `{{ image.version }}`, a test's
+/// expectations included, is about that version: `imgbuild test` of an
+/// older recorded version.
+pub fn load_version(
+    path: &Path,
+    options: &LoadOptions,
+    version: Option<&str>,
+) -> Result<Config, Diagnostics> {
     let text = std::fs::read_to_string(path).map_err(|err| {
         Diagnostics(vec![
             Diagnostic::new(path, format!("cannot read the config: {err}"))
@@ -191,6 +260,8 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<Config, Diagnostics> {
         dir,
         source: Arc::from(text.as_str()),
         diagnostics: Diagnostics::default(),
+        version: version.map(str::to_owned),
+        max_ages: BTreeMap::new(),
     };
     let config = loader.load(&text, options);
     if loader.diagnostics.is_empty() {
@@ -332,6 +403,7 @@ impl Loader<'_> {
         }
         let (image, on_test_failure) = image?;
         self.refuse_shared_claims(top, &builders, &image);
+        self.refuse_untestable(top, &builders, &tests);
         if !self.diagnostics.is_empty() {
             return None;
         }
@@ -354,13 +426,19 @@ impl Loader<'_> {
             }
             let provisioning = provisioners_by_build.remove(&name).unwrap_or_default();
             let testing = tests_by_build.remove(&name).unwrap_or_default();
-            let mut input_files = provisioning.input_files;
+            let mut input_files: Vec<PathBuf> = provisioning
+                .steps
+                .iter()
+                .flat_map(|step| step.files.iter().cloned())
+                .collect();
             input_files.extend(testing.input_files);
             builds.push(Build {
+                max_age: self.max_ages.get(&name).copied(),
                 name,
                 builder,
                 provisioners: provisioning.provisioners,
                 provisioner_configs: provisioning.configs,
+                steps: provisioning.steps,
                 input_files,
                 tests: testing.tests,
                 test_configs: testing.configs,
@@ -382,6 +460,14 @@ impl Loader<'_> {
             excluded,
             redactor,
             on_test_failure,
+            run_values: ["timestamp", "isotime", "run_id"]
+                .iter()
+                .filter_map(|name| match &context[*name] {
+                    serde_json::Value::String(text) => Some(text.clone()),
+                    serde_json::Value::Number(number) => Some(number.to_string()),
+                    _ => None,
+                })
+                .collect(),
         })
     }
 
@@ -413,13 +499,16 @@ impl Loader<'_> {
         if self.diagnostics.len() > before {
             return None;
         }
-        let parsed = match ImageSection::deserialize(ValueDeserializer::from(section.clone())) {
+        let mut parsed = match ImageSection::deserialize(ValueDeserializer::from(section.clone())) {
             Ok(parsed) => parsed,
             Err(err) => {
                 self.serde_error(&err, section.span(), &section, "image");
                 return None;
             }
         };
+        if let Some(version) = &self.version {
+            parsed.version = version.clone();
+        }
         let mut ok = true;
         for (field, value) in [("name", &parsed.name), ("version", &parsed.version)] {
             if !is_artifact_word(value) {
@@ -485,6 +574,47 @@ impl Loader<'_> {
                     .help("give each build its own output (`output_dir`, `repository`, `tags`, `ami_name`)");
                 self.diagnostics.push(diagnostic);
             }
+        }
+    }
+
+    /// A `[[test]]` on a build that keeps nothing to start a machine from
+    /// could only fail after the whole build; refused here, at the
+    /// builder's field that makes it so.
+    fn refuse_untestable(
+        &mut self,
+        top: &DeTable<'_>,
+        builders: &[NamedBuilder],
+        tests: &BTreeMap<String, Testing>,
+    ) {
+        let tables = match top.get("builders").map(|b| b.get_ref()) {
+            Some(DeValue::Table(table)) => table,
+            _ => return,
+        };
+        for (name, builder) in builders {
+            let Some(test) = tests.get(name).and_then(|t| t.tests.first()) else {
+                continue;
+            };
+            let Some(mut problem) = builder.untestable(&self.dir) else {
+                continue;
+            };
+            let Some((key, table)) = tables.iter().find(|(key, _)| key.get_ref() == name) else {
+                continue;
+            };
+            problem.message = format!(
+                "test `{}` applies to build `{name}`, which keeps nothing to test: {}",
+                test.name, problem.message
+            );
+            let leave_out = format!("leave `{name}` out of the test with `except = [\"{name}\"]`");
+            problem.help = Some(match problem.help.take() {
+                Some(help) => format!("{help}, or {leave_out}"),
+                None => leave_out,
+            });
+            self.push_problems(
+                vec![problem],
+                table,
+                key.span(),
+                &format!("builders.{name}"),
+            );
         }
     }
 
@@ -561,6 +691,30 @@ impl Loader<'_> {
             let mut rendered = value.clone();
             if let DeValue::Table(inner) = rendered.get_mut() {
                 inner.remove("type");
+                match inner
+                    .remove("max_age")
+                    .map(|v| (v.get_ref().clone(), v.span()))
+                {
+                    None => {}
+                    Some((DeValue::String(text), span)) => {
+                        match imgbuild_core::duration::parse(&text) {
+                            Ok(age) => {
+                                self.max_ages.insert(name.clone(), age);
+                            }
+                            Err(message) => {
+                                let diagnostic =
+                                    self.error(message, span, &format!("{field}.max_age"));
+                                self.diagnostics.push(diagnostic);
+                            }
+                        }
+                    }
+                    Some((_, span)) => {
+                        let diagnostic = self
+                            .error("`max_age` must be a duration like \"30d\"", span, &format!("{field}.max_age"))
+                            .help("with --skip-unchanged, a version older than this is rebuilt even when nothing changed");
+                        self.diagnostics.push(diagnostic);
+                    }
+                }
             }
             let mut build_context = context.clone();
             build_context["build"] = serde_json::json!({"name": name, "type": kind});
@@ -671,13 +825,30 @@ impl Loader<'_> {
             let Some(targets) = self.targets(item, &mut body, &field, &names) else {
                 continue;
             };
+            let Some(cache) = self.cache_flag(item, &mut body, &field) else {
+                continue;
+            };
+            let uncacheable = if cache {
+                let per_run = per_run_values(env, &body);
+                (!per_run.is_empty()).then(|| {
+                    format!(
+                        "its config uses {}, which differ on every run",
+                        per_run.join(", ")
+                    )
+                })
+            } else {
+                Some("`cache = false`".to_owned())
+            };
             let parsed =
                 self.parse_for_builds(kind, item, &body, &field, &targets, builders, env, context);
             for (build, parsed) in parsed {
                 let entry = by_build.entry(build).or_default();
                 entry.provisioners.push(parsed.provisioner);
                 entry.configs.push(parsed.resolved);
-                entry.input_files.extend(parsed.input_files);
+                entry.steps.push(StepSource {
+                    files: parsed.input_files,
+                    uncacheable: uncacheable.clone(),
+                });
             }
         }
         by_build
@@ -765,6 +936,35 @@ impl Loader<'_> {
             }
         }
         Some(targets)
+    }
+
+    /// Takes `cache` out of a `[[provision]]` table: `false` keeps the
+    /// step (and every later one) from ever being reused. `None` when it
+    /// is not a boolean (reported).
+    fn cache_flag(
+        &mut self,
+        item: &Spanned<DeValue<'_>>,
+        body: &mut Spanned<DeValue<'_>>,
+        field: &str,
+    ) -> Option<bool> {
+        let DeValue::Table(inner) = body.get_mut() else {
+            return Some(true);
+        };
+        match inner
+            .remove("cache")
+            .map(|v| (v.get_ref().clone(), v.span()))
+        {
+            None => Some(true),
+            Some((DeValue::Boolean(cache), _)) => Some(cache),
+            Some((_, span)) => {
+                let _ = item;
+                let diagnostic = self
+                    .error("`cache` must be true or false", span, &format!("{field}.cache"))
+                    .help("`cache = false` runs this provisioner on every build, and every one after it");
+                self.diagnostics.push(diagnostic);
+                None
+            }
+        }
     }
 
     /// `[[test]]` tables: shell checks run on each build's artifact. The
@@ -1073,6 +1273,72 @@ pub fn git_head(dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steps_with_per_run_values_or_cache_false_are_never_cached_and_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = load_text(
+            dir.path(),
+            r#"
+[image]
+name = "web"
+version = "1"
+
+[builders.a]
+type = "docker"
+image = "debian:12"
+
+[[provision]]
+type = "shell"
+inline = ["echo {{ image.version }}"]
+
+[[provision]]
+type = "shell"
+inline = ["echo {{ uuid() }} at {{ timestamp }}"]
+
+[[provision]]
+type = "shell"
+inline = ["apt-get upgrade -y"]
+cache = false
+"#,
+        )
+        .unwrap_or_else(|d| panic!("{d:?}"));
+        let steps = &config.builds[0].steps;
+        assert_eq!(steps[0].uncacheable, None);
+        let why = steps[1].uncacheable.as_deref().unwrap();
+        assert!(why.contains("timestamp, uuid"), "{why}");
+        assert_eq!(steps[2].uncacheable.as_deref(), Some("`cache = false`"));
+        // `cache` is the pipeline's, not the shell kind's: not in its table.
+        assert!(
+            config.builds[0].provisioner_configs[2]
+                .get("cache")
+                .is_none()
+        );
+        assert_eq!(config.run_values, ["0", "19700101T000000Z", "run"]);
+
+        let refused = load_text(
+            dir.path(),
+            r#"
+[image]
+name = "web"
+version = "1"
+
+[builders.a]
+type = "docker"
+image = "debian:12"
+
+[[provision]]
+type = "shell"
+inline = ["true"]
+cache = "no"
+"#,
+        );
+        let diagnostics = refused.err().expect("a non-boolean cache is refused");
+        assert!(
+            format!("{diagnostics:?}").contains("provision[0].cache"),
+            "{diagnostics:?}"
+        );
+    }
 
     fn load_text(dir: &Path, text: &str) -> Result<Config, Diagnostics> {
         let path = dir.join("image.toml");

@@ -1,6 +1,7 @@
 //! The inputs hash: one SHA-256 over everything that determines a build's
 //! result, so two manifest entries with equal hashes came from equal inputs.
 
+use crate::config::{Build, Config};
 use imgbuild_builders::SourceIdentity;
 use imgbuild_core::Redactor;
 use sha2::{Digest, Sha256};
@@ -51,4 +52,58 @@ fn walk(path: &Path) -> impl Iterator<Item = std::io::Result<walkdir::DirEntry>>
         .sort_by_file_name()
         .into_iter()
         .map(|entry| entry.map_err(std::io::Error::other))
+}
+
+/// The build as resolved: what, besides its files and its base, makes its
+/// result what it is.
+pub fn description(config: &Config, build: &Build) -> serde_json::Value {
+    let mut description = serde_json::json!({
+        "image": {
+            "name": config.image.name,
+            "version": config.image.version,
+            "description": config.image.description,
+            "labels": config.image.labels,
+        },
+        "build": build.name,
+        "type": build.builder.kind(),
+        "builder": build.builder.resolved_config(),
+        "provisioners": build.provisioner_configs,
+    });
+    // Only when there are tests, so a config without any keeps the hash it
+    // had before tests existed.
+    if !build.test_configs.is_empty() {
+        description["tests"] = serde_json::json!(build.test_configs);
+    }
+    description
+}
+
+/// The build's inputs hash from `source`, exactly and with the version
+/// masked (what `--skip-unchanged` compares).
+pub async fn hashes(
+    config: &Config,
+    build: &Build,
+    source: &SourceIdentity,
+) -> std::io::Result<(String, String)> {
+    let description = description(config, build);
+    let unversioned = Inputs {
+        description: super::keys::unversioned_inputs(
+            &description,
+            &config.image.version,
+            &config.run_values,
+        ),
+        files: build.input_files.clone(),
+    };
+    let exact = Inputs {
+        description,
+        files: build.input_files.clone(),
+    };
+    let (source, dir, redactor) = (source.clone(), config.dir.clone(), config.redactor.clone());
+    tokio::task::spawn_blocking(move || {
+        Ok((
+            hash(&exact, &source, &dir, &redactor)?,
+            hash(&unversioned, &source, &dir, &redactor)?,
+        ))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }

@@ -3,6 +3,9 @@
 //! the manifest as it lands, and reports.
 
 pub mod inputs;
+pub mod keys;
+pub mod plan;
+pub mod retest;
 pub mod signals;
 
 use crate::config::{Build, Config, OnTestFailure};
@@ -15,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+#[derive(Clone)]
 pub struct RunOptions {
     pub run_id: String,
     pub started: time::OffsetDateTime,
@@ -24,6 +28,11 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// `--skip-tests`: record the artifacts without running their tests.
     pub skip_tests: bool,
+    /// False with `--no-cache`: no step is taken from or added to the cache.
+    pub use_cache: bool,
+    /// `--skip-unchanged`: a build whose inputs (version masked) equal
+    /// those of the latest recorded version is not built again.
+    pub skip_unchanged: bool,
 }
 
 /// How the run ended, as the exit code says it.
@@ -95,7 +104,17 @@ pub async fn run(
             drop(contexts);
             status
         }
-        Ok(()) => run_builds(config.clone(), &options, contexts, cancel.clone(), &log).await,
+        Ok(standing) => {
+            run_builds(
+                config.clone(),
+                &options,
+                contexts,
+                standing,
+                cancel.clone(),
+                &log,
+            )
+            .await
+        }
     };
 
     finish_journal(journal, &log, &options);
@@ -123,7 +142,7 @@ async fn preflight(
     config: &Config,
     options: &RunOptions,
     contexts: &[StepContext],
-) -> Result<(), RunStatus> {
+) -> Result<Vec<Option<Entry>>, RunStatus> {
     let existing = match manifest::read(&options.manifest) {
         Ok(existing) => existing,
         Err(err) => {
@@ -132,7 +151,25 @@ async fn preflight(
         }
     };
     let mut refused = false;
-    for (build, cx) in config.builds.iter().zip(contexts) {
+    let mut standing = vec![None; config.builds.len()];
+    for (index, (build, cx)) in config.builds.iter().zip(contexts).enumerate() {
+        if options.skip_unchanged {
+            match unchanged(config, build, &existing, cx).await {
+                Ok(Some(entry)) => {
+                    standing[index] = Some(entry);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(BuildError::Cancelled) => return Err(RunStatus::Interrupted),
+                Err(err) => {
+                    cx.log.error(format!(
+                        "--skip-unchanged cannot tell whether this build changed: {err}"
+                    ));
+                    refused = true;
+                    continue;
+                }
+            }
+        }
         if let Some(entry) = manifest::find(
             &existing,
             &config.image.name,
@@ -168,7 +205,59 @@ async fn preflight(
             .error("nothing was launched: the problems above must be fixed first");
         return Err(RunStatus::Refused);
     }
-    Ok(())
+    Ok(standing)
+}
+
+/// The latest recorded version of `build` whose inputs, version masked,
+/// equal the build's now (its base resolved afresh), if it is still good:
+/// not failed, not deleted, and not older than the build's `max_age`.
+async fn unchanged(
+    config: &Config,
+    build: &Build,
+    existing: &manifest::Manifest,
+    cx: &StepContext,
+) -> Result<Option<Entry>, BuildError> {
+    let Some(latest) = manifest::latest(existing, &config.image.name, &build.name) else {
+        cx.log
+            .info("--skip-unchanged: no version of this build is recorded yet");
+        return Ok(None);
+    };
+    let request = request_for(config, build, OnError::Cleanup);
+    let source = build.builder.resolve_source(&request, cx).await?;
+    let (_, unversioned) = inputs::hashes(config, build, &source)
+        .await
+        .map_err(|err| {
+            BuildError::Refused(format!("cannot hash the build's input files: {err}"))
+        })?;
+    let usable = latest.status != EntryStatus::Failed && !latest.deleted;
+    if latest.unversioned_inputs_sha256 != unversioned || !usable {
+        cx.log.info(format!(
+            "--skip-unchanged: {}; building",
+            if usable {
+                format!("the inputs differ from version {}'s", latest.image.version)
+            } else {
+                format!(
+                    "the latest version {} is {}",
+                    latest.image.version,
+                    if latest.deleted { "deleted" } else { "failed" }
+                )
+            }
+        ));
+        return Ok(None);
+    }
+    if let Some(max_age) = build.max_age
+        && let Some(age) = latest.age()
+        && age > max_age
+    {
+        cx.log.info(format!(
+            "--skip-unchanged: version {} has the same inputs but is {} old, more than max_age {}; building",
+            latest.image.version,
+            humantime::format_duration(std::time::Duration::from_secs(age.as_secs())),
+            humantime::format_duration(max_age)
+        ));
+        return Ok(None);
+    }
+    Ok(Some(latest.clone()))
 }
 
 fn request_for(config: &Config, build: &Build, on_error: OnError) -> BuildRequest {
@@ -178,6 +267,7 @@ fn request_for(config: &Config, build: &Build, on_error: OnError) -> BuildReques
         provisioners: build.provisioners.clone(),
         on_error,
         config_dir: config.dir.clone(),
+        cache: Default::default(),
     }
 }
 
@@ -185,18 +275,22 @@ async fn run_builds(
     config: Arc<Config>,
     options: &RunOptions,
     contexts: Vec<StepContext>,
+    standing: Vec<Option<Entry>>,
     cancel: CancellationToken,
     log: &BuildLog,
 ) -> RunStatus {
     let permits = Arc::new(tokio::sync::Semaphore::new(options.parallel.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, cx) in contexts.into_iter().enumerate() {
+    let shared = Arc::new(options.clone());
+    for ((index, cx), standing) in contexts.into_iter().enumerate().zip(standing) {
+        if let Some(entry) = standing {
+            let outcome = skipped(&config.builds[index], entry, &cx);
+            tasks.spawn(async move { (index, outcome) });
+            continue;
+        }
         let config = config.clone();
         let permits = permits.clone();
-        let manifest_path = options.manifest.clone();
-        let on_error = options.on_error;
-        let skip_tests = options.skip_tests;
-        let run_id = options.run_id.clone();
+        let options = shared.clone();
         tasks.spawn(async move {
             let _permit = tokio::select! {
                 permit = permits.acquire_owned() => permit.expect("semaphore never closes"),
@@ -206,16 +300,7 @@ async fn run_builds(
             };
             (
                 index,
-                run_one(
-                    &config,
-                    &config.builds[index],
-                    cx,
-                    on_error,
-                    &manifest_path,
-                    &run_id,
-                    skip_tests,
-                )
-                .await,
+                run_one(&config, &config.builds[index], cx, &options).await,
             )
         });
     }
@@ -391,29 +476,71 @@ async fn test(
             }
         }
         Err(BuildError::Cancelled) => Verdict::failed(
-            "interrupted before the tests finished; the artifact is recorded as failed".into(),
+            "interrupted before the tests finished: no test failed, but the version is untested, so it is recorded as failed (never deleted) until `imgbuild test` passes on it".into(),
             true,
         ),
         Err(err) => Verdict::failed(format!("the tests could not run: {err}"), false),
     }
 }
 
-async fn run_one(
-    config: &Config,
-    build: &Build,
-    cx: StepContext,
-    on_error: OnError,
-    manifest_path: &std::path::Path,
-    run_id: &str,
-    skip_tests: bool,
-) -> Outcome {
+/// A build `--skip-unchanged` left out: the recorded version stands, and
+/// is what the run reports and the step outputs carry.
+fn skipped(build: &Build, entry: Entry, cx: &StepContext) -> Outcome {
+    cx.log.emit(Event::BuildSkipped {
+        build: build.name.clone(),
+        version: entry.image.version.clone(),
+        artifact_id: entry.artifact_id.clone(),
+    });
+    write_step_outputs(&entry, cx);
+    let entry_json = serde_json::to_value(&entry).expect("entries serialize");
+    cx.log.emit(Event::Artifact {
+        build: build.name.clone(),
+        artifact: entry_json.clone(),
+    });
+    Outcome {
+        status: BuildStatus::Succeeded,
+        artifact: Some(entry_json),
+    }
+}
+
+fn write_step_outputs(entry: &Entry, cx: &StepContext) {
+    if let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty())
+        && let Err(err) = crate::outputs::write_github_outputs(std::path::Path::new(&path), entry)
+    {
+        cx.log.warn(format!(
+            "cannot write the step outputs to GITHUB_OUTPUT ({}): {err}",
+            std::path::Path::new(&path).display()
+        ));
+    }
+}
+
+async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunOptions) -> Outcome {
+    let (on_error, manifest_path, run_id, skip_tests, use_cache) = (
+        options.on_error,
+        options.manifest.as_path(),
+        options.run_id.as_str(),
+        options.skip_tests,
+        options.use_cache,
+    );
     let started_at = now_rfc3339();
     let started = Instant::now();
     cx.log.emit(Event::BuildStarted {
         build: build.name.clone(),
         builder: build.builder.kind().to_owned(),
     });
-    let request = request_for(config, build, on_error);
+    let mut request = request_for(config, build, on_error);
+    let steps = match keys::BuildSteps::of(build, config) {
+        Ok(steps) => {
+            request.cache = steps.cache(use_cache);
+            Some(steps)
+        }
+        Err(err) => {
+            cx.log.warn(format!(
+                "cannot hash the files the provisioners read ({err}); no step of this build is taken from or added to the cache"
+            ));
+            None
+        }
+    };
     let result = build.builder.build(&request, &cx).await;
     let finish = |status: BuildStatus, error: Option<String>| {
         cx.log.emit(Event::BuildFinished {
@@ -462,48 +589,23 @@ async fn run_one(
         }
     }
 
-    let mut description = serde_json::json!({
-        "image": {
-            "name": config.image.name,
-            "version": config.image.version,
-            "description": config.image.description,
-            "labels": config.image.labels,
-        },
-        "build": build.name,
-        "type": build.builder.kind(),
-        "builder": build.builder.resolved_config(),
-        "provisioners": build.provisioner_configs,
-    });
-    // Only when there are tests, so a config without any keeps the hash it
-    // had before tests existed.
-    if !build.test_configs.is_empty() {
-        description["tests"] = serde_json::json!(build.test_configs);
-    }
-    let inputs = inputs::Inputs {
-        description,
-        files: build.input_files.clone(),
-    };
-    let (source, dir, redactor) = (
-        artifact.source.clone(),
-        config.dir.clone(),
-        config.redactor.clone(),
-    );
-    let inputs_sha256 =
-        match tokio::task::spawn_blocking(move || inputs::hash(&inputs, &source, &dir, &redactor))
-            .await
-        {
-            Ok(Ok(digest)) => digest,
-            Ok(Err(err)) => {
-                cx.log
-                    .warn(format!("cannot hash the build's input files: {err}"));
-                String::new()
-            }
+    let (inputs_sha256, unversioned_inputs_sha256) =
+        match inputs::hashes(config, build, &artifact.source).await {
+            Ok(hashes) => hashes,
             Err(err) => {
                 cx.log
                     .warn(format!("cannot hash the build's input files: {err}"));
-                String::new()
+                (String::new(), String::new())
             }
         };
+    let steps = match &steps {
+        Some(steps) => steps.keyed(
+            build.builder.kind(),
+            build.builder.cache_settings().as_ref(),
+            &artifact.source,
+        ),
+        None => Vec::new(),
+    };
     let mut entry = Entry {
         run_id: run_id.to_owned(),
         image: ImageRecord {
@@ -521,6 +623,8 @@ async fn run_one(
         details: artifact.details.clone(),
         source: artifact.source.clone(),
         inputs_sha256,
+        unversioned_inputs_sha256,
+        steps,
         started_at,
         finished_at: now_rfc3339(),
         duration_secs: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -531,6 +635,7 @@ async fn run_one(
         tests_skipped: verdict.skipped,
         test_error: verdict.error.clone(),
         deleted,
+        retested_at: None,
     };
     entry.mask_free_text(&config.redactor);
     let entry_json = serde_json::to_value(&entry).expect("entries serialize");
@@ -597,15 +702,7 @@ async fn run_one(
             artifact: None,
         };
     }
-    if let Some(path) = std::env::var_os("GITHUB_OUTPUT").filter(|p| !p.is_empty())
-        && let Err(err) =
-            crate::outputs::write_github_outputs(std::path::Path::new(&path), &recorded)
-    {
-        cx.log.warn(format!(
-            "cannot write the step outputs to GITHUB_OUTPUT ({}): {err}",
-            std::path::Path::new(&path).display()
-        ));
-    }
+    write_step_outputs(&recorded, &cx);
     cx.log.emit(Event::Artifact {
         build: build.name.clone(),
         artifact: entry_json.clone(),
@@ -683,6 +780,13 @@ mod tests {
                 files: Vec::new(),
             }
         }
+        async fn resolve_source(
+            &self,
+            _: &BuildRequest,
+            _: &StepContext,
+        ) -> Result<SourceIdentity, BuildError> {
+            Ok(fake_source())
+        }
         async fn preflight(&self, _: &BuildRequest, _: &StepContext) -> Result<(), BuildError> {
             Ok(())
         }
@@ -691,13 +795,17 @@ mod tests {
                 builder: "fake".into(),
                 id: "fake-artifact-1".into(),
                 files: Vec::new(),
-                source: SourceIdentity {
-                    kind: "file".into(),
-                    reference: "/base".into(),
-                    sha256: None,
-                },
+                source: fake_source(),
                 details: serde_json::Value::Null,
             })
+        }
+    }
+
+    fn fake_source() -> SourceIdentity {
+        SourceIdentity {
+            kind: "file".into(),
+            reference: "/base".into(),
+            sha256: None,
         }
     }
 
@@ -740,6 +848,8 @@ mod tests {
                 builder: Box::new(CannotTest),
                 provisioners: Vec::new(),
                 provisioner_configs: Vec::new(),
+                steps: Vec::new(),
+                max_age: None,
                 input_files: Vec::new(),
                 tests: vec![shell_test("boots")],
                 test_configs: vec![serde_json::json!({"name": "boots", "inline": ["true"]})],
@@ -747,6 +857,7 @@ mod tests {
             excluded: Vec::new(),
             redactor: Redactor::new(),
             on_test_failure: OnTestFailure::Delete,
+            run_values: Vec::new(),
         };
         let options = RunOptions {
             run_id: "run1".into(),
@@ -756,6 +867,8 @@ mod tests {
             manifest: dir.path().join("manifest.json"),
             state_dir: dir.path().join("state"),
             skip_tests: false,
+            use_cache: true,
+            skip_unchanged: false,
         };
         let sink = Arc::new(MemorySink::default());
         let log = BuildLog::root(sink.clone(), Redactor::new());

@@ -231,6 +231,22 @@ impl EventSink for HumanSink {
                 }
             }
             Event::Artifact { .. } => return,
+            Event::StepsCached { steps, key, .. } => {
+                if quiet {
+                    return;
+                }
+                format!(
+                    "{prefix}    {OK}cached:{OK:#} the first {steps} provisioner(s) from the step cache ({})",
+                    &key[..key.len().min(12)]
+                )
+            }
+            Event::BuildSkipped {
+                version,
+                artifact_id,
+                ..
+            } => format!(
+                "{prefix}{OK}unchanged{OK:#}: same inputs as version {version} ({artifact_id}), which stands; nothing was built"
+            ),
             Event::BuildFinished {
                 status,
                 duration_ms,

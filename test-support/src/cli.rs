@@ -75,6 +75,10 @@ impl Workspace {
             .env("IMGBUILD_STATE_DIR", self.state_dir())
             .env("XDG_CACHE_HOME", cache_dir())
             .env("NO_COLOR", "1")
+            // Tests that build the same steps twice assert what ran; the
+            // step cache would make that depend on earlier tests. Its own
+            // tests turn it on (`.env("IMGBUILD_NO_CACHE", "false")`).
+            .env("IMGBUILD_NO_CACHE", "true")
             .env_remove("IMGBUILD_OUTPUT")
             .stdin(Stdio::null());
         Imgbuild { command }

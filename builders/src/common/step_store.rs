@@ -262,6 +262,45 @@ impl StepStore {
         entries
     }
 
+    /// Which entries a prune removes: all of them with `all`; otherwise
+    /// those last used longer ago than `older_than`, then the least
+    /// recently used until the rest fit in `max_size` bytes.
+    pub fn select_for_prune(
+        &self,
+        max_size: Option<u64>,
+        older_than: Option<std::time::Duration>,
+        all: bool,
+    ) -> Vec<Entry> {
+        let entries = self.list();
+        if all {
+            return entries;
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let age = |entry: &Entry| {
+            time::OffsetDateTime::parse(
+                &entry.last_used,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .ok()
+            .and_then(|used| std::time::Duration::try_from(now - used).ok())
+        };
+        let (mut chosen, kept): (Vec<Entry>, Vec<Entry>) = entries
+            .into_iter()
+            .partition(|e| matches!((older_than, age(e)), (Some(limit), Some(age)) if age > limit));
+        if let Some(limit) = max_size {
+            let mut total: u64 = kept.iter().map(|e| e.size).sum();
+            // `list` is oldest use first.
+            for entry in kept {
+                if total <= limit {
+                    break;
+                }
+                total -= entry.size;
+                chosen.push(entry);
+            }
+        }
+        chosen
+    }
+
     /// Removes an entry: its record first, so a reader never finds a record
     /// without its data.
     pub fn remove(&self, key: &str) {
@@ -337,6 +376,34 @@ mod tests {
         std::fs::write(store.path("k2"), b"half").unwrap();
         assert!(store.get("k2", &log).await.is_none());
         assert!(!store.path("k2").exists());
+    }
+
+    #[tokio::test]
+    async fn prune_takes_the_least_recently_used_until_the_rest_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StepStore::at(dir.path().join("s"));
+        let (_, log) = log();
+        for (key, size) in [("old", 40), ("mid", 30), ("new", 20)] {
+            let source = dir.path().join(key);
+            std::fs::write(&source, vec![b'x'; size]).unwrap();
+            store.put(key, &source, info(), &log).await.unwrap();
+            // Distinct last-use times, oldest first.
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+        let keys = |entries: Vec<Entry>| entries.into_iter().map(|e| e.key).collect::<Vec<_>>();
+        assert_eq!(
+            keys(store.select_for_prune(Some(40), None, false)),
+            ["old", "mid"]
+        );
+        assert_eq!(
+            keys(store.select_for_prune(Some(90), None, false)),
+            Vec::<String>::new()
+        );
+        assert_eq!(keys(store.select_for_prune(None, None, true)).len(), 3);
+        assert_eq!(
+            keys(store.select_for_prune(None, Some(std::time::Duration::from_secs(3600)), false)),
+            Vec::<String>::new()
+        );
     }
 
     #[tokio::test]

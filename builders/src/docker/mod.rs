@@ -20,7 +20,7 @@ mod engine;
 mod kept;
 pub mod kind;
 mod plan;
-mod step_cache;
+pub mod step_cache;
 mod step_check_tag;
 mod step_commit;
 mod step_connect;

@@ -48,6 +48,66 @@ pub fn cache_settings(config: &DockerConfig) -> Option<serde_json::Value> {
     }))
 }
 
+/// One kept step in the engine, as `imgbuild cache ls` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CachedImage {
+    pub key: String,
+    pub image_id: String,
+    /// The image's size as the engine reports it (layers shared with the
+    /// base and other steps included).
+    pub size: u64,
+    /// Unix seconds.
+    pub created: i64,
+    /// The run that kept it.
+    pub run_id: Option<String>,
+    pub build: Option<String>,
+}
+
+/// Every kept step in the engine `DOCKER_HOST` names, oldest first.
+pub async fn list_cached() -> Result<Vec<CachedImage>, String> {
+    let engine = super::engine::Engine::connect().await?;
+    let options = bollard::query_parameters::ListImagesOptions {
+        filters: Some(HashMap::from([(
+            "reference".to_owned(),
+            vec![format!("{CACHE_REPOSITORY}:*")],
+        )])),
+        ..Default::default()
+    };
+    let images = engine
+        .quick()
+        .list_images(Some(options))
+        .await
+        .map_err(|err| format!("cannot list the cached steps: {}", engine::describe(&err)))?;
+    let mut cached: Vec<CachedImage> = images
+        .into_iter()
+        .flat_map(|image| {
+            let labels = image.labels.clone();
+            image
+                .repo_tags
+                .iter()
+                .filter_map(|tag| tag.strip_prefix(&format!("{CACHE_REPOSITORY}:")))
+                .map(|key| CachedImage {
+                    key: key.to_owned(),
+                    image_id: image.id.clone(),
+                    size: u64::try_from(image.size).unwrap_or_default(),
+                    created: image.created,
+                    run_id: labels.get(super::RUN_ID_LABEL).cloned(),
+                    build: labels.get(super::BUILD_LABEL).cloned(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    cached.sort_by(|a, b| a.created.cmp(&b.created).then(a.key.cmp(&b.key)));
+    Ok(cached)
+}
+
+/// Untags a kept step (the engine removes the image once no tag or
+/// container uses it).
+pub async fn remove_cached(key: &str) -> Result<(), String> {
+    let engine = super::engine::Engine::connect().await?;
+    super::remove_image(&engine, &reference(key)).await
+}
+
 fn reference(key: &str) -> String {
     format!("{CACHE_REPOSITORY}:{key}")
 }

@@ -1,0 +1,228 @@
+//! The step cache, `plan` and `--skip-unchanged`, end to end with the real
+//! binary and the real Docker Engine: a change to the last script reruns
+//! only the last step and the image still holds every step's changes;
+//! `plan` names the changed file; an unchanged build is skipped.
+
+use imgbuild_test_support::docker::{ImageCleanup, base_image as docker_base_image};
+use imgbuild_test_support::{cli::*, common::*};
+
+const CONFIG: &str = r#"
+[variables]
+base_image = { description = "the fixture image" }
+version = { description = "unique per build" }
+
+[image]
+name = "cached"
+version = "{{ var.version }}"
+
+[builders.app]
+type = "docker"
+image = "{{ var.base_image }}"
+pull = "never"
+repository = "imgbuild-test/cached"
+
+[[provision]]
+type = "shell"
+script = "first.sh"
+
+[[provision]]
+type = "shell"
+script = "second.sh"
+
+[[provision]]
+type = "shell"
+inline = ["echo run {{ run_id }} > /etc/last-run"]
+cache = false
+"#;
+
+fn build(workspace: &Workspace, version: &str, extra: &[&str]) -> Outcome {
+    workspace
+        .imgbuild()
+        .env("IMGBUILD_NO_CACHE", "false")
+        .args(["--output", "json", "build", "image.toml", "--var"])
+        .arg(format!("base_image={}", docker_base_image()))
+        .arg("--var")
+        .arg(format!("version={version}"))
+        .args(extra)
+        .run()
+}
+
+fn plan(workspace: &Workspace, version: &str) -> (i32, serde_json::Value) {
+    let outcome = workspace
+        .imgbuild()
+        .args([
+            "--output",
+            "json",
+            "plan",
+            "image.toml",
+            "--detailed-exitcode",
+            "--var",
+        ])
+        .arg(format!("base_image={}", docker_base_image()))
+        .arg("--var")
+        .arg(format!("version={version}"))
+        .run();
+    let document = serde_json::from_str(outcome.stdout.trim())
+        .unwrap_or_else(|err| panic!("plan printed no JSON ({err}): {}", outcome.stdout));
+    (outcome.code(), document)
+}
+
+/// Which provisioners ran, by their "provisioner N of M" progress lines.
+fn provisioners_run(outcome: &Outcome) -> Vec<String> {
+    outcome
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.starts_with("provisioner ") && !m.contains(" done in "))
+        .map(|m| m.split(':').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn cached_steps(outcome: &Outcome) -> Option<u64> {
+    outcome
+        .events()
+        .iter()
+        .find(|e| e["event"] == "steps_cached")
+        .and_then(|e| e["steps"].as_u64())
+}
+
+#[test]
+fn a_changed_last_script_reruns_only_what_follows_it_and_plan_says_why() {
+    let workspace = Workspace::new();
+    workspace.write("image.toml", CONFIG);
+    workspace.write("first.sh", "echo first > /etc/first\n");
+    workspace.write("second.sh", "echo second-a > /etc/second\n");
+    let (v1, v2, v3) = (unique_version(), unique_version(), unique_version());
+    let _cleanup = ImageCleanup::references(
+        [&v1, &v2, &v3]
+            .iter()
+            .map(|v| format!("imgbuild-test/cached:{v}"))
+            .collect::<Vec<_>>(),
+    );
+    // The cache images the builds keep, named by the keys they record.
+    let _cache_cleanup = CacheCleanup(workspace.join("imgbuild-manifest.json"));
+
+    let first = build(&workspace, &v1, &[]).exits_with(EXIT_OK);
+    assert_eq!(
+        provisioners_run(&first),
+        [
+            "provisioner 1 of 3",
+            "provisioner 2 of 3",
+            "provisioner 3 of 3"
+        ]
+    );
+    assert_eq!(cached_steps(&first), None);
+
+    // Nothing changed: plan says up to date, and a skipping build builds
+    // nothing and hands out v1.
+    let (code, document) = plan(&workspace, &v2);
+    assert_eq!(code, EXIT_OK, "{document}");
+    assert_eq!(document["builds"][0]["action"], "up-to-date", "{document}");
+    assert_eq!(document["builds"][0]["version"], v1.as_str());
+    assert_eq!(document["to_build"], serde_json::json!([]));
+    let steps = &document["builds"][0]["steps"];
+    assert_eq!(steps[0]["cacheable"], true, "{document}");
+    assert_eq!(steps[2]["cacheable"], false);
+    assert!(
+        steps[2]["why_not"]
+            .as_str()
+            .unwrap()
+            .contains("cache = false"),
+        "{document}"
+    );
+    let skipped = build(&workspace, &v2, &["--skip-unchanged"]).exits_with(EXIT_OK);
+    let skip = skipped
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "build_skipped")
+        .unwrap_or_else(|| panic!("no build_skipped event:\n{}", skipped.stdout));
+    assert_eq!(skip["version"], v1.as_str());
+    assert!(provisioners_run(&skipped).is_empty());
+    assert_eq!(
+        docker(&["images", "-q", &format!("imgbuild-test/cached:{v2}")]),
+        "",
+        "a skipped build made an image"
+    );
+
+    // Change only the second script: plan names the file, and the build
+    // starts from the first step's kept state.
+    workspace.write("second.sh", "echo second-b > /etc/second\n");
+    let (code, document) = plan(&workspace, &v2);
+    assert_eq!(code, 3, "{document}");
+    let build_plan = &document["builds"][0];
+    assert_eq!(build_plan["action"], "rebuild", "{document}");
+    assert_eq!(build_plan["from_step"], 2, "{document}");
+    assert!(
+        build_plan["reasons"].to_string().contains("second.sh"),
+        "{document}"
+    );
+    assert_eq!(document["to_build"], serde_json::json!(["app"]));
+
+    let second = build(&workspace, &v2, &[]).exits_with(EXIT_OK);
+    assert_eq!(cached_steps(&second), Some(1));
+    assert_eq!(
+        provisioners_run(&second),
+        ["provisioner 2 of 3", "provisioner 3 of 3"]
+    );
+    // The image holds the kept first step's file and the new second one.
+    let reference = format!("imgbuild-test/cached:{v2}");
+    assert_eq!(
+        docker(&[
+            "run",
+            "--rm",
+            "--entrypoint",
+            "cat",
+            &reference,
+            "/etc/first",
+            "/etc/second"
+        ]),
+        "first\nsecond-b"
+    );
+    // Built with the cache, it has the same files with the same content,
+    // modes and owners as one built from scratch.
+    let scratch = build(&workspace, &v3, &["--no-cache"]).exits_with(EXIT_OK);
+    assert_eq!(cached_steps(&scratch), None);
+    assert_eq!(
+        listing(&reference),
+        listing(&format!("imgbuild-test/cached:{v3}"))
+    );
+}
+
+/// Every file with its mode, owner and content hash, outside the places
+/// that differ per run or per container (/proc, /sys, /dev, and the
+/// uncached step's /etc/last-run).
+fn listing(reference: &str) -> String {
+    docker(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        reference,
+        "-c",
+        "find / -xdev \\( -path /proc -o -path /sys -o -path /dev -o -path /etc/last-run -o -path /etc/hostname -o -path /etc/hosts -o -path /etc/resolv.conf \\) -prune -o -printf '%p %m %u %g\\n' | sort; find / -xdev -type f \\( -path /proc -o -path /sys -o -path /dev -o -path /etc/last-run -o -path /etc/hostname -o -path /etc/hosts -o -path /etc/resolv.conf \\) -prune -o -type f -exec sha256sum {} + | sort",
+    ])
+}
+
+/// Removes the `imgbuild-cache:<key>` images the manifest's builds name.
+struct CacheCleanup(std::path::PathBuf);
+
+impl Drop for CacheCleanup {
+    fn drop(&mut self) {
+        let Ok(text) = std::fs::read_to_string(&self.0) else {
+            return;
+        };
+        let Ok(manifest) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return;
+        };
+        for build in manifest["builds"].as_array().into_iter().flatten() {
+            for step in build["steps"].as_array().into_iter().flatten() {
+                if let Some(key) = step["key"].as_str() {
+                    let _ = std::process::Command::new("docker")
+                        .args(["image", "rm", "-f", &format!("imgbuild-cache:{key}")])
+                        .output();
+                }
+            }
+        }
+    }
+}
