@@ -187,6 +187,57 @@ fn a_changed_last_script_reruns_only_what_follows_it_and_plan_says_why() {
         listing(&reference),
         listing(&format!("imgbuild-test/cached:{v3}"))
     );
+
+    // `cache ls` shows the kept steps the manifest names; `cache prune`
+    // removes them (a dry run first, which removes nothing).
+    let kept: Vec<String> = workspace.manifest()["builds"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|step| step["key"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(kept.len(), 2, "the two cacheable steps have keys");
+    let store = workspace.join("store");
+    let listed = workspace
+        .imgbuild()
+        .args(["--output", "json", "cache", "ls", "--dir"])
+        .arg(&store)
+        .run()
+        .exits_with(EXIT_OK);
+    let listed: serde_json::Value = serde_json::from_str(listed.stdout.trim()).unwrap();
+    let listed_keys: Vec<&str> = listed["docker"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|image| image["key"].as_str())
+        .collect();
+    for key in &kept {
+        assert!(listed_keys.contains(&key.as_str()), "{key} not in {listed}");
+    }
+    workspace
+        .imgbuild()
+        .args(["cache", "prune", "--all", "--dry-run", "--dir"])
+        .arg(&store)
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout_has("would remove");
+    assert_ne!(
+        docker(&["images", "-q", &format!("imgbuild-cache:{}", kept[0])]),
+        ""
+    );
+    workspace
+        .imgbuild()
+        .args(["cache", "prune", "--all", "--dir"])
+        .arg(&store)
+        .run()
+        .exits_with(EXIT_OK);
+    for key in &kept {
+        assert_eq!(
+            docker(&["images", "-q", &format!("imgbuild-cache:{key}")]),
+            "",
+            "{key} survived"
+        );
+    }
 }
 
 /// Every file with its mode, owner and content hash, outside the places

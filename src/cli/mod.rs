@@ -3,6 +3,7 @@
 //! config (nothing launched), 130 interrupted.
 
 mod build;
+mod cache;
 mod clean;
 pub mod inspect;
 mod output;
@@ -101,6 +102,8 @@ enum Command {
     /// Say per build whether it is up to date, which step it would rebuild
     /// from and why, or that it builds from scratch; creates nothing
     Plan(plan::PlanArgs),
+    /// List or prune the step cache (QEMU layers, Docker images)
+    Cache(cache::CacheArgs),
     /// Run the [[test]]s again on a version the manifest records, and
     /// record the new verdict
     Test(test::TestArgs),
@@ -180,6 +183,7 @@ pub fn main() -> i32 {
         Command::Clean(args) => clean::run(args, &cli.global),
         Command::Output(args) => output::run(args, &cli.global),
         Command::Plan(args) => plan::run(args, &cli.global),
+        Command::Cache(args) => cache::run(args, &cli.global),
         Command::Test(args) => test::run(args, &cli.global),
     }
 }

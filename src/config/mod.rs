@@ -27,9 +27,16 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 pub use variables::{Variable, VariableInputs};
 
-const TOP_LEVEL: &[&str] = &["image", "variables", "builders", "provision", "test"];
+const TOP_LEVEL: &[&str] = &[
+    "image",
+    "variables",
+    "builders",
+    "provision",
+    "test",
+    "cache",
+];
 const SECTIONS_HELP: &str =
-    "a config has [image], [variables], [builders.NAME], [[provision]] and [[test]]";
+    "a config has [image], [variables], [builders.NAME], [[provision]], [[test]] and [cache]";
 
 /// The fields of a `[[test]]` handed to the shell provisioner kind; the
 /// others a shell provisioner takes (`expect_disconnect`, `max_retries`,
@@ -72,9 +79,25 @@ pub struct Config {
     /// What happens to an artifact whose tests fail (`[image]
     /// on_test_failure`).
     pub on_test_failure: OnTestFailure,
+    /// `[cache]`: where the step cache lives and how large it may grow.
+    pub cache: CacheSettings,
     /// This run's `run_id`, `timestamp` and `isotime` as templates render
     /// them: masked, like the version, where `--skip-unchanged` compares.
     pub run_values: Vec<String>,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// The step store's directory (relative to the config); the default is
+    /// `IMGBUILD_CACHE_DIR`, else `~/.cache/imgbuild/steps`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// After each run, the least recently used entries go until the rest
+    /// fit (also `IMGBUILD_CACHE_MAX_SIZE`).
+    #[serde(default)]
+    pub max_size: Option<imgbuild_core::ByteSize>,
 }
 
 /// `[image] on_test_failure`.
@@ -401,6 +424,7 @@ impl Loader<'_> {
                 ),
             );
         }
+        let cache = self.cache_section(top, &env, &context);
         let (image, on_test_failure) = image?;
         self.refuse_shared_claims(top, &builders, &image);
         self.refuse_untestable(top, &builders, &tests);
@@ -460,6 +484,7 @@ impl Loader<'_> {
             excluded,
             redactor,
             on_test_failure,
+            cache: cache.unwrap_or_default(),
             run_values: ["timestamp", "isotime", "run_id"]
                 .iter()
                 .filter_map(|name| match &context[*name] {
@@ -534,6 +559,38 @@ impl Loader<'_> {
             };
             (image, parsed.on_test_failure)
         })
+    }
+
+    /// `[cache]`, templates rendered; its `dir` made absolute.
+    fn cache_section(
+        &mut self,
+        top: &DeTable<'_>,
+        env: &minijinja::Environment<'static>,
+        context: &serde_json::Value,
+    ) -> Option<CacheSettings> {
+        let mut section = top.get("cache")?.clone();
+        let source = self.source.clone();
+        let renderer = Renderer {
+            env,
+            context: &minijinja::Value::from_serialize(context),
+            file: self.file,
+            source: &source,
+        };
+        let before = self.diagnostics.len();
+        renderer.render_tree(&mut section, "cache", &mut self.diagnostics);
+        if self.diagnostics.len() > before {
+            return None;
+        }
+        match CacheSettings::deserialize(ValueDeserializer::from(section.clone())) {
+            Ok(mut settings) => {
+                settings.dir = settings.dir.map(|dir| self.dir.join(dir));
+                Some(settings)
+            }
+            Err(err) => {
+                self.serde_error(&err, section.span(), &section, "cache");
+                None
+            }
+        }
     }
 
     /// Two builds that would write one output file, tag or AMI name would

@@ -74,10 +74,11 @@ impl BuildSteps {
         Ok(BuildSteps { inputs, records })
     }
 
-    pub fn cache(&self, enabled: bool) -> StepCache {
+    pub fn cache(&self, enabled: bool, store_root: Option<std::path::PathBuf>) -> StepCache {
         StepCache {
             steps: self.inputs.clone(),
             enabled,
+            store_root,
         }
     }
 

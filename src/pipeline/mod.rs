@@ -118,7 +118,55 @@ pub async fn run(
     };
 
     finish_journal(journal, &log, &options);
+    if options.use_cache {
+        cap_step_store(&config, &log);
+    }
     status
+}
+
+/// The step store's size cap when none is configured.
+pub const DEFAULT_CACHE_MAX_SIZE: u64 = 20 << 30;
+
+/// Removes the least recently used entries of the step store until it fits
+/// its cap (`[cache] max_size`, `IMGBUILD_CACHE_MAX_SIZE`, 20 GiB).
+fn cap_step_store(config: &Config, log: &BuildLog) {
+    let from_env = std::env::var("IMGBUILD_CACHE_MAX_SIZE")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| imgbuild_core::ByteSize::parse(&v));
+    let cap = match (&config.cache.max_size, from_env) {
+        (Some(size), _) => size.bytes(),
+        (None, Some(Ok(size))) => size.bytes(),
+        (None, Some(Err(err))) => {
+            log.warn(format!(
+                "IMGBUILD_CACHE_MAX_SIZE: {err}; the step cache is not trimmed"
+            ));
+            return;
+        }
+        (None, None) => DEFAULT_CACHE_MAX_SIZE,
+    };
+    let store = imgbuild_builders::common::step_store::StepStore::at(
+        config
+            .cache
+            .dir
+            .clone()
+            .unwrap_or_else(imgbuild_builders::common::step_store::StepStore::default_root),
+    );
+    let evicted = store.select_for_prune(Some(cap), None, false);
+    if evicted.is_empty() {
+        return;
+    }
+    let freed: u64 = evicted.iter().map(|e| e.size).sum();
+    for entry in &evicted {
+        store.remove(&entry.key);
+    }
+    log.info(format!(
+        "the step cache was over its {} MiB cap: removed {} least recently used entr{} ({} MiB)",
+        cap >> 20,
+        evicted.len(),
+        if evicted.len() == 1 { "y" } else { "ies" },
+        freed >> 20
+    ));
 }
 
 fn warn_about_leftovers(options: &RunOptions, log: &BuildLog) {
@@ -531,7 +579,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
     let mut request = request_for(config, build, on_error);
     let steps = match keys::BuildSteps::of(build, config) {
         Ok(steps) => {
-            request.cache = steps.cache(use_cache);
+            request.cache = steps.cache(use_cache, config.cache.dir.clone());
             Some(steps)
         }
         Err(err) => {
@@ -857,6 +905,7 @@ mod tests {
             excluded: Vec::new(),
             redactor: Redactor::new(),
             on_test_failure: OnTestFailure::Delete,
+            cache: Default::default(),
             run_values: Vec::new(),
         };
         let options = RunOptions {

@@ -37,9 +37,20 @@ pub struct StepCache {
     pub steps: Vec<StepInput>,
     /// False with `--no-cache`, and in builds that only test or plan.
     pub enabled: bool,
+    /// `[cache] dir`; the store's default place otherwise.
+    pub store_root: Option<std::path::PathBuf>,
 }
 
 impl StepCache {
+    /// Where files kept under step keys live (QEMU disk layers).
+    pub fn store(&self) -> crate::common::step_store::StepStore {
+        crate::common::step_store::StepStore::at(
+            self.store_root
+                .clone()
+                .unwrap_or_else(crate::common::step_store::StepStore::default_root),
+        )
+    }
+
     /// The key after each provisioner, `None` from the first one that cannot
     /// be cached onward.
     pub fn keys(
