@@ -35,6 +35,10 @@ inline = ["echo run {{ run_id }} > /etc/last-run"]
 cache = false
 "#;
 
+/// The tests here share the engine's `imgbuild-cache` images, and one of
+/// them prunes all of them: they run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn build(workspace: &Workspace, version: &str, extra: &[&str]) -> Outcome {
     workspace
         .imgbuild()
@@ -89,6 +93,7 @@ fn cached_steps(outcome: &Outcome) -> Option<u64> {
 
 #[test]
 fn a_changed_last_script_reruns_only_what_follows_it_and_plan_says_why() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let workspace = Workspace::new();
     workspace.write("image.toml", CONFIG);
     workspace.write("first.sh", "echo first > /etc/first\n");
@@ -104,6 +109,18 @@ fn a_changed_last_script_reruns_only_what_follows_it_and_plan_says_why() {
     let _cache_cleanup = CacheCleanup(workspace.join("imgbuild-manifest.json"));
 
     let first = build(&workspace, &v1, &[]).exits_with(EXIT_OK);
+    let inspected = workspace
+        .imgbuild()
+        .args(["--output", "json", "inspect", "image.toml", "--var"])
+        .arg(format!("base_image={}", docker_base_image()))
+        .arg("--var")
+        .arg(format!("version={v1}"))
+        .run()
+        .exits_with(EXIT_OK);
+    let inspected: serde_json::Value = serde_json::from_str(inspected.stdout.trim()).unwrap();
+    let step_cache = &inspected["builds"][0]["step_cache"];
+    assert_eq!(step_cache[1]["cacheable"], true, "{inspected}");
+    assert_eq!(step_cache[2]["why_not"], "`cache = false`", "{inspected}");
     assert_eq!(
         provisioners_run(&first),
         [
@@ -276,4 +293,73 @@ impl Drop for CacheCleanup {
             }
         }
     }
+}
+
+#[test]
+fn concurrent_builds_share_the_cache_and_a_new_base_rebuilds_from_scratch() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let workspace = Workspace::new();
+    workspace.write("image.toml", CONFIG);
+    workspace.write("first.sh", "echo concurrent > /etc/first\n");
+    workspace.write("second.sh", "echo second > /etc/second\n");
+    let versions = [unique_version(), unique_version()];
+    let _cleanup = ImageCleanup::references(
+        versions
+            .iter()
+            .map(|v| format!("imgbuild-test/cached:{v}"))
+            .collect::<Vec<_>>(),
+    );
+    let _cache_cleanup = CacheCleanup(workspace.join("imgbuild-manifest.json"));
+    // Two runs at once, both keeping the same steps under the same keys.
+    let runs: Vec<Running> = versions
+        .iter()
+        .enumerate()
+        .map(|(index, version)| {
+            workspace
+                .imgbuild()
+                .env("IMGBUILD_NO_CACHE", "false")
+                .args(["build", "image.toml", "--var"])
+                .arg(format!("base_image={}", docker_base_image()))
+                .arg("--var")
+                .arg(format!("version={version}"))
+                .spawn(&workspace.join(&format!("run{index}.log")))
+        })
+        .collect();
+    for run in runs {
+        let (status, log) = run.wait(std::time::Duration::from_secs(600));
+        assert!(status.success(), "{log}");
+    }
+    let manifest = workspace.manifest();
+    let builds = manifest["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 2);
+    assert_eq!(builds[0]["steps"][1]["key"], builds[1]["steps"][1]["key"]);
+    // The kept step is sound and usable by whichever run tagged it last.
+    let key = builds[0]["steps"][1]["key"].as_str().unwrap();
+    assert_ne!(
+        docker(&["images", "-q", &format!("imgbuild-cache:{key}")]),
+        ""
+    );
+
+    // Another base: every key changes and plan says why.
+    let outcome = workspace
+        .imgbuild()
+        .args(["--output", "json", "plan", "image.toml", "--var"])
+        .arg(format!(
+            "base_image={}",
+            imgbuild_test_support::docker::sshd_image()
+        ))
+        .arg("--var")
+        .arg(format!("version={}", unique_version()))
+        .run()
+        .exits_with(EXIT_OK);
+    let document: serde_json::Value = serde_json::from_str(outcome.stdout.trim()).unwrap();
+    let build_plan = &document["builds"][0];
+    assert_eq!(build_plan["action"], "build", "{document}");
+    assert!(
+        build_plan["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("the base changed"),
+        "{document}"
+    );
 }

@@ -61,6 +61,7 @@ pub fn document(config: &Config) -> serde_json::Value {
                 "type": build.builder.kind(),
                 "config": build.builder.resolved_config(),
                 "provisioners": build.provisioner_configs,
+                "step_cache": crate::pipeline::plan::cacheability(build),
                 "tests": build.test_configs,
                 "output": planned,
             })
@@ -132,6 +133,15 @@ fn render_human(document: &serde_json::Value) -> String {
             .enumerate()
         {
             let _ = writeln!(out, "  provisioner {}: {}", index + 1, provisioner);
+            let cache = &build["step_cache"][index];
+            match cache["why_not"].as_str() {
+                None => {
+                    let _ = writeln!(out, "    step cache: cacheable");
+                }
+                Some(why) => {
+                    let _ = writeln!(out, "    step cache: not cached: {why}");
+                }
+            }
         }
         for (index, test) in build["tests"].as_array().into_iter().flatten().enumerate() {
             let _ = writeln!(

@@ -54,6 +54,38 @@ impl BuildPlan {
     }
 }
 
+/// Which of the build's provisioner steps the step cache can hold, and why
+/// not: what `plan` and `inspect` show.
+pub fn cacheability(build: &Build) -> Vec<StepPlan> {
+    let keeps_steps = build.builder.cache_settings().is_some();
+    let mut earlier_uncached = false;
+    build
+        .provisioners
+        .iter()
+        .zip(&build.steps)
+        .map(|(provisioner, source)| {
+            let why_not = if !keeps_steps {
+                Some(format!(
+                    "the {} builder keeps no steps here",
+                    build.builder.kind()
+                ))
+            } else if let Some(why) = &source.uncacheable {
+                Some(why.clone())
+            } else if earlier_uncached {
+                Some("an earlier step is not cached".to_owned())
+            } else {
+                None
+            };
+            earlier_uncached |= why_not.is_some();
+            StepPlan {
+                provisioner: provisioner.describe(),
+                cacheable: why_not.is_none(),
+                why_not,
+            }
+        })
+        .collect()
+}
+
 pub async fn plan_build(
     config: &Config,
     build: &Build,
@@ -69,24 +101,7 @@ pub async fn plan_build(
     })?;
     let settings = build.builder.cache_settings();
     let records = steps.keyed(build.builder.kind(), settings.as_ref(), &source);
-    let step_plans = records
-        .iter()
-        .map(|record| StepPlan {
-            provisioner: record.provisioner.clone(),
-            cacheable: record.key.is_some(),
-            why_not: match (&record.uncacheable, &settings) {
-                (Some(why), _) => Some(why.clone()),
-                (None, None) => Some(format!(
-                    "the {} builder keeps no steps",
-                    build.builder.kind()
-                )),
-                (None, Some(_)) if record.key.is_none() => {
-                    Some("an earlier step is not cached".to_owned())
-                }
-                _ => None,
-            },
-        })
-        .collect();
+    let step_plans = cacheability(build);
     let (_, unversioned) = inputs::hashes(config, build, &source)
         .await
         .map_err(|err| {
