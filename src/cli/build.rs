@@ -2,12 +2,12 @@
 
 use super::{ConfigArgs, EXIT_USAGE, GlobalOptions, new_run_id, report_diagnostics, runtime};
 use crate::config;
-use crate::manifest;
+
 use crate::pipeline::{self, RunOptions, RunStatus};
-use crate::ui::{HumanSink, JsonSink, OutputFormat};
+use crate::ui::{JsonSink, OutputFormat};
 use clap::{Args, ValueEnum};
 use imgbuild_core::journal::default_state_dir;
-use imgbuild_core::{BuildLog, CancellationToken, EventSink, OnError};
+use imgbuild_core::{CancellationToken, OnError};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -61,24 +61,12 @@ pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
         eprintln!("error: --parallel must be at least 1");
         return EXIT_USAGE;
     }
-    let names: Vec<String> = config.builds.iter().map(|b| b.name.clone()).collect();
-    let sink: Arc<dyn EventSink> = match global.output {
-        OutputFormat::Human => Arc::new(HumanSink::new(
-            global.color.to_anstream(),
-            global.verbosity(),
-            &names,
-        )),
-        OutputFormat::Json => Arc::new(JsonSink::new()),
-    };
-    let log = BuildLog::root(sink, config.redactor.clone());
-    let manifest_path = args
-        .manifest
-        .clone()
-        .unwrap_or_else(|| manifest::default_path(&config.dir));
+    let log = super::event_log(global, &config, || Arc::new(JsonSink::new()));
+    let manifest_path = super::manifest_path(&args.manifest, &config);
     let run_options = RunOptions {
         run_id,
         started,
-        parallel: args.parallel.unwrap_or(names.len()),
+        parallel: args.parallel.unwrap_or(config.builds.len()),
         on_error: match args.on_error {
             OnErrorArg::Cleanup => OnError::Cleanup,
             OnErrorArg::Abort => OnError::Abort,

@@ -145,6 +145,32 @@ impl ConfigArgs {
     }
 }
 
+/// The log a command's events go to: the human UI for the config's builds,
+/// or, with `--output json`, what `json` makes.
+fn event_log(
+    global: &GlobalOptions,
+    config: &crate::config::Config,
+    json: impl FnOnce() -> std::sync::Arc<dyn imgbuild_core::EventSink>,
+) -> imgbuild_core::BuildLog {
+    let names: Vec<String> = config.builds.iter().map(|b| b.name.clone()).collect();
+    let sink: std::sync::Arc<dyn imgbuild_core::EventSink> = match global.output {
+        crate::ui::OutputFormat::Human => std::sync::Arc::new(crate::ui::HumanSink::new(
+            global.color.to_anstream(),
+            global.verbosity(),
+            &names,
+        )),
+        crate::ui::OutputFormat::Json => json(),
+    };
+    imgbuild_core::BuildLog::root(sink, config.redactor.clone())
+}
+
+/// `--manifest`, or the manifest beside the config.
+fn manifest_path(given: &Option<PathBuf>, config: &crate::config::Config) -> PathBuf {
+    given
+        .clone()
+        .unwrap_or_else(|| crate::manifest::default_path(&config.dir))
+}
+
 /// The builder and provisioner types, read from their registries so help
 /// lists exactly what this imgbuild has.
 pub fn kinds_help() -> String {

@@ -9,11 +9,11 @@ use super::{
 use crate::config;
 use crate::manifest;
 use crate::pipeline::plan::{Action, BuildPlan, plan_build};
-use crate::ui::{HumanSink, OutputFormat};
+use crate::ui::OutputFormat;
 use clap::Args;
 use imgbuild_builders::BuildError;
 use imgbuild_core::journal::Journal;
-use imgbuild_core::{BuildLog, CancellationToken, Event, EventSink, StepContext};
+use imgbuild_core::{CancellationToken, Event, EventSink, StepContext};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -53,10 +53,7 @@ pub fn run(args: PlanArgs, global: &GlobalOptions) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let manifest_path = args
-        .manifest
-        .clone()
-        .unwrap_or_else(|| manifest::default_path(&config.dir));
+    let manifest_path = super::manifest_path(&args.manifest, &config);
     let existing = match manifest::read(&manifest_path) {
         Ok(existing) => existing,
         Err(err) => {
@@ -64,16 +61,7 @@ pub fn run(args: PlanArgs, global: &GlobalOptions) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let names: Vec<String> = config.builds.iter().map(|b| b.name.clone()).collect();
-    let sink: Arc<dyn EventSink> = match global.output {
-        OutputFormat::Human => Arc::new(HumanSink::new(
-            global.color.to_anstream(),
-            global.verbosity(),
-            &names,
-        )),
-        OutputFormat::Json => Arc::new(Discard),
-    };
-    let log = BuildLog::root(sink, config.redactor.clone());
+    let log = super::event_log(global, &config, || Arc::new(Discard));
     // Resolving a base creates nothing, but the builders' calls take a step
     // context, journal included: a private one, gone afterwards.
     let scratch = match tempfile::tempdir() {

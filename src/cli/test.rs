@@ -3,12 +3,12 @@
 
 use super::{ConfigArgs, EXIT_USAGE, GlobalOptions, new_run_id, report_diagnostics, runtime};
 use crate::config;
-use crate::manifest;
+
 use crate::pipeline::{self, RunOptions, RunStatus};
-use crate::ui::{HumanSink, JsonSink, OutputFormat};
+use crate::ui::{JsonSink, OutputFormat};
 use clap::Args;
 use imgbuild_core::journal::default_state_dir;
-use imgbuild_core::{BuildLog, CancellationToken, EventSink, OnError};
+use imgbuild_core::{CancellationToken, OnError};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -38,20 +38,8 @@ pub fn run(args: TestArgs, global: &GlobalOptions) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let names: Vec<String> = config.builds.iter().map(|b| b.name.clone()).collect();
-    let sink: Arc<dyn EventSink> = match global.output {
-        OutputFormat::Human => Arc::new(HumanSink::new(
-            global.color.to_anstream(),
-            global.verbosity(),
-            &names,
-        )),
-        OutputFormat::Json => Arc::new(JsonSink::new()),
-    };
-    let log = BuildLog::root(sink, config.redactor.clone());
-    let manifest_path = args
-        .manifest
-        .clone()
-        .unwrap_or_else(|| manifest::default_path(&config.dir));
+    let log = super::event_log(global, &config, || Arc::new(JsonSink::new()));
+    let manifest_path = super::manifest_path(&args.manifest, &config);
     let run_options = RunOptions {
         run_id,
         started,

@@ -71,14 +71,8 @@ pub async fn run(
     let config = Arc::new(config);
     warn_about_leftovers(&options, &log);
 
-    let journal = match Journal::create(&options.state_dir, &options.run_id, &config.path) {
-        Ok(journal) => Arc::new(journal),
-        Err(err) => {
-            log.error(format!(
-                "{err}; set IMGBUILD_STATE_DIR to a writable directory"
-            ));
-            return RunStatus::Refused;
-        }
+    let Some(journal) = open_journal(&options, &config.path, &log) else {
+        return RunStatus::Refused;
     };
     let names: Vec<String> = config.builds.iter().map(|b| b.name.clone()).collect();
     log.emit(Event::RunStarted {
@@ -167,6 +161,23 @@ fn cap_step_store(config: &Config, log: &BuildLog) {
         if evicted.len() == 1 { "y" } else { "ies" },
         freed >> 20
     ));
+}
+
+/// The run's journal, or `None` with the reason logged.
+fn open_journal(
+    options: &RunOptions,
+    config: &std::path::Path,
+    log: &BuildLog,
+) -> Option<Arc<Journal>> {
+    match Journal::create(&options.state_dir, &options.run_id, config) {
+        Ok(journal) => Some(Arc::new(journal)),
+        Err(err) => {
+            log.error(format!(
+                "{err}; set IMGBUILD_STATE_DIR to a writable directory"
+            ));
+            None
+        }
+    }
 }
 
 fn warn_about_leftovers(options: &RunOptions, log: &BuildLog) {

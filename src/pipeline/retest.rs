@@ -7,14 +7,14 @@
 //! finished run makes a version `tested` or `failed`, whatever it was
 //! before; an interrupted one changes nothing.
 
-use super::{RunOptions, RunStatus, Verdict, finish_journal, request_for, warn_about_leftovers};
+use super::{
+    RunOptions, RunStatus, Verdict, finish_journal, open_journal, request_for, warn_about_leftovers,
+};
 use crate::config::{Build, Config};
 use crate::manifest::{self, Entry};
 use imgbuild_builders::Artifact;
-use imgbuild_core::journal::Journal;
 use imgbuild_core::{BuildLog, CancellationToken, Event, StepContext};
 use std::path::Path;
-use std::sync::Arc;
 
 /// A build with tests and the recorded entry they run on.
 struct Target<'a> {
@@ -44,14 +44,8 @@ pub async fn run(
             .warn("no [[test]] applies to this build; it is left out");
     }
 
-    let journal = match Journal::create(&options.state_dir, &options.run_id, &config.path) {
-        Ok(journal) => Arc::new(journal),
-        Err(err) => {
-            log.error(format!(
-                "{err}; set IMGBUILD_STATE_DIR to a writable directory"
-            ));
-            return RunStatus::Refused;
-        }
+    let Some(journal) = open_journal(&options, &config.path, &log) else {
+        return RunStatus::Refused;
     };
     // The human UI finds the run id here, as in a build's first line.
     let names: Vec<&str> = targets.iter().map(|t| t.build.name.as_str()).collect();
