@@ -4,6 +4,7 @@
 pub mod artifact;
 pub mod cache;
 pub mod name_lock;
+pub mod object_store;
 pub mod orphans;
 pub mod outcome;
 pub mod process;
