@@ -86,6 +86,13 @@ impl StepContext {
 pub trait Step<S: Send>: Send {
     fn name(&self) -> &'static str;
 
+    /// True when what earlier steps found makes this one unnecessary (a
+    /// build whose every step is cached boots no machine): the runner passes
+    /// over it without a start event, and its cleanup finds nothing to undo.
+    fn skipped(&self, _state: &S) -> bool {
+        false
+    }
+
     async fn run(&mut self, state: &mut S, cx: &StepContext) -> Result<(), StepError>;
 
     /// Undoes what `run` did, as far as it got. Called once for every step
@@ -129,6 +136,9 @@ pub async fn run_steps<S: Send>(
             break;
         }
         started += 1;
+        if step.skipped(state) {
+            continue;
+        }
         cx.log.step_started(step.name());
         let began = Instant::now();
         let result = cx.cancellable(step.run(state, cx)).await;
@@ -307,6 +317,54 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, Event::CleanupFailed { step, .. } if step == "two"))
         );
+    }
+
+    /// A step that passes itself over when the state says so.
+    struct SkippedWhen(Box<dyn Step<bool>>);
+
+    #[async_trait]
+    impl Step<bool> for SkippedWhen {
+        fn name(&self) -> &'static str {
+            "maybe"
+        }
+        fn skipped(&self, skip: &bool) -> bool {
+            *skip
+        }
+        async fn run(&mut self, state: &mut bool, cx: &StepContext) -> Result<(), StepError> {
+            self.0.run(state, cx).await
+        }
+    }
+
+    struct Ran(Trace);
+
+    #[async_trait]
+    impl Step<bool> for Ran {
+        fn name(&self) -> &'static str {
+            "ran"
+        }
+        async fn run(&mut self, _: &mut bool, _: &StepContext) -> Result<(), StepError> {
+            self.0.lock().unwrap().push("run".into());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_skipped_step_neither_runs_nor_announces_itself() {
+        for skip in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (cx, sink) = context(&dir);
+            let trace = Trace::default();
+            let mut steps: Vec<Box<dyn Step<bool>>> =
+                vec![Box::new(SkippedWhen(Box::new(Ran(trace.clone()))))];
+            let report = run_steps(&mut steps, &mut skip.clone(), &cx, OnError::Cleanup).await;
+            assert!(report.failure.is_none());
+            assert_eq!(trace.lock().unwrap().is_empty(), skip);
+            let announced = sink
+                .events()
+                .iter()
+                .any(|e| matches!(e, Event::StepStarted { step, .. } if step == "maybe"));
+            assert_eq!(announced, !skip);
+        }
     }
 
     #[tokio::test]

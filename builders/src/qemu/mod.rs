@@ -1,9 +1,11 @@
 //! The QEMU builder: boots a base disk image under QEMU, provisions it over
 //! SSH and writes a standalone, checksummed image.
 //!
-//! Steps, in order: fetch the base image, create the copy-on-write disk,
-//! write the cloud-init seed, launch QEMU, connect over SSH, provision, shut
-//! down, export.
+//! Steps, in order: fetch the base image, find the kept layers of the
+//! build's first steps (see `step_cache`), create the copy-on-write disk,
+//! write the cloud-init seed, launch QEMU, connect over SSH, provision
+//! (keeping a layer after each cacheable provisioner), shut down, export.
+//! A build whose every step is kept skips everything that boots.
 //!
 //! `[[test]]` boots the finished image again through the same disk, seed,
 //! launch and connect steps, on an overlay of its own (see `test_run`).
@@ -13,7 +15,9 @@ pub mod config;
 pub mod kind;
 mod plan;
 mod qemu_img;
+pub mod qmp;
 mod serial_log;
+mod step_cache;
 mod step_cloud_init;
 mod step_connect;
 mod step_create_disk;
@@ -35,7 +39,7 @@ use crate::{
 use async_trait::async_trait;
 use config::Accelerator;
 use imgbuild_core::step::StepsReport;
-use imgbuild_core::{Step, StepContext, cleanup_steps, run_steps};
+use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError, cleanup_steps, run_steps};
 use imgbuild_provisioners::Communicator;
 use imgbuild_provisioners::image_test::{ImageTest, TestResult};
 use imgbuild_provisioners::ssh::TemporaryKey;
@@ -69,6 +73,8 @@ pub struct QemuState {
     pub accelerator: Option<Accelerator>,
     /// What a test run of the artifact found.
     pub test_results: Option<Vec<TestResult>>,
+    /// The step cache for this build, once the base is known.
+    pub cache: Option<step_cache::CachePlan>,
 }
 
 impl Default for QemuState {
@@ -85,13 +91,57 @@ impl Default for QemuState {
             artifact: None,
             accelerator: None,
             test_results: None,
+            cache: None,
         }
     }
 }
 
 has_communicator!(QemuState);
-// Per-step disk layers are not kept yet: every build runs every step.
-impl crate::common::step_provision::KeepsSteps for QemuState {}
+#[async_trait]
+impl crate::common::step_provision::KeepsSteps for QemuState {
+    fn steps_done(&self) -> usize {
+        self.cache.as_ref().map_or(0, |cache| cache.done)
+    }
+
+    fn key_after(&self, index: usize) -> Option<String> {
+        let cache = self.cache.as_ref()?;
+        // Nothing more is kept once a layer is missing from the chain.
+        cache.below.as_ref()?;
+        cache.keys.get(index)?.clone()
+    }
+
+    async fn keep(&mut self, key: &str, cx: &StepContext) -> Result<(), String> {
+        step_cache::keep(self, key, cx).await
+    }
+}
+
+/// A step only a build that boots needs: passed over when every step of
+/// the build is kept in the step cache.
+struct Boots(Box<dyn Step<QemuState>>);
+
+#[async_trait]
+impl Step<QemuState> for Boots {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn skipped(&self, state: &QemuState) -> bool {
+        state.cache.as_ref().is_some_and(|cache| cache.fully_cached)
+    }
+
+    async fn run(&mut self, state: &mut QemuState, cx: &StepContext) -> Result<(), StepError> {
+        self.0.run(state, cx).await
+    }
+
+    async fn cleanup(
+        &mut self,
+        state: &mut QemuState,
+        cx: &StepContext,
+        outcome: CleanupOutcome,
+    ) -> Result<(), StepError> {
+        self.0.cleanup(state, cx, outcome).await
+    }
+}
 
 impl crate::common::step_run_tests::HasTestResults for QemuState {
     fn set_test_results(&mut self, results: Vec<TestResult>) {
@@ -127,22 +177,7 @@ impl Builder for QemuBuilder {
     }
 
     fn cache_settings(&self) -> Option<serde_json::Value> {
-        // What the guest's disk is made of and what it boots into; the
-        // output format and compression apply at export, which always runs.
-        let c = &self.config;
-        Some(serde_json::json!({
-            "base_format": c.base_format,
-            "disk_size": c.disk_size,
-            "firmware": c.firmware,
-            "machine": c.machine,
-            "kernel": c.kernel,
-            "initrd": c.initrd,
-            "kernel_args": c.kernel_args,
-            "qemu_args": c.qemu_args,
-            "cloud_init": c.cloud_init,
-            "cloud_init_cleanup": c.cloud_init_cleanup,
-            "ssh_username": c.ssh.username,
-        }))
+        Some(step_cache::cache_settings(&self.config))
     }
 
     async fn resolve_source(
@@ -328,15 +363,36 @@ fn first_line(text: &str) -> &str {
 
 impl QemuBuilder {
     fn steps(plan: &Arc<Plan>, request: &BuildRequest) -> Vec<Box<dyn Step<QemuState>>> {
-        vec![
-            Box::new(step_fetch_base::StepFetchBase::new(plan.clone())),
-            Box::new(step_create_disk::StepCreateDisk::new(plan.clone())),
+        let mut steps: Vec<Box<dyn Step<QemuState>>> =
+            vec![Box::new(step_fetch_base::StepFetchBase::new(plan.clone()))];
+        if request.cache.enabled && request.cache.steps.len() == request.provisioners.len() {
+            steps.push(Box::new(step_cache::StepFindCached::new(
+                plan.clone(),
+                request.cache.clone(),
+                request.image.name.clone(),
+                request
+                    .provisioners
+                    .iter()
+                    .map(|provisioner| provisioner.describe())
+                    .collect(),
+            )));
+        }
+        steps.push(Box::new(step_create_disk::StepCreateDisk::new(
+            plan.clone(),
+        )));
+        let booting: [Box<dyn Step<QemuState>>; 5] = [
             Box::new(step_cloud_init::StepCloudInit::new(plan.clone())),
             Box::new(step_launch::StepLaunch::new(plan.clone())),
             Box::new(step_connect::StepConnect::new(plan.clone())),
             Box::new(StepProvision::new(request.provisioners.clone())),
             Box::new(step_shutdown::StepShutdown::new(plan.clone())),
-            Box::new(step_export::StepExport::new(plan.clone())),
-        ]
+        ];
+        steps.extend(
+            booting
+                .into_iter()
+                .map(|step| Box::new(Boots(step)) as Box<dyn Step<QemuState>>),
+        );
+        steps.push(Box::new(step_export::StepExport::new(plan.clone())));
+        steps
     }
 }

@@ -30,6 +30,17 @@ pub trait QemuImg: Send + Sync {
         size: Option<u64>,
     ) -> Result<(), StepError>;
 
+    /// `qemu-img rebase -u`: rewrites which file the qcow2 `image` names as
+    /// its backing file (read as `backing_format`) without reading or
+    /// writing any data. Only sound when the new backing file has the same
+    /// content as the old one: a kept layer moved into the step store.
+    async fn rebase_unsafe(
+        &self,
+        image: &Path,
+        backing: &Path,
+        backing_format: &str,
+    ) -> Result<(), StepError>;
+
     /// Writes `source` with everything it reads through as a standalone
     /// `format` image at `target`, calling `progress` with whole percents.
     async fn convert(
@@ -109,6 +120,28 @@ impl QemuImg for Tool {
         ];
         args.extend(size.as_deref());
         run(&args).await.map(|_| ())
+    }
+
+    async fn rebase_unsafe(
+        &self,
+        image: &Path,
+        backing: &Path,
+        backing_format: &str,
+    ) -> Result<(), StepError> {
+        let (image, backing) = (image.to_string_lossy(), backing.to_string_lossy());
+        run(&[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            backing_format,
+            "-b",
+            &backing,
+            &image,
+        ])
+        .await
+        .map(|_| ())
     }
 
     async fn convert(
@@ -275,10 +308,21 @@ pub mod fake {
             target: PathBuf,
             format: DiskFormat,
         },
+        RebaseUnsafe {
+            image: PathBuf,
+            backing: PathBuf,
+            backing_format: String,
+        },
     }
+
+    /// How the fake's `rebase_unsafe` records a backing file in an image.
+    const BACKING_LINE: &str = "backing-file=";
 
     pub struct FakeQemuImg {
         pub info: serde_json::Value,
+        /// `info` for particular files, over `info`: a kept layer's record
+        /// of its backing file.
+        pub info_of: Mutex<std::collections::HashMap<PathBuf, serde_json::Value>>,
         /// What `convert` writes to its target.
         pub converted: Vec<u8>,
         pub calls: Mutex<Vec<Call>>,
@@ -288,6 +332,7 @@ pub mod fake {
         pub fn new(info: serde_json::Value) -> FakeQemuImg {
             FakeQemuImg {
                 info,
+                info_of: Mutex::new(Default::default()),
                 converted: b"standalone image".to_vec(),
                 calls: Mutex::new(Vec::new()),
             }
@@ -309,7 +354,41 @@ pub mod fake {
                 path: path.to_path_buf(),
                 declared,
             });
+            if let Some(specific) = self.info_of.lock().unwrap().get(path) {
+                return Ok(specific.clone());
+            }
+            // What `rebase_unsafe` wrote into the file, as the real tool
+            // reads it from the image's header.
+            let written = std::fs::read_to_string(path).unwrap_or_default();
+            if let Some(backing) = written
+                .lines()
+                .find_map(|line| line.strip_prefix(BACKING_LINE))
+            {
+                return Ok(serde_json::json!({"format": "qcow2", "backing-filename": backing}));
+            }
             Ok(self.info.clone())
+        }
+
+        async fn rebase_unsafe(
+            &self,
+            image: &Path,
+            backing: &Path,
+            backing_format: &str,
+        ) -> Result<(), StepError> {
+            self.calls.lock().unwrap().push(Call::RebaseUnsafe {
+                image: image.to_path_buf(),
+                backing: backing.to_path_buf(),
+                backing_format: backing_format.to_owned(),
+            });
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(image)
+                .map_err(StepError::failed)?;
+            std::io::Write::write_all(
+                &mut file,
+                format!("\n{BACKING_LINE}{}\n", backing.display()).as_bytes(),
+            )
+            .map_err(StepError::failed)
         }
 
         async fn create_overlay(

@@ -1,8 +1,9 @@
 //! Creates the build's working directory and a copy-on-write disk on top of
 //! the base image, so the base is never written to.
 //!
-//! Uses `state.base`. Produces `state.work_dir` and `state.disk`; cleanup
-//! removes the working directory with everything in it.
+//! Uses `state.base` and `state.cache` (the kept layer to start from).
+//! Produces `state.work_dir` and `state.disk`; cleanup removes the working
+//! directory with everything in it.
 
 use super::QemuState;
 use super::plan::Plan;
@@ -58,17 +59,31 @@ impl Step<QemuState> for StepCreateDisk {
                 StepError::failed(format!("cannot create {}: {err}", work_dir.display()))
             })?;
 
+        // A build resumed from the step cache starts on the kept layer of
+        // its last cached step; one whose every step is kept boots nothing
+        // and exports the store's chain as it is.
+        let start = match state.cache.as_ref() {
+            Some(cache) if cache.fully_cached => None,
+            Some(cache) => Some(match &cache.below {
+                Some(below) => (below.path.clone(), below.format.clone()),
+                None => (base.path.clone(), base.format.clone()),
+            }),
+            None => Some((base.path.clone(), base.format.clone())),
+        };
+        state.work_dir = Some(work_dir.clone());
+        let Some((backing, backing_format)) = start else {
+            return Ok(());
+        };
         let disk = work_dir.join("disk.qcow2");
         let size = self.plan.config.disk_size.as_ref().map(|size| size.bytes());
         state
             .qemu_img
-            .create_overlay(&disk, &base.path, &base.format, size)
+            .create_overlay(&disk, &backing, &backing_format, size)
             .await
             .map_err(|err| err.context("creating the build disk"))?;
         std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).map_err(|err| {
             StepError::failed(format!("cannot make {} private: {err}", disk.display()))
         })?;
-        state.work_dir = Some(work_dir);
         state.disk = Some(disk);
         Ok(())
     }

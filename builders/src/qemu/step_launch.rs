@@ -11,10 +11,12 @@ use super::config::Firmware;
 use super::plan::Plan;
 use super::serial_log;
 use crate::common::process::{self, ProcessIdentity};
-use crate::common::tracked::{record, release};
+use crate::common::tracked::{TrackedPath, record, release};
 use async_trait::async_trait;
 use imgbuild_core::{CleanupOutcome, Resource, ResourceId, Step, StepContext, StepError};
+use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +25,11 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 const STDERR_LINES_KEPT: usize = 30;
+/// The build disk's name in QEMU, for QMP commands on it.
+pub const DRIVE_ID: &str = "disk0";
+/// The longest unix socket path the kernel binds (`sun_path`, 108 bytes
+/// with its terminating zero).
+const SOCKET_PATH_MAX: usize = 107;
 const SERIAL_LINES_SHOWN: usize = 25;
 
 /// A running (or exited) QEMU process.
@@ -33,6 +40,9 @@ pub struct Machine {
     pub identity: ProcessIdentity,
     pub ssh_port: u16,
     pub serial_log: PathBuf,
+    /// QEMU's monitor socket (QMP), when the working directory's path is
+    /// short enough for one.
+    pub qmp: Option<PathBuf>,
     pub started: std::time::Instant,
     exit: watch::Receiver<Option<String>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
@@ -85,6 +95,9 @@ impl Machine {
 pub struct StepLaunch {
     plan: Arc<Plan>,
     process: Option<(ResourceId, Machine)>,
+    /// The monitor socket's own directory, when the working directory's
+    /// path is too long to hold it.
+    monitor_dir: Option<TrackedPath>,
 }
 
 impl StepLaunch {
@@ -92,6 +105,7 @@ impl StepLaunch {
         StepLaunch {
             plan,
             process: None,
+            monitor_dir: None,
         }
     }
 
@@ -101,6 +115,7 @@ impl StepLaunch {
         work_dir: &Path,
         port: u16,
         marker: &str,
+        qmp: Option<&Path>,
     ) -> Result<Vec<String>, StepError> {
         let config = &self.plan.config;
         let disk = state
@@ -126,7 +141,7 @@ impl StepLaunch {
             work_dir.join("qemu.pid").display().to_string(),
             "-drive".into(),
             format!(
-                "file={},if=virtio,format=qcow2,cache=writeback,discard=unmap,detect-zeroes=unmap",
+                "id={DRIVE_ID},file={},if=virtio,format=qcow2,cache=writeback,discard=unmap,detect-zeroes=unmap",
                 disk.display()
             ),
             "-netdev".into(),
@@ -164,9 +179,47 @@ impl StepLaunch {
                 args.extend(["-append".into(), kernel_args.clone()]);
             }
         }
+        if let Some(qmp) = qmp {
+            args.extend([
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", qmp.display()),
+            ]);
+        }
         args.extend(serial_log::qemu_args(&work_dir.join("serial.log")));
         args.extend(config.qemu_args.iter().cloned());
         Ok(args)
+    }
+
+    /// Where QEMU's monitor socket goes: the private working directory, or,
+    /// when that path is too long for a unix socket, a private directory of
+    /// its own under the system's temporary directory. `None` (with a
+    /// warning) when neither fits.
+    fn monitor_socket(
+        &mut self,
+        work_dir: &Path,
+        cx: &StepContext,
+    ) -> Result<Option<PathBuf>, StepError> {
+        let beside = work_dir.join("qmp.sock");
+        if beside.as_os_str().len() <= SOCKET_PATH_MAX {
+            return Ok(Some(beside));
+        }
+        let build = hex::encode(&Sha256::digest(cx.build_name().as_bytes())[..4]);
+        let dir = std::env::temp_dir().join(format!("imgbuild-qmp-{}-{build}", cx.run_id));
+        let socket = dir.join("qmp.sock");
+        if socket.as_os_str().len() > SOCKET_PATH_MAX {
+            cx.log.warn(format!(
+                "{} is too long a path for QEMU's monitor socket: the build keeps no steps in the step cache; a shorter `output_dir` (or TMPDIR) avoids this",
+                beside.display()
+            ));
+            return Ok(None);
+        }
+        let tracked = TrackedPath::dir(cx, dir.clone())?;
+        self.monitor_dir = Some(tracked);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|err| StepError::failed(format!("cannot create {}: {err}", dir.display())))?;
+        Ok(Some(socket))
     }
 
     async fn spawn(
@@ -174,11 +227,16 @@ impl StepLaunch {
         state: &QemuState,
         cx: &StepContext,
         work_dir: &Path,
+        qmp: Option<PathBuf>,
     ) -> Result<Machine, StepError> {
         let port = free_loopback_port()
             .map_err(|err| StepError::failed(format!("cannot find a free loopback port: {err}")))?;
         let marker = format!("imgbuild-{}-{}", cx.run_id, cx.build_name());
-        let args = self.command_line(state, work_dir, port, &marker)?;
+        if let Some(qmp) = &qmp {
+            // A stale socket from an attempt whose QEMU exited at once.
+            let _ = std::fs::remove_file(qmp);
+        }
+        let args = self.command_line(state, work_dir, port, &marker, qmp.as_deref())?;
         let serial = work_dir.join("serial.log");
         serial_log::create(&serial).map_err(|err| {
             StepError::failed(format!("cannot create {}: {err}", serial.display()))
@@ -261,6 +319,7 @@ impl StepLaunch {
             identity,
             ssh_port: port,
             serial_log: serial,
+            qmp,
             started: std::time::Instant::now(),
             exit: exit_rx,
             stderr_tail,
@@ -288,9 +347,10 @@ impl Step<QemuState> for StepLaunch {
             .work_dir
             .clone()
             .ok_or_else(|| StepError::failed("no working directory"))?;
+        let qmp = self.monitor_socket(&work_dir, cx)?;
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
-            let machine = self.spawn(state, cx, &work_dir).await?;
+            let machine = self.spawn(state, cx, &work_dir, qmp.clone()).await?;
             // QEMU fails within milliseconds when the forwarded port was
             // taken in the meantime; anything later is the guest's business.
             let exited = machine.wait_exit(Duration::from_millis(300)).await;
@@ -321,18 +381,59 @@ impl Step<QemuState> for StepLaunch {
         cx: &StepContext,
         _outcome: CleanupOutcome,
     ) -> Result<(), StepError> {
-        let Some((id, machine)) = self.process.take() else {
-            return Ok(());
-        };
-        if !machine.has_exited() {
-            process::terminate(machine.identity, Duration::from_secs(10)).await;
-            if !machine.wait_exit(Duration::from_secs(5)).await {
-                return Err(StepError::failed(format!(
-                    "QEMU (pid {}) did not exit; it stays recorded in the run journal for `imgbuild clean`",
-                    machine.pid
-                )));
+        if let Some((id, machine)) = self.process.take() {
+            if !machine.has_exited() {
+                process::terminate(machine.identity, Duration::from_secs(10)).await;
+                if !machine.wait_exit(Duration::from_secs(5)).await {
+                    return Err(StepError::failed(format!(
+                        "QEMU (pid {}) did not exit; it stays recorded in the run journal for `imgbuild clean`",
+                        machine.pid
+                    )));
+                }
             }
+            release(cx, id)?;
         }
-        release(cx, id)
+        match self.monitor_dir.take() {
+            Some(dir) => dir.remove(cx).await,
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::qemu::plan::tests::plan;
+    use imgbuild_core::CleanupOutcome;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn the_monitor_socket_moves_to_a_private_directory_of_its_own_when_its_path_is_too_long()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Arc::new(plan(serde_json::json!({"base_image": "b.img"}), dir.path()));
+        let t = TestContext::new("vm");
+        let mut step = StepLaunch::new(plan);
+
+        let short = dir.path().join("w");
+        let socket = step.monitor_socket(&short, &t.cx).unwrap();
+        assert_eq!(socket, Some(short.join("qmp.sock")));
+        assert!(step.monitor_dir.is_none());
+
+        let long = dir.path().join("d".repeat(120));
+        let socket = step.monitor_socket(&long, &t.cx).unwrap().unwrap();
+        assert!(socket.as_os_str().len() <= SOCKET_PATH_MAX, "{socket:?}");
+        let own = socket.parent().unwrap().to_path_buf();
+        assert!(own.starts_with(std::env::temp_dir()), "{own:?}");
+        let mode = std::fs::metadata(&own).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // A UnixListener binds there: the path really fits.
+        let _listener = tokio::net::UnixListener::bind(&socket).unwrap();
+
+        step.cleanup(&mut QemuState::default(), &t.cx, CleanupOutcome::Succeeded)
+            .await
+            .unwrap();
+        assert!(!own.exists(), "cleanup removes it");
     }
 }

@@ -6,11 +6,13 @@
 
 use super::QemuState;
 use super::plan::Plan;
+use super::step_cache;
 use super::step_cloud_init::cleanup_script;
 use crate::common::process;
 use async_trait::async_trait;
 use imgbuild_core::{Step, StepContext, StepError, Stream};
 use imgbuild_provisioners::shell::shell_quote;
+use imgbuild_provisioners::ssh::TemporaryKey;
 use imgbuild_provisioners::{CommError, OutputSink};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,12 +27,33 @@ impl StepShutdown {
     }
 }
 
-struct LogLines<'a>(&'a imgbuild_core::BuildLog);
+pub struct LogLines<'a>(pub &'a imgbuild_core::BuildLog);
 
 impl OutputSink for LogLines<'_> {
     fn line(&self, stream: Stream, line: &str) {
         self.0.output(stream, line);
     }
+}
+
+/// A command for the build user that stops trusting `key`.
+pub fn forget_key_command(key: &TemporaryKey) -> String {
+    format!(
+        "f=\"$HOME/.ssh/authorized_keys\"; [ -f \"$f\" ] && grep -vF {} \"$f\" > \"$f.imgbuild\"; [ -f \"$f.imgbuild\" ] && cat \"$f.imgbuild\" > \"$f\" && rm -f \"$f.imgbuild\"; true",
+        shell_quote(
+            key.public_openssh()
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("-")
+        )
+    )
+}
+
+/// A command for the build user that trusts `key` (again).
+pub fn trust_key_command(key: &TemporaryKey) -> String {
+    format!(
+        "mkdir -p \"$HOME/.ssh\" && chmod 700 \"$HOME/.ssh\" && printf '%s\\n' {} >> \"$HOME/.ssh/authorized_keys\" && chmod 600 \"$HOME/.ssh/authorized_keys\"",
+        shell_quote(key.public_openssh())
+    )
 }
 
 #[async_trait]
@@ -50,16 +73,7 @@ impl Step<QemuState> for StepShutdown {
             .ok_or_else(|| StepError::failed("no connection to the VM"))?;
         if let Some(key) = &state.ssh_key {
             // The build's key must not stay trusted in the image it produced.
-            let forget_key = format!(
-                "f=\"$HOME/.ssh/authorized_keys\"; [ -f \"$f\" ] && grep -vF {} \"$f\" > \"$f.imgbuild\"; [ -f \"$f.imgbuild\" ] && cat \"$f.imgbuild\" > \"$f\" && rm -f \"$f.imgbuild\"; true",
-                shell_quote(
-                    key.public_openssh()
-                        .split_whitespace()
-                        .nth(1)
-                        .unwrap_or("-")
-                )
-            );
-            comm.exec(&forget_key, &LogLines(&cx.log))
+            comm.exec(&forget_key_command(key), &LogLines(&cx.log))
                 .await
                 .map_err(|err| {
                     StepError::failed(format!("cannot remove the build key from the image: {err}"))
@@ -96,6 +110,7 @@ impl Step<QemuState> for StepShutdown {
         cx.log.info("the VM powered off");
         // Belt and braces: the pid must not linger as ours.
         process::terminate(machine.identity, Duration::from_secs(1)).await;
+        step_cache::keep_final(state, cx).await;
         Ok(())
     }
 }

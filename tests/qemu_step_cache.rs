@@ -1,0 +1,261 @@
+//! The QEMU step cache end to end, with the real binary, real QEMU and the
+//! cloud-init fixture: a change to the last script boots from the kept
+//! layer of the step before it and runs only that script; an unchanged
+//! build of a new version boots nothing; a bit-flipped layer is detected,
+//! reported and rebuilt. Each artifact, read from its disk, holds every
+//! step's changes and no build's SSH key.
+
+use imgbuild_test_support::{cli::*, common::*};
+use std::path::{Path, PathBuf};
+
+/// Logs in as root, a user the base already has: cloud-init adds the
+/// build's key to root's own `authorized_keys` instead of creating a user
+/// whose removal at the end would take the keys with it.
+fn config(version: &str) -> String {
+    format!(
+        r#"[image]
+name = "layered"
+version = "{version}"
+
+[variables]
+base_image = {{ description = "the cloud-init fixture" }}
+
+[builders.vm]
+type = "qemu"
+base_image = "{{{{ var.base_image }}}}"
+memory = 1024
+cpus = 2
+
+[builders.vm.ssh]
+username = "root"
+timeout = "10m"
+
+[[provision]]
+type = "shell"
+script = "first.sh"
+
+[[provision]]
+type = "shell"
+script = "second.sh"
+
+[[provision]]
+type = "shell"
+script = "third.sh"
+"#
+    )
+}
+
+fn build(workspace: &Workspace, version: &str) -> Outcome {
+    workspace.write("image.toml", &config(version));
+    workspace
+        .imgbuild()
+        .env("IMGBUILD_NO_CACHE", "false")
+        .env("IMGBUILD_CACHE_DIR", workspace.join("steps"))
+        .args(["--output", "json", "build", "image.toml", "--var"])
+        .arg(format!("base_image={}", cloud_vm_image()))
+        .run()
+}
+
+/// Which provisioners ran, by their "provisioner N of M" progress lines.
+fn provisioners_run(outcome: &Outcome) -> Vec<String> {
+    outcome
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.starts_with("provisioner ") && !m.contains(" done in "))
+        .map(|m| m.split(':').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn cached_steps(outcome: &Outcome) -> Option<u64> {
+    outcome
+        .events()
+        .iter()
+        .find(|e| e["event"] == "steps_cached")
+        .and_then(|e| e["steps"].as_u64())
+}
+
+fn steps_started(outcome: &Outcome) -> Vec<String> {
+    outcome
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "step_started")
+        .filter_map(|e| e["step"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn artifact(workspace: &Workspace, version: &str) -> PathBuf {
+    workspace.join(&format!("output/layered-{version}.qcow2"))
+}
+
+/// What the artifact's disk holds: each step's file, and every
+/// `authorized_keys` line a build's temporary key left anywhere.
+fn read_artifact(image: &Path) -> (Vec<String>, Vec<String>) {
+    with_mounted_disk(image, |root| {
+        let steps = ["step-one", "step-two", "step-three"]
+            .iter()
+            .map(|name| {
+                std::fs::read_to_string(root.join("etc").join(name))
+                    .unwrap_or_else(|_| format!("(no /etc/{name})"))
+                    .trim()
+                    .to_owned()
+            })
+            .collect();
+        let mut homes = vec![root.join("root")];
+        if let Ok(entries) = std::fs::read_dir(root.join("home")) {
+            homes.extend(entries.map(|e| e.unwrap().path()));
+        }
+        let keys = homes
+            .iter()
+            .filter_map(|home| std::fs::read_to_string(home.join(".ssh/authorized_keys")).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter(|line| line.contains("imgbuild-temporary-key"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        (steps, keys)
+    })
+}
+
+/// The store's layer kept for provisioner `step` (1-based), by its record.
+fn kept_layer(workspace: &Workspace, step: usize) -> PathBuf {
+    let dir = workspace.join("steps");
+    let prefix = format!("step {step} ");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "json") {
+            let record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            if record["step"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(&prefix)
+            {
+                return dir.join(format!("{}.layer", record["key"].as_str().unwrap()));
+            }
+        }
+    }
+    panic!("no layer of step {step} in {}", dir.display());
+}
+
+fn assert_nothing_left(workspace: &Workspace) {
+    assert!(
+        workspace.qemu_processes().is_empty(),
+        "QEMU processes are left: {:?}",
+        workspace.qemu_processes()
+    );
+    assert!(
+        workspace.journals().is_empty(),
+        "{:?}",
+        workspace.journals()
+    );
+    for dir in ["output", "steps"] {
+        let leftovers: Vec<String> = workspace
+            .files_in(dir)
+            .into_iter()
+            .filter(|name| name.starts_with('.') && name != ".locks")
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "work files left in {dir}/: {leftovers:?}"
+        );
+    }
+}
+
+#[test]
+fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_rebuilds_a_corrupt_layer()
+ {
+    let workspace = Workspace::new();
+    workspace.write("first.sh", "echo one > /etc/step-one\n");
+    workspace.write("second.sh", "echo two > /etc/step-two\n");
+    workspace.write("third.sh", "echo three-a > /etc/step-three\n");
+    let versions: Vec<String> = (0..4).map(|_| unique_version()).collect();
+
+    let first = build(&workspace, &versions[0]).exits_with(EXIT_OK);
+    assert_eq!(
+        provisioners_run(&first),
+        [
+            "provisioner 1 of 3",
+            "provisioner 2 of 3",
+            "provisioner 3 of 3"
+        ]
+    );
+    assert_eq!(cached_steps(&first), None);
+    assert_nothing_left(&workspace);
+
+    // Only the last script changed: the build boots from the layer of step
+    // 2 and runs step 3 alone.
+    workspace.write("third.sh", "echo three-b > /etc/step-three\n");
+    let second = build(&workspace, &versions[1]).exits_with(EXIT_OK);
+    assert_eq!(cached_steps(&second), Some(2), "{}", second.stdout);
+    assert_eq!(provisioners_run(&second), ["provisioner 3 of 3"]);
+    assert_nothing_left(&workspace);
+    let (steps, keys) = read_artifact(&artifact(&workspace, &versions[1]));
+    assert_eq!(steps, ["one", "two", "three-b"]);
+    assert!(keys.is_empty(), "a build's key is still trusted: {keys:?}");
+
+    // Unchanged but for the version: nothing boots, the artifact is made
+    // from the kept layers.
+    let third = build(&workspace, &versions[2]).exits_with(EXIT_OK);
+    assert_eq!(cached_steps(&third), Some(3), "{}", third.stdout);
+    assert!(provisioners_run(&third).is_empty());
+    let started = steps_started(&third);
+    for booting in [
+        "cloud_init_seed",
+        "launch",
+        "connect",
+        "provision",
+        "shutdown",
+    ] {
+        assert!(
+            !started.iter().any(|step| step == booting),
+            "{booting} ran: {started:?}"
+        );
+    }
+    assert!(started.iter().any(|step| step == "export"), "{started:?}");
+    assert_nothing_left(&workspace);
+    let image = artifact(&workspace, &versions[2]);
+    let (steps, keys) = read_artifact(&image);
+    assert_eq!(steps, ["one", "two", "three-b"]);
+    assert!(keys.is_empty(), "{keys:?}");
+    assert_eq!(
+        workspace.read(&format!("output/layered-{}.qcow2.sha256", versions[2])),
+        format!("{}  layered-{}.qcow2\n", sha256_of(&image), versions[2])
+    );
+    let entry = workspace.manifest()["builds"]
+        .as_array()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
+    assert_eq!(entry["image"]["version"], versions[2].as_str());
+    assert_eq!(entry["files"][0]["sha256"], sha256_of(&image));
+
+    // A flipped bit in the layer of step 2 is found, reported and that
+    // layer is rebuilt on top of the (sound) layer of step 1.
+    let layer = kept_layer(&workspace, 2);
+    let mut bytes = std::fs::read(&layer).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&layer, bytes).unwrap();
+    let fourth = build(&workspace, &versions[3]).exits_with(EXIT_OK);
+    assert_eq!(cached_steps(&fourth), Some(1), "{}", fourth.stdout);
+    assert_eq!(
+        provisioners_run(&fourth),
+        ["provisioner 2 of 3", "provisioner 3 of 3"]
+    );
+    let warnings: Vec<String> = fourth
+        .events()
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+        .filter(|m| m.contains("corrupt"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", fourth.stdout);
+    assert_nothing_left(&workspace);
+    let (steps, keys) = read_artifact(&artifact(&workspace, &versions[3]));
+    assert_eq!(steps, ["one", "two", "three-b"]);
+    assert!(keys.is_empty(), "{keys:?}");
+}
