@@ -32,7 +32,7 @@ import sampler  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-SCENARIOS = ["qemu", "docker", "ec2", "upload", "parallel"]
+SCENARIOS = ["qemu", "docker", "ec2", "upload", "parallel", "cache"]
 TOOLS = ["imgbuild", "packer"]
 FIXTURE_PASSWORD = "fixture-password"
 MOTO_REGION = "us-east-1"
@@ -197,6 +197,12 @@ def read_from_disk(image: Path, inside: str, scratch: Path) -> str:
     like the fixture), read from a read-only loop mount without booting it:
     what the image really holds. Needs root, like the rest of the benchmark.
     Mirrors `with_mounted_disk` of tests/support."""
+    return read_files_from_disk(image, [inside], scratch)[inside]
+
+
+def read_files_from_disk(image: Path, paths: list[str], scratch: Path) -> dict[str, str]:
+    """{path: its text, or "unreadable: ..."} for each of `paths` inside the
+    image, from one mount (see read_from_disk)."""
     scratch.mkdir(parents=True, exist_ok=True)
     raw = scratch / "disk.raw"
     root = scratch / "root"
@@ -214,7 +220,13 @@ def read_from_disk(image: Path, inside: str, scratch: Path) -> str:
         loop = sh(["losetup", "--find", "--show", "--read-only", "--offset", str(start * 512), str(raw)])
         sh(["mount", "-o", "ro,noload", loop, str(root)])
         try:
-            return (root / inside.lstrip("/")).read_text()
+            out = {}
+            for inside in paths:
+                try:
+                    out[inside] = (root / inside.lstrip("/")).read_text()
+                except OSError as err:
+                    out[inside] = f"unreadable: {err}"
+            return out
         finally:
             sh(["umount", str(root)], check=False)
     finally:
@@ -272,6 +284,8 @@ class Env:
         self.payload_vm = self.work / "payload-64MiB.bin"
         self.payload_container = self.work / "payload-256MiB.bin"
         self.versions = {}
+        # cache scenario: the work digest each build's first image held.
+        self.cache_digests = {}
 
     # -- setup ---------------------------------------------------------------
 
@@ -307,16 +321,16 @@ class Env:
             "docker": sh(["docker", "version", "--format", "{{.Server.Version}}"], check=False),
             "openssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
         }
-        if wanted & {"qemu", "upload", "parallel", "scp"}:
+        if wanted & {"qemu", "upload", "parallel", "scp", "cache"}:
             self.base_image = Path(sh(["bash", "tests/fixtures/base-vm-image.sh"], cwd=ROOT))
             self.base_sha256 = self.cached_sha256(self.base_image)
             # Both tools read the base image: start both with it in the page cache.
             with open(self.base_image, "rb") as f:
                 while f.read(1 << 24):
                     pass
-        if wanted & {"docker", "upload", "parallel", "ec2"}:
+        if wanted & {"docker", "upload", "parallel", "ec2", "cache"}:
             sh(["bash", ".ci/start-dockerd.sh"], cwd=ROOT, capture=False)
-        if wanted & {"docker", "upload", "parallel"}:
+        if wanted & {"docker", "upload", "parallel", "cache"}:
             self.docker_image = sh(["bash", "tests/fixtures/docker-base-image.sh"], cwd=ROOT)
         if wanted & {"ec2", "parallel"}:
             self.start_moto()
@@ -396,11 +410,11 @@ class Env:
 
     def variables(self, scenario: str, tool: str, version: str, out: Path) -> dict:
         v = {}
-        if scenario in ("qemu", "upload", "parallel"):
+        if scenario in ("qemu", "upload", "parallel", "cache"):
             v.update(base_image=str(self.base_image), base_sha256=self.base_sha256, output_dir=str(out / "output"))
             if tool == "packer":
                 v["serial_log"] = str(out / "serial.log")
-        if scenario in ("docker", "upload", "parallel"):
+        if scenario in ("docker", "upload", "parallel", "cache"):
             key = "base_image" if scenario == "docker" else "docker_image"
             v[key] = self.docker_image
             v["repository"] = f"bench-{scenario}-{tool}"
@@ -418,13 +432,17 @@ class Env:
         v["version"] = version
         return v
 
-    def command(self, scenario: str, tool: str, version: str, out: Path):
-        sdir = BENCH / "scenarios" / scenario
+    def command(self, scenario: str, tool: str, version: str, out: Path, *, sdir: Path | None = None,
+                manifest: Path | None = None, extra: tuple = ()):
+        """The tool's command line and environment. `sdir`: the scenario's
+        directory (default: the committed one); `manifest`: imgbuild's
+        (default: one per run in `out`); `extra`: more arguments for build."""
+        sdir = sdir or BENCH / "scenarios" / scenario
         v = self.variables(scenario, tool, version, out)
         env = self.aws_env(dict(os.environ))
         if tool == "imgbuild":
             argv = [str(self.imgbuild), "build", "--output", "json", "-v", "--color", "never",
-                    "--manifest", str(out / "manifest.json")]
+                    "--manifest", str(manifest or out / "manifest.json"), *extra]
             if scenario == "upload":
                 argv += ["--parallel", "1"]
             for k, val in v.items():
@@ -432,8 +450,12 @@ class Env:
             argv.append(str(sdir / "imgbuild.toml"))
             env["IMGBUILD_STATE_DIR"] = str(self.work / "imgbuild-state")
             env["NO_COLOR"] = "1"
+            # The step cache is on by default: every scenario but `cache`
+            # measures a whole build, as Packer does one, so none of its runs
+            # may start from steps an earlier run kept.
+            env["IMGBUILD_NO_CACHE"] = "false" if scenario == "cache" else "true"
         else:
-            argv = ["packer", "build", "-color=false"]
+            argv = ["packer", "build", "-color=false", *extra]
             if scenario == "upload":
                 argv.append("-parallel-builds=1")
             for k, val in v.items():
@@ -608,31 +630,9 @@ def run_once(env: Env, scenario: str, tool: str, index: int, order: int) -> dict
         env.reset_moto()
         env.clear_target()
     argv, penv, v = env.command(scenario, tool, version, out)
-    (out / "command.txt").write_text(" ".join(map(str, argv)) + "\n")
-    load0 = loadavg()
-    busy0, total0 = cpu_times()
-    engine0 = cpu_of_comms(ENGINE_COMMS)
-    moto0 = cpu_of_pid(env.moto.pid())
     log(f"{scenario}: {tool} run {index} ...")
-    res = sampler.run(argv, cwd=str(out), env=penv, log_path=out / "output.log",
-                      interval=env.args.interval, timeout=env.args.timeout)
-    busy1, total1 = cpu_times()
-    record = {
-        "tool": tool,
-        "run": index,
-        "order": order,
-        "version": version,
-        **res.to_json(),
-        # The footprint: PSS summed over the tool's processes, but never less
-        # than the exact high-water mark of its largest process.
-        "peak_mem_mib": round(max(res.own_peak_pss, res.own_max_hwm) / 2**20, 2),
-        "loadavg_start": load0,
-        "loadavg_end": loadavg(),
-        "machine_cpu_busy_pct": round(100 * (busy1 - busy0) / max(1, total1 - total0), 1),
-        "engine_cpu_s": round(cpu_of_comms(ENGINE_COMMS) - engine0, 3),
-        "moto_cpu_s": round(cpu_of_pid(env.moto.pid()) - moto0, 3),
-        "log": str(out / "output.log"),
-    }
+    res, record = measure(env, argv, penv, out)
+    record = {"tool": tool, "run": index, "order": order, "version": version, **record}
     if tool == "imgbuild":
         steps, marks, errors = parse_imgbuild(res.lines)
         record["steps"] = steps
@@ -662,6 +662,32 @@ def run_once(env: Env, scenario: str, tool: str, index: int, order: int) -> dict
     log(f"{scenario}: {tool} run {index}: {res.wall_s:.1f} s wall, {res.own_cpu_s:.2f} s CPU, "
         f"{record['peak_mem_mib']:.1f} MiB peak, load {load0[0]:.1f} -> {record['loadavg_end'][0]:.1f}: {status}")
     return record
+
+
+def measure(env: Env, argv, penv, out: Path):
+    """Runs one tool command in `out`, sampled: (the sampler's result, the
+    record of what it cost)."""
+    (out / "command.txt").write_text(" ".join(map(str, argv)) + "\n")
+    load0 = loadavg()
+    busy0, total0 = cpu_times()
+    engine0 = cpu_of_comms(ENGINE_COMMS)
+    moto0 = cpu_of_pid(env.moto.pid())
+    res = sampler.run(argv, cwd=str(out), env=penv, log_path=out / "output.log",
+                      interval=env.args.interval, timeout=env.args.timeout)
+    busy1, total1 = cpu_times()
+    record = {
+        **res.to_json(),
+        # The footprint: PSS summed over the tool's processes, but never less
+        # than the exact high-water mark of its largest process.
+        "peak_mem_mib": round(max(res.own_peak_pss, res.own_max_hwm) / 2**20, 2),
+        "loadavg_start": load0,
+        "loadavg_end": loadavg(),
+        "machine_cpu_busy_pct": round(100 * (busy1 - busy0) / max(1, total1 - total0), 1),
+        "engine_cpu_s": round(cpu_of_comms(ENGINE_COMMS) - engine0, 3),
+        "moto_cpu_s": round(cpu_of_pid(env.moto.pid()) - moto0, 3),
+        "log": str(out / "output.log"),
+    }
+    return res, record
 
 
 def summarize(records: list[dict]) -> dict:
@@ -697,6 +723,9 @@ def run_guarded(env: Env, scenario: str, tool: str, index: int, order: int) -> d
 
 def run_scenarios(env: Env, results: dict) -> dict:
     for scenario in env.args.scenario:
+        if scenario == "cache":
+            run_cache(env, results)
+            continue
         records = {t: [] for t in TOOLS}
         for i in range(1, env.args.runs + 1):
             # Alternate who goes first, so neither tool always meets a
@@ -727,6 +756,323 @@ def ratios(summary: dict) -> dict:
             ta, tb = a["transfer_s"].get(build), b["transfer_s"].get(build)
             # Throughput ratio: Packer's transfer time over imgbuild's.
             out[f"upload_{build}_throughput"] = r(tb, ta) if ta and ta > 0 else None
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The `cache` scenario: per builder, a sequence of builds by each tool
+# ---------------------------------------------------------------------------
+
+# The builds of bench/scenarios/cache, in the order they run, and the
+# phases each goes through. Packer has no `cached` phase: with no cache it
+# does the same full rebuild as in `unchanged`, which stands for it there.
+CACHE_PHASES = {
+    "container": ["scratch", "changed", "unchanged"],
+    "vm": ["scratch", "changed", "unchanged", "cached"],
+}
+CACHE_BUILDER = {"container": "docker", "vm": "qemu"}
+# The revision finish.sh writes in each phase: `changed` edits it.
+PHASE_REVISION = {"scratch": 1, "changed": 2, "unchanged": 2, "cached": 2}
+WORK_FILE = "/var/lib/bench/work.sha256"
+CACHE_REPOSITORY = "imgbuild-cache"
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def cache_release(tool: str, revision: int) -> str:
+    return f"bench image built by {tool}\nrevision {revision}\n"
+
+
+def set_revision(sdir: Path, revision: int) -> None:
+    """Changes the last step only: the REVISION line of finish.sh in the copy."""
+    script = sdir / "scripts" / "finish.sh"
+    text = script.read_text()
+    new = re.sub(r"^REVISION=\d+$", f"REVISION={revision}", text, count=1, flags=re.M)
+    if new == text and f"REVISION={revision}\n" not in text:
+        raise RuntimeError(f"{script} has no REVISION= line to change")
+    script.write_text(new)
+
+
+def manifest_keys(manifest: Path) -> set[str]:
+    """Every step key a manifest records (any 64-hex `key`, wherever it sits)."""
+    try:
+        doc = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return set()
+    keys = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, val in node.items():
+                if k == "key" and isinstance(val, str) and HEX64.match(val):
+                    keys.add(val)
+                else:
+                    walk(val)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(doc)
+    return keys
+
+
+def remove_cache_images(keys) -> int:
+    """Removes the Docker step cache's images for `keys` (and only those: the
+    tests share the engine and keep their own). Returns how many went."""
+    removed = 0
+    for key in sorted(keys):
+        ref = f"{CACHE_REPOSITORY}:{key}"
+        if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode == 0:
+            subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)
+            removed += 1
+    return removed
+
+
+def parse_cache_events(lines) -> dict:
+    """What imgbuild's JSON events say about the cache: how many steps it
+    started past (`steps_cached`), which provisioners ran, and the version
+    that stood instead of a build (`build_skipped`)."""
+    out = {"steps_cached": 0, "provisioners_run": [], "skipped_for": None}
+    for _, text in lines:
+        try:
+            ev = json.loads(text)
+        except ValueError:
+            continue
+        if not isinstance(ev, dict):
+            continue
+        kind = ev.get("event")
+        if kind == "steps_cached":
+            out["steps_cached"] = ev.get("steps", 0)
+        elif kind == "build_skipped":
+            out["skipped_for"] = ev.get("version")
+        elif kind == "message":
+            m = ev.get("message", "")
+            if m.startswith("provisioner ") and " done in " not in m:
+                out["provisioners_run"].append(m.split(":")[0])
+    return out
+
+
+class CacheRun:
+    """One tool's side of one run of one build: its copy of the scenario
+    (which `changed` edits), its manifest, step cache and outputs, kept
+    across the phases."""
+
+    def __init__(self, env: Env, build: str, tool: str, index: int):
+        self.build, self.tool = build, tool
+        self.work = env.run_dir / "cache" / f"{build}-{index}" / tool
+        self.sdir = self.work / "scenario"
+        shutil.copytree(BENCH / "scenarios" / "cache", self.sdir)
+        self.manifest = self.work / "manifest.json"
+        self.cache_dir = self.work / "steps"
+        self.cache_dir.mkdir(parents=True)
+        self.versions = []
+
+
+def check_cache_phase(env: Env, run: CacheRun, phase: str, v: dict, imgbuild_events: dict | None) -> tuple[list, list, str | None]:
+    """(problems with what the build made, expectations of the cache it did
+    not meet, the work digest the image holds). Problems fail the run;
+    unmet cache expectations are reported beside its timing, which still
+    says what the build cost."""
+    problems, unmet, digest = [], [], None
+    build, tool = run.build, run.tool
+    skipping = tool == "imgbuild" and phase == "unchanged"
+    want_release = cache_release(tool, PHASE_REVISION[phase])
+    files = {}
+    if build == "vm":
+        outdir = Path(v["output_dir"]) / v["version"]
+        images = list(outdir.glob("*.qcow2")) if outdir.exists() else []
+        if skipping:
+            if images:
+                problems.append(f"a skipped build wrote {images[0]}")
+        else:
+            sums = list(outdir.glob("*.sha256")) if outdir.exists() else []
+            if len(images) != 1 or len(sums) != 1:
+                problems.append(f"{len(images)} qcow2 and {len(sums)} .sha256 files in {outdir}, not 1 and 1")
+            for img in images[:1]:
+                info = json.loads(sh(["qemu-img", "info", "--output", "json", str(img)]))
+                if info.get("format") != "qcow2" or info.get("backing-filename"):
+                    problems.append(f"{img} is {info.get('format')} with backing file {info.get('backing-filename')}")
+                if len(sums) == 1 and (sums[0].read_text().split() or [""])[0] != sha256_of(img):
+                    problems.append(f"{sums[0]} is not the sha256 of {img.name}")
+                try:
+                    files = read_files_from_disk(img, [RELEASE_FILE, WORK_FILE], run.work / "disk-check")
+                except Exception as err:  # noqa: BLE001 - a failed check, not a crash
+                    problems.append(f"{img.name} unreadable: {err}")
+    else:
+        ref = f"{v['repository']}:{v['version']}"
+        exists = subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode == 0
+        if skipping:
+            if exists:
+                problems.append(f"a skipped build made the image {ref}")
+        elif not exists:
+            problems.append(f"no Docker image {ref}")
+        else:
+            for path in (RELEASE_FILE, WORK_FILE):
+                res = subprocess.run(["docker", "run", "--rm", "--entrypoint", "cat", ref, path],
+                                     capture_output=True, text=True)
+                files[path] = res.stdout if res.returncode == 0 else f"unreadable: {res.stderr.strip()}"
+    if files:
+        if files.get(RELEASE_FILE) != want_release:
+            problems.append(f"{RELEASE_FILE} is {files.get(RELEASE_FILE)!r}, not {want_release!r}")
+        digest = (files.get(WORK_FILE) or "").strip()
+        if not HEX64.match(digest):
+            problems.append(f"{WORK_FILE} is {files.get(WORK_FILE)!r}, not a SHA-256")
+            digest = None
+    if imgbuild_events is not None:
+        ev = imgbuild_events
+        steps = 2
+        if phase == "scratch" and ev["steps_cached"]:
+            unmet.append(f"started past {ev['steps_cached']} cached steps: the cache was not empty")
+        if phase == "changed":
+            if ev["steps_cached"] != steps - 1:
+                unmet.append(f"{ev['steps_cached']} steps cached, not {steps - 1}")
+            if ev["provisioners_run"] != [f"provisioner {steps} of {steps}"]:
+                unmet.append(f"ran {ev['provisioners_run'] or 'no provisioner'}, not only the last")
+        if phase == "unchanged" and ev["skipped_for"] != (run.versions[-1] if run.versions else None):
+            unmet.append(f"not skipped for the previous version (build_skipped names {ev['skipped_for']})")
+        if phase == "cached":
+            if ev["steps_cached"] != steps or ev["provisioners_run"]:
+                unmet.append(f"{ev['steps_cached']} steps cached, ran {ev['provisioners_run']}: not fully cached")
+    return problems, unmet, digest
+
+
+def run_cache_phase(env: Env, run: CacheRun, phase: str, index: int, order: int) -> dict:
+    build, tool = run.build, run.tool
+    version = f"{env.stamp.lower()}.{index}.{phase}"
+    out = run.work / phase
+    out.mkdir(parents=True, exist_ok=True)
+    if tool == "imgbuild":
+        extra = ["--only", build] + (["--skip-unchanged"] if phase == "unchanged" else [])
+    else:
+        extra = [f"-only={build}"]
+    # The outputs go under one directory per tool (a version below it), so
+    # nothing but the version differs between the phases' inputs.
+    argv, penv, v = env.command("cache", tool, version, run.work, sdir=run.sdir, manifest=run.manifest,
+                                extra=tuple(extra))
+    if tool == "imgbuild":
+        penv["IMGBUILD_CACHE_DIR"] = str(run.cache_dir)
+    log(f"cache/{build}: {tool} {phase} (run {index}) ...")
+    res, record = measure(env, argv, penv, out)
+    record = {"tool": tool, "build": build, "phase": phase, "run": index, "order": order,
+              "version": version, **record}
+    events = None
+    if tool == "imgbuild":
+        steps, _, errors = parse_imgbuild(res.lines)
+        events = parse_cache_events(res.lines)
+        record.update(steps=steps, cache=events)
+        if errors:
+            record["errors"] = errors
+    else:
+        timeline, _ = parse_packer(res.lines)
+        record.update(timeline=timeline, phases=phases_from_timeline(timeline, res.wall_s))
+    # Whether a VM ran at all (a fully cached QEMU build boots none).
+    record["booted_vm"] = any(k.startswith("qemu-system") for k in res.to_json()["external"])
+    problems = []
+    if res.returncode != 0:
+        problems.append(f"exit code {res.returncode}")
+        record["log_tail"] = [text for _, text in res.lines[-15:]]
+    if res.timed_out:
+        problems.append("timed out")
+    if res.returncode == 0:
+        found, unmet, digest = check_cache_phase(env, run, phase, v, events)
+        problems += found
+        if unmet:
+            record["cache_unmet"] = unmet
+        if digest:
+            record["work_digest"] = digest
+            first = env.cache_digests.setdefault(build, digest)
+            if digest != first:
+                problems.append(f"{WORK_FILE} holds {digest}, another build of {build} {first}: the work is not the same")
+        if not (tool == "imgbuild" and phase == "unchanged"):
+            run.versions.append(version)
+    record["ok"] = not problems
+    if problems:
+        record["problems"] = problems
+    # What the phase made: checked, so gone (the next phase makes its own).
+    subprocess.run(["docker", "rmi", "-f", f"{v['repository']}:{version}"], capture_output=True)
+    shutil.rmtree(Path(v["output_dir"]) / version, ignore_errors=True)
+    status = "ok" if record["ok"] else "FAILED: " + "; ".join(problems)
+    if record.get("cache_unmet"):
+        status += " (cache: " + "; ".join(record["cache_unmet"]) + ")"
+    log(f"cache/{build}: {tool} {phase} (run {index}): {res.wall_s:.2f} s wall, {res.own_cpu_s:.2f} s CPU, "
+        f"{record['peak_mem_mib']:.1f} MiB peak: {status}")
+    return record
+
+
+def run_cache_phase_guarded(env: Env, run: CacheRun, phase: str, index: int, order: int) -> dict:
+    try:
+        return run_cache_phase(env, run, phase, index, order)
+    except Exception as err:  # noqa: BLE001 - one broken run must not end the benchmark
+        log(f"cache/{run.build}: {run.tool} {phase} (run {index}): bench error: {err}")
+        return {"tool": run.tool, "build": run.build, "phase": phase, "run": index, "order": order, "ok": False,
+                "problems": [f"bench error: {err}"], "wall_s": None, "own_cpu_s": None, "peak_mem_mib": None,
+                "external_cpu_s": None, "engine_cpu_s": None, "loadavg_start": loadavg(), "loadavg_end": loadavg()}
+
+
+def run_cache(env: Env, results: dict) -> None:
+    """Per build and run: both tools from scratch, then both after the same
+    change to the last script, then both unchanged with a new version
+    (imgbuild with --skip-unchanged), then (QEMU) imgbuild fully cached with
+    a new version. Who goes first alternates between runs."""
+    records = {b: {t: {p: [] for p in CACHE_PHASES[b] if not (t == "packer" and p == "cached")}
+                   for t in TOOLS} for b in CACHE_PHASES}
+    leftovers = set()
+    for manifest in (env.work / "runs").glob("*/cache/*/imgbuild/manifest.json"):
+        leftovers |= manifest_keys(manifest)
+    if remove_cache_images(leftovers):
+        log("cache: removed step images earlier runs left in the engine")
+    for build in CACHE_PHASES:
+        for i in range(1, env.args.runs + 1):
+            order = TOOLS if i % 2 == 1 else list(reversed(TOOLS))
+            runs = {t: CacheRun(env, build, t, i) for t in TOOLS}
+            try:
+                for phase in CACHE_PHASES[build]:
+                    if phase == "changed":
+                        for run in runs.values():
+                            set_revision(run.sdir, PHASE_REVISION[phase])
+                    for pos, tool in enumerate(order):
+                        if tool == "packer" and phase == "cached":
+                            continue
+                        records[build][tool][phase].append(run_cache_phase_guarded(env, runs[tool], phase, i, pos))
+                        time.sleep(env.args.pause)
+            finally:
+                # The step cache this run filled: its layers, its images.
+                remove_cache_images(manifest_keys(runs["imgbuild"].manifest))
+                for run in runs.values():
+                    shutil.rmtree(run.cache_dir, ignore_errors=True)
+                    shutil.rmtree(run.work / "output", ignore_errors=True)
+        summary = {t: {p: summarize(recs) for p, recs in records[build][t].items()} for t in TOOLS}
+        for t in TOOLS:
+            for p, recs in records[build][t].items():
+                unmet = sorted({u for r in recs for u in r.get("cache_unmet", [])})
+                if unmet:
+                    summary[t][p]["cache_unmet"] = unmet
+        results.setdefault("cache", {"kind": "phases", "builds": {}})["builds"][build] = {
+            "builder": CACHE_BUILDER[build],
+            "records": records[build],
+            "summary": summary,
+            "ratios": cache_ratios(build, summary),
+        }
+        report.write_partial(env, results)
+
+
+def cache_ratios(build: str, summary: dict) -> dict:
+    """Per phase: imgbuild's median wall over its own from-scratch one, and
+    over Packer's doing the same (for `cached`, Packer's `unchanged`: the
+    same full rebuild)."""
+
+    def r(x, y):
+        return round(x / y, 3) if x is not None and y not in (None, 0) else None
+
+    img, pk = summary["imgbuild"], summary["packer"]
+    scratch = img["scratch"]["wall_s"]
+    out = {}
+    for phase in CACHE_PHASES[build]:
+        packer_phase = "unchanged" if phase == "cached" else phase
+        out[phase] = {
+            "vs_scratch": r(img[phase]["wall_s"], scratch),
+            "vs_packer": r(img[phase]["wall_s"], pk[packer_phase]["wall_s"]),
+            "packer_vs_scratch": r(pk[packer_phase]["wall_s"], pk["scratch"]["wall_s"]),
+        }
     return out
 
 

@@ -22,6 +22,86 @@ WALL_TARGETS = [
 ]
 
 
+# The `cache` scenario (issue 9): (build, phase, limit, text) on imgbuild's
+# wall time in that phase over its own from-scratch build of the same run.
+CACHE_TARGETS = [
+    ("container", "changed", 0.2, "cache, Docker: rebuild after a last-step change <= 0.2x from scratch"),
+    ("vm", "changed", 0.35, "cache, QEMU: rebuild after a last-step change <= 0.35x from scratch"),
+    ("vm", "cached", 0.15, "cache, QEMU: fully cached new version (no boot) <= 0.15x from scratch"),
+]
+# An unchanged build with --skip-unchanged, every builder: seconds of wall
+# time (the issue states this one as an absolute bound).
+SKIP_LIMIT_S = 1.0
+CACHE_BUILD_LABEL = {"container": "Docker", "vm": "QEMU"}
+PHASE_LABEL = {
+    "scratch": "from scratch",
+    "changed": "last step changed",
+    "unchanged": "unchanged, new version",
+    "cached": "fully cached, new version",
+}
+
+
+def _is_phases(data: dict) -> bool:
+    return data.get("kind") == "phases"
+
+
+def _records(data: dict):
+    """Every run record of a scenario, whatever its shape."""
+    if _is_phases(data):
+        for build in data["builds"].values():
+            for phases in build["records"].values():
+                for recs in phases.values():
+                    yield from recs
+    else:
+        for recs in data["records"].values():
+            yield from recs
+
+
+def _imgbuild_max_mem(data: dict):
+    if _is_phases(data):
+        values = [s.get("max_peak_mem_mib") for b in data["builds"].values() for s in b["summary"]["imgbuild"].values()]
+    else:
+        values = [data["summary"]["imgbuild"].get("max_peak_mem_mib")]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def _cache_targets(data: dict) -> list[dict]:
+    targets = []
+    builds = data["builds"]
+    for build, phase, limit, text in CACHE_TARGETS:
+        if build not in builds:
+            continue
+        b = builds[build]
+        value = b["ratios"].get(phase, {}).get("vs_scratch")
+        notes = []
+        img = b["summary"]["imgbuild"]
+        for ph in ("scratch", phase):
+            if img.get(ph, {}).get("failure"):
+                notes.append(f"imgbuild {ph} failed: {img[ph]['failure']}")
+            if img.get(ph, {}).get("cache_unmet"):
+                notes.append(f"imgbuild {ph}: {'; '.join(img[ph]['cache_unmet'])}")
+        vs_packer = b["ratios"].get(phase, {}).get("vs_packer")
+        if vs_packer is not None:
+            notes.insert(0, f"{vs_packer:.3g}x Packer's")
+        targets.append(_target(text, value, limit, None if value is None else value <= limit, "; ".join(notes)))
+    for build, b in builds.items():
+        s = b["summary"]["imgbuild"].get("unchanged")
+        if not s:
+            continue
+        value = s.get("wall_s")
+        notes = [f"{b['ratios']['unchanged']['vs_packer']:.3g}x Packer's full rebuild"] \
+            if b["ratios"].get("unchanged", {}).get("vs_packer") is not None else []
+        if s.get("failure"):
+            notes.append(f"failed: {s['failure']}")
+        if s.get("cache_unmet"):
+            notes.append("; ".join(s["cache_unmet"]))
+        targets.append(_target(
+            f"cache, {CACHE_BUILD_LABEL.get(build, build)}: unchanged with --skip-unchanged < {SKIP_LIMIT_S:g} s (wall)",
+            value, SKIP_LIMIT_S, None if value is None else value < SKIP_LIMIT_S, "; ".join(notes)))
+    return targets
+
+
 def _target(name, value, limit, met, detail=""):
     return {
         "target": name,
@@ -34,6 +114,8 @@ def _target(name, value, limit, met, detail=""):
 
 def evaluate(scenarios: dict, scp: dict | None, micro: dict | None) -> list[dict]:
     targets = []
+    if "cache" in scenarios and _is_phases(scenarios["cache"]):
+        targets += _cache_targets(scenarios["cache"])
     for scenario, limit, text in WALL_TARGETS:
         if scenario not in scenarios:
             continue
@@ -79,7 +161,7 @@ def evaluate(scenarios: dict, scp: dict | None, micro: dict | None) -> list[dict
     worst = None
     where = ""
     for scenario, data in scenarios.items():
-        m = data["summary"]["imgbuild"].get("max_peak_mem_mib")
+        m = _imgbuild_max_mem(data)
         if m is not None and (worst is None or m > worst):
             worst, where = m, scenario
     if worst is not None:
@@ -98,10 +180,9 @@ def evaluate(scenarios: dict, scp: dict | None, micro: dict | None) -> list[dict
 def build(env, scenarios, scp, micro, load_start, started) -> dict:
     loads = []
     for data in scenarios.values():
-        for recs in data["records"].values():
-            for r in recs:
-                loads.append(r["loadavg_start"][0])
-                loads.append(r["loadavg_end"][0])
+        for r in _records(data):
+            loads.append(r["loadavg_start"][0])
+            loads.append(r["loadavg_end"][0])
     doc = {
         "format_version": 1,
         "timestamp": env.stamp,
@@ -157,10 +238,13 @@ def table(doc: dict) -> str:
         f"{'scenario':<9} {'tool':<9} {'ok':>4} {'wall s':>8} {'CPU s':>7} {'peak MiB':>9} "
         f"{'ext CPU s':>10} {'engine s':>9}   {'wall':>5} {'CPU':>5} {'mem':>5}"
     )
-    lines.append(head)
-    lines.append(f"{'':<62}ratio imgbuild/Packer (medians)")
-    lines.append("-" * len(head))
+    if any(not _is_phases(data) for data in doc["scenarios"].values()):
+        lines.append(head)
+        lines.append(f"{'':<62}ratio imgbuild/Packer (medians)")
+        lines.append("-" * len(head))
     for name, data in doc["scenarios"].items():
+        if _is_phases(data):
+            continue
         for i, tool in enumerate(("imgbuild", "packer")):
             s = data["summary"][tool]
             row = (
@@ -174,6 +258,9 @@ def table(doc: dict) -> str:
             lines.append(row)
             if s.get("failure"):
                 lines.append(f"{'':<20}failed: {'; '.join(map(str, s['failure']))[:200]}")
+    if "cache" in doc["scenarios"] and _is_phases(doc["scenarios"]["cache"]):
+        lines.append("")
+        lines += _cache_table(doc["scenarios"]["cache"])
     if "upload" in doc["scenarios"]:
         up = doc["scenarios"]["upload"]["summary"]
         lines.append("")
@@ -221,6 +308,40 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _cache_table(data: dict) -> list[str]:
+    lines = ["cache scenario (median wall s; imgbuild over its own from-scratch build, and over Packer doing the same):"]
+    head = (f"  {'build':<18} {'phase':<26} {'ok':<5} {'imgbuild s':>10} {'Packer s':>9} {'/scratch':>9} "
+            f"{'/Packer':>8}  imgbuild did")
+    lines.append(head)
+    for build, b in data["builds"].items():
+        img, pk = b["summary"]["imgbuild"], b["summary"]["packer"]
+        for i, (phase, s) in enumerate(img.items()):
+            p = pk.get("unchanged" if phase == "cached" else phase, {})
+            r = b["ratios"].get(phase, {})
+            did = []
+            recs = [rec for rec in b["records"]["imgbuild"][phase] if rec.get("ok")]
+            if recs:
+                ev = recs[-1].get("cache") or {}
+                if ev.get("skipped_for"):
+                    did.append(f"skipped: {ev['skipped_for']} stands")
+                else:
+                    did.append(f"{ev.get('steps_cached', 0)} steps cached, ran {len(ev.get('provisioners_run', []))}")
+                    if build == "vm":
+                        did.append("VM booted" if recs[-1].get("booted_vm") else "no VM")
+            if s.get("cache_unmet"):
+                did.append("UNMET: " + "; ".join(s["cache_unmet"]))
+            if s.get("failure"):
+                did.append("failed: " + "; ".join(map(str, s["failure"]))[:160])
+            label = f"{CACHE_BUILD_LABEL.get(build, build)} ({build})" if i == 0 else ""
+            lines.append(
+                f"  {label:<18} {PHASE_LABEL.get(phase, phase):<26} {str(s['ok_runs']) + '/' + str(s['runs']):<5}"
+                f"{_fmt(s['wall_s'], 10, 2)} {_fmt(p.get('wall_s'), 9, 2)} {_fmt(r.get('vs_scratch'), 9, 3)} "
+                f"{_fmt(r.get('vs_packer'), 8, 3)}  {', '.join(did)}"
+            )
+    lines.append("  (Packer has no cache: every phase is a full build; for `fully cached` its `unchanged` build stands.)")
+    return lines
+
+
 def svg(doc: dict) -> str:
     """Horizontal bars of the ratios imgbuild/Packer, log scale, 1.0 marked."""
     import math
@@ -228,6 +349,15 @@ def svg(doc: dict) -> str:
     bars = []  # (label, value, target, higher_is_better)
     wall_targets = {s: lim for s, lim, _ in WALL_TARGETS}
     for name, data in doc["scenarios"].items():
+        if _is_phases(data):
+            limits = {(b, ph): lim for b, ph, lim, _ in CACHE_TARGETS}
+            for build, b in data["builds"].items():
+                for phase, r in b["ratios"].items():
+                    if phase == "scratch":
+                        continue
+                    bars.append((f"cache {build} {phase}: /scratch", r.get("vs_scratch"), limits.get((build, phase)), False))
+                    bars.append((f"cache {build} {phase}: /Packer", r.get("vs_packer"), None, False))
+            continue
         r = data["ratios"]
         bars.append((f"{name}: wall", r.get("wall"), wall_targets.get(name), False))
         bars.append((f"{name}: CPU", r.get("cpu"), None, False))
