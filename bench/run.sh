@@ -4,7 +4,7 @@
 #   bash bench/run.sh                       # everything, 3 runs per tool and scenario
 #   bash bench/run.sh --runs 5              # more runs
 #   bash bench/run.sh --scenario qemu       # one scenario (repeatable):
-#                                           #   qemu docker ec2 upload parallel scp micro
+#                                           #   qemu docker ec2 upload parallel cache scp micro
 #   bash bench/run.sh --skip-setup --no-micro --scenario docker   # quick iteration
 #   bash bench/run.sh --help                # all options
 #
