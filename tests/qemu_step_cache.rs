@@ -56,26 +56,6 @@ fn build(workspace: &Workspace, version: &str) -> Outcome {
         .run()
 }
 
-/// Which provisioners ran, by their "provisioner N of M" progress lines.
-fn provisioners_run(outcome: &Outcome) -> Vec<String> {
-    outcome
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "message")
-        .filter_map(|e| e["message"].as_str())
-        .filter(|m| m.starts_with("provisioner ") && !m.contains(" done in "))
-        .map(|m| m.split(':').next().unwrap_or_default().to_owned())
-        .collect()
-}
-
-fn cached_steps(outcome: &Outcome) -> Option<u64> {
-    outcome
-        .events()
-        .iter()
-        .find(|e| e["event"] == "steps_cached")
-        .and_then(|e| e["steps"].as_u64())
-}
-
 fn steps_started(outcome: &Outcome) -> Vec<String> {
     outcome
         .events()
@@ -176,22 +156,22 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
 
     let first = build(&workspace, &versions[0]).exits_with(EXIT_OK);
     assert_eq!(
-        provisioners_run(&first),
+        first.provisioners_run(),
         [
             "provisioner 1 of 3",
             "provisioner 2 of 3",
             "provisioner 3 of 3"
         ]
     );
-    assert_eq!(cached_steps(&first), None);
+    assert_eq!(first.cached_steps(), None);
     assert_nothing_left(&workspace);
 
     // Only the last script changed: the build boots from the layer of step
     // 2 and runs step 3 alone.
     workspace.write("third.sh", "echo three-b > /etc/step-three\n");
     let second = build(&workspace, &versions[1]).exits_with(EXIT_OK);
-    assert_eq!(cached_steps(&second), Some(2), "{}", second.stdout);
-    assert_eq!(provisioners_run(&second), ["provisioner 3 of 3"]);
+    assert_eq!(second.cached_steps(), Some(2), "{}", second.stdout);
+    assert_eq!(second.provisioners_run(), ["provisioner 3 of 3"]);
     assert_nothing_left(&workspace);
     let (steps, keys) = read_artifact(&artifact(&workspace, &versions[1]));
     assert_eq!(steps, ["one", "two", "three-b"]);
@@ -200,8 +180,8 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
     // Unchanged but for the version: nothing boots, the artifact is made
     // from the kept layers.
     let third = build(&workspace, &versions[2]).exits_with(EXIT_OK);
-    assert_eq!(cached_steps(&third), Some(3), "{}", third.stdout);
-    assert!(provisioners_run(&third).is_empty());
+    assert_eq!(third.cached_steps(), Some(3), "{}", third.stdout);
+    assert!(third.provisioners_run().is_empty());
     let started = steps_started(&third);
     for booting in [
         "cloud_init_seed",
@@ -242,9 +222,9 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
     bytes[middle] ^= 0x10;
     std::fs::write(&layer, bytes).unwrap();
     let fourth = build(&workspace, &versions[3]).exits_with(EXIT_OK);
-    assert_eq!(cached_steps(&fourth), Some(1), "{}", fourth.stdout);
+    assert_eq!(fourth.cached_steps(), Some(1), "{}", fourth.stdout);
     assert_eq!(
-        provisioners_run(&fourth),
+        fourth.provisioners_run(),
         ["provisioner 2 of 3", "provisioner 3 of 3"]
     );
     let warnings: Vec<String> = fourth

@@ -71,26 +71,6 @@ fn plan(workspace: &Workspace, version: &str) -> (i32, serde_json::Value) {
     (outcome.code(), document)
 }
 
-/// Which provisioners ran, by their "provisioner N of M" progress lines.
-fn provisioners_run(outcome: &Outcome) -> Vec<String> {
-    outcome
-        .events()
-        .iter()
-        .filter(|e| e["event"] == "message")
-        .filter_map(|e| e["message"].as_str())
-        .filter(|m| m.starts_with("provisioner ") && !m.contains(" done in "))
-        .map(|m| m.split(':').next().unwrap_or_default().to_owned())
-        .collect()
-}
-
-fn cached_steps(outcome: &Outcome) -> Option<u64> {
-    outcome
-        .events()
-        .iter()
-        .find(|e| e["event"] == "steps_cached")
-        .and_then(|e| e["steps"].as_u64())
-}
-
 #[test]
 fn a_changed_last_script_reruns_only_what_follows_it_and_plan_says_why() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -122,14 +102,14 @@ fn a_changed_last_script_reruns_only_what_follows_it_and_plan_says_why() {
     assert_eq!(step_cache[1]["cacheable"], true, "{inspected}");
     assert_eq!(step_cache[2]["why_not"], "`cache = false`", "{inspected}");
     assert_eq!(
-        provisioners_run(&first),
+        first.provisioners_run(),
         [
             "provisioner 1 of 3",
             "provisioner 2 of 3",
             "provisioner 3 of 3"
         ]
     );
-    assert_eq!(cached_steps(&first), None);
+    assert_eq!(first.cached_steps(), None);
 
     // Nothing changed: plan says up to date, and a skipping build builds
     // nothing and hands out v1.
@@ -155,7 +135,7 @@ fn a_changed_last_script_reruns_only_what_follows_it_and_plan_says_why() {
         .find(|e| e["event"] == "build_skipped")
         .unwrap_or_else(|| panic!("no build_skipped event:\n{}", skipped.stdout));
     assert_eq!(skip["version"], v1.as_str());
-    assert!(provisioners_run(&skipped).is_empty());
+    assert!(skipped.provisioners_run().is_empty());
     assert_eq!(
         docker(&["images", "-q", &format!("imgbuild-test/cached:{v2}")]),
         "",
@@ -177,9 +157,9 @@ fn a_changed_last_script_reruns_only_what_follows_it_and_plan_says_why() {
     assert_eq!(document["to_build"], serde_json::json!(["app"]));
 
     let second = build(&workspace, &v2, &[]).exits_with(EXIT_OK);
-    assert_eq!(cached_steps(&second), Some(1));
+    assert_eq!(second.cached_steps(), Some(1));
     assert_eq!(
-        provisioners_run(&second),
+        second.provisioners_run(),
         ["provisioner 2 of 3", "provisioner 3 of 3"]
     );
     // The image holds the kept first step's file and the new second one.
@@ -199,7 +179,7 @@ fn a_changed_last_script_reruns_only_what_follows_it_and_plan_says_why() {
     // Built with the cache, it has the same files with the same content,
     // modes and owners as one built from scratch.
     let scratch = build(&workspace, &v3, &["--no-cache"]).exits_with(EXIT_OK);
-    assert_eq!(cached_steps(&scratch), None);
+    assert_eq!(scratch.cached_steps(), None);
     assert_eq!(
         listing(&reference),
         listing(&format!("imgbuild-test/cached:{v3}"))

@@ -313,6 +313,26 @@ impl Outcome {
         self
     }
 
+    /// Which provisioners ran (`--output json`), by their "provisioner N of
+    /// M" progress lines: "provisioner 2 of 3".
+    pub fn provisioners_run(&self) -> Vec<String> {
+        self.events()
+            .iter()
+            .filter(|e| e["event"] == "message")
+            .filter_map(|e| e["message"].as_str())
+            .filter(|m| m.starts_with("provisioner ") && !m.contains(" done in "))
+            .map(|m| m.split(':').next().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// How many leading provisioners the step cache supplied, if any.
+    pub fn cached_steps(&self) -> Option<u64> {
+        self.events()
+            .iter()
+            .find(|e| e["event"] == "steps_cached")
+            .and_then(|e| e["steps"].as_u64())
+    }
+
     /// stdout as JSON lines (`--output json`).
     pub fn events(&self) -> Vec<serde_json::Value> {
         self.stdout
