@@ -554,6 +554,10 @@ impl Fixture {
         workspace.write("payload.bin", "payload");
         workspace.write("id_ed25519", "not really a key");
         workspace.write("vars.toml", "version = \"2.0.0\"\n");
+        // The bench cache scenario's steps (bench/scenarios/cache/scripts/).
+        for script in ["work.sh", "finish.sh"] {
+            workspace.write(&format!("scripts/{script}"), "#!/bin/sh\ntrue\n");
+        }
         let base_sha256 = sha256_of(&workspace.join("base.qcow2"));
         // Values for the variables the seeds declare without a default; an
         // environment value for a variable a config does not declare is
