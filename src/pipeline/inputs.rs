@@ -5,7 +5,6 @@ use crate::config::{Build, Config};
 use imgbuild_builders::SourceIdentity;
 use imgbuild_core::Redactor;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub struct Inputs {
@@ -24,20 +23,7 @@ pub fn hash(
 ) -> std::io::Result<String> {
     let mut description = inputs.description.clone();
     redactor.redact_json(&mut description);
-    let mut file_hashes = BTreeMap::new();
-    for path in &inputs.files {
-        for entry in walk(path) {
-            let entry = entry?;
-            if entry.file_type().is_file() {
-                let digest = imgbuild_builders::common::artifact::sha256_file(entry.path())?.1;
-                let name = entry
-                    .path()
-                    .strip_prefix(config_dir)
-                    .unwrap_or(entry.path());
-                file_hashes.insert(name.display().to_string(), digest);
-            }
-        }
-    }
+    let file_hashes = super::keys::hash_files(&inputs.files, config_dir)?;
     let document = serde_json::json!({
         "build": description,
         "files": file_hashes,
@@ -45,13 +31,6 @@ pub fn hash(
     });
     let bytes = serde_json::to_vec(&document).expect("json values serialize");
     Ok(hex::encode(Sha256::digest(&bytes)))
-}
-
-fn walk(path: &Path) -> impl Iterator<Item = std::io::Result<walkdir::DirEntry>> {
-    walkdir::WalkDir::new(path)
-        .sort_by_file_name()
-        .into_iter()
-        .map(|entry| entry.map_err(std::io::Error::other))
 }
 
 /// The build as resolved: what, besides its files and its base, makes its

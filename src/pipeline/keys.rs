@@ -6,7 +6,6 @@ use crate::config::{Build, Config};
 use imgbuild_builders::SourceIdentity;
 use imgbuild_builders::common::artifact::sha256_file;
 use imgbuild_builders::common::cache::{StepCache, StepInput, base_key, chain, digest_json};
-use imgbuild_core::Redactor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -106,7 +105,9 @@ impl BuildSteps {
     }
 }
 
-fn hash_files(
+/// Each file below `paths` (directories recursively), named relative to
+/// the config, with its SHA-256.
+pub fn hash_files(
     paths: &[std::path::PathBuf],
     config_dir: &Path,
 ) -> std::io::Result<BTreeMap<String, String>> {
@@ -162,15 +163,6 @@ pub fn unversioned_inputs(
     let mut masked = description.clone();
     mask(&mut masked, &replacements);
     masked
-}
-
-/// Masks sensitive values with the redactor's mask: for the description
-/// that is hashed into `inputs_sha256` (a hash of a short password could
-/// be brute-forced).
-pub fn redacted(value: &serde_json::Value, redactor: &Redactor) -> serde_json::Value {
-    let mut value = value.clone();
-    redactor.redact_json(&mut value);
-    value
 }
 
 #[cfg(test)]
