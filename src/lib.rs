@@ -3,9 +3,12 @@
 //!
 //! The binary is a thin layer over this library: `cli` parses arguments and
 //! maps results to exit codes, `config` reads and validates `image.toml`,
-//! `pipeline` runs the builds, `manifest` records what they produced, and
+//! `pipeline` runs the builds, `manifest` records what they produced,
+//! `catalog` moves versions through channels, and
 //! `ui` presents it all.
 
+pub mod attest;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod manifest;

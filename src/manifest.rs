@@ -1,10 +1,22 @@
-//! The artifact manifest: one JSON file that downstream tools (Terraform,
-//! deploy pipelines, `jq` in CI) read to find what was built.
+//! The image catalog (the manifest): one JSON document that downstream
+//! tools (Terraform, deploy pipelines, `jq` in CI) read to find what was
+//! built, which version each channel (`dev`, `prod`) hands out, and what
+//! was revoked or retired.
 //!
-//! Entries are appended, and an entry's test verdict is replaced by
-//! `imgbuild test`, atomically and under a lock, so two builds finishing at
-//! once both land and a reader never sees a half-written file.
+//! It lives in a file (beside the config by default, meant to be
+//! committed) or in an S3 object shared by many CI runners. Every change is
+//! a read-modify-write: under a directory lock for a file, as a conditional
+//! PUT retried on 412 for S3, so no concurrent update is lost and a reader
+//! never sees a half-written document.
+//!
+//! On disk the document is meant for review in a pull request: one object
+//! per recorded build, appended in the order they finished, then the
+//! channels of each image, keys in a stable order. Promoting changes one
+//! line (a channel's `version`); a build adds one object at the end of
+//! `builds`. `imgbuild catalog --output json` groups it by image and
+//! version.
 
+use imgbuild_builders::common::object_store::{self, ObjectStoreError, UpdateError};
 use imgbuild_builders::{Artifact, ArtifactFile, SourceIdentity};
 use imgbuild_core::Redactor;
 use imgbuild_core::fsutil::{parent_dir, write_atomic};
@@ -16,12 +28,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-/// 2: entries carry a test verdict (`status`, `tests`, ...). A version 1
-/// reader would ignore `status` and hand out a failed version, and a
-/// version 1 writer would drop the verdicts of every entry when it appends,
-/// so a manifest written by this imgbuild says 2 and a version 1 imgbuild
-/// refuses it. Version 1 files read as entries without verdicts (`built`).
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: `channels`, statuses `revoked` and `retired`, `parent`. 2 added test
+/// verdicts (`status`, `tests`, ...); a version 1 file reads as entries
+/// without verdicts (`built`). Older files are read as they are and
+/// written in this format on the first change. An older imgbuild refuses a
+/// newer format rather than drop what it does not know (a version 2 writer
+/// would drop every channel).
+pub const FORMAT_VERSION: u32 = 3;
 pub const DEFAULT_FILE_NAME: &str = "imgbuild-manifest.json";
 
 #[derive(Debug, Error)]
@@ -34,32 +47,46 @@ pub enum ManifestError {
         source: std::io::Error,
     },
     #[error(
-        "the manifest {path} is not valid JSON in the imgbuild format ({source}); fix or move it, it is never overwritten"
+        "the manifest {location} is not valid JSON in the imgbuild format ({source}); fix or move it, it is never overwritten"
     )]
     Corrupt {
-        path: PathBuf,
+        location: String,
         #[source]
         source: serde_json::Error,
     },
     #[error(
-        "the manifest {path} has format version {found}, newer than this imgbuild understands ({FORMAT_VERSION}); upgrade imgbuild"
+        "the manifest {location} has format version {found}, newer than this imgbuild understands ({FORMAT_VERSION}); upgrade imgbuild"
     )]
-    TooNew { path: PathBuf, found: u32 },
+    TooNew { location: String, found: u32 },
     #[error(
-        "the manifest {path} no longer records build {build} of {image} version {version}; it was there when the run started: was the manifest replaced meanwhile?"
+        "the manifest {location} no longer records build {build} of {image} version {version}; it was there when the run started: was the manifest replaced meanwhile?"
     )]
     EntryGone {
-        path: PathBuf,
+        location: String,
         image: String,
         version: String,
         build: String,
     },
+    #[error("the manifest {location}: {source}")]
+    Store {
+        location: String,
+        #[source]
+        source: Box<ObjectStoreError>,
+    },
+    /// A catalog command refused what it was asked (promote a failed
+    /// version, roll back a channel with no earlier version, ...).
+    #[error("{0}")]
+    Refused(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The catalog in memory: every recorded build of every version, oldest
+/// first (by when it finished), and each image's channels.
+#[derive(Debug, Clone)]
 pub struct Manifest {
     pub format_version: u32,
     pub builds: Vec<Entry>,
+    /// Image name → channel name → the channel.
+    pub channels: BTreeMap<String, BTreeMap<String, Channel>>,
 }
 
 impl Default for Manifest {
@@ -67,8 +94,90 @@ impl Default for Manifest {
         Manifest {
             format_version: FORMAT_VERSION,
             builds: Vec::new(),
+            channels: BTreeMap::new(),
         }
     }
+}
+
+/// How many changes a channel remembers: enough to roll back several
+/// times and to see who moved it lately, short enough to review.
+pub const CHANNEL_HISTORY: usize = 20;
+
+/// A name (`dev`, `prod`) that hands out one version of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Channel {
+    /// The version the channel hands out. Editing this line in a pull
+    /// request is a promotion; the history then lags one change behind,
+    /// which `rollback` and `catalog` account for.
+    pub version: String,
+    /// The changes imgbuild made, oldest first, at most
+    /// [`CHANNEL_HISTORY`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<ChannelChange>,
+    /// The SSM parameter every change of the channel is published to
+    /// (AMIs only; `promote --ssm` sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm_parameter: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelChange {
+    /// The version the channel was set to.
+    pub version: String,
+    /// `promote`, `rollback` or `revoke` (moved off a revoked version).
+    pub action: String,
+    pub at: String,
+    pub by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Who or what made a change: `IMGBUILD_ACTOR`, else the CI's actor
+/// (`GITHUB_ACTOR`, `GITLAB_USER_LOGIN`), else the local user.
+pub fn actor() -> String {
+    [
+        "IMGBUILD_ACTOR",
+        "GITHUB_ACTOR",
+        "GITLAB_USER_LOGIN",
+        "USER",
+    ]
+    .iter()
+    .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Why a version changed status after its build, and who changed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusNote {
+    pub at: String,
+    pub by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The status before the change.
+    pub previous_status: EntryStatus,
+}
+
+/// What `imgbuild retire` removed of a version's artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retirement {
+    pub at: String,
+    pub by: String,
+    /// The artifact's parts that are gone (files, tags, AMIs, snapshots).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+    /// Why the removal did not finish; the version keeps its status until
+    /// a later `retire` finishes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The imgbuild version a build started from, when its base is itself an
+/// artifact the catalog records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    pub image: String,
+    pub version: String,
+    pub build: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +210,11 @@ pub enum EntryStatus {
     /// A test failed, or the tests could not run. The version stays taken;
     /// `imgbuild output` refuses it unless asked with `--allow-failed`.
     Failed,
+    /// `imgbuild revoke`: never promoted or handed out again, and no build
+    /// may start from it.
+    Revoked,
+    /// `imgbuild retire` removed its artifact; the record stays.
+    Retired,
 }
 
 impl EntryStatus {
@@ -109,6 +223,8 @@ impl EntryStatus {
             EntryStatus::Built => "built",
             EntryStatus::Tested => "tested",
             EntryStatus::Failed => "failed",
+            EntryStatus::Revoked => "revoked",
+            EntryStatus::Retired => "retired",
         }
     }
 }
@@ -164,6 +280,20 @@ pub struct Entry {
     /// recorded the first one at `finished_at`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retested_at: Option<String>,
+    /// The recorded version this build's base is, when it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+    /// Set by `imgbuild revoke`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<StatusNote>,
+    /// Set by `imgbuild retire`, also when it did not finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retirement: Option<Retirement>,
+    /// The signed (or unsigned) provenance of this version: its DSSE
+    /// envelope's path and sha256, the key that signed it, and the
+    /// checksum file's signature (`imgbuild verify` checks them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<crate::attest::AttestationRecord>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -228,30 +358,247 @@ pub fn default_path(config_dir: &Path) -> PathBuf {
     config_dir.join(DEFAULT_FILE_NAME)
 }
 
-pub fn read(path: &Path) -> Result<Manifest, ManifestError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
-        Err(source) => {
-            return Err(ManifestError::Io {
-                action: "read",
-                path: path.to_path_buf(),
-                source,
-            });
+/// Where the catalog lives: a local file, or an S3 object
+/// (`s3://bucket/key`: the standard AWS credential chain and
+/// `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    File(PathBuf),
+    S3 { url: String },
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(path) => write!(f, "{}", path.display()),
+            Location::S3 { url } => f.write_str(url),
         }
+    }
+}
+
+impl From<PathBuf> for Location {
+    fn from(path: PathBuf) -> Self {
+        Location::File(path)
+    }
+}
+
+impl std::str::FromStr for Location {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Some(rest) = text.strip_prefix("s3://") {
+            match rest.split_once('/') {
+                Some((bucket, key))
+                    if !bucket.is_empty() && !key.is_empty() && !key.ends_with('/') =>
+                {
+                    Ok(Location::S3 {
+                        url: text.to_owned(),
+                    })
+                }
+                _ => Err(format!(
+                    "{text:?} names no object: use s3://bucket/key, e.g. s3://images/catalog.json"
+                )),
+            }
+        } else if text.contains("://") {
+            Err(format!(
+                "{text:?}: the manifest is a file path or an s3://bucket/key URL"
+            ))
+        } else if text.is_empty() {
+            Err("the manifest location is empty".to_owned())
+        } else {
+            Ok(Location::File(PathBuf::from(text)))
+        }
+    }
+}
+
+impl Location {
+    /// The catalog as it is now; an absent one is empty.
+    pub async fn read(&self) -> Result<Manifest, ManifestError> {
+        match self {
+            Location::File(path) => read(path),
+            Location::S3 { url } => {
+                let (store, key) = self.open_store(url).await?;
+                let object = store
+                    .get(&key)
+                    .await
+                    .map_err(|source| ManifestError::Store {
+                        location: url.clone(),
+                        source: Box::new(source),
+                    })?;
+                match object {
+                    Some(object) => parse(&object.bytes, url),
+                    None => Ok(Manifest::default()),
+                }
+            }
+        }
+    }
+
+    /// Applies `change` to the catalog as it is at the moment of writing,
+    /// and writes the result if it differs. `change` may run more than once
+    /// (a lost race on S3 is retried on a fresh read), so it must depend
+    /// only on the catalog it is given. An error from `change` writes
+    /// nothing.
+    pub async fn modify<R>(
+        &self,
+        mut change: impl FnMut(&mut Manifest) -> Result<R, ManifestError> + Send,
+    ) -> Result<R, ManifestError> {
+        match self {
+            Location::File(path) => {
+                let _lock = DirectoryLock::acquire(path)?;
+                let mut manifest = read(path)?;
+                let before = render(&manifest);
+                let result = change(&mut manifest)?;
+                let after = render(&manifest);
+                // An unchanged catalog in an old format is still migrated:
+                // the first write is the migration.
+                if after != before || manifest.format_version != FORMAT_VERSION {
+                    write(path, &after)?;
+                }
+                Ok(result)
+            }
+            Location::S3 { url } => {
+                let (store, key) = self.open_store(url).await?;
+                let mut result = None;
+                let written = object_store::read_modify_write(store.as_ref(), &key, |bytes| {
+                    let mut manifest = match bytes {
+                        Some(bytes) => parse(bytes, url)?,
+                        None => Manifest::default(),
+                    };
+                    result = Some(change(&mut manifest)?);
+                    Ok::<_, ManifestError>(render(&manifest))
+                })
+                .await;
+                match written {
+                    Ok(_) => Ok(result.expect("a write follows a change")),
+                    Err(UpdateError::Modify(err)) => Err(err),
+                    Err(UpdateError::Store(source)) => Err(ManifestError::Store {
+                        location: url.clone(),
+                        source: Box::new(source),
+                    }),
+                }
+            }
+        }
+    }
+
+    async fn open_store(
+        &self,
+        url: &str,
+    ) -> Result<(std::sync::Arc<dyn object_store::ObjectStore>, String), ManifestError> {
+        let (prefix, key) = url.rsplit_once('/').expect("checked when parsed");
+        let store = object_store::open(prefix)
+            .await
+            .map_err(|source| ManifestError::Store {
+                location: url.to_owned(),
+                source: Box::new(source),
+            })?;
+        Ok((store, key.to_owned()))
+    }
+
+    /// Appends `entry`, unless an entry for the same image version and
+    /// build is already there: then nothing is written and the existing one
+    /// is returned.
+    pub async fn append(&self, entry: Entry) -> Result<Option<Entry>, ManifestError> {
+        self.modify(|manifest| {
+            if let Some(existing) = find(
+                manifest,
+                &entry.image.name,
+                &entry.image.version,
+                &entry.build.name,
+            ) {
+                return Ok(Some(existing.clone()));
+            }
+            manifest.builds.push(entry.clone());
+            Ok(None)
+        })
+        .await
+    }
+
+    /// Changes the entry of `image` `version` `build` with `change` and
+    /// returns it as written. The entry is looked up at the moment of
+    /// writing: builds recorded since the caller read the catalog are kept.
+    pub async fn update(
+        &self,
+        image: &str,
+        version: &str,
+        build: &str,
+        change: impl Fn(&mut Entry) + Send + Sync,
+    ) -> Result<Entry, ManifestError> {
+        let location = self.to_string();
+        self.modify(|manifest| {
+            let entry = manifest
+                .builds
+                .iter_mut()
+                .find(|e| {
+                    e.image.name == image && e.image.version == version && e.build.name == build
+                })
+                .ok_or_else(|| ManifestError::EntryGone {
+                    location: location.clone(),
+                    image: image.to_owned(),
+                    version: version.to_owned(),
+                    build: build.to_owned(),
+                })?;
+            change(entry);
+            Ok(entry.clone())
+        })
+        .await
+    }
+}
+
+/// The document: every build of every version in the order they were
+/// recorded (`.builds[-1]` is the newest, as `jq` scripts read it since
+/// format 1), then each image's channels. Keys in a stable order, so a
+/// promotion changes one line and a build adds one object at the end.
+#[derive(Serialize, Deserialize)]
+struct CatalogFile {
+    format_version: u32,
+    #[serde(default)]
+    builds: Vec<Entry>,
+    /// Image name → channel name → channel.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    channels: BTreeMap<String, BTreeMap<String, Channel>>,
+}
+
+fn parse(bytes: &[u8], location: &str) -> Result<Manifest, ManifestError> {
+    let corrupt = |source| ManifestError::Corrupt {
+        location: location.to_owned(),
+        source,
     };
-    let manifest: Manifest =
-        serde_json::from_str(&text).map_err(|source| ManifestError::Corrupt {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if manifest.format_version > FORMAT_VERSION {
+    let file: CatalogFile = serde_json::from_slice(bytes).map_err(corrupt)?;
+    if file.format_version > FORMAT_VERSION {
         return Err(ManifestError::TooNew {
-            path: path.to_path_buf(),
-            found: manifest.format_version,
+            location: location.to_owned(),
+            found: file.format_version,
         });
     }
-    Ok(manifest)
+    Ok(Manifest {
+        format_version: file.format_version,
+        builds: file.builds,
+        channels: file.channels,
+    })
+}
+
+/// The document in this imgbuild's format, whatever format it was read in.
+fn render(manifest: &Manifest) -> Vec<u8> {
+    let file = CatalogFile {
+        format_version: FORMAT_VERSION,
+        builds: manifest.builds.clone(),
+        channels: manifest.channels.clone(),
+    };
+    let mut text = serde_json::to_vec_pretty(&file).expect("catalogs always serialize");
+    text.push(b'\n');
+    text
+}
+
+pub fn read(path: &Path) -> Result<Manifest, ManifestError> {
+    match std::fs::read(path) {
+        Ok(bytes) => parse(&bytes, &path.display().to_string()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
+        Err(source) => Err(ManifestError::Io {
+            action: "read",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// Holds an exclusive lock on the manifest's directory for as long as it
@@ -283,59 +630,9 @@ impl Drop for DirectoryLock {
     }
 }
 
-/// Appends `entry`, unless an entry for the same image version and build is
-/// already there: then nothing is written and the existing one is returned.
-pub fn append(path: &Path, entry: Entry) -> Result<Option<Entry>, ManifestError> {
-    let _lock = DirectoryLock::acquire(path)?;
-    let mut manifest = read(path)?;
-    if let Some(existing) = find(
-        &manifest,
-        &entry.image.name,
-        &entry.image.version,
-        &entry.build.name,
-    ) {
-        return Ok(Some(existing.clone()));
-    }
-    manifest.builds.push(entry);
-    write(path, manifest).map(|()| None)
-}
-
-/// Changes the entry of `image` `version` `build` with `change`, under the
-/// lock and atomically, and returns it as written. The entry is looked up
-/// again under the lock: builds recorded since the caller read the
-/// manifest are kept.
-pub fn update(
-    path: &Path,
-    image: &str,
-    version: &str,
-    build: &str,
-    change: impl FnOnce(&mut Entry),
-) -> Result<Entry, ManifestError> {
-    let _lock = DirectoryLock::acquire(path)?;
-    let mut manifest = read(path)?;
-    let entry = manifest
-        .builds
-        .iter_mut()
-        .find(|e| e.image.name == image && e.image.version == version && e.build.name == build)
-        .ok_or_else(|| ManifestError::EntryGone {
-            path: path.to_path_buf(),
-            image: image.to_owned(),
-            version: version.to_owned(),
-            build: build.to_owned(),
-        })?;
-    change(entry);
-    let updated = entry.clone();
-    write(path, manifest)?;
-    Ok(updated)
-}
-
-/// Replaces the manifest file; the caller holds the lock. Written in this
-/// imgbuild's format, whatever version the file had.
-fn write(path: &Path, mut manifest: Manifest) -> Result<(), ManifestError> {
-    manifest.format_version = FORMAT_VERSION;
-    let mut text = serde_json::to_vec_pretty(&manifest).expect("manifests always serialize");
-    text.push(b'\n');
-    write_atomic(path, &text).map_err(|source| ManifestError::Io {
+/// Replaces the manifest file; the caller holds the lock.
+fn write(path: &Path, text: &[u8]) -> Result<(), ManifestError> {
+    write_atomic(path, text).map_err(|source| ManifestError::Io {
         action: "write",
         path: path.to_path_buf(),
         source,
@@ -414,6 +711,10 @@ pub(crate) mod tests {
             test_error: None,
             deleted: false,
             retested_at: None,
+            parent: None,
+            revocation: None,
+            retirement: None,
+            attestation: None,
         }
     }
 
@@ -458,61 +759,111 @@ pub(crate) mod tests {
         assert_eq!(back.failed_tests(), vec!["nginx answers"]);
     }
 
-    #[test]
-    fn appends_and_refuses_duplicates() {
+    #[tokio::test]
+    async fn appends_and_refuses_duplicates() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.json");
-        assert!(append(&path, entry("a", "1")).unwrap().is_none());
-        assert!(append(&path, entry("b", "1")).unwrap().is_none());
-        assert!(append(&path, entry("a", "1")).unwrap().is_some());
-        let manifest = read(&path).unwrap();
+        let path = Location::File(dir.path().join("m.json"));
+        assert!(path.append(entry("a", "1")).await.unwrap().is_none());
+        assert!(path.append(entry("b", "1")).await.unwrap().is_none());
+        assert!(path.append(entry("a", "1")).await.unwrap().is_some());
+        let manifest = path.read().await.unwrap();
         assert_eq!(manifest.builds.len(), 2);
         assert_eq!(manifest.format_version, FORMAT_VERSION);
     }
 
-    #[test]
-    fn update_changes_one_entry_and_writes_the_current_format() {
+    #[tokio::test]
+    async fn update_changes_one_entry_and_migrates_an_old_file() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.json");
-        // A file an imgbuild before tests wrote.
-        let old = Manifest {
-            format_version: 1,
-            builds: vec![entry("a", "1"), entry("b", "1")],
-        };
-        std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+        let file = dir.path().join("m.json");
+        let path = Location::File(file.clone());
+        // A file an imgbuild before tests and channels wrote: a flat list.
+        let old = serde_json::json!({
+            "format_version": 1,
+            "builds": [entry("a", "1"), entry("b", "1")],
+        });
+        std::fs::write(&file, serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(path.read().await.unwrap().builds.len(), 2);
 
-        let updated = update(&path, "img", "1", "b", |e| {
-            e.status = EntryStatus::Failed;
-            e.retested_at = Some("now".into());
-        })
-        .unwrap();
+        let updated = path
+            .update("img", "1", "b", |e| {
+                e.status = EntryStatus::Failed;
+                e.retested_at = Some("now".into());
+            })
+            .await
+            .unwrap();
         assert_eq!(updated.status, EntryStatus::Failed);
-        let manifest = read(&path).unwrap();
-        assert_eq!(manifest.format_version, FORMAT_VERSION);
-        assert_eq!(manifest.builds[0].status, EntryStatus::Built);
-        assert_eq!(manifest.builds[1].status, EntryStatus::Failed);
-        assert_eq!(manifest.builds[1].retested_at.as_deref(), Some("now"));
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(written["format_version"], FORMAT_VERSION);
+        assert_eq!(written["builds"][0]["status"], "built");
+        assert_eq!(written["builds"][1]["status"], "failed");
+        assert_eq!(written["builds"][1]["retested_at"], "now");
 
-        let before = std::fs::read(&path).unwrap();
-        let err = update(&path, "img", "2", "b", |_| panic!("no such entry")).unwrap_err();
+        let before = std::fs::read(&file).unwrap();
+        let err = path
+            .update("img", "2", "b", |_| panic!("no such entry"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, ManifestError::EntryGone { .. }), "{err}");
-        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(std::fs::read(&file).unwrap(), before);
+    }
+
+    #[tokio::test]
+    async fn a_catalog_round_trips_in_recorded_order_with_its_channels() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::File(dir.path().join("m.json"));
+        // Recorded order, not version order, says which is the latest.
+        for version in ["9", "10"] {
+            path.append(entry("vm", version)).await.unwrap();
+        }
+        path.modify(|m| {
+            m.channels.entry("img".into()).or_default().insert(
+                "prod".into(),
+                Channel {
+                    version: "9".into(),
+                    history: Vec::new(),
+                    ssm_parameter: None,
+                },
+            );
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let manifest = path.read().await.unwrap();
+        let order: Vec<&str> = manifest
+            .builds
+            .iter()
+            .map(|e| e.image.version.as_str())
+            .collect();
+        assert_eq!(order, ["9", "10"]);
+        assert_eq!(latest(&manifest, "img", "vm").unwrap().image.version, "10");
+        assert_eq!(manifest.channels["img"]["prod"].version, "9");
     }
 
     #[test]
     fn concurrent_appends_all_land() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.json");
+        let path = Location::File(dir.path().join("m.json"));
         let threads: Vec<_> = (0..16)
             .map(|i| {
                 let path = path.clone();
-                std::thread::spawn(move || append(&path, entry(&format!("b{i}"), "1")).unwrap())
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    runtime
+                        .block_on(path.append(entry(&format!("b{i}"), "1")))
+                        .unwrap()
+                })
             })
             .collect();
         for thread in threads {
             thread.join().unwrap();
         }
-        assert_eq!(read(&path).unwrap().builds.len(), 16);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(runtime.block_on(path.read()).unwrap().builds.len(), 16);
     }
 
     #[test]
@@ -550,7 +901,12 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.json");
         std::fs::write(&path, "{ not json").unwrap();
-        let err = append(&path, entry("a", "1")).unwrap_err();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let err = runtime
+            .block_on(Location::File(path.clone()).append(entry("a", "1")))
+            .unwrap_err();
         assert!(err.to_string().contains("never overwritten"), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{ not json");
     }

@@ -10,21 +10,81 @@ use std::io::Write;
 use std::path::Path;
 
 /// The most recent entry of each build in the manifest (entries are
-/// appended in the order builds finished).
-pub fn latest_by_build(manifest: &Manifest) -> BTreeMap<String, &Entry> {
+/// appended in the order builds finished), of `image` only when given.
+pub fn latest_by_build<'a>(
+    manifest: &'a Manifest,
+    image: Option<&str>,
+) -> BTreeMap<String, &'a Entry> {
     let mut latest = BTreeMap::new();
     for entry in &manifest.builds {
-        latest.insert(entry.build.name.clone(), entry);
+        if image.is_none_or(|image| entry.image.name == image) {
+            latest.insert(entry.build.name.clone(), entry);
+        }
     }
     latest
+}
+
+/// The entries of the version `channel` of `image` hands out, by build.
+pub fn on_channel<'a>(
+    manifest: &'a Manifest,
+    image: &str,
+    channel: &str,
+) -> Result<BTreeMap<String, &'a Entry>, String> {
+    let Some(pointed) = manifest.channels.get(image).and_then(|c| c.get(channel)) else {
+        let known: Vec<String> = manifest
+            .channels
+            .get(image)
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        return Err(format!(
+            "image {image} has no channel {channel} (it has: {}); `imgbuild promote` makes one",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ));
+    };
+    let entries: BTreeMap<String, &Entry> = manifest
+        .builds
+        .iter()
+        .filter(|e| e.image.name == image && e.image.version == pointed.version)
+        .map(|e| (e.build.name.clone(), e))
+        .collect();
+    if entries.is_empty() {
+        return Err(format!(
+            "channel {channel} of {image} points at version {}, which the catalog does not record; promote a recorded version",
+            pointed.version
+        ));
+    }
+    Ok(entries)
 }
 
 /// Refuses an entry whose artifact must not be handed on: one that failed
 /// its tests (unless `allow_failed`), and one whose artifact was deleted
 /// (there is nothing to hand on).
 pub fn check_usable(entry: &Entry, allow_failed: bool) -> Result<(), String> {
-    if entry.status != EntryStatus::Failed {
-        return Ok(());
+    let (build, version) = (&entry.build.name, &entry.image.version);
+    match entry.status {
+        EntryStatus::Failed => {}
+        EntryStatus::Revoked => {
+            return Err(format!(
+                "build {build} version {version} is revoked{}; it is never handed out: promote or build another version",
+                entry
+                    .revocation
+                    .as_ref()
+                    .and_then(|r| r.reason.as_deref())
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ));
+        }
+        EntryStatus::Retired => {
+            return Err(format!(
+                "build {build} version {version} is retired: its artifact {} was removed",
+                entry.artifact_id
+            ));
+        }
+        EntryStatus::Built | EntryStatus::Tested => return Ok(()),
     }
     let why = match (&entry.test_error, entry.failed_tests()) {
         (Some(error), _) => error.clone(),
@@ -37,7 +97,6 @@ pub fn check_usable(entry: &Entry, allow_failed: bool) -> Result<(), String> {
                 .join(", ")
         ),
     };
-    let (build, version) = (&entry.build.name, &entry.image.version);
     if entry.deleted {
         return Err(format!(
             "build {build} version {version} failed its tests ({why}) and its artifact {} was deleted (on_test_failure = \"delete\"); there is nothing to hand out: fix the image and build a new version",
@@ -60,6 +119,18 @@ fn recorded(entry: &Entry) -> RecordedArtifact<'_> {
         artifact_id: &entry.artifact_id,
         details: &entry.details,
     }
+}
+
+/// The pinned reference (`repository@sha256:...`) a pushed image was
+/// pushed as, in `repository` or the first one pushed to.
+pub fn digest_for(entry: &Entry, repository: Option<&str>) -> Result<String, String> {
+    let kind = registry::find(&entry.build.kind).ok_or_else(|| {
+        format!(
+            "build {}: this imgbuild has no `{}` builder",
+            entry.build.name, entry.build.kind
+        )
+    })?;
+    kind.output_digest(&recorded(entry), repository)
 }
 
 /// What a script wants from an entry: what its builder kind hands on (the
@@ -128,16 +199,16 @@ pub fn named_outputs(entry: &Entry) -> Vec<(String, Value)> {
 /// build: `<build>_ami_id`, `<build>_ami_ids` (a map by region),
 /// `<build>_artifact_id`, `<build>_version`. Refused when a latest entry
 /// failed its tests, unless `allow_failed`: Terraform would deploy it.
-pub fn tfvars(manifest: &Manifest, allow_failed: bool) -> Result<Value, String> {
+pub fn tfvars(entries: &BTreeMap<String, &Entry>, allow_failed: bool) -> Result<Value, String> {
     let mut document = Map::new();
-    for (build, entry) in latest_by_build(manifest) {
+    for (build, entry) in entries {
         check_usable(entry, allow_failed)?;
         document.insert(
-            output_name(&build, "version"),
+            output_name(build, "version"),
             entry.image.version.clone().into(),
         );
         document.insert(
-            output_name(&build, "artifact_id"),
+            output_name(build, "artifact_id"),
             entry.artifact_id.clone().into(),
         );
         document.extend(kind_outputs(entry, OutputTarget::Tfvars));
@@ -212,8 +283,9 @@ mod tests {
         let manifest = Manifest {
             format_version: 1,
             builds: vec![ec2("1", "ami-old"), entry_of_qemu(), ec2("2", "ami-new")],
+            ..Manifest::default()
         };
-        let vars = tfvars(&manifest, false).unwrap();
+        let vars = tfvars(&latest_by_build(&manifest, None), false).unwrap();
         assert_eq!(vars["web_ami_ami_id"], "ami-new");
         assert_eq!(vars["web_ami_version"], "2");
         assert_eq!(vars["web_ami_ami_ids"]["us-east-1"], "ami-copy");
@@ -265,11 +337,12 @@ mod tests {
         let manifest = Manifest {
             format_version: 1,
             builds: vec![ec2("1", "ami-old"), entry.clone()],
+            ..Manifest::default()
         };
-        let err = tfvars(&manifest, false).unwrap_err();
+        let err = tfvars(&latest_by_build(&manifest, None), false).unwrap_err();
         assert!(err.contains("build vm version 2"), "{err}");
         assert_eq!(
-            tfvars(&manifest, true).unwrap()["vm_artifact_id"],
+            tfvars(&latest_by_build(&manifest, None), true).unwrap()["vm_artifact_id"],
             "/out/vm-2"
         );
     }

@@ -143,6 +143,7 @@ const KEYS: &[&str] = &[
     "message",
     "export_path",
     "discard",
+    "push",
     "region",
     "endpoint_url",
     "source_ami",

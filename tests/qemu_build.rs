@@ -42,6 +42,40 @@ fn build_image_toml(workspace: &Workspace) -> Imgbuild {
         .arg(format!("base_image={}", base_vm_image()))
 }
 
+/// What `dpkg-query` lists from the dpkg database inside the QEMU image
+/// `image` (the fixture's layout: an ext4 partition at sector 2048), read
+/// out with debugfs: an independent reading of what the SBOM lists.
+fn dpkg_packages_in(image: &std::path::Path) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let admin = dir.path().join("dpkg");
+    std::fs::create_dir_all(admin.join("updates")).unwrap();
+    std::fs::create_dir_all(admin.join("info")).unwrap();
+    let run = |command: &mut std::process::Command| {
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{command:?}: {output:?}");
+        output.stdout
+    };
+    run(std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(image)
+        .arg(&raw));
+    run(std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!(
+            "dump /var/lib/dpkg/status {}",
+            admin.join("status").display()
+        ))
+        .arg(format!("{}?offset={}", raw.display(), 2048 * 512)));
+    let listed = run(std::process::Command::new("dpkg-query")
+        .arg(format!("--admindir={}", admin.display()))
+        .args([
+            "-W",
+            &format!("-f={}", imgbuild_test_support::sbom::DPKG_QUERY_FORMAT),
+        ]));
+    imgbuild_test_support::sbom::present_packages(&String::from_utf8_lossy(&listed))
+}
+
 fn assert_nothing_left(workspace: &Workspace) {
     assert_nothing_left_in(workspace, &["output"]);
 }
@@ -90,8 +124,11 @@ fn the_template_builds_an_image_whose_test_boot_finds_the_provisioners_changes()
     assert_eq!(
         workspace.files_in("output"),
         vec![
+            "debian-baseline-1.0.0.cdx.json",
+            "debian-baseline-1.0.0.intoto.json",
             "debian-baseline-1.0.0.qcow2",
-            "debian-baseline-1.0.0.qcow2.sha256"
+            "debian-baseline-1.0.0.qcow2.sha256",
+            "debian-baseline-1.0.0.spdx.json",
         ]
     );
 
@@ -135,6 +172,26 @@ fn the_template_builds_an_image_whose_test_boot_finds_the_provisioners_changes()
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["format"], "qcow2");
     assert!(info.get("backing-filename").is_none(), "{info}");
+
+    // The SBOM (sbom = "both" by default) validates with the reference
+    // libraries and lists what dpkg finds in the image's own database.
+    let spdx = workspace.join("output/debian-baseline-1.0.0.spdx.json");
+    let cdx = workspace.join("output/debian-baseline-1.0.0.cdx.json");
+    let sbom = &entry["details"]["sbom"];
+    assert_eq!(sbom["database"], "dpkg", "{entry}");
+    for path in [&spdx, &cdx] {
+        let path = path.canonicalize().unwrap();
+        let listed = entry["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|file| file["path"] == path.display().to_string())
+            .unwrap_or_else(|| panic!("{} is not in the manifest: {entry}", path.display()));
+        assert_eq!(listed["sha256"], sha256_of(&path));
+    }
+    let packages = imgbuild_test_support::sbom::validated_packages(&spdx, &cdx);
+    assert_eq!(sbom["packages"], packages.len());
+    assert_eq!(packages, dpkg_packages_in(&image));
 
     // The template's test booted the produced image and found the
     // provisioners' changes in it.

@@ -179,7 +179,13 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
 
     // Unchanged but for the version: nothing boots, the artifact is made
     // from the kept layers.
-    let third = build(&workspace, &versions[2]).exits_with(EXIT_OK);
+    // It also uploads its image (moto's S3): delivery must not depend on
+    // a boot.
+    #[cfg(feature = "ec2")]
+    let (third, bucket) = upload::build(&workspace, &versions[2]);
+    #[cfg(not(feature = "ec2"))]
+    let third = build(&workspace, &versions[2]);
+    let third = third.exits_with(EXIT_OK);
     assert_eq!(third.cached_steps(), Some(3), "{}", third.stdout);
     assert!(third.provisioners_run().is_empty());
     let started = steps_started(&third);
@@ -213,6 +219,30 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
         .unwrap();
     assert_eq!(entry["image"]["version"], versions[2].as_str());
     assert_eq!(entry["files"][0]["sha256"], sha256_of(&image));
+    #[cfg(feature = "ec2")]
+    upload::check(&entry, &bucket, &image);
+    // Nothing booted: the SBOM lists the packages read from the machine of
+    // the second build, whose final layer this one exports.
+    let sbom = &entry["details"]["sbom"];
+    assert!(
+        sbom["reused_from"]
+            .as_str()
+            .is_some_and(|from| from.contains("SBOM package list")),
+        "{entry}"
+    );
+    let documents = |version: &str| {
+        (
+            workspace.join(&format!("output/layered-{version}.spdx.json")),
+            workspace.join(&format!("output/layered-{version}.cdx.json")),
+        )
+    };
+    let (spdx, cdx) = documents(&versions[2]);
+    let reused = imgbuild_test_support::sbom::validated_packages(&spdx, &cdx);
+    let (spdx, cdx) = documents(&versions[1]);
+    let read = imgbuild_test_support::sbom::validated_packages(&spdx, &cdx);
+    assert!(read.iter().any(|p| p.starts_with("dpkg ")), "{read:?}");
+    assert_eq!(reused, read);
+    assert_eq!(sbom["packages"], reused.len());
 
     // A flipped bit in the layer of step 2 is found, reported and that
     // layer is rebuilt on top of the (sound) layer of step 1.
@@ -238,4 +268,89 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
     let (steps, keys) = read_artifact(&artifact(&workspace, &versions[3]));
     assert_eq!(steps, ["one", "two", "three-b"]);
     assert!(keys.is_empty(), "{keys:?}");
+}
+
+/// The fully cached build with `upload`, against moto's S3.
+#[cfg(feature = "ec2")]
+mod upload {
+    use super::*;
+    use imgbuild_builders::common::object_store::{ObjectStore, S3Options, S3Store};
+    use imgbuild_test_support::ec2::moto;
+
+    async fn store(bucket: &str) -> S3Store {
+        let options = S3Options {
+            endpoint_url: Some(moto()),
+            region: Some("us-east-1".into()),
+            ..S3Options::default()
+        };
+        S3Store::open(&format!("s3://{bucket}/images/"), options)
+            .await
+            .unwrap()
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Builds `version` uploading to a fresh bucket; returns the bucket.
+    pub fn build(workspace: &Workspace, version: &str) -> (Outcome, String) {
+        let bucket = unique("imgbuild-layered");
+        runtime().block_on(async {
+            store(&bucket)
+                .await
+                .client()
+                .create_bucket()
+                .bucket(&bucket)
+                .send()
+                .await
+                .unwrap();
+        });
+        let config = config(version).replace(
+            "cpus = 2\n",
+            &format!("cpus = 2\nupload = \"s3://{bucket}/images/\"\n"),
+        );
+        workspace.write("image.toml", &config);
+        // moto() has set fake credentials in this process's environment,
+        // which the binary inherits.
+        let outcome = workspace
+            .imgbuild()
+            .env("IMGBUILD_NO_CACHE", "false")
+            .env("IMGBUILD_CACHE_DIR", workspace.join("steps"))
+            .env("AWS_ENDPOINT_URL_S3", moto())
+            .args(["--output", "json", "build", "image.toml", "--var"])
+            .arg(format!("base_image={}", cloud_vm_image()))
+            .run();
+        (outcome, bucket)
+    }
+
+    /// The entry names the object, which downloads back to the image.
+    pub fn check(entry: &serde_json::Value, bucket: &str, image: &Path) {
+        let name = image.file_name().unwrap().to_string_lossy().into_owned();
+        let sha256 = sha256_of(image);
+        let upload = &entry["details"]["upload"];
+        assert_eq!(
+            upload["url"],
+            format!("s3://{bucket}/images/{name}"),
+            "{entry}"
+        );
+        assert_eq!(upload["sha256"], sha256.as_str());
+        let back = image.with_extension("downloaded");
+        runtime().block_on(async {
+            let store = store(bucket).await;
+            store
+                .download_file(&name, &back, &sha256, &|_, _| {})
+                .await
+                .unwrap();
+            let checksum = store.get(&format!("{name}.sha256")).await.unwrap().unwrap();
+            assert_eq!(
+                checksum.bytes,
+                std::fs::read(format!("{}.sha256", image.display())).unwrap()
+            );
+        });
+        assert_eq!(sha256_of(&back), sha256);
+        std::fs::remove_file(&back).unwrap();
+    }
 }

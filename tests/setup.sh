@@ -59,4 +59,41 @@ tests/fixtures/docker-base-image.sh --with-sshd >/dev/null
 log "moto (local EC2 endpoint)"
 bash .ci/start-moto.sh
 
+# --- Provenance and signing (issue 12): Debian's minisign checks the
+# checksum signatures, and the in-toto reference libraries (in moto's
+# virtualenv, the tests' Python) check the DSSE envelopes
+# (tests/verify_attestation.py). Pinned; reinstalled when moto's venv is
+# rebuilt.
+log "minisign and the in-toto reference libraries (attestation tests)"
+apt_install minisign
+attest_venv="${IMGBUILD_MOTO_VENV:-$HOME/.cache/imgbuild/moto-venv}"
+if ! "$attest_venv/bin/python" -c 'import in_toto, securesystemslib, in_toto_attestation' 2>/dev/null; then
+  "$attest_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    'in-toto==3.1.0' 'securesystemslib[crypto]==1.6.0' 'in-toto-attestation==0.9.3'
+fi
+# --- end provenance and signing ---
+
+# --- Docker push (issue 12): two local registries from Debian's
+# docker-registry package, plain on 127.0.0.1:5000 and htpasswd over TLS
+# with a test CA on 127.0.0.1:5443 (the CA goes to /etc/docker/certs.d;
+# the password stays in a root-only file, never in the log).
+log "Docker registries (push tests)"
+bash .ci/start-registry.sh
+# --- end Docker push ---
+
+# --- SBOM (issue 12): the SPDX and CycloneDX reference libraries in a
+# virtualenv of their own (tests/validate_sbom.py validates the documents
+# with them; IMGBUILD_SBOM_VENV moves it). Pinned; reinstalled when the
+# pins change.
+log "spdx-tools and cyclonedx-python-lib (SBOM tests)"
+sbom_venv="${IMGBUILD_SBOM_VENV:-$HOME/.cache/imgbuild/sbom-venv}"
+sbom_spec="spdx-tools==0.8.5 cyclonedx-python-lib[json-validation]==11.12.0"
+if [ "$(cat "$sbom_venv/.imgbuild-spec" 2>/dev/null)" != "$sbom_spec" ]; then
+  python3 -m venv "$sbom_venv" || { apt_install python3-venv && python3 -m venv "$sbom_venv"; }
+  # shellcheck disable=SC2086 # the spec is a list of requirements
+  "$sbom_venv/bin/python" -m pip install --quiet --disable-pip-version-check $sbom_spec
+  printf '%s' "$sbom_spec" >"$sbom_venv/.imgbuild-spec"
+fi
+# --- end SBOM ---
+
 log "ready"

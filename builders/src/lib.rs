@@ -29,6 +29,7 @@ use thiserror::Error;
 
 pub use common::artifact::{Artifact, ArtifactFile, SourceIdentity};
 pub use imgbuild_core::ConfigProblem;
+pub use imgbuild_provisioners::sbom::SbomFormats;
 
 /// The image every build of a config produces a version of.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +64,8 @@ pub struct BuildRequest {
     pub config_dir: PathBuf,
     /// The provisioners' step inputs, and whether kept states may be used.
     pub cache: common::cache::StepCache,
+    /// Which SBOM documents to write beside the artifact (`[image] sbom`).
+    pub sbom: SbomFormats,
 }
 
 #[derive(Debug, Error)]
@@ -170,6 +173,21 @@ pub trait Builder: Send + Sync {
             "the {} builder cannot run [[test]] on its artifacts yet; leave this build out of the tests with `except`, or pass --skip-tests",
             self.kind()
         )))
+    }
+
+    /// Hands an artifact that passed its `[[test]]`s (or whose tests were
+    /// skipped) on to where deployments read it: a registry push, an
+    /// upload. Called after the tests and before the version is recorded,
+    /// so a failed delivery records nothing; returns the artifact with what
+    /// was delivered added to its `details`. Nothing to deliver by default.
+    async fn deliver(
+        &self,
+        request: &BuildRequest,
+        artifact: Artifact,
+        cx: &StepContext,
+    ) -> Result<Artifact, BuildError> {
+        let _ = (request, cx);
+        Ok(artifact)
     }
 
     /// Removes what `build` produced (`on_test_failure = "delete"`): the

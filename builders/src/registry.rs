@@ -60,6 +60,45 @@ pub trait BuilderKind: Sync {
         ))
     }
 
+    /// Removes a recorded artifact of this kind (`imgbuild retire`), from
+    /// its record alone, and lists what it removed. What is already gone
+    /// counts as removed, so a retirement that failed part way can be run
+    /// again. Remote resources are journalled through `cx` before they are
+    /// touched.
+    async fn retire(
+        &self,
+        artifact: &crate::Artifact,
+        cx: &imgbuild_core::StepContext,
+    ) -> Result<Vec<String>, String> {
+        let _ = cx;
+        Err(format!(
+            "the {} builder cannot remove its artifacts ({}); remove it by hand",
+            self.name(),
+            artifact.id
+        ))
+    }
+
+    /// Whether [`BuilderKind::publish_channel`] does anything for this
+    /// kind.
+    fn publishes_channels(&self) -> bool {
+        false
+    }
+
+    /// Publishes the artifact as what a channel hands out, under
+    /// `parameter` (an SSM parameter for AMIs), and lists what it set.
+    async fn publish_channel(
+        &self,
+        artifact: &RecordedArtifact<'_>,
+        parameter: &str,
+    ) -> Result<Vec<String>, String> {
+        let _ = parameter;
+        Err(format!(
+            "build {}: {} artifacts cannot be published as SSM parameters, only EC2 AMIs",
+            artifact.build,
+            self.name()
+        ))
+    }
+
     /// What `imgbuild output` prints for an artifact of this kind: its
     /// artifact id, and with `--region` its copy there for kinds whose
     /// artifacts live in regions.
@@ -76,6 +115,23 @@ pub trait BuilderKind: Sync {
             )),
             None => Ok(artifact.artifact_id.to_owned()),
         }
+    }
+
+    /// The pinned reference (`repository@sha256:...`) an artifact of this
+    /// kind was pushed as, for `imgbuild output --format digest`: of
+    /// `repository` when given, else of the first repository it went to.
+    /// Only kinds that push to registries have one.
+    fn output_digest(
+        &self,
+        artifact: &RecordedArtifact<'_>,
+        repository: Option<&str>,
+    ) -> Result<String, String> {
+        let _ = repository;
+        Err(format!(
+            "build {} is a {} build, whose artifacts are not pushed to a registry: --format digest applies to Docker builds with `push`",
+            artifact.build,
+            self.name()
+        ))
     }
 
     /// Named values besides `<build>_version` and `<build>_artifact_id` for

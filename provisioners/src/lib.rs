@@ -11,6 +11,7 @@ pub mod file;
 pub mod image_test;
 pub mod provisioner;
 pub mod registry;
+pub mod sbom;
 pub mod shell;
 pub mod ssh;
 pub mod transfer;

@@ -8,7 +8,6 @@ use crate::ui::{JsonSink, OutputFormat};
 use clap::{Args, ValueEnum};
 use imgbuild_core::journal::default_state_dir;
 use imgbuild_core::{CancellationToken, OnError};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -30,8 +29,8 @@ pub struct BuildArgs {
     #[arg(long, value_enum, default_value = "cleanup")]
     on_error: OnErrorArg,
     /// Where to record artifacts [default: imgbuild-manifest.json beside the config]
-    #[arg(long, value_name = "PATH")]
-    manifest: Option<PathBuf>,
+    #[arg(long, value_name = "PATH|s3://BUCKET/KEY", env = "IMGBUILD_MANIFEST")]
+    manifest: Option<crate::manifest::Location>,
     /// Record the artifacts without running their [[test]]s (for
     /// emergencies; the manifest entry says the tests were skipped)
     #[arg(long)]
@@ -44,6 +43,17 @@ pub struct BuildArgs {
     /// `max_age`)
     #[arg(long)]
     skip_unchanged: bool,
+    /// Sign each version's provenance (a DSSE envelope) and checksum file
+    /// (a .minisig) with this key from `imgbuild keygen`; the variable may
+    /// also hold the key file's text. An encrypted key is decrypted with
+    /// IMGBUILD_SIGNING_KEY_PASSWORD, or asked for on the terminal
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "IMGBUILD_SIGNING_KEY",
+        hide_env_values = true
+    )]
+    sign_key: Option<String>,
 }
 
 pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
@@ -61,6 +71,18 @@ pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
         eprintln!("error: --parallel must be at least 1");
         return EXIT_USAGE;
     }
+    // Before anything is launched: a key that cannot be used fails the run
+    // now, not after an hour of building.
+    let signer = match args.sign_key.as_deref().filter(|k| !k.is_empty()) {
+        None => None,
+        Some(spec) => match crate::attest::SigningKey::load(spec) {
+            Ok(key) => Some(Arc::new(key)),
+            Err(err) => {
+                eprintln!("error: --sign-key: {err}");
+                return EXIT_USAGE;
+            }
+        },
+    };
     let log = super::event_log(global, &config, || Arc::new(JsonSink::new()));
     let manifest_path = super::manifest_path(&args.manifest, &config);
     let run_options = RunOptions {
@@ -76,6 +98,7 @@ pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
         skip_tests: args.skip_tests,
         use_cache: !args.no_cache,
         skip_unchanged: args.skip_unchanged,
+        signer,
     };
     let quiet = global.quiet;
     let output = global.output;
@@ -102,17 +125,17 @@ pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
     status.exit_code()
 }
 
-fn summarize(status: RunStatus, manifest_path: &std::path::Path) {
+fn summarize(status: RunStatus, manifest_path: &crate::manifest::Location) {
     match status {
         RunStatus::Succeeded => {
             super::print_result(&format!(
                 "all builds finished; artifacts are recorded in {}",
-                manifest_path.display()
+                manifest_path
             ));
         }
         RunStatus::Failed => eprintln!(
             "some builds failed; successful ones, and artifacts that failed their tests, are recorded in {}",
-            manifest_path.display()
+            manifest_path
         ),
         RunStatus::Refused => {}
         RunStatus::Interrupted => eprintln!("interrupted; cleanup is done"),

@@ -4,12 +4,19 @@
 
 mod build;
 mod cache;
+mod catalog;
 mod clean;
 pub mod inspect;
+mod keygen;
 mod output;
 mod plan;
+mod promote;
+mod retire;
+mod revoke;
+mod rollback;
 mod test;
 mod validate;
+mod verify;
 
 use crate::config::{LoadOptions, VariableInputs, variables::parse_cli_assignment};
 use crate::ui::{ColorChoice, OutputFormat, Verbosity};
@@ -107,6 +114,20 @@ enum Command {
     /// Run the [[test]]s again on a version the manifest records, and
     /// record the new verdict
     Test(test::TestArgs),
+    /// Make the key pair that signs provenance and checksum files
+    Keygen(keygen::KeygenArgs),
+    /// Check a recorded version against its signed provenance
+    Verify(verify::VerifyArgs),
+    /// List the versions of each image with their statuses and channels
+    Catalog(catalog::CatalogArgs),
+    /// Point a channel (dev, prod, ...) at a version
+    Promote(promote::PromoteArgs),
+    /// Move a channel back to the version it held before
+    Rollback(rollback::RollbackArgs),
+    /// Mark a version as never to be handed out or built upon again
+    Revoke(revoke::RevokeArgs),
+    /// Remove the artifacts of old versions no channel hands out
+    Retire(retire::RetireArgs),
 }
 
 /// Inputs shared by every command that reads a config.
@@ -164,11 +185,15 @@ fn event_log(
     imgbuild_core::BuildLog::root(sink, config.redactor.clone())
 }
 
-/// `--manifest`, or the manifest beside the config.
-fn manifest_path(given: &Option<PathBuf>, config: &crate::config::Config) -> PathBuf {
-    given
-        .clone()
-        .unwrap_or_else(|| crate::manifest::default_path(&config.dir))
+/// `--manifest`, else `IMGBUILD_MANIFEST`, else the manifest beside the
+/// config.
+fn manifest_path(
+    given: &Option<crate::manifest::Location>,
+    config: &crate::config::Config,
+) -> crate::manifest::Location {
+    given.clone().unwrap_or_else(|| {
+        crate::manifest::Location::File(crate::manifest::default_path(&config.dir))
+    })
 }
 
 /// The builder and provisioner types, read from their registries so help
@@ -211,6 +236,13 @@ pub fn main() -> i32 {
         Command::Plan(args) => plan::run(args, &cli.global),
         Command::Cache(args) => cache::run(args, &cli.global),
         Command::Test(args) => test::run(args, &cli.global),
+        Command::Keygen(args) => keygen::run(args, &cli.global),
+        Command::Verify(args) => verify::run(args, &cli.global),
+        Command::Catalog(args) => catalog::run(args, &cli.global),
+        Command::Promote(args) => promote::run(args, &cli.global),
+        Command::Rollback(args) => rollback::run(args, &cli.global),
+        Command::Revoke(args) => revoke::run(args, &cli.global),
+        Command::Retire(args) => retire::run(args, &cli.global),
     }
 }
 

@@ -6,7 +6,6 @@ use super::{EXIT_OK, EXIT_USAGE, GlobalOptions};
 use crate::manifest;
 use crate::outputs;
 use clap::{Args, ValueEnum};
-use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -16,14 +15,26 @@ enum Format {
     Json,
     /// A Terraform `*.auto.tfvars.json` for the latest entry of every build
     Tfvars,
+    /// The pushed image's pinned reference, `repository@sha256:...`
+    Digest,
 }
 
 #[derive(Args)]
 pub struct OutputArgs {
-    /// The manifest to read
-    #[arg(default_value = manifest::DEFAULT_FILE_NAME)]
-    manifest: PathBuf,
-    /// The build (required when the manifest holds several)
+    /// The catalog to read: a file or s3://BUCKET/KEY
+    #[arg(
+        default_value = manifest::DEFAULT_FILE_NAME,
+        env = "IMGBUILD_MANIFEST",
+        value_name = "MANIFEST"
+    )]
+    manifest: manifest::Location,
+    /// The image (required when the catalog holds several)
+    #[arg(long, value_name = "NAME")]
+    image: Option<String>,
+    /// The version this channel hands out, instead of the latest
+    #[arg(long, value_name = "NAME")]
+    channel: Option<String>,
+    /// The build (required when the version has several)
     #[arg(long, value_name = "NAME")]
     build: Option<String>,
     /// For EC2 builds: the AMI in this region (default: the build's own)
@@ -31,6 +42,9 @@ pub struct OutputArgs {
     region: Option<String>,
     #[arg(long, value_enum, default_value = "id")]
     format: Format,
+    /// With `--format digest`: the repository pushed to (default: the first)
+    #[arg(long, value_name = "REPOSITORY")]
+    repository: Option<String>,
     /// Hand out a version whose [[test]]s failed (refused otherwise)
     #[arg(long)]
     allow_failed: bool,
@@ -50,29 +64,54 @@ pub fn run(args: OutputArgs, _global: &GlobalOptions) -> i32 {
 }
 
 fn render(args: &OutputArgs) -> Result<String, String> {
-    let manifest = manifest::read(&args.manifest).map_err(|err| err.to_string())?;
+    let manifest = super::runtime()
+        .block_on(args.manifest.read())
+        .map_err(|err| err.to_string())?;
     if manifest.builds.is_empty() {
-        return Err(format!("{} records no builds yet", args.manifest.display()));
+        return Err(format!("{} records no builds yet", args.manifest));
     }
+    let images = crate::catalog::images(&manifest);
+    let image = match &args.image {
+        Some(image) if !images.contains(image) => {
+            return Err(format!(
+                "{} records no image {image} (it has: {})",
+                args.manifest,
+                images.join(", ")
+            ));
+        }
+        Some(image) => Some(image.as_str()),
+        None if images.len() == 1 => Some(images[0].as_str()),
+        None if args.channel.is_some() => {
+            return Err(format!(
+                "{} holds several images ({}); choose one with --image",
+                args.manifest,
+                images.join(", ")
+            ));
+        }
+        None => None,
+    };
+    let selected = match (&args.channel, image) {
+        (Some(channel), Some(image)) => outputs::on_channel(&manifest, image, channel)?,
+        _ => outputs::latest_by_build(&manifest, image),
+    };
     if args.format == Format::Tfvars {
-        return serde_json::to_string_pretty(&outputs::tfvars(&manifest, args.allow_failed)?)
+        return serde_json::to_string_pretty(&outputs::tfvars(&selected, args.allow_failed)?)
             .map_err(|e| e.to_string());
     }
-    let latest = outputs::latest_by_build(&manifest);
     let entry = match &args.build {
-        Some(build) => latest.get(build).copied().ok_or_else(|| {
+        Some(build) => selected.get(build).copied().ok_or_else(|| {
             format!(
-                "{} has no build named `{build}`; it has: {}",
-                args.manifest.display(),
-                latest.keys().cloned().collect::<Vec<_>>().join(", ")
+                "{} has no build named `{build}` here; it has: {}",
+                args.manifest,
+                selected.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })?,
-        None if latest.len() == 1 => *latest.values().next().expect("one entry"),
+        None if selected.len() == 1 => *selected.values().next().expect("one entry"),
         None => {
             return Err(format!(
                 "{} holds several builds ({}); choose one with --build",
-                args.manifest.display(),
-                latest.keys().cloned().collect::<Vec<_>>().join(", ")
+                args.manifest,
+                selected.keys().cloned().collect::<Vec<_>>().join(", ")
             ));
         }
     };
@@ -80,6 +119,7 @@ fn render(args: &OutputArgs) -> Result<String, String> {
     match args.format {
         Format::Id => outputs::artifact_for(entry, args.region.as_deref()),
         Format::Json => serde_json::to_string_pretty(entry).map_err(|e| e.to_string()),
+        Format::Digest => outputs::digest_for(entry, args.repository.as_deref()),
         Format::Tfvars => unreachable!("handled above"),
     }
 }

@@ -7,14 +7,12 @@ use super::{
     runtime,
 };
 use crate::config;
-use crate::manifest;
 use crate::pipeline::plan::{Action, BuildPlan, plan_build};
 use crate::ui::OutputFormat;
 use clap::Args;
 use imgbuild_builders::BuildError;
 use imgbuild_core::journal::Journal;
 use imgbuild_core::{CancellationToken, Event, EventSink, StepContext};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// `--detailed-exitcode`: something needs building.
@@ -27,8 +25,8 @@ pub struct PlanArgs {
     config: ConfigArgs,
     /// The manifest the recorded versions are read from [default:
     /// imgbuild-manifest.json beside the config]
-    #[arg(long, value_name = "PATH")]
-    manifest: Option<PathBuf>,
+    #[arg(long, value_name = "PATH|s3://BUCKET/KEY", env = "IMGBUILD_MANIFEST")]
+    manifest: Option<crate::manifest::Location>,
     /// Exit 0 when nothing needs building, 3 when something does (1 and 2
     /// as usual)
     #[arg(long)]
@@ -54,7 +52,7 @@ pub fn run(args: PlanArgs, global: &GlobalOptions) -> i32 {
         }
     };
     let manifest_path = super::manifest_path(&args.manifest, &config);
-    let existing = match manifest::read(&manifest_path) {
+    let existing = match super::runtime().block_on(manifest_path.read()) {
         Ok(existing) => existing,
         Err(err) => {
             eprintln!("error: {err}");

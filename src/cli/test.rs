@@ -9,7 +9,6 @@ use crate::ui::{JsonSink, OutputFormat};
 use clap::Args;
 use imgbuild_core::journal::default_state_dir;
 use imgbuild_core::{CancellationToken, OnError};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Args)]
@@ -22,8 +21,8 @@ pub struct TestArgs {
     version: Option<String>,
     /// The manifest recording the version [default: imgbuild-manifest.json
     /// beside the config]
-    #[arg(long, value_name = "PATH")]
-    manifest: Option<PathBuf>,
+    #[arg(long, value_name = "PATH|s3://BUCKET/KEY", env = "IMGBUILD_MANIFEST")]
+    manifest: Option<crate::manifest::Location>,
 }
 
 pub fn run(args: TestArgs, global: &GlobalOptions) -> i32 {
@@ -50,6 +49,7 @@ pub fn run(args: TestArgs, global: &GlobalOptions) -> i32 {
         skip_tests: false,
         use_cache: false,
         skip_unchanged: false,
+        signer: None,
     };
     let status = runtime().block_on(async move {
         let cancel = CancellationToken::new();
@@ -74,8 +74,7 @@ pub fn run(args: TestArgs, global: &GlobalOptions) -> i32 {
     status.exit_code()
 }
 
-fn summarize(status: RunStatus, manifest_path: &std::path::Path) {
-    let manifest_path = manifest_path.display();
+fn summarize(status: RunStatus, manifest_path: &crate::manifest::Location) {
     match status {
         RunStatus::Succeeded => super::print_result(&format!(
             "all tests passed; the versions are recorded as tested in {manifest_path}"

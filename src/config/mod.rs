@@ -8,7 +8,7 @@ pub mod variables;
 
 use diagnostic::{Diagnostic, Diagnostics, did_you_mean, explain_serde_message};
 use imgbuild_builders::registry::{self as builder_registry, BuilderKindError};
-use imgbuild_builders::{Builder, ImageInfo};
+use imgbuild_builders::{Builder, ImageInfo, SbomFormats};
 use imgbuild_core::ConfigProblem;
 use imgbuild_core::{Redactor, template};
 use imgbuild_provisioners::Provisioner;
@@ -79,6 +79,9 @@ pub struct Config {
     /// What happens to an artifact whose tests fail (`[image]
     /// on_test_failure`).
     pub on_test_failure: OnTestFailure,
+    /// `[image] sbom`: which SBOM documents every build writes beside its
+    /// artifact (default both).
+    pub sbom: SbomFormats,
     /// `[cache]`: where the step cache lives and how large it may grow.
     pub cache: CacheSettings,
     /// This run's `run_id`, `timestamp` and `isotime` as templates render
@@ -142,6 +145,14 @@ struct ImageSection {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     on_test_failure: OnTestFailure,
+    #[serde(default)]
+    sbom: SbomFormats,
+}
+
+/// What `[image]` sets for every build besides the image's identity.
+struct ImageOptions {
+    on_test_failure: OnTestFailure,
+    sbom: SbomFormats,
 }
 
 /// The fields of a `[[test]]` that are not the shell provisioner's.
@@ -425,7 +436,13 @@ impl Loader<'_> {
             );
         }
         let cache = self.cache_section(top, &env, &context);
-        let (image, on_test_failure) = image?;
+        let (
+            image,
+            ImageOptions {
+                on_test_failure,
+                sbom,
+            },
+        ) = image?;
         self.refuse_shared_claims(top, &builders, &image);
         self.refuse_untestable(top, &builders, &tests);
         if !self.diagnostics.is_empty() {
@@ -484,6 +501,7 @@ impl Loader<'_> {
             excluded,
             redactor,
             on_test_failure,
+            sbom,
             cache: cache.unwrap_or_default(),
             run_values: ["timestamp", "isotime", "run_id"]
                 .iter()
@@ -503,7 +521,7 @@ impl Loader<'_> {
         context: &serde_json::Value,
         options: &LoadOptions,
         revision: Option<String>,
-    ) -> Option<(ImageInfo, OnTestFailure)> {
+    ) -> Option<(ImageInfo, ImageOptions)> {
         let Some(section) = top.get("image") else {
             self.diagnostics.push(
                 Diagnostic::new(self.file, "the config has no [image] table")
@@ -557,7 +575,11 @@ impl Loader<'_> {
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default(),
             };
-            (image, parsed.on_test_failure)
+            let options = ImageOptions {
+                on_test_failure: parsed.on_test_failure,
+                sbom: parsed.sbom,
+            };
+            (image, options)
         })
     }
 
@@ -1469,5 +1491,29 @@ only = ["b"]
             .join("checks/release.sh");
         assert!(a.input_files.contains(&script), "{:?}", a.input_files);
         assert_eq!(a.test_configs[0]["retry_delay"], "1m");
+    }
+    #[test]
+    fn sbom_defaults_to_both_formats_and_a_wrong_value_is_refused_at_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |sbom: &str| {
+            format!(
+                "[image]\nname = \"web\"\nversion = \"1\"\n{sbom}\n\n[builders.a]\ntype = \"docker\"\nimage = \"debian:12\"\n"
+            )
+        };
+        let loaded =
+            load_text(dir.path(), &config("")).unwrap_or_else(|d| panic!("{}", d.render(false)));
+        assert_eq!(loaded.sbom, SbomFormats::Both);
+        let loaded = load_text(dir.path(), &config("sbom = \"cyclonedx\""))
+            .unwrap_or_else(|d| panic!("{}", d.render(false)));
+        assert_eq!(loaded.sbom, SbomFormats::Cyclonedx);
+        let refused = match load_text(dir.path(), &config("sbom = \"xml\"")) {
+            Ok(_) => panic!("sbom = \"xml\" was accepted"),
+            Err(diagnostics) => diagnostics.render(false),
+        };
+        assert!(refused.contains("image.toml:4"), "{refused}");
+        assert!(
+            refused.contains("spdx") && refused.contains("none"),
+            "{refused}"
+        );
     }
 }

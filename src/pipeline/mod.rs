@@ -6,6 +6,7 @@ pub mod inputs;
 pub mod keys;
 pub mod plan;
 pub mod retest;
+pub mod retire;
 pub mod signals;
 
 use crate::config::{Build, Config, OnTestFailure};
@@ -24,7 +25,7 @@ pub struct RunOptions {
     pub started: time::OffsetDateTime,
     pub parallel: usize,
     pub on_error: OnError,
-    pub manifest: PathBuf,
+    pub manifest: manifest::Location,
     pub state_dir: PathBuf,
     /// `--skip-tests`: record the artifacts without running their tests.
     pub skip_tests: bool,
@@ -33,6 +34,8 @@ pub struct RunOptions {
     /// `--skip-unchanged`: a build whose inputs (version masked) equal
     /// those of the latest recorded version is not built again.
     pub skip_unchanged: bool,
+    /// `--sign-key`: signs each version's provenance and checksum file.
+    pub signer: Option<Arc<crate::attest::SigningKey>>,
 }
 
 /// How the run ended, as the exit code says it.
@@ -202,7 +205,7 @@ async fn preflight(
     options: &RunOptions,
     contexts: &[StepContext],
 ) -> Result<Vec<Option<Entry>>, RunStatus> {
-    let existing = match manifest::read(&options.manifest) {
+    let existing = match options.manifest.read().await {
         Ok(existing) => existing,
         Err(err) => {
             contexts[0].log.error(err.to_string());
@@ -243,12 +246,46 @@ async fn preflight(
                 entry.artifact_id,
                 entry.status.as_str(),
                 if entry.deleted { ", deleted" } else { "" },
-                options.manifest.display()
+                options.manifest
             ));
             refused = true;
             continue;
         }
         let request = request_for(config, build, options.on_error);
+        // Resolving a base can cost a pull: only when there is a revoked
+        // version it could be.
+        if existing
+            .builds
+            .iter()
+            .any(|e| e.status == EntryStatus::Revoked)
+        {
+            match build.builder.resolve_source(&request, cx).await {
+                Ok(source) => {
+                    if let Some(parent) = crate::catalog::parent_of(&existing, &source)
+                        && parent.status == EntryStatus::Revoked
+                    {
+                        cx.log.error(format!(
+                            "the base {} is image {} version {} (build {}), which is revoked{}; build from another base",
+                            source.reference,
+                            parent.image.name,
+                            parent.image.version,
+                            parent.build.name,
+                            parent
+                                .revocation
+                                .as_ref()
+                                .and_then(|r| r.reason.as_deref())
+                                .map(|r| format!(" ({r})"))
+                                .unwrap_or_default()
+                        ));
+                        refused = true;
+                        continue;
+                    }
+                }
+                Err(BuildError::Cancelled) => return Err(RunStatus::Interrupted),
+                // The build resolves it again and reports what is wrong.
+                Err(_) => {}
+            }
+        }
         match build.builder.preflight(&request, cx).await {
             Ok(()) => {}
             Err(BuildError::Refused(message)) | Err(BuildError::Failed { message, .. }) => {
@@ -288,7 +325,8 @@ async fn unchanged(
         .map_err(|err| {
             BuildError::Refused(format!("cannot hash the build's input files: {err}"))
         })?;
-    let usable = latest.status != EntryStatus::Failed && !latest.deleted;
+    let usable =
+        matches!(latest.status, EntryStatus::Built | EntryStatus::Tested) && !latest.deleted;
     if latest.unversioned_inputs_sha256 != unversioned || !usable {
         cx.log.info(format!(
             "--skip-unchanged: {}; building",
@@ -298,7 +336,11 @@ async fn unchanged(
                 format!(
                     "the latest version {} is {}",
                     latest.image.version,
-                    if latest.deleted { "deleted" } else { "failed" }
+                    if latest.deleted {
+                        "deleted"
+                    } else {
+                        latest.status.as_str()
+                    }
                 )
             }
         ));
@@ -327,6 +369,7 @@ fn request_for(config: &Config, build: &Build, on_error: OnError) -> BuildReques
         on_error,
         config_dir: config.dir.clone(),
         cache: Default::default(),
+        sbom: config.sbom,
     }
 }
 
@@ -576,7 +619,7 @@ fn write_step_outputs(entry: &Entry, cx: &StepContext) {
 async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunOptions) -> Outcome {
     let (on_error, manifest_path, run_id, skip_tests, use_cache) = (
         options.on_error,
-        options.manifest.as_path(),
+        &options.manifest,
         options.run_id.as_str(),
         options.skip_tests,
         options.use_cache,
@@ -648,6 +691,35 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         }
     }
 
+    // Only what passed its tests (or skipped them, which the entry records)
+    // is delivered; a failed delivery records nothing, so no entry ever
+    // names an upload or push that did not happen.
+    let artifact = if verdict.status == EntryStatus::Failed {
+        artifact
+    } else {
+        match build.builder.deliver(&request, artifact, &cx).await {
+            Ok(delivered) => delivered,
+            Err(BuildError::Cancelled) => {
+                finish(BuildStatus::Cancelled, None);
+                return Outcome {
+                    status: BuildStatus::Cancelled,
+                    artifact: None,
+                };
+            }
+            Err(err) => {
+                let message = format!(
+                    "delivery failed: {err}; version {} is not recorded in {}",
+                    config.image.version, manifest_path
+                );
+                finish(BuildStatus::Failed, Some(message));
+                return Outcome {
+                    status: BuildStatus::Failed,
+                    artifact: None,
+                };
+            }
+        }
+    };
+
     let (inputs_sha256, unversioned_inputs_sha256) =
         match inputs::hashes(config, build, &artifact.source).await {
             Ok(hashes) => hashes,
@@ -664,6 +736,18 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
             &artifact.source,
         ),
         None => Vec::new(),
+    };
+    // The catalog as it is now: a parent may have been recorded since the
+    // run started.
+    let parent = match manifest_path.read().await {
+        Ok(current) => {
+            crate::catalog::parent_of(&current, &artifact.source).map(|p| manifest::ParentRef {
+                image: p.image.name.clone(),
+                version: p.image.version.clone(),
+                build: p.build.name.clone(),
+            })
+        }
+        Err(_) => None,
     };
     let mut entry = Entry {
         run_id: run_id.to_owned(),
@@ -695,18 +779,28 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         test_error: verdict.error.clone(),
         deleted,
         retested_at: None,
+        parent,
+        revocation: None,
+        retirement: None,
+        attestation: None,
     };
     entry.mask_free_text(&config.redactor);
+    // After tests and delivery, so the provenance names what was delivered;
+    // before the record, so no entry points at a missing attestation.
+    if let Err(message) =
+        crate::attest::attest_entry(&mut entry, config, options.signer.clone(), &cx).await
+    {
+        finish(BuildStatus::Failed, Some(message));
+        return Outcome {
+            status: BuildStatus::Failed,
+            artifact: None,
+        };
+    }
     let entry_json = serde_json::to_value(&entry).expect("entries serialize");
     let recorded = entry.clone();
-    match tokio::task::spawn_blocking({
-        let path = manifest_path.to_path_buf();
-        move || manifest::append(&path, entry)
-    })
-    .await
-    {
-        Ok(Ok(None)) => {}
-        Ok(Ok(Some(existing))) => {
+    match manifest_path.append(entry).await {
+        Ok(None) => {}
+        Ok(Some(existing)) => {
             cx.log.error(format!(
                 "the manifest already records this version (run {}); the new artifact {} is not recorded",
                 existing.run_id, artifact.id
@@ -717,18 +811,11 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
                 artifact: None,
             };
         }
-        Ok(Err(err)) => {
+        Err(err) => {
             cx.log.error(format!(
                 "the artifact {} was built but cannot be recorded: {err}",
                 artifact.id
             ));
-            finish(BuildStatus::Failed, Some(err.to_string()));
-            return Outcome {
-                status: BuildStatus::Failed,
-                artifact: None,
-            };
-        }
-        Err(err) => {
             finish(BuildStatus::Failed, Some(err.to_string()));
             return Outcome {
                 status: BuildStatus::Failed,
@@ -744,8 +831,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         };
         let message = format!(
             "{failure}; version {} is recorded as failed in {} ({kept}), and `imgbuild output` refuses it without --allow-failed",
-            config.image.version,
-            manifest_path.display()
+            config.image.version, manifest_path
         );
         if verdict.cancelled {
             cx.log.warn(message);
@@ -916,6 +1002,7 @@ mod tests {
             excluded: Vec::new(),
             redactor: Redactor::new(),
             on_test_failure: OnTestFailure::Delete,
+            sbom: Default::default(),
             cache: Default::default(),
             run_values: Vec::new(),
         };
@@ -924,11 +1011,12 @@ mod tests {
             started: time::OffsetDateTime::UNIX_EPOCH,
             parallel: 1,
             on_error: OnError::Cleanup,
-            manifest: dir.path().join("manifest.json"),
+            manifest: manifest::Location::File(dir.path().join("manifest.json")),
             state_dir: dir.path().join("state"),
             skip_tests: false,
             use_cache: true,
             skip_unchanged: false,
+            signer: None,
         };
         let sink = Arc::new(MemorySink::default());
         let log = BuildLog::root(sink.clone(), Redactor::new());

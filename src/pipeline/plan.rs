@@ -133,7 +133,8 @@ fn compare(
     records: &[StepRecord],
 ) -> Action {
     let version = &latest.image.version;
-    let usable = latest.status != EntryStatus::Failed && !latest.deleted;
+    let usable =
+        matches!(latest.status, EntryStatus::Built | EntryStatus::Tested) && !latest.deleted;
     if latest.unversioned_inputs_sha256 == unversioned && usable {
         return Action::UpToDate {
             version: version.clone(),
@@ -153,7 +154,11 @@ fn compare(
     if !usable {
         reasons.push(format!(
             "version {version} is {}",
-            if latest.deleted { "deleted" } else { "failed" }
+            if latest.deleted {
+                "deleted"
+            } else {
+                latest.status.as_str()
+            }
         ));
     }
     if latest.steps.is_empty() && !records.is_empty() {

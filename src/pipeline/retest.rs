@@ -29,7 +29,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> RunStatus {
     warn_about_leftovers(&options, &log);
-    let targets = match select(&config, &options.manifest) {
+    let targets = match select(&config, &options.manifest).await {
         Ok(targets) => targets,
         Err(problems) => {
             for problem in problems {
@@ -105,10 +105,16 @@ enum Retested {
 
 /// The builds to test and their entries, or every reason why not: nothing
 /// is launched unless every selected build with tests has an artifact.
-fn select<'a>(config: &'a Config, manifest_path: &Path) -> Result<Vec<Target<'a>>, Vec<String>> {
-    let recorded = manifest::read(manifest_path).map_err(|err| vec![err.to_string()])?;
+async fn select<'a>(
+    config: &'a Config,
+    manifest_path: &manifest::Location,
+) -> Result<Vec<Target<'a>>, Vec<String>> {
+    let recorded = manifest_path
+        .read()
+        .await
+        .map_err(|err| vec![err.to_string()])?;
     let (image, version) = (&config.image.name, &config.image.version);
-    let manifest_name = manifest_path.display();
+    let manifest_name = manifest_path;
     let mut problems = Vec::new();
     let mut targets = Vec::new();
     for build in config.builds.iter().filter(|b| !b.tests.is_empty()) {
@@ -217,7 +223,7 @@ async fn retest(
     if verdict.cancelled {
         cx.log.warn(format!(
             "interrupted before the tests finished; the entry of version {version} in {} is unchanged ({})",
-            manifest_path.display(),
+            manifest_path,
             entry.status.as_str()
         ));
         return Retested::Interrupted;
@@ -245,14 +251,14 @@ async fn retest(
             cx.log.info(format!(
                 "all {} tests passed: version {version} is recorded as tested in {} (it was {was})",
                 verdict.tests.len(),
-                manifest_path.display()
+                manifest_path
             ));
             Retested::Passed(json)
         }
         Some(failure) => {
             cx.log.error(format!(
                 "{failure}; version {version} is recorded as failed in {} (it was {was}), and `imgbuild output` refuses it without --allow-failed",
-                manifest_path.display()
+                manifest_path
             ));
             Retested::Failed(Some(json))
         }
@@ -264,10 +270,9 @@ async fn record(
     config: &Config,
     build: &Build,
     verdict: &Verdict,
-    manifest_path: &Path,
+    manifest_path: &manifest::Location,
 ) -> Result<Entry, String> {
-    let (path, image, version, name) = (
-        manifest_path.to_path_buf(),
+    let (image, version, name) = (
         config.image.name.clone(),
         config.image.version.clone(),
         build.name.clone(),
@@ -276,21 +281,17 @@ async fn record(
     let redactor = config.redactor.clone();
     let change = move |entry: &mut Entry| {
         entry.status = status;
-        entry.tests = tests;
-        entry.test_error = error;
+        entry.tests = tests.clone();
+        entry.test_error = error.clone();
         // The tests ran now, whether or not the build skipped them.
         entry.tests_skipped = false;
         entry.retested_at = Some(super::now_rfc3339());
         entry.mask_free_text(&redactor);
     };
-    match tokio::task::spawn_blocking(move || {
-        manifest::update(&path, &image, &version, &name, change)
-    })
-    .await
-    {
-        Ok(result) => result.map_err(|err| err.to_string()),
-        Err(err) => Err(err.to_string()),
-    }
+    manifest_path
+        .update(&image, &version, &name, change)
+        .await
+        .map_err(|err| err.to_string())
 }
 
 #[cfg(test)]

@@ -78,6 +78,8 @@ impl Harness {
             on_error: OnError::Cleanup,
             config_dir: self.config_dir.path().to_path_buf(),
             cache: Default::default(),
+            // Builder tests that check the SBOM ask for it.
+            sbom: imgbuild_builders::SbomFormats::None,
         }
     }
 

@@ -8,7 +8,8 @@
 //! - [`docker`]: the Docker Engine, its containers and images, and the sshd
 //!   container that plays a remote machine;
 //! - [`ec2`] (feature `ec2`): moto, and a proxy that injects EC2 faults;
-//! - [`cli`]: the `imgbuild` binary run as users run it.
+//! - [`cli`]: the `imgbuild` binary run as users run it;
+//! - [`sbom`]: SBOM documents checked by the reference libraries and dpkg.
 
 pub mod cli;
 pub mod common;
@@ -16,4 +17,5 @@ pub mod docker;
 #[cfg(feature = "ec2")]
 pub mod ec2;
 pub mod harness;
+pub mod sbom;
 pub mod sshd;

@@ -11,6 +11,7 @@ pub mod process;
 pub mod ssh;
 pub mod step_provision;
 pub mod step_run_tests;
+pub mod step_sbom;
 pub mod step_store;
 #[cfg(test)]
 pub mod testing;

@@ -66,6 +66,98 @@ pub struct DockerConfig {
     /// that provisioning works.
     #[serde(default)]
     pub discard: bool,
+    /// Deliver the committed image once its `[[test]]`s passed: `true`
+    /// pushes `<repository>:<version>` and `tags` to the repository's own
+    /// registry; a list of repositories (`["registry.example.com/team/app"]`)
+    /// tags the image into each and pushes the version and `tags` there.
+    #[serde(default, skip_serializing_if = "Push::is_off")]
+    pub push: Push,
+}
+
+/// Where the committed image is pushed. Written as a boolean or a list of
+/// repositories, each checked as it is read so a typo is reported at its
+/// line.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Push {
+    #[default]
+    Off,
+    /// The build's own repository.
+    Own,
+    /// These repositories (registry host included), in order.
+    To(Vec<String>),
+}
+
+impl Push {
+    pub fn is_off(&self) -> bool {
+        matches!(self, Push::Off)
+    }
+
+    /// The repositories pushed to, the build's own being `repository`.
+    pub fn repositories(&self, repository: &str) -> Vec<String> {
+        match self {
+            Push::Off => Vec::new(),
+            Push::Own => vec![repository.to_owned()],
+            Push::To(repositories) => repositories.clone(),
+        }
+    }
+}
+
+impl Serialize for Push {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Push::Off => serializer.serialize_bool(false),
+            Push::Own => serializer.serialize_bool(true),
+            Push::To(repositories) => repositories.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Push {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Push;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "true, false, or a list of repositories like [\"registry.example.com/team/app\"]",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Push, E> {
+                Ok(if value { Push::Own } else { Push::Off })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Push, A::Error> {
+                let mut repositories: Vec<String> = Vec::new();
+                while let Some(repository) = seq.next_element::<String>()? {
+                    check_push_repository(&repository).map_err(serde::de::Error::custom)?;
+                    if repositories.contains(&repository) {
+                        return Err(serde::de::Error::custom(format!(
+                            "`{repository}` is listed twice; list each repository once"
+                        )));
+                    }
+                    repositories.push(repository);
+                }
+                if repositories.is_empty() {
+                    return Err(serde::de::Error::custom(
+                        "the list of repositories to push to is empty; list at least one, or write `push = false`",
+                    ));
+                }
+                Ok(Push::To(repositories))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A repository to push to: a name without tag or digest (the tags come
+/// from the version and `tags`).
+fn check_push_repository(repository: &str) -> Result<(), String> {
+    let last = repository.rsplit('/').next().unwrap_or_default();
+    if repository.contains('@') || last.contains(':') {
+        return Err(format!(
+            "`{repository}` names a tag or digest; write the repository alone, like \"registry.example.com/team/app\": the version and `tags` are pushed to it"
+        ));
+    }
+    check_repository(repository)
 }
 
 /// When to pull the base image. Written as a boolean or as the words of
@@ -261,7 +353,8 @@ impl DockerConfig {
             } else {
                 "`export_path`"
             };
-            let commit_only: [(&str, bool); 5] = [
+            let commit_only: [(&str, bool); 6] = [
+                ("push", !self.push.is_off()),
                 ("repository", self.repository.is_some()),
                 ("tags", !self.tags.is_empty()),
                 ("changes", !self.changes.is_empty()),
@@ -780,6 +873,69 @@ mod tests {
         assert_eq!(pull("missing".into()).unwrap(), PullPolicy::Missing);
         assert_eq!(pull("false".into()).unwrap(), PullPolicy::Never);
         assert!(pull("sometimes".into()).is_err());
+    }
+
+    #[test]
+    fn push_takes_a_boolean_or_repositories_checked_as_read() {
+        let push = |value: serde_json::Value| {
+            serde_json::from_value::<DockerConfig>(serde_json::json!({"image": "x", "push": value}))
+                .map(|c| c.push)
+                .map_err(|err| err.to_string())
+        };
+        assert_eq!(push(false.into()).unwrap(), Push::Off);
+        assert_eq!(push(true.into()).unwrap(), Push::Own);
+        assert_eq!(
+            push(serde_json::json!([
+                "registry.example.com:5000/team/app",
+                "team/app"
+            ]))
+            .unwrap(),
+            Push::To(vec![
+                "registry.example.com:5000/team/app".into(),
+                "team/app".into()
+            ])
+        );
+        assert_eq!(
+            Push::Own.repositories("web"),
+            vec!["web".to_owned()],
+            "true pushes the build's own repository"
+        );
+        for (value, message) in [
+            (
+                serde_json::json!(["r.example.com/app:1.0"]),
+                "names a tag or digest",
+            ),
+            (
+                serde_json::json!(["r.example.com/app@sha256:00"]),
+                "names a tag or digest",
+            ),
+            (serde_json::json!(["r.example.com/App"]), "uppercase"),
+            (serde_json::json!(["a/b", "a/b"]), "listed twice"),
+            (serde_json::json!([]), "is empty"),
+            (serde_json::json!("yes"), "a list of repositories"),
+        ] {
+            let err = push(value.clone()).unwrap_err();
+            assert!(err.contains(message), "{value}: {err}");
+        }
+        // Written back as it was read, for `inspect`.
+        let config: DockerConfig =
+            serde_json::from_value(serde_json::json!({"image": "x", "push": ["r.example.com/a"]}))
+                .unwrap();
+        assert_eq!(
+            serde_json::to_value(&config).unwrap()["push"],
+            serde_json::json!(["r.example.com/a"])
+        );
+        let exported = config_with_push_and_export();
+        let fields: Vec<String> = exported
+            .problems(Path::new("/cfg"))
+            .into_iter()
+            .map(|p| p.field)
+            .collect();
+        assert_eq!(fields, vec!["push"]);
+    }
+
+    fn config_with_push_and_export() -> DockerConfig {
+        config(serde_json::json!({"image": "x", "push": true, "export_path": "out/fs.tar"}))
     }
 
     #[test]

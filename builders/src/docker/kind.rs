@@ -4,10 +4,13 @@
 use super::{DockerBuilder, DockerConfig};
 use crate::Builder;
 use crate::common::orphans::Removal;
-use crate::registry::{self, BuilderKind, BuilderKindError, JournalResource};
+use crate::registry::{
+    self, BuilderKind, BuilderKindError, JournalResource, OutputTarget, RecordedArtifact,
+};
 use async_trait::async_trait;
 use imgbuild_core::{BuilderResource, Resource};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::time::Duration;
 
 pub struct DockerKind;
@@ -43,6 +46,116 @@ impl BuilderKind for DockerKind {
     ) -> Result<Removal, String> {
         super::clean_orphan(&Resource::Builder(resource.clone()), run_id).await
     }
+
+    /// The version tag's `repository@digest` from `details.pushed`.
+    fn output_digest(
+        &self,
+        artifact: &RecordedArtifact<'_>,
+        repository: Option<&str>,
+    ) -> Result<String, String> {
+        let pushed = pushed_versions(artifact);
+        if pushed.is_empty() {
+            return Err(format!(
+                "build {} version {} was not pushed to a registry; set `push` in its docker builder to record a pinned reference",
+                artifact.build, artifact.version
+            ));
+        }
+        match repository {
+            None => Ok(pushed[0].1.clone()),
+            Some(wanted) => pushed
+                .iter()
+                .find(|(repository, _)| repository == wanted)
+                .map(|(_, reference)| reference.clone())
+                .ok_or_else(|| {
+                    format!(
+                        "build {} version {} was not pushed to {wanted}; it was pushed to: {}",
+                        artifact.build,
+                        artifact.version,
+                        pushed
+                            .iter()
+                            .map(|(repository, _)| repository.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }),
+        }
+    }
+
+    /// `pushed_reference` (the first repository's), and for Terraform
+    /// `pushed_references`, a map by repository.
+    fn outputs(
+        &self,
+        artifact: &RecordedArtifact<'_>,
+        target: OutputTarget,
+    ) -> Vec<(String, Value)> {
+        let pushed = pushed_versions(artifact);
+        let mut outputs = Vec::new();
+        if let Some((_, first)) = pushed.first() {
+            outputs.push(("pushed_reference".to_owned(), Value::from(first.clone())));
+        }
+        if target == OutputTarget::Tfvars && !pushed.is_empty() {
+            outputs.push((
+                "pushed_references".to_owned(),
+                Value::Object(
+                    pushed
+                        .into_iter()
+                        .map(|(repository, reference)| (repository, Value::from(reference)))
+                        .collect(),
+                ),
+            ));
+        }
+        outputs
+    }
+
+    async fn retire(
+        &self,
+        artifact: &crate::Artifact,
+        cx: &imgbuild_core::StepContext,
+    ) -> Result<Vec<String>, String> {
+        use super::kept::Kept;
+        let removed = match Kept::of(artifact)? {
+            Kept::Nothing => Vec::new(),
+            Kept::Image {
+                id,
+                repository,
+                tags,
+            } => tags
+                .iter()
+                .map(|tag| format!("{repository}:{tag}"))
+                .chain([id])
+                .collect(),
+            Kept::Tar {
+                path,
+                checksum_file,
+                ..
+            } => vec![
+                path.display().to_string(),
+                checksum_file.display().to_string(),
+            ],
+        };
+        super::delete::delete(artifact, cx)
+            .await
+            .map_err(|err| err.to_string())?;
+        Ok(removed)
+    }
+}
+
+/// `(repository, repository@digest)` of the version tag in each repository
+/// the image was pushed to, in push order.
+fn pushed_versions(artifact: &RecordedArtifact<'_>) -> Vec<(String, String)> {
+    artifact.details["pushed"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|entry| entry["tag"] == artifact.version)
+        .filter_map(|entry| {
+            Some((
+                entry["repository"].as_str()?.to_owned(),
+                entry["reference"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// What the Docker builder records in the run journal. The names keep the
@@ -109,5 +222,53 @@ mod tests {
             path: "/tmp/x".into(),
         };
         assert!(DockerResource::from_resource(&file).is_none());
+    }
+
+    #[test]
+    fn the_pinned_reference_is_the_version_tags() {
+        let details = serde_json::json!({"pushed": [
+            {"repository": "r.example.com/a", "tag": "1.0", "digest": "sha256:aa", "reference": "r.example.com/a@sha256:aa"},
+            {"repository": "r.example.com/a", "tag": "latest", "digest": "sha256:aa", "reference": "r.example.com/a@sha256:aa"},
+            {"repository": "q.example.com/b", "tag": "1.0", "digest": "sha256:bb", "reference": "q.example.com/b@sha256:bb"},
+        ]});
+        let artifact = RecordedArtifact {
+            build: "app",
+            version: "1.0",
+            artifact_id: "sha256:id",
+            details: &details,
+        };
+        assert_eq!(
+            DockerKind.output_digest(&artifact, None).unwrap(),
+            "r.example.com/a@sha256:aa"
+        );
+        assert_eq!(
+            DockerKind
+                .output_digest(&artifact, Some("q.example.com/b"))
+                .unwrap(),
+            "q.example.com/b@sha256:bb"
+        );
+        let err = DockerKind
+            .output_digest(&artifact, Some("x.example.com/c"))
+            .unwrap_err();
+        assert!(err.contains("r.example.com/a, q.example.com/b"), "{err}");
+        let tfvars = DockerKind.outputs(&artifact, OutputTarget::Tfvars);
+        assert_eq!(tfvars[0].1, "r.example.com/a@sha256:aa");
+        assert_eq!(tfvars[1].1["q.example.com/b"], "q.example.com/b@sha256:bb");
+        let unpushed = serde_json::json!({"tags": ["1.0"]});
+        let artifact = RecordedArtifact {
+            details: &unpushed,
+            ..artifact
+        };
+        assert!(
+            DockerKind
+                .output_digest(&artifact, None)
+                .unwrap_err()
+                .contains("set `push`")
+        );
+        assert!(
+            DockerKind
+                .outputs(&artifact, OutputTarget::StepOutputs)
+                .is_empty()
+        );
     }
 }

@@ -3,23 +3,27 @@
 //! commits it as `<repository>:<version>`, or exports its filesystem as a tar
 //! file, or discards it.
 //!
-//! Steps, in order: check that the version tag is free, make sure the base
-//! image is present (pulling it), create and start the container, connect,
-//! provision, then commit, export or discard.
+//! Steps, in order: check that the version tag is free (locally and in
+//! the registries it is pushed to), make sure the base image is present
+//! (pulling it), create and start the container, connect, provision, read
+//! the SBOM, then commit, export or discard.
 //!
 //! `[[test]]`s run on a fresh container started from the committed image
-//! (test_run.rs); `delete` takes back the tags or files a build kept.
+//! (test_run.rs); then delivery (`deliver`) pushes it when `push` is set
+//! (step_push.rs); `delete` takes back the tags or files a build kept.
 //!
 //! The engine is whatever `DOCKER_HOST` names (the local socket by
 //! default); the docker CLI is never run.
 
 pub mod communicator;
 pub mod config;
+pub mod credentials;
 mod delete;
 mod engine;
 mod kept;
 pub mod kind;
 mod plan;
+pub mod remote;
 pub mod step_cache;
 mod step_check_tag;
 mod step_commit;
@@ -28,6 +32,7 @@ mod step_create_container;
 mod step_discard;
 mod step_export;
 mod step_pull;
+mod step_push;
 mod test_run;
 
 pub use communicator::DockerCommunicator;
@@ -36,6 +41,7 @@ pub use config::DockerConfig;
 use crate::common::artifact::checksum_path;
 use crate::common::outcome::{LeftRunning, debugging_hint, finish};
 use crate::common::step_provision::{StepProvision, has_communicator};
+use crate::common::step_sbom::{SbomTarget, StepSbom, has_sbom};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
     SourceIdentity,
@@ -91,6 +97,7 @@ pub struct DockerState {
 }
 
 has_communicator!(DockerState);
+has_sbom!(DockerState);
 
 impl DockerState {
     /// A fresh state on the engine `DOCKER_HOST` names: the start of a
@@ -162,10 +169,17 @@ impl Builder for DockerBuilder {
         match self.config.output(config_dir) {
             Output::Commit => {
                 let repository = self.config.repository(&image.name);
-                std::iter::once(image.version.as_str())
+                let mut claims: Vec<String> = std::iter::once(image.version.as_str())
                     .chain(self.config.tags.iter().map(String::as_str))
                     .map(|tag| format!("the docker tag {repository}:{tag}"))
-                    .collect()
+                    .collect();
+                // Another repository pushed to is tagged locally too.
+                for other in self.config.push.repositories(&repository) {
+                    if other != repository {
+                        claims.push(format!("the docker tag {other}:{}", image.version));
+                    }
+                }
+                claims
             }
             Output::Export(path) => [checksum_path(&path), path]
                 .iter()
@@ -188,6 +202,10 @@ impl Builder for DockerBuilder {
                 if !self.config.tags.is_empty() {
                     description
                         .push_str(&format!(" (also tagged {})", self.config.tags.join(", ")));
+                }
+                let pushed = self.config.push.repositories(&repository);
+                if !pushed.is_empty() {
+                    description.push_str(&format!(", pushed to {}", pushed.join(", ")));
                 }
                 PlannedArtifact {
                     description,
@@ -239,6 +257,10 @@ impl Builder for DockerBuilder {
                 .ensure_free(&engine)
                 .await
                 .map_err(BuildError::Refused)?;
+            target
+                .ensure_free_in_registries(&engine, &cx.log)
+                .await
+                .map_err(BuildError::Refused)?;
         }
         if self.config.pull == PullPolicy::Never {
             step_pull::inspect_local(&engine, &self.config.image, false)
@@ -273,6 +295,24 @@ impl Builder for DockerBuilder {
         cx: &StepContext,
     ) -> Result<Vec<TestResult>, BuildError> {
         test_run::test_image(&self.config, request, artifact, tests, cx).await
+    }
+
+    async fn deliver(
+        &self,
+        request: &BuildRequest,
+        artifact: Artifact,
+        cx: &StepContext,
+    ) -> Result<Artifact, BuildError> {
+        let plan = Plan::new(&self.config, request, &cx.run_id, cx.build_name())
+            .map_err(BuildError::Refused)?;
+        let mut steps = Self::delivery_steps(&plan);
+        if steps.is_empty() {
+            return Ok(artifact);
+        }
+        let mut state = DockerState::connect().await?;
+        state.artifact = Some(artifact);
+        let mut report = run_steps(&mut steps, &mut state, cx, request.on_error).await;
+        finish(&mut report, state.artifact.take(), "push")
     }
 
     async fn delete_artifact(
@@ -315,6 +355,15 @@ impl DockerBuilder {
         )));
         steps.push(Box::new(step_connect::StepConnect::new(plan.clone())));
         steps.push(Box::new(StepProvision::new(request.provisioners.clone())));
+        let sbom_target = match &plan.produce {
+            Produce::Commit(_) => Some(SbomTarget::in_output_dir(request)),
+            Produce::Export { path, .. } => Some(SbomTarget::beside(path, None)),
+            // Nothing is kept for an SBOM to describe.
+            Produce::Discard => None,
+        };
+        steps.extend(
+            sbom_target.and_then(|target| StepSbom::for_request(request, "docker", target)),
+        );
         steps.push(match &plan.produce {
             Produce::Commit(target) => {
                 Box::new(step_commit::StepCommit::new(plan.clone(), target.clone()))
@@ -329,6 +378,17 @@ impl DockerBuilder {
             )),
             Produce::Discard => Box::new(step_discard::StepDiscard),
         });
+        steps
+    }
+
+    /// What runs after the `[[test]]`s passed (or were skipped): the push.
+    fn delivery_steps(plan: &Plan) -> Vec<Box<dyn Step<DockerState>>> {
+        let mut steps: Vec<Box<dyn Step<DockerState>>> = Vec::new();
+        if let Produce::Commit(target) = &plan.produce
+            && !target.push.is_empty()
+        {
+            steps.push(Box::new(step_push::StepPush::new(target.clone())));
+        }
         steps
     }
 }

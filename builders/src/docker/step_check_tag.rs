@@ -1,4 +1,6 @@
-//! Versions are immutable: `<repository>:<version>` must not exist yet.
+//! Versions are immutable: `<repository>:<version>` must not exist yet, in
+//! the engine nor in any registry the image will be pushed to (nor, for
+//! each other repository it is pushed to, in the engine under that name).
 //! Checked in preflight, before anything starts, and again as the build's
 //! first step, since builds may wait for a slot a while after preflight.
 //!
@@ -6,7 +8,8 @@
 
 use super::DockerState;
 use super::config::{DockerConfig, check_repository, check_tag};
-use super::engine::{self, ImageApi};
+use super::engine::{self, Engine, ImageApi};
+use super::remote::{self, RemoteRepository};
 use crate::ImageInfo;
 use async_trait::async_trait;
 use imgbuild_core::{Step, StepContext, StepError};
@@ -17,6 +20,10 @@ pub struct Target {
     pub repository: String,
     pub version: String,
     image_name: String,
+    /// The repositories the image is pushed to (`push`), in order.
+    pub push: Vec<String>,
+    /// The tags pushed to each: the version, then `tags`.
+    pub push_tags: Vec<String>,
 }
 
 impl Target {
@@ -41,10 +48,18 @@ impl Target {
                 image.version
             ));
         }
+        let mut push_tags = vec![image.version.clone()];
+        for tag in &config.tags {
+            if !push_tags.contains(tag) {
+                push_tags.push(tag.clone());
+            }
+        }
         Ok(Target {
+            push: config.push.repositories(&repository),
             repository,
             version: image.version.clone(),
             image_name: image.name.clone(),
+            push_tags,
         })
     }
 
@@ -56,9 +71,57 @@ impl Target {
         format!("{}:{tag}", self.repository)
     }
 
-    /// Refuses when the version tag already exists in the engine.
+    /// Refuses when the version tag already exists in the engine, under
+    /// the build's repository or another one it is pushed to.
     pub async fn ensure_free(&self, engine: &dyn ImageApi) -> Result<(), String> {
-        let reference = self.reference();
+        let mut repositories = vec![self.repository.as_str()];
+        repositories.extend(
+            self.push
+                .iter()
+                .map(String::as_str)
+                .filter(|r| *r != self.repository),
+        );
+        for repository in repositories {
+            self.ensure_free_as(engine, repository).await?;
+        }
+        Ok(())
+    }
+
+    /// Refuses when a registry the image is pushed to already has the
+    /// version tag, or cannot say (unreachable, credentials refused): the
+    /// push would fail after the whole build.
+    pub async fn ensure_free_in_registries(
+        &self,
+        engine: &Engine,
+        log: &imgbuild_core::BuildLog,
+    ) -> Result<(), String> {
+        for repository in &self.push {
+            let remote = RemoteRepository::parse(repository);
+            let credential = remote::credential_for(&remote.registry, log).await?;
+            let transport = remote::transport(engine, &remote.registry).await;
+            let reference = format!("{repository}:{}", self.version);
+            match remote::find_tag(&remote, &self.version, &credential, transport).await {
+                Ok(None) => {}
+                Ok(Some(digest)) => {
+                    return Err(format!(
+                        "{reference} already exists in the registry {registry} ({digest}): version {version} of {name} was pushed before, and versions are never overwritten; bump `image.version` to build a new one",
+                        registry = remote.registry,
+                        version = self.version,
+                        name = self.image_name,
+                    ));
+                }
+                Err(err) => {
+                    return Err(format!(
+                        "cannot check whether {reference} already exists before building: {err}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_free_as(&self, engine: &dyn ImageApi, repository: &str) -> Result<(), String> {
+        let reference = format!("{repository}:{}", self.version);
         match engine.inspect_image(&reference).await {
             Ok(existing) => {
                 let id = existing.id.unwrap_or_else(|| "unknown id".to_owned());
@@ -100,6 +163,10 @@ impl Step<DockerState> for StepCheckTag {
     async fn run(&mut self, state: &mut DockerState, cx: &StepContext) -> Result<(), StepError> {
         self.target
             .ensure_free(state.images.as_ref())
+            .await
+            .map_err(StepError::failed)?;
+        self.target
+            .ensure_free_in_registries(&state.engine, &cx.log)
             .await
             .map_err(StepError::failed)?;
         cx.log.info(format!(

@@ -72,6 +72,51 @@ impl BuilderKind for Ec2Kind {
         }
     }
 
+    /// Deregisters the AMI and deletes its snapshots in every region the
+    /// record lists (the endpoint from `AWS_ENDPOINT_URL_EC2` /
+    /// `AWS_ENDPOINT_URL`, as for any SDK client).
+    async fn retire(
+        &self,
+        artifact: &crate::Artifact,
+        cx: &imgbuild_core::StepContext,
+    ) -> Result<Vec<String>, String> {
+        #[cfg(feature = "ec2")]
+        {
+            super::retire(artifact, cx).await
+        }
+        #[cfg(not(feature = "ec2"))]
+        {
+            let _ = cx;
+            Err(format!(
+                "{} cannot be removed: this imgbuild was compiled without the `ec2` feature",
+                artifact.id
+            ))
+        }
+    }
+
+    fn publishes_channels(&self) -> bool {
+        true
+    }
+
+    async fn publish_channel(
+        &self,
+        artifact: &RecordedArtifact<'_>,
+        parameter: &str,
+    ) -> Result<Vec<String>, String> {
+        #[cfg(feature = "ec2")]
+        {
+            super::publish_channel(artifact, parameter).await
+        }
+        #[cfg(not(feature = "ec2"))]
+        {
+            let _ = parameter;
+            Err(format!(
+                "{} cannot be published: this imgbuild was compiled without the `ec2` feature",
+                artifact.artifact_id
+            ))
+        }
+    }
+
     /// The AMI id in `region`, by default the build's own.
     fn output_id(
         &self,

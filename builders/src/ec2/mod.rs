@@ -16,6 +16,7 @@ pub mod config;
 mod delete;
 pub mod kind;
 mod poll;
+mod ssm;
 mod step_check_ami;
 mod step_connect;
 mod step_copy_regions;
@@ -33,6 +34,7 @@ pub use config::{Ec2Config, SourceAmiFilter, SshInterface};
 use crate::common::orphans::Removal;
 use crate::common::outcome::steps_result;
 use crate::common::step_provision::{HasCommunicator, StepProvision};
+use crate::common::step_sbom::{SbomTarget, StepSbom};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
     SourceIdentity,
@@ -152,7 +154,7 @@ impl Ec2Builder {
     }
 
     fn steps(&self, plan: &Arc<Plan>, request: &BuildRequest) -> Vec<Box<dyn Step<Ec2State>>> {
-        vec![
+        let mut steps: Vec<Box<dyn Step<Ec2State>>> = vec![
             Box::new(step_check_ami::StepCheckAmi::new(plan.clone())),
             Box::new(step_source_ami::StepSourceAmi::new(plan.clone())),
             Box::new(step_key_pair::StepKeyPair::new(plan.clone())),
@@ -160,13 +162,22 @@ impl Ec2Builder {
             Box::new(step_run_instance::StepRunInstance::new(plan.clone())),
             Box::new(step_connect::StepConnect::new(plan.clone())),
             Box::new(StepProvision::new(request.provisioners.clone())),
-            Box::new(step_stop_instance::StepStopInstance::new(plan.clone())),
+        ];
+        steps.extend(StepSbom::for_request(
+            request,
+            "ec2",
+            SbomTarget::in_output_dir(request),
+        ));
+        steps.extend([
+            Box::new(step_stop_instance::StepStopInstance::new(plan.clone()))
+                as Box<dyn Step<Ec2State>>,
             Box::new(step_create_image::StepCreateImage::new(plan.clone())),
             Box::new(step_copy_regions::StepCopyRegions::new(plan.clone())),
             Box::new(step_launch_permissions::StepLaunchPermissions::new(
                 plan.clone(),
             )),
-        ]
+        ]);
+        steps
     }
 }
 
@@ -319,6 +330,18 @@ pub struct Ec2State {
     pub amis: BTreeMap<String, AmiInfo>,
     /// What a test run's tests found.
     pub test_results: Option<Vec<TestResult>>,
+    /// The SBOM documents, for the artifact made after the steps.
+    pub sbom: Option<crate::common::step_sbom::SbomRecord>,
+}
+
+impl crate::common::step_sbom::HasSbom for Ec2State {
+    fn sbom_finished(
+        &mut self,
+        record: crate::common::step_sbom::SbomRecord,
+    ) -> Result<(), crate::common::step_sbom::SbomRecord> {
+        self.sbom = Some(record);
+        Ok(())
+    }
 }
 
 // An AMI per step would cost minutes and money: EC2 keeps no steps.
@@ -355,7 +378,7 @@ fn artifact(plan: &Plan, state: &Ec2State) -> Result<Artifact, String> {
         .iter()
         .map(|(region, ami)| (region.as_str(), &ami.snapshot_ids))
         .collect();
-    Ok(Artifact {
+    let mut artifact = Artifact {
         builder: "ec2".to_owned(),
         id: format!("{}:{}", plan.region, home.image_id),
         files: Vec::new(),
@@ -374,7 +397,11 @@ fn artifact(plan: &Plan, state: &Ec2State) -> Result<Artifact, String> {
             "instance_type": plan.config.instance_type,
             "encrypted": plan.config.encrypt_boot,
         }),
-    })
+    };
+    if let Some(sbom) = &state.sbom {
+        sbom.clone().attach_to(&mut artifact);
+    }
+    Ok(artifact)
 }
 
 /// How to reach an instance left running by `--on-error abort`, and how to
@@ -546,6 +573,49 @@ impl Builder for Ec2Builder {
         let clients = Ec2Clients::load(Some(&amis.region), endpoint_url).await;
         delete::delete(&clients, &amis, endpoint_url, self.lookup_timeout, cx).await
     }
+}
+
+/// Publishes a recorded AMI (every region's copy) as the SSM parameter
+/// `parameter`.
+pub(crate) async fn publish_channel(
+    artifact: &crate::registry::RecordedArtifact<'_>,
+    parameter: &str,
+) -> Result<Vec<String>, String> {
+    let amis: std::collections::BTreeMap<String, String> = artifact.details["amis"]
+        .as_object()
+        .map(|amis| {
+            amis.iter()
+                .filter_map(|(region, ami)| Some((region.clone(), ami.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    if amis.is_empty() {
+        return Err(format!(
+            "the record of {} lists no AMI (`details.amis`); nothing to publish",
+            artifact.artifact_id
+        ));
+    }
+    ssm::publish(&amis, parameter).await
+}
+
+/// `imgbuild retire` of a recorded AMI: what `on_test_failure = "delete"`
+/// does, from the record alone.
+pub(crate) async fn retire(artifact: &Artifact, cx: &StepContext) -> Result<Vec<String>, String> {
+    let amis = test_run::RecordedAmis::of(artifact).map_err(|err| err.to_string())?;
+    let clients = Ec2Clients::load(Some(&amis.region), None).await;
+    let endpoint_url = clients.custom_endpoint();
+    delete::delete(&clients, &amis, endpoint_url.as_deref(), LOOKUP_TIMEOUT, cx)
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok(amis
+        .amis
+        .iter()
+        .flat_map(|(region, ami)| {
+            let snapshots = amis.snapshots.get(region).cloned().unwrap_or_default();
+            std::iter::once(format!("{region}:{ami}"))
+                .chain(snapshots.into_iter().map(move |s| format!("{region}:{s}")))
+        })
+        .collect())
 }
 
 /// How long `imgbuild clean` waits for an instance to terminate or a

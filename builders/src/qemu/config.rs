@@ -129,6 +129,119 @@ pub struct QemuConfig {
     pub cache_dir: Option<PathBuf>,
     #[serde(default)]
     pub ssh: SshConfig,
+    /// `s3://bucket/` or `s3://bucket/prefix/`: once the image passed its
+    /// tests, it and its checksum file are uploaded there as
+    /// `<prefix><file name>` and `<prefix><file name>.sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadLocation>,
+}
+
+/// Where `upload` puts the image, checked when the config is read: an S3
+/// bucket name as S3 accepts it, and a prefix that is empty or ends in `/`
+/// and could not climb out of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UploadLocation {
+    bucket: String,
+    /// Empty, or ending in `/`.
+    prefix: String,
+}
+
+impl UploadLocation {
+    pub fn parse(text: &str) -> Result<UploadLocation, String> {
+        let Some(rest) = text.strip_prefix("s3://") else {
+            return Err(format!(
+                "`{text}` is not an S3 location; write it as \"s3://bucket/\" or \"s3://bucket/prefix/\""
+            ));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if let Err(reason) = check_bucket_name(bucket) {
+            return Err(format!(
+                "`{text}`: `{bucket}` is not a valid S3 bucket name ({reason})"
+            ));
+        }
+        if !prefix.is_empty() {
+            let Some(trimmed) = prefix.strip_suffix('/') else {
+                return Err(format!(
+                    "`{text}`: the prefix must end with `/`, since the image is stored as `<prefix><file name>`; write \"s3://{bucket}/{prefix}/\""
+                ));
+            };
+            if crate::common::object_store::check_key(trimmed).is_err() {
+                return Err(format!(
+                    "`{text}`: the prefix `{prefix}` has an empty segment (`//`), a segment starting with `.`, or a control character"
+                ));
+            }
+        }
+        Ok(UploadLocation {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Empty, or ending in `/`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `s3://bucket/<prefix><name>`.
+    pub fn url_of(&self, name: &str) -> String {
+        format!("s3://{}/{}{name}", self.bucket, self.prefix)
+    }
+}
+
+/// S3's rules for new bucket names (3 to 63 lowercase letters, digits, `.`
+/// and `-`, starting and ending with a letter or digit, no `..`, not an IP
+/// address), so a typo is caught before the build instead of after it.
+fn check_bucket_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("it is empty");
+    }
+    if !(3..=63).contains(&name.len()) {
+        return Err("it must be 3 to 63 characters long");
+    }
+    if name.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err("bucket names are lowercase");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+    {
+        return Err("only lowercase letters, digits, `.` and `-` are allowed");
+    }
+    let alphanumeric = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !alphanumeric(name.chars().next()) || !alphanumeric(name.chars().last()) {
+        return Err("it must start and end with a letter or digit");
+    }
+    if name.contains("..") {
+        return Err("it may not contain `..`");
+    }
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err("it may not be an IP address");
+    }
+    Ok(())
+}
+
+impl TryFrom<String> for UploadLocation {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        UploadLocation::parse(&text)
+    }
+}
+
+impl From<UploadLocation> for String {
+    fn from(location: UploadLocation) -> String {
+        location.to_string()
+    }
+}
+
+impl std::fmt::Display for UploadLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.prefix)
+    }
 }
 
 fn default_output_dir() -> PathBuf {
@@ -312,5 +425,49 @@ mod tests {
             .map(|p| p.field)
             .collect();
         assert_eq!(fields, vec!["disk_size"]);
+    }
+
+    #[test]
+    fn upload_locations_are_checked_when_read() {
+        let read = |upload: &str| {
+            config(serde_json::json!({"base_image": "b", "upload": upload}))
+                .map(|c| c.upload.unwrap())
+                .map_err(|err| err.to_string())
+        };
+        let bare = read("s3://images").unwrap();
+        assert_eq!((bare.bucket(), bare.prefix()), ("images", ""));
+        assert_eq!(bare.url_of("web-1.0.qcow2"), "s3://images/web-1.0.qcow2");
+        let nested = read("s3://my.images-1/team/vm/").unwrap();
+        assert_eq!(
+            (nested.bucket(), nested.prefix()),
+            ("my.images-1", "team/vm/")
+        );
+        assert_eq!(nested.to_string(), "s3://my.images-1/team/vm/");
+        assert_eq!(
+            serde_json::to_value(
+                config(serde_json::json!({"base_image": "b", "upload": "s3://images/"})).unwrap()
+            )
+            .unwrap()["upload"],
+            "s3://images/"
+        );
+
+        for (bad, says) in [
+            ("images/vm/", "is not an S3 location"),
+            ("https://images.s3.amazonaws.com/", "is not an S3 location"),
+            ("s3://", "is empty"),
+            ("s3:///vm/", "is empty"),
+            ("s3://Images/", "lowercase"),
+            ("s3://im_ages/", "only lowercase letters"),
+            ("s3://ab/", "3 to 63"),
+            ("s3://-images/", "start and end"),
+            ("s3://im..ages/", "`..`"),
+            ("s3://192.168.1.1/", "IP address"),
+            ("s3://images/vm", "write \"s3://images/vm/\""),
+            ("s3://images/a//b/", "empty segment"),
+            ("s3://images/../b/", "starting with `.`"),
+        ] {
+            let err = read(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

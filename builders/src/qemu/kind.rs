@@ -26,4 +26,27 @@ impl BuilderKind for QemuKind {
         let config: QemuConfig = registry::deserialize(table)?;
         Ok(Box::new(QemuBuilder::new(config)))
     }
+
+    async fn retire(
+        &self,
+        artifact: &crate::Artifact,
+        _cx: &imgbuild_core::StepContext,
+    ) -> Result<Vec<String>, String> {
+        let removed = artifact
+            .files
+            .iter()
+            .flat_map(|file| {
+                [
+                    file.path.clone(),
+                    crate::common::artifact::checksum_path(&file.path),
+                ]
+            })
+            .filter(|path| path.exists())
+            .map(|path| path.display().to_string())
+            .collect();
+        super::test_run::delete(artifact)
+            .await
+            .map_err(|err| err.to_string())?;
+        Ok(removed)
+    }
 }

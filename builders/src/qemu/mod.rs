@@ -4,11 +4,16 @@
 //! Steps, in order: fetch the base image, find the kept layers of the
 //! build's first steps (see `step_cache`), create the copy-on-write disk,
 //! write the cloud-init seed, launch QEMU, connect over SSH, provision
-//! (keeping a layer after each cacheable provisioner), shut down, export.
+//! (keeping a layer after each cacheable provisioner), read the SBOM (see
+//! `common::step_sbom`), shut down, export.
 //! A build whose every step is kept skips everything that boots.
 //!
 //! `[[test]]` boots the finished image again through the same disk, seed,
 //! launch and connect steps, on an overlay of its own (see `test_run`).
+//!
+//! Delivery (`upload`) runs after the tests, as steps of its own (see
+//! `step_upload`): only an image that passed them is uploaded, whether its
+//! build booted or came whole from the step cache.
 
 mod accel;
 pub mod config;
@@ -25,6 +30,7 @@ mod step_export;
 mod step_fetch_base;
 mod step_launch;
 mod step_shutdown;
+mod step_upload;
 mod test_run;
 
 pub use config::QemuConfig;
@@ -32,6 +38,7 @@ pub use config::QemuConfig;
 use crate::common::artifact::checksum_path;
 use crate::common::outcome::{LeftRunning, debugging_hint, finish, steps_result};
 use crate::common::step_provision::{StepProvision, has_communicator};
+use crate::common::step_sbom::{SbomTarget, StepSbom};
 use crate::{
     Artifact, BuildError, BuildRequest, Builder, ConfigProblem, ImageInfo, PlannedArtifact,
     SourceIdentity,
@@ -39,7 +46,9 @@ use crate::{
 use async_trait::async_trait;
 use config::Accelerator;
 use imgbuild_core::step::StepsReport;
-use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError, cleanup_steps, run_steps};
+use imgbuild_core::{
+    CleanupOutcome, OnError, Step, StepContext, StepError, cleanup_steps, run_steps,
+};
 use imgbuild_provisioners::Communicator;
 use imgbuild_provisioners::image_test::{ImageTest, TestResult};
 use imgbuild_provisioners::ssh::TemporaryKey;
@@ -75,6 +84,8 @@ pub struct QemuState {
     pub test_results: Option<Vec<TestResult>>,
     /// The step cache for this build, once the base is known.
     pub cache: Option<step_cache::CachePlan>,
+    /// The packages the SBOM step read, kept with the final layer.
+    pub sbom_packages: Option<imgbuild_provisioners::sbom::PackageList>,
 }
 
 impl Default for QemuState {
@@ -92,6 +103,7 @@ impl Default for QemuState {
             accelerator: None,
             test_results: None,
             cache: None,
+            sbom_packages: None,
         }
     }
 }
@@ -176,6 +188,28 @@ impl Builder for QemuBuilder {
         }
     }
 
+    fn claims(&self, image: &ImageInfo, config_dir: &Path) -> Vec<String> {
+        let planned = self.planned_artifact(image, config_dir);
+        let mut claims: Vec<String> = planned
+            .files
+            .iter()
+            .map(|path| {
+                format!(
+                    "the file {}",
+                    crate::common::artifact::lexical_path(path).display()
+                )
+            })
+            .collect();
+        if let Some(location) = &self.config.upload {
+            claims.extend(
+                upload_names(&planned.files[0])
+                    .iter()
+                    .map(|name| format!("the S3 object {}", location.url_of(name))),
+            );
+        }
+        claims
+    }
+
     fn cache_settings(&self) -> Option<serde_json::Value> {
         Some(step_cache::cache_settings(&self.config))
     }
@@ -205,6 +239,11 @@ impl Builder for QemuBuilder {
                 request.image.name,
                 request.image.version
             )));
+        }
+        if let Some(location) = &self.config.upload {
+            step_upload::preflight(location, &upload_names(&path), &what(request))
+                .await
+                .map_err(BuildError::Refused)?;
         }
         Ok(())
     }
@@ -248,6 +287,43 @@ impl Builder for QemuBuilder {
         .await
     }
 
+    async fn deliver(
+        &self,
+        request: &BuildRequest,
+        artifact: Artifact,
+        cx: &StepContext,
+    ) -> Result<Artifact, BuildError> {
+        let Some(location) = &self.config.upload else {
+            return Ok(artifact);
+        };
+        let mut steps: Vec<Box<dyn Step<QemuState>>> = vec![Box::new(
+            step_upload::StepUpload::new(location.clone(), what(request)),
+        )];
+        let mut state = QemuState {
+            artifact: Some(artifact),
+            ..QemuState::default()
+        };
+        // Always cleaned up, even with `--on-error abort`: half a delivery
+        // in a bucket is nothing to debug, and would block the next one.
+        let mut report = run_steps(&mut steps, &mut state, cx, OnError::Cleanup).await;
+        let artifact = finish(&mut report, state.artifact.take(), "upload");
+        match (artifact, report.cleanup_failures.is_empty()) {
+            (Err(BuildError::Failed { step, message }), false) => Err(BuildError::Failed {
+                step,
+                message: format!(
+                    "{message}; {}",
+                    report
+                        .cleanup_failures
+                        .iter()
+                        .map(|(_, failure)| failure.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            }),
+            (artifact, _) => artifact,
+        }
+    }
+
     async fn delete_artifact(
         &self,
         artifact: &Artifact,
@@ -255,6 +331,24 @@ impl Builder for QemuBuilder {
     ) -> Result<(), BuildError> {
         test_run::delete(artifact).await
     }
+}
+
+/// The object names `upload` stores the image at `image` under: its file
+/// name, and its checksum file's.
+fn upload_names(image: &Path) -> Vec<String> {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    vec![name.clone(), format!("{name}.sha256")]
+}
+
+/// The image version a build makes, as messages name it.
+fn what(request: &BuildRequest) -> String {
+    format!(
+        "image {} version {}",
+        request.image.name, request.image.version
+    )
 }
 
 impl QemuBuilder {
@@ -380,18 +474,28 @@ impl QemuBuilder {
         steps.push(Box::new(step_create_disk::StepCreateDisk::new(
             plan.clone(),
         )));
-        let booting: [Box<dyn Step<QemuState>>; 5] = [
+        let booting: [Box<dyn Step<QemuState>>; 4] = [
             Box::new(step_cloud_init::StepCloudInit::new(plan.clone())),
             Box::new(step_launch::StepLaunch::new(plan.clone())),
             Box::new(step_connect::StepConnect::new(plan.clone())),
             Box::new(StepProvision::new(request.provisioners.clone())),
-            Box::new(step_shutdown::StepShutdown::new(plan.clone())),
         ];
         steps.extend(
             booting
                 .into_iter()
                 .map(|step| Box::new(Boots(step)) as Box<dyn Step<QemuState>>),
         );
+        // Not passed over when nothing boots: the SBOM then comes from the
+        // package list kept with the cache entry.
+        let stem = request.image.artifact_stem();
+        steps.extend(StepSbom::for_request(
+            request,
+            "qemu",
+            SbomTarget::beside(&plan.output, Some(&stem)),
+        ));
+        steps.push(Box::new(Boots(Box::new(step_shutdown::StepShutdown::new(
+            plan.clone(),
+        )))));
         steps.push(Box::new(step_export::StepExport::new(plan.clone())));
         steps
     }

@@ -164,6 +164,7 @@ pub(crate) mod tests {
             on_error: OnError::Cleanup,
             config_dir: config_dir.to_path_buf(),
             cache: Default::default(),
+            sbom: crate::SbomFormats::None,
         }
     }
 

@@ -104,6 +104,9 @@ pub struct CachePlan {
     pub done: usize,
     /// Every step and the final layer are kept: nothing boots.
     pub fully_cached: bool,
+    /// The SHA-256 of the kept final layer a fully cached build exports:
+    /// its package list is kept under a key made from it.
+    pub final_layer: Option<String>,
     /// What the disk's current top overlay stands on, as kept layers name
     /// it (a layer in the store, or the base). `None` once a step could not
     /// be kept: a later layer would have nothing in the store to stand on.
@@ -219,12 +222,14 @@ impl Step<QemuState> for StepFindCached {
         }
         let final_key = last.map(|last| final_key(&last, config));
         let mut fully_cached = false;
+        let mut final_layer = None;
         if done == keys.len()
             && let Some(key) = &final_key
             && let Some(layer) =
                 find_layer(&store, state.qemu_img.as_ref(), key, &below, cx).await?
         {
             fully_cached = true;
+            final_layer = Some(layer.sha256.clone());
             cx.log.info(format!(
                 "every step of the build is in the step cache: exporting {} without booting",
                 layer.path.display()
@@ -255,6 +260,7 @@ impl Step<QemuState> for StepFindCached {
             final_key,
             done,
             fully_cached,
+            final_layer,
             below: Some(below),
             image: self.image.clone(),
             steps: std::mem::take(&mut self.steps),
@@ -463,12 +469,108 @@ pub async fn keep_final(state: &QemuState, cx: &StepContext) {
         return;
     }
     match store_layer(state, disk, key, below, "final".to_owned(), cx).await {
-        Ok(_) => cx
-            .log
-            .info("kept the powered-off disk in the step cache: an unchanged build boots nothing"),
+        Ok(layer) => {
+            cx.log.info(
+                "kept the powered-off disk in the step cache: an unchanged build boots nothing",
+            );
+            // Only with the layer this build kept: one another build kept
+            // first may hold other package versions.
+            if let (Some(layer), Some(packages)) = (layer, &state.sbom_packages) {
+                keep_packages(state, &layer.sha256, packages, cx).await;
+            }
+        }
         Err(message) => cx.log.warn(format!(
             "cannot keep the powered-off disk in the step cache ({message}); the build goes on, a later one boots again"
         )),
+    }
+}
+
+/// The store key of the package list read from the machine whose disk
+/// became the final layer `layer_sha256`.
+fn packages_key(layer_sha256: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"sbom packages\n");
+    hasher.update(layer_sha256.as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// Keeps the SBOM's package list beside the final layer, so that a build
+/// that boots nothing still has one. A failure costs only that build's
+/// SBOM, which it then records as missing.
+async fn keep_packages(
+    state: &QemuState,
+    layer_sha256: &str,
+    packages: &imgbuild_provisioners::sbom::PackageList,
+    cx: &StepContext,
+) {
+    let kept = async {
+        let cache = state.cache.as_ref().ok_or("no step cache")?;
+        let work_dir = state.work_dir.as_ref().ok_or("no working directory")?;
+        let key = packages_key(layer_sha256);
+        let file = work_dir.join("sbom-packages.json");
+        let json = serde_json::to_vec(packages).map_err(|err| err.to_string())?;
+        std::fs::write(&file, json)
+            .map_err(|err| format!("cannot write {}: {err}", file.display()))?;
+        let _lock = cache
+            .store
+            .lock(&key)
+            .await
+            .map_err(|err| err.to_string())?;
+        let info = cache.info(cx.build_name(), "final: SBOM package list".to_owned());
+        let stored = cache.store.put(&key, &file, info, &cx.log).await;
+        let _ = std::fs::remove_file(&file);
+        stored.map(|_| ()).map_err(|err| err.to_string())
+    };
+    if let Err(message) = kept.await {
+        cx.log.warn(format!(
+            "cannot keep the SBOM's package list in the step cache ({message}); a build that boots nothing will record its SBOM as missing"
+        ));
+    }
+}
+
+#[async_trait]
+impl crate::common::step_sbom::HasSbom for QemuState {
+    fn packages_read(&mut self, packages: &imgbuild_provisioners::sbom::PackageList) {
+        self.sbom_packages = Some(packages.clone());
+    }
+
+    fn sbom_finished(
+        &mut self,
+        record: crate::common::step_sbom::SbomRecord,
+    ) -> Result<(), crate::common::step_sbom::SbomRecord> {
+        match self.artifact.as_mut() {
+            Some(artifact) => {
+                record.attach_to(artifact);
+                Ok(())
+            }
+            None => Err(record),
+        }
+    }
+
+    async fn kept_packages(
+        &mut self,
+        cx: &StepContext,
+    ) -> Option<crate::common::step_sbom::KeptPackages> {
+        let cache = self.cache.as_ref()?;
+        let layer = cache.final_layer.as_ref()?;
+        let key = packages_key(layer);
+        let entry = cache.store.get(&key, &cx.log).await?;
+        let path = cache.store.path(&key);
+        let bytes = std::fs::read(&path).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(packages) => Some(crate::common::step_sbom::KeptPackages {
+                packages,
+                from: format!("step cache entry {} ({})", entry.key, entry.info.step),
+            }),
+            Err(err) => {
+                cx.log.warn(format!(
+                    "the SBOM package list {} in the step cache does not parse ({err}); discarding it",
+                    path.display()
+                ));
+                cache.store.remove(&key);
+                None
+            }
+        }
     }
 }
 

@@ -68,6 +68,9 @@ pub struct S3Store {
     prefix: String,
     part_size: u64,
     concurrency: usize,
+    /// The endpoint when it is not AWS's own, for [`S3Store::https_url`].
+    endpoint: Option<String>,
+    region: String,
 }
 
 /// `s3://bucket/prefix` split into the bucket and the prefix (empty, or
@@ -150,17 +153,23 @@ impl S3Store {
         if let Some(url) = &options.endpoint_url {
             config = config.endpoint_url(url);
         }
+        let region = sdk
+            .region()
+            .map_or_else(|| "us-east-1".to_owned(), |r| r.as_ref().to_owned());
         if custom_endpoint.is_some() {
             // moto, MinIO and Ceph serve buckets as paths; AWS's
             // virtual-hosted names need DNS those endpoints do not have.
             config = config.force_path_style(true);
         }
-        Ok(S3Store::with_client(
+        let mut store = S3Store::with_client(
             Client::from_conf(config.build()),
             &bucket,
             &prefix,
             &options,
-        ))
+        );
+        store.endpoint = custom_endpoint;
+        store.region = region;
+        Ok(store)
     }
 
     fn with_client(client: Client, bucket: &str, prefix: &str, options: &S3Options) -> S3Store {
@@ -170,6 +179,8 @@ impl S3Store {
             prefix: prefix.to_owned(),
             part_size: options.part_size.max(MIN_PART_SIZE),
             concurrency: options.concurrency.max(1),
+            endpoint: None,
+            region: "us-east-1".to_owned(),
         }
     }
 
@@ -185,6 +196,92 @@ impl S3Store {
     /// The object key in the bucket for a store key.
     pub fn object_key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
+    }
+
+    /// The object's `https://` address: virtual-hosted on AWS (path-style
+    /// for bucket names with dots, which the wildcard certificate does not
+    /// cover), path-style on another endpoint, as the client reaches it.
+    pub fn https_url(&self, key: &str) -> String {
+        let object_key = self.object_key(key);
+        let (base, path): (String, Vec<&str>) = match &self.endpoint {
+            Some(endpoint) => (
+                endpoint.clone(),
+                std::iter::once(self.bucket.as_str())
+                    .chain(object_key.split('/'))
+                    .collect(),
+            ),
+            None if self.bucket.contains('.') => (
+                format!("https://s3.{}.amazonaws.com", self.region),
+                std::iter::once(self.bucket.as_str())
+                    .chain(object_key.split('/'))
+                    .collect(),
+            ),
+            None => (
+                format!("https://{}.s3.{}.amazonaws.com", self.bucket, self.region),
+                object_key.split('/').collect(),
+            ),
+        };
+        match reqwest::Url::parse(&base) {
+            Ok(mut url) => {
+                if let Ok(mut segments) = url.path_segments_mut() {
+                    segments.pop_if_empty().extend(path);
+                }
+                url.to_string()
+            }
+            Err(_) => format!("{}/{}", base.trim_end_matches('/'), path.join("/")),
+        }
+    }
+
+    /// The size of the object at `key`, `None` when there is none. A
+    /// missing bucket also answers 404 to a HEAD (which has no body to say
+    /// which): [`S3Store::check_bucket`] first tells the two apart.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, ObjectStoreError> {
+        check_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key))
+            .send()
+            .await
+        {
+            Ok(head) => Ok(Some(head.content_length.unwrap_or_default().max(0) as u64)),
+            Err(err)
+                if err
+                    .raw_response()
+                    .is_some_and(|r| r.status().as_u16() == 404) =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(self.error("HeadObject", key, err)),
+        }
+    }
+
+    /// Whether the bucket exists and these credentials may use it
+    /// (HeadBucket): a missing bucket is a `Service` error with the code
+    /// `NoSuchBucket`, refused credentials an `Auth` error.
+    pub async fn check_bucket(&self) -> Result<(), ObjectStoreError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .raw_response()
+                    .is_some_and(|r| r.status().as_u16() == 404) =>
+            {
+                Err(ObjectStoreError::Service {
+                    store: self.location(),
+                    key: self.bucket.clone(),
+                    operation: "HeadBucket",
+                    status: Some(404),
+                    code: Some("NoSuchBucket".to_owned()),
+                    message: format!(
+                        "the bucket {} does not exist; create it, or correct the URL",
+                        self.bucket
+                    ),
+                })
+            }
+            Err(err) => Err(self.error("HeadBucket", &self.bucket, err)),
+        }
     }
 
     /// What a failed call means: a lost race, refused credentials, or

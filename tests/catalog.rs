@@ -1,0 +1,601 @@
+//! The image catalog through the real binary: channels moved by promote,
+//! rollback and revoke, what `output --channel` hands out, `retire`
+//! removing real files and Docker images, a catalog in moto's S3 under
+//! twenty concurrent writers, and a build refused because its base is a
+//! revoked version.
+
+use imgbuild::manifest::{Location, Manifest};
+use imgbuild_test_support::{cli::*, common::*, docker::ImageCleanup};
+use serde_json::{Value, json};
+use std::process::Command;
+
+/// A recorded build as an older imgbuild (format 2) wrote it.
+fn entry(image: &str, build: &str, kind: &str, version: &str, artifact_id: &str) -> Value {
+    json!({
+        "run_id": format!("run-{version}"),
+        "image": {"name": image, "version": version},
+        "build": {"name": build, "type": kind},
+        "artifact_id": artifact_id,
+        "source": {"kind": "file", "reference": "/base.qcow2", "sha256": "00"},
+        "inputs_sha256": "0",
+        "started_at": format!("2026-01-0{version}T00:00:00Z"),
+        "finished_at": format!("2026-01-0{version}T00:10:00Z"),
+        "duration_secs": 600.0,
+        "imgbuild_version": "0.1.0",
+        "status": "tested",
+    })
+}
+
+/// A QEMU entry whose disk and checksum file exist in the workspace.
+fn disk_entry(workspace: &Workspace, version: &str) -> Value {
+    let disk = workspace.write(
+        &format!("output/img-{version}.qcow2"),
+        &format!("disk {version}"),
+    );
+    workspace.write(
+        &format!("output/img-{version}.qcow2.sha256"),
+        &format!("00  img-{version}.qcow2\n"),
+    );
+    let mut value = entry("img", "vm", "qemu", version, &disk.display().to_string());
+    value["files"] =
+        json!([{"path": disk, "size": 6, "sha256": format!("{version}{}", "0".repeat(63))}]);
+    value
+}
+
+fn write_v2(workspace: &Workspace, builds: Vec<Value>) {
+    workspace.write(
+        "imgbuild-manifest.json",
+        &serde_json::to_string_pretty(&json!({"format_version": 2, "builds": builds})).unwrap(),
+    );
+}
+
+fn stdout_of(outcome: &Outcome) -> String {
+    outcome.stdout.trim().to_owned()
+}
+
+#[test]
+fn channels_move_by_command_and_by_a_one_line_edit_and_output_follows_them() {
+    let workspace = Workspace::new();
+    let mut builds: Vec<Value> = (1..=4)
+        .map(|v| disk_entry(&workspace, &v.to_string()))
+        .collect();
+    builds[2]["status"] = json!("failed");
+    write_v2(&workspace, builds);
+    let disk = |v: u32| {
+        workspace
+            .join(&format!("output/img-{v}.qcow2"))
+            .display()
+            .to_string()
+    };
+    let on_prod = || {
+        stdout_of(
+            &workspace
+                .imgbuild()
+                .args(["output", "--channel", "prod"])
+                .run()
+                .exits_with(EXIT_OK),
+        )
+    };
+
+    workspace
+        .imgbuild()
+        .args([
+            "promote",
+            "img",
+            "1",
+            "--channel",
+            "prod",
+            "--reason",
+            "first",
+        ])
+        .env("IMGBUILD_ACTOR", "alice")
+        .run()
+        .exits_with(EXIT_OK);
+    // The first change migrated the file and kept every build.
+    let written = workspace.manifest();
+    assert_eq!(written["format_version"], 3);
+    assert_eq!(written["builds"].as_array().unwrap().len(), 4);
+    let history = &written["channels"]["img"]["prod"]["history"][0];
+    assert_eq!(
+        (history["by"].as_str(), history["reason"].as_str()),
+        (Some("alice"), Some("first"))
+    );
+    assert_eq!(on_prod(), disk(1));
+
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "2", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_OK);
+    assert_eq!(on_prod(), disk(2));
+    // A failed version is refused, and nothing changes.
+    let before = workspace.read("imgbuild-manifest.json");
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "3", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("failed its tests");
+    assert_eq!(workspace.read("imgbuild-manifest.json"), before);
+
+    // A pull request promotes by changing one line.
+    let channel = before
+        .find("\"prod\": {")
+        .expect("the channel is in the file");
+    let (head, tail) = before.split_at(channel);
+    let edited = format!(
+        "{head}{}",
+        tail.replacen("\"version\": \"2\"", "\"version\": \"4\"", 1)
+    );
+    let changed: Vec<_> = before
+        .lines()
+        .zip(edited.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    workspace.write("imgbuild-manifest.json", &edited);
+    assert_eq!(on_prod(), disk(4));
+    // ...and rollback goes back to what the channel held before the edit.
+    workspace
+        .imgbuild()
+        .args(["rollback", "img", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_OK);
+    assert_eq!(on_prod(), disk(2));
+
+    // Revoking what prod hands out moves prod back, and it stays
+    // unpromotable.
+    workspace
+        .imgbuild()
+        .args([
+            "revoke",
+            "img",
+            "2",
+            "--reason",
+            "CVE-2026-0001",
+            "--move-channels",
+        ])
+        .run()
+        .exits_with(EXIT_OK);
+    assert_eq!(on_prod(), disk(1));
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "2", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("CVE-2026-0001");
+    workspace
+        .imgbuild()
+        .args(["output", "--build", "vm"])
+        .run()
+        .exits_with(EXIT_OK);
+    workspace
+        .imgbuild()
+        .args(["rollback", "img", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("no earlier version");
+
+    let listed = workspace
+        .imgbuild()
+        .args(["--output", "json", "catalog"])
+        .run()
+        .exits_with(EXIT_OK);
+    let listed: Value = serde_json::from_str(&listed.stdout).unwrap();
+    let image = &listed["images"][0];
+    assert_eq!(image["channels"]["prod"], "1");
+    let statuses: Vec<&str> = image["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["builds"][0]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["tested", "revoked", "failed", "tested"]);
+}
+
+fn docker_cli(args: &[&str]) -> String {
+    let output = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+fn image_exists(reference: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", reference])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn retire_removes_old_disks_and_images_and_keeps_what_channels_hand_out() {
+    let workspace = Workspace::new();
+    let repository = unique("imgbuild-retire");
+    let mut cleanup = ImageCleanup::repository(&repository);
+    // Two real images of their own (a label makes a new image id).
+    let mut builds: Vec<Value> = (1..=3)
+        .map(|v| disk_entry(&workspace, &v.to_string()))
+        .collect();
+    for version in ["1", "2"] {
+        let context = workspace.join(&format!("ctx-{version}"));
+        std::fs::create_dir_all(&context).unwrap();
+        std::fs::write(
+            context.join("Dockerfile"),
+            format!(
+                "FROM {}\nLABEL imgbuild.test.version={version}\n",
+                docker_base_image()
+            ),
+        )
+        .unwrap();
+        let tag = format!("{repository}:{version}");
+        docker_cli(&["build", "-q", "-t", &tag, &context.display().to_string()]);
+        let id = docker_cli(&["image", "inspect", "-f", "{{.Id}}", &tag]);
+        cleanup.add(id.clone());
+        let mut value = entry("svc", "box", "docker", version, &id);
+        value["details"] = json!({"repository": repository, "tags": [version]});
+        builds.push(value);
+    }
+    write_v2(&workspace, builds);
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "1", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_OK);
+
+    let dry = workspace
+        .imgbuild()
+        .args(["retire", "img", "--keep", "1", "--dry-run"])
+        .run()
+        .exits_with(EXIT_OK);
+    assert!(dry.stdout.contains("img 2"), "{}", dry.stdout);
+    assert!(
+        !dry.stdout.contains("img 1") && !dry.stdout.contains("img 3"),
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        workspace.join("output/img-2.qcow2").exists(),
+        "a dry run removes nothing"
+    );
+
+    workspace
+        .imgbuild()
+        .args(["retire", "img", "--keep", "1"])
+        .run()
+        .exits_with(EXIT_OK);
+    assert!(!workspace.join("output/img-2.qcow2").exists());
+    assert!(!workspace.join("output/img-2.qcow2.sha256").exists());
+    for kept in ["output/img-1.qcow2", "output/img-3.qcow2"] {
+        assert!(workspace.join(kept).exists(), "{kept} is kept");
+    }
+    workspace
+        .imgbuild()
+        .args(["retire", "svc", "--keep", "1"])
+        .run()
+        .exits_with(EXIT_OK);
+    assert!(!image_exists(&format!("{repository}:1")));
+    assert!(image_exists(&format!("{repository}:2")));
+
+    let catalog = workspace.manifest();
+    let retired: Vec<(String, String)> = catalog["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["status"] == "retired")
+        .map(|b| {
+            (
+                b["image"]["name"].as_str().unwrap().to_owned(),
+                b["image"]["version"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        retired,
+        [
+            ("img".to_owned(), "2".to_owned()),
+            ("svc".to_owned(), "1".to_owned())
+        ]
+    );
+    let removed = catalog["builds"][1]["retirement"]["removed"]
+        .as_array()
+        .unwrap();
+    assert_eq!(removed.len(), 2, "the disk and its checksum: {removed:?}");
+    // A retired version can no longer be handed out or promoted.
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "2", "--channel", "dev"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("retired");
+    // Nothing left to do: running it again changes nothing.
+    let before = workspace.read("imgbuild-manifest.json");
+    workspace
+        .imgbuild()
+        .args(["retire", "img", "--keep", "1"])
+        .run()
+        .exits_with(EXIT_OK);
+    assert_eq!(workspace.read("imgbuild-manifest.json"), before);
+}
+
+/// A fresh moto bucket, and the environment an S3 client needs to reach
+/// it.
+fn moto_bucket() -> (String, Vec<(&'static str, String)>) {
+    let endpoint = imgbuild_test_support::ec2::moto();
+    let bucket = unique("imgbuild-catalog");
+    let env = vec![
+        ("AWS_ENDPOINT_URL", endpoint.clone()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+    ];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = imgbuild_builders::common::object_store::S3Store::open(
+            &format!("s3://{bucket}/x"),
+            imgbuild_builders::common::object_store::S3Options {
+                endpoint_url: Some(endpoint),
+                region: Some("us-east-1".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        store
+            .client()
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap();
+    });
+    (bucket, env)
+}
+
+#[test]
+fn a_catalog_in_s3_loses_no_update_under_twenty_concurrent_writers() {
+    let (bucket, env) = moto_bucket();
+    let url = format!("s3://{bucket}/images/catalog.json");
+    let workspace = Workspace::new();
+    // Ten versions recorded first, so the promoters have something to
+    // promote; then ten builds record new versions while ten promotions
+    // run, each a separate process with its own S3 client.
+    let seed: Vec<Value> = (0..10)
+        .map(|v| entry("img", "vm", "qemu", &v.to_string(), "/out"))
+        .collect();
+    let seed_file = workspace.write(
+        "seed.json",
+        &serde_json::to_string(&json!({"format_version": 2, "builds": seed})).unwrap(),
+    );
+    let with_env = |mut command: Command| {
+        for (name, value) in &env {
+            command.env(name, value);
+        }
+        command
+    };
+    // The seed goes up through the library.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for (name, value) in &env {
+        // SAFETY: set before any thread of this test reads the
+        // environment; the other tests of this binary set nothing and read
+        // no AWS variable.
+        unsafe { std::env::set_var(name, value) };
+    }
+    let location: Location = url.parse().unwrap();
+    let seeded: Manifest = imgbuild::manifest::read(&seed_file).unwrap();
+    runtime.block_on(async {
+        location
+            .modify(|manifest| {
+                *manifest = seeded.clone();
+                Ok(())
+            })
+            .await
+            .unwrap();
+    });
+
+    let promoters: Vec<_> = (0..10)
+        .map(|i| {
+            let mut command = with_env(Command::new(imgbuild_binary()));
+            command
+                .args([
+                    "promote",
+                    "img",
+                    &i.to_string(),
+                    "--channel",
+                    &format!("ch{i}"),
+                ])
+                .args(["--manifest", &url])
+                .env("IMGBUILD_STATE_DIR", workspace.state_dir())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            command.spawn().unwrap()
+        })
+        .collect();
+    runtime.block_on(async {
+        let writers: Vec<_> = (10..20)
+            .map(|v| {
+                let location = location.clone();
+                tokio::spawn(async move {
+                    let mut recorded: imgbuild::manifest::Entry =
+                        serde_json::from_value(entry("img", "vm", "qemu", &v.to_string(), "/out"))
+                            .unwrap();
+                    recorded.finished_at = format!("2026-02-01T00:00:{v}Z");
+                    location.append(recorded).await
+                })
+            })
+            .collect();
+        for writer in writers {
+            assert!(writer.await.unwrap().unwrap().is_none());
+        }
+    });
+    for promoter in promoters {
+        let output = promoter.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    let catalog = runtime.block_on(location.read()).unwrap();
+    let mut versions: Vec<u32> = catalog
+        .builds
+        .iter()
+        .map(|e| e.image.version.parse().unwrap())
+        .collect();
+    versions.sort();
+    assert_eq!(versions, (0..20).collect::<Vec<_>>());
+    let channels = &catalog.channels["img"];
+    assert_eq!(channels.len(), 10);
+    for i in 0..10 {
+        assert_eq!(channels[&format!("ch{i}")].version, i.to_string());
+    }
+    // `output` reads the same object.
+    let output = with_env(Command::new(imgbuild_binary()))
+        .args(["output", &url, "--channel", "ch3"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "/out");
+}
+
+#[test]
+fn a_channel_published_to_ssm_follows_promote_and_rollback() {
+    let (_, env) = moto_bucket();
+    let workspace = Workspace::new();
+    let region = |v: &str| json!({"us-east-1": format!("ami-{v}000000000000000a"), "eu-west-1": format!("ami-{v}000000000000000b")});
+    let builds: Vec<Value> = ["1", "2"]
+        .iter()
+        .map(|v| {
+            let mut value = entry(
+                "web",
+                "ami",
+                "ec2",
+                v,
+                &format!("us-east-1:ami-{v}000000000000000a"),
+            );
+            value["details"] =
+                json!({"region": "us-east-1", "ami_name": format!("web-{v}"), "amis": region(v)});
+            value
+        })
+        .collect();
+    write_v2(&workspace, builds);
+    let imgbuild = |args: &[&str]| {
+        let mut command = workspace.imgbuild().args(args);
+        for (name, value) in &env {
+            command = command.env(name, value);
+        }
+        command.run()
+    };
+    let parameter = |region: &str| {
+        let endpoint = env[0].1.clone();
+        let region = region.to_owned();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .region(aws_config::Region::new(region))
+                    .endpoint_url(endpoint)
+                    .credentials_provider(aws_sdk_ssm::config::Credentials::new(
+                        "testing", "testing", None, None, "test",
+                    ))
+                    .load()
+                    .await;
+                let answer = aws_sdk_ssm::Client::new(&config)
+                    .get_parameter()
+                    .name("/images/web/prod")
+                    .send()
+                    .await
+                    .unwrap();
+                answer.parameter().unwrap().value().unwrap().to_owned()
+            })
+    };
+
+    imgbuild(&["promote", "web", "1", "--channel", "prod", "--ssm"]).exits_with(EXIT_OK);
+    assert_eq!(parameter("us-east-1"), region("1")["us-east-1"]);
+    assert_eq!(parameter("eu-west-1"), region("1")["eu-west-1"]);
+    // Later changes publish without being asked again.
+    imgbuild(&["promote", "web", "2", "--channel", "prod"]).exits_with(EXIT_OK);
+    assert_eq!(parameter("eu-west-1"), region("2")["eu-west-1"]);
+    imgbuild(&["rollback", "web", "--channel", "prod"]).exits_with(EXIT_OK);
+    assert_eq!(parameter("us-east-1"), region("1")["us-east-1"]);
+    assert_eq!(
+        workspace.manifest()["channels"]["web"]["prod"]["ssm_parameter"],
+        "/images/web/prod"
+    );
+}
+
+fn docker_config(image: &str, version: &str, base: &str) -> String {
+    format!(
+        r#"[image]
+name = "{image}"
+version = "{version}"
+
+[builders.box]
+type = "docker"
+image = "{base}"
+pull = "never"
+
+[[provision]]
+type = "shell"
+inline = ["echo {image} {version} > /etc/imgbuild-layer"]
+"#
+    )
+}
+
+#[test]
+fn a_build_records_its_parent_and_is_refused_once_the_parent_is_revoked() {
+    let workspace = Workspace::new();
+    let (base, app) = (unique("imgbuild-parent"), unique("imgbuild-child"));
+    let _cleanup = (
+        ImageCleanup::repository(&base),
+        ImageCleanup::repository(&app),
+    );
+    workspace.write(
+        "base.toml",
+        &docker_config(&base, "1", &docker_base_image()),
+    );
+    workspace
+        .imgbuild()
+        .args(["build", "base.toml"])
+        .run()
+        .exits_with(EXIT_OK);
+
+    let from_base = format!("{base}:1");
+    workspace.write("app.toml", &docker_config(&app, "1", &from_base));
+    workspace
+        .imgbuild()
+        .args(["build", "app.toml"])
+        .run()
+        .exits_with(EXIT_OK);
+    let catalog = workspace.manifest();
+    let child = &catalog["builds"][1];
+    assert_eq!(child["image"]["name"], app.as_str());
+    assert_eq!(
+        child["parent"],
+        json!({"image": base, "version": "1", "build": "box"})
+    );
+
+    workspace
+        .imgbuild()
+        .args(["revoke", &base, "1", "--reason", "bad openssl"])
+        .run()
+        .exits_with(EXIT_OK);
+    workspace.write("app.toml", &docker_config(&app, "2", &from_base));
+    workspace
+        .imgbuild()
+        .args(["build", "app.toml"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("revoked (bad openssl)");
+    assert!(!image_exists(&format!("{app}:2")), "nothing was built");
+    assert_eq!(workspace.manifest()["builds"].as_array().unwrap().len(), 2);
+}
