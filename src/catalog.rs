@@ -4,6 +4,8 @@
 //! [`Location::modify`](crate::manifest::Location::modify) so that every
 //! change applies to the catalog as it is at the moment of writing.
 
+pub mod merge;
+
 use crate::manifest::{
     CHANNEL_HISTORY, Channel, ChannelChange, Entry, EntryStatus, Manifest, ManifestError,
     StatusNote,
@@ -130,15 +132,7 @@ pub fn unpromotable(manifest: &Manifest, image: &str, version: &str) -> Option<S
         let build = &entry.build.name;
         let why = match entry.status {
             EntryStatus::Failed => Some("failed its tests".to_owned()),
-            EntryStatus::Revoked => Some(format!(
-                "is revoked{}",
-                entry
-                    .revocation
-                    .as_ref()
-                    .and_then(|r| r.reason.as_deref())
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
-            )),
+            EntryStatus::Revoked => Some(format!("is revoked{}", entry.revocation_reason())),
             EntryStatus::Retired => Some("is retired: its artifact was removed".to_owned()),
             EntryStatus::Built | EntryStatus::Tested if entry.deleted => {
                 Some("has no artifact any more (deleted)".to_owned())

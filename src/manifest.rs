@@ -301,6 +301,28 @@ fn is_false(value: &bool) -> bool {
 }
 
 impl Entry {
+    /// The artifact as its builder recorded it, for the builder's hooks
+    /// (`test`, `retire`, the presence check before a promotion).
+    pub fn artifact(&self) -> Artifact {
+        Artifact {
+            builder: self.build.kind.clone(),
+            id: self.artifact_id.clone(),
+            files: self.files.clone(),
+            source: self.source.clone(),
+            details: self.details.clone(),
+        }
+    }
+
+    /// ` (why)` when the entry was revoked with a reason, for messages that
+    /// say it is revoked.
+    pub fn revocation_reason(&self) -> String {
+        self.revocation
+            .as_ref()
+            .and_then(|note| note.reason.as_deref())
+            .map(|reason| format!(" ({reason})"))
+            .unwrap_or_default()
+    }
+
     /// The names of the tests that failed, for messages.
     pub fn failed_tests(&self) -> Vec<&str> {
         self.tests
@@ -599,6 +621,21 @@ pub fn read(path: &Path) -> Result<Manifest, ManifestError> {
             source,
         }),
     }
+}
+
+/// A catalog file as git hands it to a merge driver: an empty file (no
+/// common ancestor) is an empty catalog.
+pub fn read_for_merge(path: &Path) -> Result<Manifest, ManifestError> {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(Manifest::default()),
+        _ => read(path),
+    }
+}
+
+/// Replaces the catalog file at `path` with `manifest`, in this imgbuild's
+/// format (no lock: for files nothing else writes, like a merge driver's).
+pub fn save(path: &Path, manifest: &Manifest) -> Result<(), ManifestError> {
+    write(path, &render(manifest))
 }
 
 /// Holds an exclusive lock on the manifest's directory for as long as it

@@ -70,12 +70,7 @@ pub fn check_usable(entry: &Entry, allow_failed: bool) -> Result<(), String> {
         EntryStatus::Revoked => {
             return Err(format!(
                 "build {build} version {version} is revoked{}; it is never handed out: promote or build another version",
-                entry
-                    .revocation
-                    .as_ref()
-                    .and_then(|r| r.reason.as_deref())
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
+                entry.revocation_reason()
             ));
         }
         EntryStatus::Retired => {

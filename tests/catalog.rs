@@ -320,40 +320,53 @@ fn retire_removes_old_disks_and_images_and_keeps_what_channels_hand_out() {
         .run()
         .exits_with(EXIT_OK);
     assert_eq!(workspace.read("imgbuild-manifest.json"), before);
+
+    // An artifact removed by hand is not handed out: the disk, and the
+    // image by its id.
+    std::fs::remove_file(workspace.join("output/img-3.qcow2")).unwrap();
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "3", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("its artifact is gone")
+        .stderr_has("img-3.qcow2");
+    assert_eq!(workspace.read("imgbuild-manifest.json"), before);
+    workspace
+        .imgbuild()
+        .args(["promote", "svc", "2", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_OK);
+    let svc_2 = catalog["builds"][4]["artifact_id"].as_str().unwrap();
+    docker_cli(&["rmi", &format!("{repository}:2")]);
+    workspace
+        .imgbuild()
+        .args(["promote", "svc", "2", "--channel", "dev"])
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has(svc_2);
+    // Where the artifact cannot be looked at, promoting is a choice.
+    workspace
+        .imgbuild()
+        .args([
+            "promote",
+            "img",
+            "3",
+            "--channel",
+            "prod",
+            "--no-artifact-check",
+        ])
+        .run()
+        .exits_with(EXIT_OK);
 }
 
-/// A fresh moto bucket, and the environment an S3 client needs to reach
-/// it.
+/// A fresh moto bucket, and the environment an imgbuild process needs to
+/// reach it.
 fn moto_bucket() -> (String, Vec<(&'static str, String)>) {
-    let endpoint = imgbuild_test_support::ec2::moto();
-    let bucket = unique("imgbuild-catalog");
-    let env = vec![
-        ("AWS_ENDPOINT_URL", endpoint.clone()),
-        ("AWS_REGION", "us-east-1".to_owned()),
-        ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
-        ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
-    ];
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = imgbuild_builders::common::object_store::S3Store::open(
-            &format!("s3://{bucket}/x"),
-            imgbuild_builders::common::object_store::S3Options {
-                endpoint_url: Some(endpoint),
-                region: Some("us-east-1".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        store
-            .client()
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
-    });
-    (bucket, env)
+    let bucket = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(imgbuild_test_support::ec2::moto_bucket("imgbuild-catalog"));
+    (bucket, imgbuild_test_support::ec2::moto_env())
 }
 
 #[test]
@@ -471,7 +484,35 @@ fn a_catalog_in_s3_loses_no_update_under_twenty_concurrent_writers() {
 fn a_channel_published_to_ssm_follows_promote_and_rollback() {
     let (_, env) = moto_bucket();
     let workspace = Workspace::new();
-    let region = |v: &str| json!({"us-east-1": format!("ami-{v}000000000000000a"), "eu-west-1": format!("ami-{v}000000000000000b")});
+    // Real AMIs in moto, in both regions, so that promote finds them.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let register = |region: &str, name: &str| {
+        runtime.block_on(async {
+            imgbuild_test_support::ec2::ec2(region)
+                .await
+                .register_image()
+                .name(name)
+                .root_device_name("/dev/xvda")
+                .send()
+                .await
+                .unwrap()
+                .image_id()
+                .unwrap()
+                .to_owned()
+        })
+    };
+    let amis: std::collections::HashMap<&str, Value> = ["1", "2"]
+        .into_iter()
+        .map(|v| {
+            let name = unique(&format!("web-{v}"));
+            let amis = json!({
+                "us-east-1": register("us-east-1", &name),
+                "eu-west-1": register("eu-west-1", &name),
+            });
+            (v, amis)
+        })
+        .collect();
+    let region = |v: &str| amis[v].clone();
     let builds: Vec<Value> = ["1", "2"]
         .iter()
         .map(|v| {
@@ -480,7 +521,7 @@ fn a_channel_published_to_ssm_follows_promote_and_rollback() {
                 "ami",
                 "ec2",
                 v,
-                &format!("us-east-1:ami-{v}000000000000000a"),
+                &format!("us-east-1:{}", region(v)["us-east-1"].as_str().unwrap()),
             );
             value["details"] =
                 json!({"region": "us-east-1", "ami_name": format!("web-{v}"), "amis": region(v)});
@@ -531,6 +572,22 @@ fn a_channel_published_to_ssm_follows_promote_and_rollback() {
         workspace.manifest()["channels"]["web"]["prod"]["ssm_parameter"],
         "/images/web/prod"
     );
+
+    // A copy deregistered by hand: the version is not handed out again.
+    let gone = region("2")["eu-west-1"].as_str().unwrap().to_owned();
+    runtime.block_on(async {
+        imgbuild_test_support::ec2::ec2("eu-west-1")
+            .await
+            .deregister_image()
+            .image_id(&gone)
+            .send()
+            .await
+            .unwrap();
+    });
+    imgbuild(&["promote", "web", "2", "--channel", "prod"])
+        .exits_with(EXIT_USAGE)
+        .stderr_has(&format!("eu-west-1:{gone}"));
+    assert_eq!(parameter("us-east-1"), region("1")["us-east-1"]);
 }
 
 fn docker_config(image: &str, version: &str, base: &str) -> String {
@@ -598,4 +655,119 @@ fn a_build_records_its_parent_and_is_refused_once_the_parent_is_revoked() {
         .stderr_has("revoked (bad openssl)");
     assert!(!image_exists(&format!("{app}:2")), "nothing was built");
     assert_eq!(workspace.manifest()["builds"].as_array().unwrap().len(), 2);
+}
+
+fn git(workspace: &Workspace, args: &[&str]) -> std::process::Output {
+    Command::new("git")
+        .args(["-c", "user.name=ci", "-c", "user.email=ci@example.com"])
+        .args(args)
+        .current_dir(workspace.path())
+        .output()
+        .unwrap()
+}
+
+fn git_ok(workspace: &Workspace, args: &[&str]) {
+    let output = git(workspace, args);
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Records `version` as a pipeline's build does: appended through the
+/// catalog's own writer.
+fn record(workspace: &Workspace, version: &str) {
+    let value = disk_entry(workspace, version);
+    let location = Location::File(workspace.join("imgbuild-manifest.json"));
+    let entry = serde_json::from_value(value).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(location.append(entry))
+        .unwrap();
+}
+
+/// Two branches that each recorded a build (and one promoted) merge
+/// cleanly through the merge driver, where git's line merge conflicts; two
+/// branches that moved the same channel differently do conflict.
+#[test]
+fn git_merges_branches_that_recorded_builds_and_refuses_two_different_promotions() {
+    let workspace = Workspace::new();
+    git_ok(&workspace, &["init", "-q", "-b", "main"]);
+    // Only the catalog is committed, as in a repository of configs.
+    workspace.write(
+        ".gitignore",
+        "*\n!.gitignore\n!.gitattributes\n!imgbuild-manifest.json\n",
+    );
+    workspace.write(
+        ".gitattributes",
+        "imgbuild-manifest.json merge=imgbuild-catalog\n",
+    );
+    record(&workspace, "1");
+    git_ok(&workspace, &["add", "-A"]);
+    git_ok(&workspace, &["commit", "-q", "-m", "v1"]);
+
+    git_ok(&workspace, &["checkout", "-q", "-b", "two"]);
+    record(&workspace, "2");
+    git_ok(&workspace, &["commit", "-q", "-am", "v2"]);
+    git_ok(&workspace, &["checkout", "-q", "main"]);
+    record(&workspace, "3");
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "1", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_OK);
+    git_ok(&workspace, &["commit", "-q", "-am", "v3, prod on 1"]);
+
+    // Without the driver, git's line merge conflicts on the appended builds.
+    let plain = git(&workspace, &["merge", "--no-edit", "two"]);
+    assert!(
+        !plain.status.success(),
+        "a line merge of two appends conflicts"
+    );
+    git_ok(&workspace, &["merge", "--abort"]);
+
+    let driver = format!("{} merge-catalog %O %A %B", imgbuild_binary().display());
+    git_ok(
+        &workspace,
+        &["config", "merge.imgbuild-catalog.driver", &driver],
+    );
+    git_ok(&workspace, &["merge", "-q", "--no-edit", "two"]);
+    let merged = workspace.manifest();
+    let versions: Vec<&str> = merged["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["image"]["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["1", "3", "2"]);
+    assert_eq!(merged["channels"]["img"]["prod"]["version"], "1");
+    assert_eq!(merged["format_version"], 3);
+
+    // Both branches move prod, to different versions.
+    git_ok(&workspace, &["checkout", "-q", "-b", "to-two"]);
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "2", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_OK);
+    git_ok(&workspace, &["commit", "-q", "-am", "prod on 2"]);
+    git_ok(&workspace, &["checkout", "-q", "main"]);
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "3", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_OK);
+    git_ok(&workspace, &["commit", "-q", "-am", "prod on 3"]);
+    let conflicted = git(&workspace, &["merge", "--no-edit", "to-two"]);
+    assert!(!conflicted.status.success());
+    let said = String::from_utf8_lossy(&conflicted.stderr).into_owned()
+        + &String::from_utf8_lossy(&conflicted.stdout);
+    assert!(said.contains("channel prod of img"), "{said}");
+    // What is left to resolve is still a valid catalog, holding ours.
+    assert_eq!(
+        workspace.manifest()["channels"]["img"]["prod"]["version"],
+        "3"
+    );
 }

@@ -24,7 +24,7 @@ base_image = {{ description = "the cloud-init fixture" }}
 type = "qemu"
 base_image = "{{{{ var.base_image }}}}"
 memory = 1024
-cpus = 2
+cpus = 1
 
 [builders.vm.ssh]
 username = "root"
@@ -274,18 +274,11 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
 #[cfg(feature = "ec2")]
 mod upload {
     use super::*;
-    use imgbuild_builders::common::object_store::{ObjectStore, S3Options, S3Store};
-    use imgbuild_test_support::ec2::moto;
+    use imgbuild_builders::common::object_store::{ObjectStore, S3Store};
+    use imgbuild_test_support::ec2::{moto, moto_s3};
 
     async fn store(bucket: &str) -> S3Store {
-        let options = S3Options {
-            endpoint_url: Some(moto()),
-            region: Some("us-east-1".into()),
-            ..S3Options::default()
-        };
-        S3Store::open(&format!("s3://{bucket}/images/"), options)
-            .await
-            .unwrap()
+        moto_s3(&format!("s3://{bucket}/images/")).await
     }
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -297,20 +290,11 @@ mod upload {
 
     /// Builds `version` uploading to a fresh bucket; returns the bucket.
     pub fn build(workspace: &Workspace, version: &str) -> (Outcome, String) {
-        let bucket = unique("imgbuild-layered");
-        runtime().block_on(async {
-            store(&bucket)
-                .await
-                .client()
-                .create_bucket()
-                .bucket(&bucket)
-                .send()
-                .await
-                .unwrap();
-        });
+        let bucket =
+            runtime().block_on(imgbuild_test_support::ec2::moto_bucket("imgbuild-layered"));
         let config = config(version).replace(
-            "cpus = 2\n",
-            &format!("cpus = 2\nupload = \"s3://{bucket}/images/\"\n"),
+            "cpus = 1\n",
+            &format!("cpus = 1\nupload = \"s3://{bucket}/images/\"\n"),
         );
         workspace.write("image.toml", &config);
         // moto() has set fake credentials in this process's environment,

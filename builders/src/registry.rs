@@ -78,6 +78,16 @@ pub trait BuilderKind: Sync {
         ))
     }
 
+    /// What of a recorded artifact is gone (a file removed by hand, a tag
+    /// deleted from its registry, an AMI deregistered), so that `imgbuild
+    /// promote` never points a channel at something that cannot start;
+    /// empty when all of it is there. A kind that cannot look lists
+    /// nothing.
+    async fn missing(&self, artifact: &crate::Artifact) -> Result<Vec<String>, String> {
+        let _ = artifact;
+        Ok(Vec::new())
+    }
+
     /// Whether [`BuilderKind::publish_channel`] does anything for this
     /// kind.
     fn publishes_channels(&self) -> bool {

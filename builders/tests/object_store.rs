@@ -12,8 +12,7 @@
 use imgbuild_builders::common::object_store::{
     LocalStore, ObjectStore, ObjectStoreError, S3Options, S3Store, read_modify_write,
 };
-use imgbuild_test_support::common::unique;
-use imgbuild_test_support::ec2::moto;
+use imgbuild_test_support::ec2::{moto, moto_bucket};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Arc;
@@ -22,23 +21,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// A store in a fresh bucket of moto's, under a prefix, so every key the
 /// tests see is also checked to stay inside it.
 async fn s3_store(options: S3Options) -> S3Store {
-    let bucket = unique("imgbuild-objects");
+    let bucket = moto_bucket("imgbuild-objects").await;
     let options = S3Options {
         endpoint_url: Some(moto()),
         region: Some("us-east-1".into()),
         ..options
     };
-    let store = S3Store::open(&format!("s3://{bucket}/ci/cache"), options)
+    S3Store::open(&format!("s3://{bucket}/ci/cache"), options)
         .await
-        .unwrap();
-    store
-        .client()
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .unwrap();
-    store
+        .unwrap()
 }
 
 fn no_progress(_: u64, _: u64) {}

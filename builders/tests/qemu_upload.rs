@@ -15,7 +15,7 @@ use imgbuild_builders::{Artifact, ArtifactFile, BuildError, Builder, SourceIdent
 use imgbuild_core::events::{Event, EventSink, MemorySink};
 use imgbuild_core::{BuildLog, CancellationToken, Journal, Redactor, StepContext};
 use imgbuild_test_support::common::unique;
-use imgbuild_test_support::ec2::moto;
+use imgbuild_test_support::ec2::{create_moto_bucket, moto};
 use imgbuild_test_support::harness::{Harness, image_info};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -49,13 +49,7 @@ async fn bucket(create: bool) -> (String, S3Store) {
     .await
     .unwrap();
     if create {
-        store
-            .client()
-            .create_bucket()
-            .bucket(&name)
-            .send()
-            .await
-            .unwrap();
+        create_moto_bucket(&name).await;
     }
     (name, store)
 }
@@ -289,13 +283,7 @@ async fn a_missing_bucket_is_refused_before_the_build_and_a_delivery_to_it_leave
         "{failed}"
     );
     assert_local_files_gone(&artifact);
-    store
-        .client()
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .unwrap();
+    create_moto_bucket(&bucket).await;
     assert!(keys(&store).await.is_empty());
     assert!(open_multipart_uploads(&store).await.is_empty());
 }

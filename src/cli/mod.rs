@@ -8,6 +8,7 @@ mod catalog;
 mod clean;
 pub mod inspect;
 mod keygen;
+mod merge_catalog;
 mod output;
 mod plan;
 mod promote;
@@ -128,6 +129,8 @@ enum Command {
     Revoke(revoke::RevokeArgs),
     /// Remove the artifacts of old versions no channel hands out
     Retire(retire::RetireArgs),
+    /// Merge two branches' catalogs (git's merge driver: %O %A %B)
+    MergeCatalog(merge_catalog::MergeCatalogArgs),
 }
 
 /// Inputs shared by every command that reads a config.
@@ -243,6 +246,7 @@ pub fn main() -> i32 {
         Command::Rollback(args) => rollback::run(args, &cli.global),
         Command::Revoke(args) => revoke::run(args, &cli.global),
         Command::Retire(args) => retire::run(args, &cli.global),
+        Command::MergeCatalog(args) => merge_catalog::run(args),
     }
 }
 

@@ -270,12 +270,7 @@ async fn preflight(
                             parent.image.name,
                             parent.image.version,
                             parent.build.name,
-                            parent
-                                .revocation
-                                .as_ref()
-                                .and_then(|r| r.reason.as_deref())
-                                .map(|r| format!(" ({r})"))
-                                .unwrap_or_default()
+                            parent.revocation_reason()
                         ));
                         refused = true;
                         continue;

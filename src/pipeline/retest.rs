@@ -12,7 +12,6 @@ use super::{
 };
 use crate::config::{Build, Config};
 use crate::manifest::{self, Entry};
-use imgbuild_builders::Artifact;
 use imgbuild_core::{BuildLog, CancellationToken, Event, StepContext};
 use std::path::Path;
 
@@ -211,13 +210,7 @@ async fn retest(
         entry.run_id,
         entry.status.as_str()
     ));
-    let artifact = Artifact {
-        builder: entry.build.kind.clone(),
-        id: entry.artifact_id.clone(),
-        files: entry.files.clone(),
-        source: entry.source.clone(),
-        details: entry.details.clone(),
-    };
+    let artifact = entry.artifact();
     let request = request_for(config, build, options.on_error);
     let verdict = super::test(build, &request, &artifact, cx, false).await;
     if verdict.cancelled {

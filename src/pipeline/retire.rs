@@ -12,7 +12,6 @@
 use super::RunStatus;
 use crate::catalog;
 use crate::manifest::{Entry, EntryStatus, Location, Retirement};
-use imgbuild_builders::Artifact;
 use imgbuild_builders::registry;
 use imgbuild_core::journal::Journal;
 use imgbuild_core::{BuildLog, CancellationToken, StepContext};
@@ -202,12 +201,6 @@ async fn remove(entry: &Entry, cx: &StepContext) -> Result<Vec<String>, String> 
             entry.build.kind, entry.artifact_id
         )
     })?;
-    let artifact = Artifact {
-        builder: entry.build.kind.clone(),
-        id: entry.artifact_id.clone(),
-        files: entry.files.clone(),
-        source: entry.source.clone(),
-        details: entry.details.clone(),
-    };
+    let artifact = entry.artifact();
     kind.retire(&artifact, cx).await
 }

@@ -60,6 +60,51 @@ pub async fn ec2(region: &str) -> aws_sdk_ec2::Client {
     aws_sdk_ec2::Client::new(&sdk)
 }
 
+/// A store over `url` (`s3://bucket/prefix`) in moto's S3; the bucket is
+/// not made.
+pub async fn moto_s3(url: &str) -> imgbuild_builders::common::object_store::S3Store {
+    use imgbuild_builders::common::object_store::{S3Options, S3Store};
+    let options = S3Options {
+        endpoint_url: Some(moto()),
+        region: Some("us-east-1".into()),
+        ..S3Options::default()
+    };
+    S3Store::open(url, options)
+        .await
+        .unwrap_or_else(|err| panic!("cannot open {url} in moto: {err}"))
+}
+
+/// Makes the (empty) bucket `name` in moto's S3.
+pub async fn create_moto_bucket(name: &str) {
+    moto_s3(&format!("s3://{name}"))
+        .await
+        .client()
+        .create_bucket()
+        .bucket(name)
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("cannot create the bucket {name} in moto: {err:?}"));
+}
+
+/// A fresh, empty bucket in moto's S3, named `prefix` plus a unique
+/// suffix: tests share one moto and run in parallel.
+pub async fn moto_bucket(prefix: &str) -> String {
+    let name = crate::common::unique(prefix);
+    create_moto_bucket(&name).await;
+    name
+}
+
+/// The environment an imgbuild process needs to reach moto (S3, SSM, EC2)
+/// with moto's fake credentials.
+pub fn moto_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", moto()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+    ]
+}
+
 /// Plays cloud-init: once the build has imported its temporary key pair
 /// (found by the run's tag), the target trusts that public key. Returns the
 /// key.

@@ -228,6 +228,28 @@ pub async fn open(location: &str) -> Result<Arc<dyn ObjectStore>, ObjectStoreErr
     }
 }
 
+/// The size of the object at `url` (`s3://bucket/prefix/name`, or a path),
+/// `None` when there is none.
+pub async fn object_size(url: &str) -> Result<Option<u64>, ObjectStoreError> {
+    let names_a_key = url
+        .strip_prefix("s3://")
+        .is_none_or(|rest| rest.contains('/'));
+    let (location, name) = url
+        .rsplit_once('/')
+        .filter(|(_, name)| names_a_key && !name.is_empty())
+        .ok_or_else(|| ObjectStoreError::InvalidLocation {
+            location: url.to_owned(),
+            reason: "it names no object",
+        })?;
+    let store = open(location).await?;
+    Ok(store
+        .list(name)
+        .await?
+        .into_iter()
+        .find(|listed| listed.key == name)
+        .map(|listed| listed.size))
+}
+
 /// How [`read_modify_write_with`] retries a lost race.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -375,6 +397,20 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<(), ObjectStoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_object_is_found_by_its_url_and_not_by_a_prefix_of_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("disk.qcow2"), b"12345").unwrap();
+        let url = |name: &str| format!("{}/{name}", dir.path().display());
+        assert_eq!(object_size(&url("disk.qcow2")).await.unwrap(), Some(5));
+        assert_eq!(object_size(&url("disk.qcow")).await.unwrap(), None);
+        assert_eq!(object_size(&url("other")).await.unwrap(), None);
+        assert!(matches!(
+            object_size("s3://bucket").await,
+            Err(ObjectStoreError::InvalidLocation { .. })
+        ));
+    }
 
     #[test]
     fn keys_that_escape_or_collide_are_refused() {

@@ -107,6 +107,58 @@ impl BuilderKind for DockerKind {
         outputs
     }
 
+    /// A pushed image by its version tag in every registry it went to
+    /// (what deployments pull, from wherever the build ran), else the image
+    /// in the local engine, or the exported tar.
+    async fn missing(&self, artifact: &crate::Artifact) -> Result<Vec<String>, String> {
+        use super::kept::Kept;
+        let (id, version) = match Kept::of(artifact)? {
+            Kept::Nothing => {
+                return Ok(vec![format!(
+                    "{} (discard = true kept no image)",
+                    artifact.id
+                )]);
+            }
+            Kept::Tar { path, .. } => {
+                return Ok(if path.exists() {
+                    Vec::new()
+                } else {
+                    vec![path.display().to_string()]
+                });
+            }
+            Kept::Image { id, tags, .. } => (id, tags[0].clone()),
+        };
+        let pushed: Vec<(&str, &str)> = artifact.details["pushed"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|entry| entry["tag"] == version.as_str())
+            .filter_map(|entry| Some((entry["repository"].as_str()?, entry["digest"].as_str()?)))
+            .collect();
+        if pushed.is_empty() {
+            let engine = super::engine::Engine::connect().await?;
+            return match super::engine::ImageApi::inspect_image(&engine, &id).await {
+                Ok(_) => Ok(Vec::new()),
+                Err(err) if super::engine::is_not_found(&err) => Ok(vec![id]),
+                Err(err) => Err(format!("cannot look for image {id}: {err}")),
+            };
+        }
+        let mut missing = Vec::new();
+        for (repository, digest) in pushed {
+            let reference = format!("{repository}:{version}");
+            match super::remote::current_digest(repository, &version).await {
+                Ok(Some(now)) if now == digest => {}
+                Ok(Some(now)) => {
+                    missing.push(format!("{reference}@{digest} (the tag now names {now})"))
+                }
+                Ok(None) => missing.push(format!("{reference}@{digest}")),
+                Err(err) => return Err(format!("cannot look for {reference}: {err}")),
+            }
+        }
+        Ok(missing)
+    }
+
     async fn retire(
         &self,
         artifact: &crate::Artifact,

@@ -85,14 +85,17 @@ pub enum Transport {
 
 /// What dockerd says about `registry`: its own entry when it has one, else
 /// whether the host's addresses fall in its insecure ranges (127.0.0.0/8
-/// by default).
-pub async fn transport(engine: &Engine, registry: &str) -> Transport {
-    let config = engine
-        .quick()
-        .info()
-        .await
-        .ok()
-        .and_then(|info| info.registry_config);
+/// by default, also without an engine to ask).
+pub async fn transport(engine: Option<&Engine>, registry: &str) -> Transport {
+    let config = match engine {
+        Some(engine) => engine
+            .quick()
+            .info()
+            .await
+            .ok()
+            .and_then(|info| info.registry_config),
+        None => None,
+    };
     let (index, cidrs) = match config {
         Some(config) => (
             config.index_configs.unwrap_or_default(),
@@ -478,6 +481,21 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The manifest digest `repository:tag` has in its registry now, `None`
+/// when the tag is not there: whether a pushed image can still be pulled.
+/// Asks the local engine how to reach the registry when one answers.
+pub async fn current_digest(repository: &str, tag: &str) -> Result<Option<String>, String> {
+    let remote = RemoteRepository::parse(repository);
+    let credential = credentials::lookup_async(&remote.registry)
+        .await
+        .map_err(|err| err.to_string())?;
+    let engine = Engine::connect().await.ok();
+    let transport = transport(engine.as_ref(), &remote.registry).await;
+    find_tag(&remote, tag, &credential, transport)
+        .await
+        .map_err(|err| err.to_string())
 }
 
 /// The credential for `registry`, its secrets registered with the log's

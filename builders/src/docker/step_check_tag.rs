@@ -98,7 +98,7 @@ impl Target {
         for repository in &self.push {
             let remote = RemoteRepository::parse(repository);
             let credential = remote::credential_for(&remote.registry, log).await?;
-            let transport = remote::transport(engine, &remote.registry).await;
+            let transport = remote::transport(Some(engine), &remote.registry).await;
             let reference = format!("{repository}:{}", self.version);
             match remote::find_tag(&remote, &self.version, &credential, transport).await {
                 Ok(None) => {}

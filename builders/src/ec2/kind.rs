@@ -94,6 +94,18 @@ impl BuilderKind for Ec2Kind {
         }
     }
 
+    async fn missing(&self, artifact: &crate::Artifact) -> Result<Vec<String>, String> {
+        #[cfg(feature = "ec2")]
+        {
+            super::missing(artifact).await
+        }
+        #[cfg(not(feature = "ec2"))]
+        {
+            let _ = artifact;
+            Ok(Vec::new())
+        }
+    }
+
     fn publishes_channels(&self) -> bool {
         true
     }

@@ -598,6 +598,34 @@ pub(crate) async fn publish_channel(
     ssm::publish(&amis, parameter).await
 }
 
+/// The recorded AMIs (every region's copy) that are gone or no longer
+/// available.
+pub(crate) async fn missing(artifact: &Artifact) -> Result<Vec<String>, String> {
+    let amis = test_run::RecordedAmis::of(artifact).map_err(|err| err.to_string())?;
+    let clients = Ec2Clients::load(Some(&amis.region), None).await;
+    missing_in(&clients, &amis).await
+}
+
+async fn missing_in(
+    apis: &dyn Ec2Apis,
+    amis: &test_run::RecordedAmis,
+) -> Result<Vec<String>, String> {
+    let mut missing = Vec::new();
+    for (region, ami) in &amis.amis {
+        let found = apis
+            .in_region(region)
+            .describe_image(ami)
+            .await
+            .map_err(|err| format!("cannot look for {ami} in {region}: {err}"))?;
+        match found {
+            Some(image) if image.state == "available" => {}
+            Some(image) => missing.push(format!("{region}:{ami} ({})", image.state)),
+            None => missing.push(format!("{region}:{ami}")),
+        }
+    }
+    Ok(missing)
+}
+
 /// `imgbuild retire` of a recorded AMI: what `on_test_failure = "delete"`
 /// does, from the record alone.
 pub(crate) async fn retire(artifact: &Artifact, cx: &StepContext) -> Result<Vec<String>, String> {
@@ -758,4 +786,45 @@ pub async fn clean_orphan_within(
         }
     };
     result.map(|()| Removal::Removed).map_err(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::api::fake::FakeEc2;
+    use super::*;
+
+    #[tokio::test]
+    async fn an_ami_deregistered_or_failed_in_any_region_is_missing() {
+        let fake = FakeEc2::new("eu-west-1")
+            .with_image("eu-west-1", "app-1.0", "ami-home")
+            .with_image("us-east-1", "app-1.0", "ami-copy")
+            .with_image("eu-central-1", "app-1.0", "ami-failed");
+        fake.world
+            .lock()
+            .unwrap()
+            .amis
+            .get_mut(&("eu-central-1".to_owned(), "ami-failed".to_owned()))
+            .unwrap()
+            .state = "failed".to_owned();
+        let recorded = |amis: &[(&str, &str)]| test_run::RecordedAmis {
+            region: "eu-west-1".to_owned(),
+            ami_name: "app-1.0".to_owned(),
+            amis: amis
+                .iter()
+                .map(|(region, ami)| (region.to_string(), ami.to_string()))
+                .collect(),
+            snapshots: Default::default(),
+        };
+        let present = recorded(&[("eu-west-1", "ami-home"), ("us-east-1", "ami-copy")]);
+        assert!(missing_in(&fake, &present).await.unwrap().is_empty());
+        let partly = recorded(&[
+            ("eu-west-1", "ami-home"),
+            ("us-east-1", "ami-gone"),
+            ("eu-central-1", "ami-failed"),
+        ]);
+        assert_eq!(
+            missing_in(&fake, &partly).await.unwrap(),
+            ["eu-central-1:ami-failed (failed)", "us-east-1:ami-gone"]
+        );
+    }
 }

@@ -27,6 +27,27 @@ impl BuilderKind for QemuKind {
         Ok(Box::new(QemuBuilder::new(config)))
     }
 
+    /// The uploaded object when the image was uploaded (what other
+    /// machines read; the local file may be on another runner), else the
+    /// local files.
+    async fn missing(&self, artifact: &crate::Artifact) -> Result<Vec<String>, String> {
+        if let Some(url) = artifact.details["upload"]["url"].as_str() {
+            let present = crate::common::object_store::object_size(url)
+                .await
+                .map_err(|err| format!("cannot check {url}: {err}"))?;
+            return Ok(match present {
+                Some(_) => Vec::new(),
+                None => vec![url.to_owned()],
+            });
+        }
+        Ok(artifact
+            .files
+            .iter()
+            .filter(|file| !file.path.exists())
+            .map(|file| file.path.display().to_string())
+            .collect())
+    }
+
     async fn retire(
         &self,
         artifact: &crate::Artifact,
