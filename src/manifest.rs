@@ -520,6 +520,18 @@ impl Location {
     /// build is already there: then nothing is written and the existing one
     /// is returned.
     pub async fn append(&self, entry: Entry) -> Result<Option<Entry>, ManifestError> {
+        Ok(self.append_completed(entry, |_, _| {}).await?.err())
+    }
+
+    /// [`Location::append`], with `complete` filling in what depends on the
+    /// catalog as it is at the moment of writing (a parent recorded since
+    /// the run started). `Ok(written)`, or `Err(existing)` when the version
+    /// was already recorded.
+    pub async fn append_completed(
+        &self,
+        entry: Entry,
+        complete: impl Fn(&Manifest, &mut Entry) + Send + Sync,
+    ) -> Result<Result<Entry, Entry>, ManifestError> {
         self.modify(|manifest| {
             if let Some(existing) = find(
                 manifest,
@@ -527,10 +539,12 @@ impl Location {
                 &entry.image.version,
                 &entry.build.name,
             ) {
-                return Ok(Some(existing.clone()));
+                return Ok(Err(existing.clone()));
             }
-            manifest.builds.push(entry.clone());
-            Ok(None)
+            let mut written = entry.clone();
+            complete(manifest, &mut written);
+            manifest.builds.push(written.clone());
+            Ok(Ok(written))
         })
         .await
     }

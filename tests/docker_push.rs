@@ -119,6 +119,35 @@ fn a_pushed_version_is_recorded_with_its_digest_and_a_failed_push_records_nothin
         "the password reached the manifest"
     );
 
+    // Promotion looks for the pushed digest in the registry, not in the
+    // engine: the local image may be gone (another runner promotes).
+    let promote = |workspace: &Workspace| {
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+        workspace
+            .imgbuild()
+            .args(["promote", "pushed", &version, "--channel", "prod"])
+            .env("DOCKER_CONFIG", workspace.join("docker-config"))
+            .env("PATH", path)
+            .run()
+    };
+    let image_id = entry["artifact_id"].as_str().unwrap();
+    let removed = std::process::Command::new("docker")
+        .args(["rmi", "-f", image_id])
+        .output()
+        .unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+    promote(&workspace).exits_with(EXIT_OK);
+    // A record whose digest the registry does not hold under the tag.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let text = workspace
+        .read("imgbuild-manifest.json")
+        .replace(digest, &wrong);
+    workspace.write("imgbuild-manifest.json", &text);
+    promote(&workspace)
+        .exits_with(EXIT_USAGE)
+        .stderr_has("its artifact is gone")
+        .stderr_has(&format!("now names {digest}"));
+
     // The login is revoked after the build's own check: the push fails
     // after the tests passed, exit 1, nothing recorded, no image left.
     let workspace = Workspace::new();

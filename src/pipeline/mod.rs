@@ -732,18 +732,6 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         ),
         None => Vec::new(),
     };
-    // The catalog as it is now: a parent may have been recorded since the
-    // run started.
-    let parent = match manifest_path.read().await {
-        Ok(current) => {
-            crate::catalog::parent_of(&current, &artifact.source).map(|p| manifest::ParentRef {
-                image: p.image.name.clone(),
-                version: p.image.version.clone(),
-                build: p.build.name.clone(),
-            })
-        }
-        Err(_) => None,
-    };
     let mut entry = Entry {
         run_id: run_id.to_owned(),
         image: ImageRecord {
@@ -774,7 +762,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         test_error: verdict.error.clone(),
         deleted,
         retested_at: None,
-        parent,
+        parent: None,
         revocation: None,
         retirement: None,
         attestation: None,
@@ -791,11 +779,21 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
             artifact: None,
         };
     }
-    let entry_json = serde_json::to_value(&entry).expect("entries serialize");
-    let recorded = entry.clone();
-    match manifest_path.append(entry).await {
-        Ok(None) => {}
-        Ok(Some(existing)) => {
+    // The parent from the catalog as it is when the entry is written: it may
+    // have been recorded since the run started.
+    let recorded = match manifest_path
+        .append_completed(entry, |current, entry| {
+            entry.parent =
+                crate::catalog::parent_of(current, &entry.source).map(|p| manifest::ParentRef {
+                    image: p.image.name.clone(),
+                    version: p.image.version.clone(),
+                    build: p.build.name.clone(),
+                });
+        })
+        .await
+    {
+        Ok(Ok(written)) => written,
+        Ok(Err(existing)) => {
             cx.log.error(format!(
                 "the manifest already records this version (run {}); the new artifact {} is not recorded",
                 existing.run_id, artifact.id
@@ -817,7 +815,8 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
                 artifact: None,
             };
         }
-    }
+    };
+    let entry_json = serde_json::to_value(&recorded).expect("entries serialize");
     if let Some(failure) = verdict.failure(build) {
         let kept = if deleted {
             "the artifact was deleted"

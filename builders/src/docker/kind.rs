@@ -53,7 +53,7 @@ impl BuilderKind for DockerKind {
         artifact: &RecordedArtifact<'_>,
         repository: Option<&str>,
     ) -> Result<String, String> {
-        let pushed = pushed_versions(artifact);
+        let pushed = pushed_versions(artifact.details, artifact.version);
         if pushed.is_empty() {
             return Err(format!(
                 "build {} version {} was not pushed to a registry; set `push` in its docker builder to record a pinned reference",
@@ -88,7 +88,7 @@ impl BuilderKind for DockerKind {
         artifact: &RecordedArtifact<'_>,
         target: OutputTarget,
     ) -> Vec<(String, Value)> {
-        let pushed = pushed_versions(artifact);
+        let pushed = pushed_versions(artifact.details, artifact.version);
         let mut outputs = Vec::new();
         if let Some((_, first)) = pushed.first() {
             outputs.push(("pushed_reference".to_owned(), Value::from(first.clone())));
@@ -128,14 +128,7 @@ impl BuilderKind for DockerKind {
             }
             Kept::Image { id, tags, .. } => (id, tags[0].clone()),
         };
-        let pushed: Vec<(&str, &str)> = artifact.details["pushed"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .filter(|entry| entry["tag"] == version.as_str())
-            .filter_map(|entry| Some((entry["repository"].as_str()?, entry["digest"].as_str()?)))
-            .collect();
+        let pushed = pushed_versions(&artifact.details, &version);
         if pushed.is_empty() {
             let engine = super::engine::Engine::connect().await?;
             return match super::engine::ImageApi::inspect_image(&engine, &id).await {
@@ -145,15 +138,16 @@ impl BuilderKind for DockerKind {
             };
         }
         let mut missing = Vec::new();
-        for (repository, digest) in pushed {
-            let reference = format!("{repository}:{version}");
-            match super::remote::current_digest(repository, &version).await {
+        for (repository, pinned) in pushed {
+            let digest = pinned.rsplit_once('@').map_or("", |(_, digest)| digest);
+            let tagged = format!("{repository}:{version}");
+            match super::remote::current_digest(&repository, &version).await {
                 Ok(Some(now)) if now == digest => {}
                 Ok(Some(now)) => {
-                    missing.push(format!("{reference}@{digest} (the tag now names {now})"))
+                    missing.push(format!("{pinned} (the tag {tagged} now names {now})"))
                 }
-                Ok(None) => missing.push(format!("{reference}@{digest}")),
-                Err(err) => return Err(format!("cannot look for {reference}: {err}")),
+                Ok(None) => missing.push(format!("{pinned} (no tag {tagged})")),
+                Err(err) => return Err(format!("cannot look for {tagged}: {err}")),
             }
         }
         Ok(missing)
@@ -194,13 +188,13 @@ impl BuilderKind for DockerKind {
 
 /// `(repository, repository@digest)` of the version tag in each repository
 /// the image was pushed to, in push order.
-fn pushed_versions(artifact: &RecordedArtifact<'_>) -> Vec<(String, String)> {
-    artifact.details["pushed"]
+fn pushed_versions(details: &Value, version: &str) -> Vec<(String, String)> {
+    details["pushed"]
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default()
         .iter()
-        .filter(|entry| entry["tag"] == artifact.version)
+        .filter(|entry| entry["tag"] == version)
         .filter_map(|entry| {
             Some((
                 entry["repository"].as_str()?.to_owned(),
