@@ -657,6 +657,130 @@ fn a_build_records_its_parent_and_is_refused_once_the_parent_is_revoked() {
     assert_eq!(workspace.manifest()["builds"].as_array().unwrap().len(), 2);
 }
 
+/// Unknown names, a failed version, a channel in the way and a corrupt
+/// catalog: each is named in the error, and the catalog is left as it was.
+#[test]
+fn bad_input_is_named_and_changes_nothing() {
+    let workspace = Workspace::new();
+    let mut builds = vec![disk_entry(&workspace, "1"), disk_entry(&workspace, "2")];
+    builds[1]["status"] = json!("failed");
+    write_v2(&workspace, builds);
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "1", "--channel", "prod"])
+        .run()
+        .exits_with(EXIT_OK);
+    let before = workspace.read("imgbuild-manifest.json");
+    for (args, names) in [
+        (&["promote", "nope", "1", "--channel", "prod"][..], "nope"),
+        (&["promote", "img", "9", "--channel", "prod"][..], "9"),
+        (&["promote", "img", "2", "--channel", "prod"][..], "failed"),
+        (&["rollback", "img", "--channel", "staging"][..], "staging"),
+        (&["output", "--channel", "staging"][..], "staging"),
+        (&["revoke", "img", "9", "--reason", "x"][..], "9"),
+    ] {
+        workspace
+            .imgbuild()
+            .args(args)
+            .run()
+            .exits_with(EXIT_USAGE)
+            .stderr_has(names);
+        assert_eq!(workspace.read("imgbuild-manifest.json"), before, "{args:?}");
+    }
+    // What prod hands out is never retired, however few are kept.
+    workspace
+        .imgbuild()
+        .args(["retire", "img", "--keep", "0"])
+        .run()
+        .exits_with(EXIT_OK);
+    assert!(workspace.join("output/img-1.qcow2").exists());
+    assert_eq!(
+        workspace.manifest()["channels"]["img"]["prod"]["version"],
+        "1"
+    );
+
+    let corrupt = "{\n  \"format_version\": 3,\n  \"builds\": [ oops\n";
+    workspace.write("imgbuild-manifest.json", corrupt);
+    workspace
+        .imgbuild()
+        .args(["promote", "img", "1", "--channel", "dev"])
+        .run()
+        .exits_with(EXIT_BUILD_FAILED)
+        .stderr_has("imgbuild-manifest.json")
+        .stderr_has("line 3");
+    assert_eq!(workspace.read("imgbuild-manifest.json"), corrupt);
+}
+
+/// The GitOps flow on real builds: three versions built by the Docker
+/// builder, prod promoted, moved on and rolled back, a version revoked and
+/// the old ones retired; the engine and `output --channel` checked at every
+/// step. (The AMI part, retired in both regions, is in tests/ec2_build.rs.)
+#[test]
+fn the_gitops_flow_on_real_builds_promotes_rolls_back_revokes_and_retires() {
+    let workspace = Workspace::new();
+    let web = unique("imgbuild-gitops");
+    let _cleanup = ImageCleanup::repository(&web);
+    let imgbuild = |args: &[&str]| workspace.imgbuild().args(args).run();
+    let mut ids = Vec::new();
+    for version in ["1", "2", "3"] {
+        workspace.write(
+            "web.toml",
+            &docker_config(&web, version, &docker_base_image()),
+        );
+        imgbuild(&["build", "web.toml"]).exits_with(EXIT_OK);
+        let catalog = workspace.manifest();
+        let id = catalog["builds"][ids.len()]["artifact_id"]
+            .as_str()
+            .unwrap();
+        assert!(image_exists(id), "{id}");
+        ids.push(id.to_owned());
+    }
+    let prod = || stdout_of(&imgbuild(&["output", "--channel", "prod"]).exits_with(EXIT_OK));
+
+    imgbuild(&[
+        "promote",
+        &web,
+        "1",
+        "--channel",
+        "prod",
+        "--reason",
+        "first",
+    ])
+    .exits_with(EXIT_OK);
+    assert_eq!(prod(), ids[0]);
+    imgbuild(&["promote", &web, "2", "--channel", "prod"]).exits_with(EXIT_OK);
+    assert_eq!(prod(), ids[1]);
+    imgbuild(&["rollback", &web, "--channel", "prod"]).exits_with(EXIT_OK);
+    assert_eq!(prod(), ids[0]);
+
+    imgbuild(&["revoke", &web, "2", "--reason", "CVE-2026-0001"]).exits_with(EXIT_OK);
+    let before = workspace.read("imgbuild-manifest.json");
+    imgbuild(&["promote", &web, "2", "--channel", "prod"])
+        .exits_with(EXIT_USAGE)
+        .stderr_has("revoked (CVE-2026-0001)");
+    assert_eq!(workspace.read("imgbuild-manifest.json"), before);
+    assert_eq!(prod(), ids[0]);
+
+    // Kept: the newest (3) and what prod hands out (1); version 2 goes,
+    // its tag and its image.
+    imgbuild(&["retire", &web, "--keep", "1"]).exits_with(EXIT_OK);
+    assert!(!image_exists(&format!("{web}:2")), "the tag of 2 is left");
+    assert!(!image_exists(&ids[1]), "the image of 2 is left");
+    for (version, id) in [("1", &ids[0]), ("3", &ids[2])] {
+        assert!(image_exists(&format!("{web}:{version}")), "{version}");
+        assert!(image_exists(id), "{id}");
+    }
+    let statuses: Vec<String> = workspace.manifest()["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["status"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(statuses, ["built", "retired", "built"]);
+    assert_eq!(prod(), ids[0]);
+    assert!(workspace.journals().is_empty());
+}
+
 fn git(workspace: &Workspace, args: &[&str]) -> std::process::Output {
     Command::new("git")
         .args(["-c", "user.name=ci", "-c", "user.email=ci@example.com"])

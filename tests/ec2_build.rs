@@ -327,6 +327,50 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
         steps.lines().any(|l| l == format!("ami_ami_id={home_ami}")),
         "{steps}"
     );
+
+    // Retired (no channel hands it out, none is kept): both copies are
+    // deregistered with their snapshots, and the catalog says so.
+    let ami_name = details["ami_name"].as_str().unwrap();
+    let recorded_snapshots = |region: &str| -> Vec<String> {
+        serde_json::from_value(details["snapshots"][region].clone()).unwrap()
+    };
+    assert!(
+        !recorded_snapshots(HOME_REGION).is_empty(),
+        "the build recorded no snapshot: {details}"
+    );
+    workspace
+        .imgbuild()
+        .args([
+            "retire",
+            entry["image"]["name"].as_str().unwrap(),
+            "--keep",
+            "0",
+        ])
+        .env("AWS_ENDPOINT_URL_EC2", moto())
+        .run()
+        .exits_with(EXIT_OK);
+    build.runtime.block_on(async {
+        for region in [HOME_REGION, COPY_REGION] {
+            let client = ec2(region).await;
+            assert_eq!(
+                amis_named(&client, ami_name).await,
+                Vec::<String>::new(),
+                "AMI left in {region}"
+            );
+            let left = own_snapshots(&client).await;
+            for snapshot in recorded_snapshots(region) {
+                assert!(!left.contains(&snapshot), "{snapshot} left in {region}");
+            }
+        }
+    });
+    let retired = workspace.manifest()["builds"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(retired["status"], "retired", "{retired}");
+    assert!(workspace.journals().is_empty());
 }
 
 #[test]
