@@ -128,6 +128,42 @@ pub fn digest_for(entry: &Entry, repository: Option<&str>) -> Result<String, Str
     kind.output_digest(&recorded(entry), repository)
 }
 
+/// The SBOM document the build wrote in `format` (`spdx`, `cyclonedx`, or
+/// either, SPDX first), as long as it still holds what the build recorded.
+pub fn sbom_for(entry: &Entry, format: Option<&str>) -> Result<String, String> {
+    let sbom = &entry.details["sbom"];
+    let formats = match format {
+        Some(format) => vec![format],
+        None => vec!["spdx", "cyclonedx"],
+    };
+    let Some(path) = formats.iter().find_map(|f| sbom[*f].as_str()) else {
+        return Err(format!(
+            "build {} version {} recorded no {} SBOM (its `[image] sbom` setting, or a build from before SBOMs)",
+            entry.build.name,
+            entry.image.version,
+            format.unwrap_or("")
+        ));
+    };
+    let path = Path::new(path);
+    let recorded = entry
+        .files
+        .iter()
+        .find(|file| file.path == path)
+        .ok_or_else(|| format!("{} is not among the entry's files", path.display()))?;
+    let (_, sha256) = imgbuild_builders::common::artifact::sha256_file(path)
+        .map_err(|err| format!("cannot read the SBOM {}: {err}", path.display()))?;
+    if sha256 != recorded.sha256 {
+        return Err(format!(
+            "the SBOM {} changed since the build (SHA-256 {sha256}, recorded {}); it is not handed out",
+            path.display(),
+            recorded.sha256
+        ));
+    }
+    std::fs::read_to_string(path)
+        .map(|text| text.trim_end().to_owned())
+        .map_err(|err| format!("cannot read the SBOM {}: {err}", path.display()))
+}
+
 /// What a script wants from an entry: what its builder kind hands on (the
 /// AMI id for EC2, in `region` or the build's own), else the artifact id.
 pub fn artifact_for(entry: &Entry, region: Option<&str>) -> Result<String, String> {

@@ -779,6 +779,21 @@ fn the_gitops_flow_on_real_builds_promotes_rolls_back_revokes_and_retires() {
     assert_eq!(statuses, ["built", "retired", "built"]);
     assert_eq!(prod(), ids[0]);
     assert!(workspace.journals().is_empty());
+
+    // What is in what prod hands out: the SBOM the build wrote, refused
+    // once it no longer holds what was recorded.
+    let sbom = |format: &str| imgbuild(&["output", "--channel", "prod", "--format", format]);
+    let spdx: Value = serde_json::from_str(&sbom("sbom").exits_with(EXIT_OK).stdout).unwrap();
+    assert_eq!(spdx["spdxVersion"], "SPDX-2.3");
+    assert!(!spdx["packages"].as_array().unwrap().is_empty());
+    let cdx: Value = serde_json::from_str(&sbom("cyclonedx").exits_with(EXIT_OK).stdout).unwrap();
+    assert_eq!(cdx["specVersion"], "1.5");
+    let first = &workspace.manifest()["builds"][0];
+    let path = first["details"]["sbom"]["spdx"].as_str().unwrap();
+    std::fs::write(path, "{}").unwrap();
+    sbom("spdx")
+        .exits_with(EXIT_USAGE)
+        .stderr_has("changed since the build");
 }
 
 fn git(workspace: &Workspace, args: &[&str]) -> std::process::Output {

@@ -17,6 +17,13 @@ enum Format {
     Tfvars,
     /// The pushed image's pinned reference, `repository@sha256:...`
     Digest,
+    /// The build's SBOM document: SPDX, or CycloneDX when only that was
+    /// written
+    Sbom,
+    /// The build's SPDX 2.3 SBOM
+    Spdx,
+    /// The build's CycloneDX 1.5 SBOM
+    Cyclonedx,
 }
 
 #[derive(Args)]
@@ -120,6 +127,9 @@ fn render(args: &OutputArgs) -> Result<String, String> {
         Format::Id => outputs::artifact_for(entry, args.region.as_deref()),
         Format::Json => serde_json::to_string_pretty(entry).map_err(|e| e.to_string()),
         Format::Digest => outputs::digest_for(entry, args.repository.as_deref()),
+        Format::Sbom => outputs::sbom_for(entry, None),
+        Format::Spdx => outputs::sbom_for(entry, Some("spdx")),
+        Format::Cyclonedx => outputs::sbom_for(entry, Some("cyclonedx")),
         Format::Tfvars => unreachable!("handled above"),
     }
 }
