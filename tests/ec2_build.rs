@@ -330,14 +330,6 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
 
     // Retired (no channel hands it out, none is kept): both copies are
     // deregistered with their snapshots, and the catalog says so.
-    let ami_name = details["ami_name"].as_str().unwrap();
-    let recorded_snapshots = |region: &str| -> Vec<String> {
-        serde_json::from_value(details["snapshots"][region].clone()).unwrap()
-    };
-    assert!(
-        !recorded_snapshots(HOME_REGION).is_empty(),
-        "the build recorded no snapshot: {details}"
-    );
     workspace
         .imgbuild()
         .args([
@@ -349,20 +341,7 @@ fn the_template_makes_a_shared_copied_ami_and_leaves_nothing_else_in_ec2() {
         .env("AWS_ENDPOINT_URL_EC2", moto())
         .run()
         .exits_with(EXIT_OK);
-    build.runtime.block_on(async {
-        for region in [HOME_REGION, COPY_REGION] {
-            let client = ec2(region).await;
-            assert_eq!(
-                amis_named(&client, ami_name).await,
-                Vec::<String>::new(),
-                "AMI left in {region}"
-            );
-            let left = own_snapshots(&client).await;
-            for snapshot in recorded_snapshots(region) {
-                assert!(!left.contains(&snapshot), "{snapshot} left in {region}");
-            }
-        }
-    });
+    assert_amis_and_snapshots_gone(&build.runtime, details);
     let retired = workspace.manifest()["builds"]
         .as_array()
         .unwrap()
@@ -403,6 +382,34 @@ fn an_interrupt_mid_provisioning_exits_130_and_leaves_nothing_in_ec2() {
 }
 
 /// Every snapshot this account owns in `client`'s region.
+/// Neither region holds the recorded AMI (by its name) or any of its
+/// recorded snapshots any more.
+fn assert_amis_and_snapshots_gone(runtime: &tokio::runtime::Runtime, details: &serde_json::Value) {
+    let ami_name = details["ami_name"].as_str().unwrap();
+    let recorded_snapshots = |region: &str| -> Vec<String> {
+        serde_json::from_value(details["snapshots"][region].clone()).unwrap()
+    };
+    assert!(
+        !recorded_snapshots(HOME_REGION).is_empty(),
+        "the build recorded no snapshot: {details}"
+    );
+    runtime.block_on(async {
+        for region in [HOME_REGION, COPY_REGION] {
+            assert!(details["amis"][region].is_string(), "{details}");
+            let client = ec2(region).await;
+            assert_eq!(
+                amis_named(&client, ami_name).await,
+                Vec::<String>::new(),
+                "AMI left in {region}"
+            );
+            let left = own_snapshots(&client).await;
+            for snapshot in recorded_snapshots(region) {
+                assert!(!left.contains(&snapshot), "{snapshot} left in {region}");
+            }
+        }
+    });
+}
+
 async fn own_snapshots(client: &aws_sdk_ec2::Client) -> Vec<String> {
     client
         .describe_snapshots()
@@ -469,30 +476,7 @@ fn a_failing_test_exits_1_and_on_test_failure_delete_leaves_no_ami_or_snapshot_i
     assert_eq!(entry["tests"][1]["passed"], false, "{entry}");
     assert_eq!(entry["tests"][1]["exit_code"], 7, "{entry}");
 
-    let details = &entry["details"];
-    let ami_name = details["ami_name"].as_str().unwrap();
-    let recorded_snapshots = |region: &str| -> Vec<String> {
-        serde_json::from_value(details["snapshots"][region].clone()).unwrap()
-    };
-    assert!(
-        !recorded_snapshots(HOME_REGION).is_empty(),
-        "the build recorded no snapshot to delete: {details}"
-    );
-    build.runtime.block_on(async {
-        for region in [HOME_REGION, COPY_REGION] {
-            assert!(details["amis"][region].is_string(), "{details}");
-            let client = ec2(region).await;
-            assert_eq!(
-                amis_named(&client, ami_name).await,
-                Vec::<String>::new(),
-                "AMI left in {region}"
-            );
-            let left = own_snapshots(&client).await;
-            for snapshot in recorded_snapshots(region) {
-                assert!(!left.contains(&snapshot), "{snapshot} left in {region}");
-            }
-        }
-    });
+    assert_amis_and_snapshots_gone(&build.runtime, &entry["details"]);
     build.assert_nothing_of_the_run_left();
     assert!(workspace.journals().is_empty());
     workspace
