@@ -162,12 +162,14 @@ pub fn describe(err: &Error) -> String {
         Error::RequestTimeoutError => "the engine did not answer in time".to_owned(),
         // Its own text ("error in the hyper legacy client") says nothing;
         // the causes say what was refused.
-        Error::HyperLegacyError { err } => chain(err),
-        other => chain(other),
+        Error::HyperLegacyError { err } => error_chain(err),
+        other => error_chain(other),
     }
 }
 
-fn chain(err: &dyn std::error::Error) -> String {
+/// The error's text followed by each cause that adds something, for
+/// messages about engine and registry calls.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

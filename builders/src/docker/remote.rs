@@ -8,7 +8,7 @@
 //! refused before anything is built.
 
 use super::credentials::{self, Credential};
-use super::engine::Engine;
+use super::engine::{Engine, error_chain};
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, WWW_AUTHENTICATE};
 use std::collections::BTreeMap;
@@ -467,20 +467,6 @@ fn parse_challenge(challenge: &str) -> (String, BTreeMap<String, String>) {
         params.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
     }
     (scheme.to_owned(), params)
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The manifest digest `repository:tag` has in its registry now, `None`
