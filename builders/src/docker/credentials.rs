@@ -4,13 +4,16 @@
 //! `credHelpers` entry or the default `credsStore`, whose
 //! `docker-credential-<name> get` is run with the registry on stdin.
 //!
-//! The lookup itself is the `docker_credential` crate's; this module picks
-//! the file, runs it off the async threads, tells "no credentials" (pushed
-//! anonymously) from a broken setup, and keeps secrets out of `Debug` and of
-//! every message.
+//! Reading `auths` is the `docker_credential` crate's; this module picks
+//! the file, runs helpers itself (the crate reports a helper that exits
+//! before reading its stdin as "not installed"), runs it all off the async
+//! threads, tells "no credentials" (pushed anonymously) from a broken setup,
+//! and keeps secrets out of `Debug` and of every message.
 
 use base64::Engine as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use thiserror::Error;
 
 /// What a registry is sent. `Debug` never shows the secret.
@@ -187,6 +190,9 @@ pub fn lookup_in(path: &Path, registry: &str) -> Result<Credential, CredentialEr
         })
         .unwrap_or_default()
         .to_owned();
+    if !helper.is_empty() {
+        return run_helper(&helper, &server, path);
+    }
     let bad_entry = |reason| CredentialError::BadEntry {
         server: server.clone(),
         path: path.to_owned(),
@@ -198,33 +204,14 @@ pub fn lookup_in(path: &Path, registry: &str) -> Result<Credential, CredentialEr
         }
         Ok(DockerCredential::IdentityToken(token)) => Ok(Credential::IdentityToken(token)),
         Err(E::NoCredentialConfigured) => Ok(Credential::Anonymous),
-        // The helper protocol's "nothing stored for this server".
-        Err(E::HelperFailure { stdout, .. }) if stdout.contains("credentials not found") => {
-            Ok(Credential::Anonymous)
-        }
-        Err(E::HelperFailure { stdout, stderr, .. }) => {
-            // The protocol puts the error on stdout; some helpers use stderr.
-            let message = [stdout.trim(), stderr.trim()]
-                .into_iter()
-                .find(|text| !text.is_empty())
-                .unwrap_or("it exited unsuccessfully without a message");
-            let mut message: String = message.lines().next().unwrap_or_default().to_owned();
-            if message.len() > 200 {
-                message.truncate(message.floor_char_boundary(200));
-                message.push('…');
-            }
-            Err(CredentialError::HelperFailed {
+        // Only helpers fail these ways, and helpers are run above.
+        Err(E::HelperFailure { .. } | E::HelperCommunicationError | E::MalformedHelperResponse) => {
+            Err(CredentialError::HelperMissing {
                 helper,
                 server,
-                message,
+                path: path.to_owned(),
             })
         }
-        Err(E::HelperCommunicationError) => Err(CredentialError::HelperMissing {
-            helper,
-            server,
-            path: path.to_owned(),
-        }),
-        Err(E::MalformedHelperResponse) => Err(CredentialError::HelperMalformed { helper, server }),
         Err(E::CredentialDecodingError) => Err(bad_entry(
             "its `auth` is not the base64 of `username:password`",
         )),
@@ -236,6 +223,92 @@ pub fn lookup_in(path: &Path, registry: &str) -> Result<Credential, CredentialEr
             reason: "not a docker config".to_owned(),
         }),
     }
+}
+
+/// Runs `docker-credential-<helper> get` with `server` on stdin, as the
+/// docker CLI does. A helper may exit without reading its stdin (a locked
+/// keychain fails at once), so a closed pipe is not an error: the exit status
+/// and output say what happened.
+fn run_helper(helper: &str, server: &str, path: &Path) -> Result<Credential, CredentialError> {
+    let failed = |message: String| CredentialError::HelperFailed {
+        helper: helper.to_owned(),
+        server: server.to_owned(),
+        message,
+    };
+    let mut child = match Command::new(format!("docker-credential-{helper}"))
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(err)
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            return Err(CredentialError::HelperMissing {
+                helper: helper.to_owned(),
+                server: server.to_owned(),
+                path: path.to_owned(),
+            });
+        }
+        Err(err) => return Err(failed(format!("it cannot be started: {err}"))),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        match stdin.write_all(server.as_bytes()) {
+            Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed(format!("it cannot be sent the server: {err}")));
+            }
+            // Dropping stdin closes it: the helper reads to the end.
+            _ => {}
+        }
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|err| failed(format!("its output cannot be read: {err}")))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        // The protocol's "nothing stored for this server".
+        if stdout.contains("credentials not found") {
+            return Ok(Credential::Anonymous);
+        }
+        // The protocol puts the error on stdout; some helpers use stderr.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let message = [stdout.trim(), stderr.trim()]
+            .into_iter()
+            .find(|text| !text.is_empty())
+            .unwrap_or("it exited unsuccessfully without a message");
+        let mut message: String = message.lines().next().unwrap_or_default().to_owned();
+        if message.len() > 200 {
+            message.truncate(message.floor_char_boundary(200));
+            message.push('…');
+        }
+        return Err(failed(message));
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Answer {
+        username: String,
+        secret: String,
+    }
+    let answer: Answer =
+        serde_json::from_slice(&output.stdout).map_err(|_| CredentialError::HelperMalformed {
+            helper: helper.to_owned(),
+            server: server.to_owned(),
+        })?;
+    Ok(if answer.username == "<token>" {
+        Credential::IdentityToken(answer.secret)
+    } else {
+        Credential::Basic {
+            username: answer.username,
+            password: answer.secret,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -356,13 +429,18 @@ esac"#,
             lookup_in(&path, "unknown.example.com").unwrap(),
             Credential::Anonymous
         );
-        let err = lookup_in(&path, "broken.example.com")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("docker-credential-imgbuildbroken failed for broken.example.com: the keychain is locked"),
-            "{err}"
-        );
+        // The broken helper exits without reading the server it is sent; it
+        // often does so before the server is written. Each of these runs
+        // must still report what it said, never that it is missing.
+        for _ in 0..200 {
+            let err = lookup_in(&path, "broken.example.com")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("docker-credential-imgbuildbroken failed for broken.example.com: the keychain is locked"),
+                "{err}"
+            );
+        }
         let err = lookup_in(&path, "gone.example.com")
             .unwrap_err()
             .to_string();
