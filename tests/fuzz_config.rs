@@ -128,6 +128,7 @@ const KEYS: &[&str] = &[
     "shutdown_command",
     "shutdown_timeout",
     "cache_dir",
+    "warm_start",
     "ssh",
     "image",
     "pull",

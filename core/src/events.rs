@@ -113,6 +113,14 @@ pub enum Event {
         steps: usize,
         key: String,
     },
+    /// How a QEMU build's machine came up, with warm starts on: restored
+    /// from a saved state, or booted; and how long after QEMU started it
+    /// answered SSH.
+    MachineReady {
+        build: String,
+        restored: bool,
+        millis: u64,
+    },
     /// `--skip-unchanged`: the build's inputs equal those of a recorded
     /// version, which stands instead of a new one.
     BuildSkipped {
@@ -153,6 +161,7 @@ impl Event {
             | Event::TestFinished { build, .. }
             | Event::Artifact { build, .. }
             | Event::StepsCached { build, .. }
+            | Event::MachineReady { build, .. }
             | Event::BuildSkipped { build, .. }
             | Event::BuildFinished { build, .. } => Some(build),
         }
@@ -240,6 +249,7 @@ impl Event {
             | Event::TestStarted { .. }
             | Event::Artifact { .. }
             | Event::StepsCached { .. }
+            | Event::MachineReady { .. }
             | Event::BuildSkipped { .. }
             | Event::RunFinished { .. }
             | Event::BuildStarted { .. }

@@ -240,6 +240,22 @@ impl EventSink for HumanSink {
                     &key[..key.len().min(12)]
                 )
             }
+            Event::MachineReady {
+                restored, millis, ..
+            } => {
+                if quiet {
+                    return;
+                }
+                let how = if *restored {
+                    "restored from a saved state"
+                } else {
+                    "booted"
+                };
+                format!(
+                    "{prefix}    machine {how}, SSH after {:.1}s",
+                    *millis as f64 / 1000.0
+                )
+            }
             Event::BuildSkipped {
                 version,
                 artifact_id,

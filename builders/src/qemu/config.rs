@@ -124,6 +124,11 @@ pub struct QemuConfig {
     pub shutdown_command: Option<String>,
     #[serde(default = "default_shutdown_timeout", with = "imgbuild_core::duration")]
     pub shutdown_timeout: Duration,
+    /// Save the machine right after the first SSH login, and restore such
+    /// a state instead of booting when a later build has the same base and
+    /// machine (see `warm_start`). Off with `--no-cache` too.
+    #[serde(default = "default_true")]
+    pub warm_start: bool,
     /// Where downloaded base images are cached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,

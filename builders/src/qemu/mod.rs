@@ -32,6 +32,7 @@ mod step_launch;
 mod step_shutdown;
 mod step_upload;
 mod test_run;
+mod warm_start;
 
 pub use config::QemuConfig;
 
@@ -86,6 +87,9 @@ pub struct QemuState {
     pub cache: Option<step_cache::CachePlan>,
     /// The packages the SBOM step read, kept with the final layer.
     pub sbom_packages: Option<imgbuild_provisioners::sbom::PackageList>,
+    /// The build's warm start: the state to restore, or the key to save
+    /// one under.
+    pub warm: Option<warm_start::WarmStart>,
 }
 
 impl Default for QemuState {
@@ -104,6 +108,7 @@ impl Default for QemuState {
             test_results: None,
             cache: None,
             sbom_packages: None,
+            warm: None,
         }
     }
 }
@@ -471,13 +476,22 @@ impl QemuBuilder {
                     .collect(),
             )));
         }
+        if request.cache.enabled && plan.config.warm_start {
+            steps.push(Box::new(Boots(Box::new(warm_start::StepFindWarm::new(
+                plan.config.clone(),
+                plan.accelerator,
+                request.cache.store(),
+                request.image.name.clone(),
+            )))));
+        }
         steps.push(Box::new(step_create_disk::StepCreateDisk::new(
             plan.clone(),
         )));
-        let booting: [Box<dyn Step<QemuState>>; 4] = [
+        let booting: [Box<dyn Step<QemuState>>; 5] = [
             Box::new(step_cloud_init::StepCloudInit::new(plan.clone())),
             Box::new(step_launch::StepLaunch::new(plan.clone())),
             Box::new(step_connect::StepConnect::new(plan.clone())),
+            Box::new(warm_start::StepWarmStart),
             Box::new(StepProvision::new(request.provisioners.clone())),
         ];
         steps.extend(

@@ -1,6 +1,6 @@
 //! Waits for the VM's SSH server through the forwarded port and logs in.
 //!
-//! Uses `state.machine` and `state.ssh_key`. Produces
+//! Uses `state.machine`, `state.ssh_key` and `state.warm`. Produces
 //! `state.communicator`, which cleanup drops.
 
 use super::QemuState;
@@ -32,6 +32,9 @@ impl Step<QemuState> for StepConnect {
             .machine
             .clone()
             .ok_or_else(|| StepError::failed("the VM is not running"))?;
+        // A restored machine trusts its saved state's key, not this build's
+        // (see `warm_start`).
+        let login_key = state.warm.as_ref().and_then(|warm| warm.login_key());
         let watched = machine.clone();
         let liveness: Liveness = Arc::new(move || watched.failure());
         let target = SshTarget {
@@ -42,7 +45,7 @@ impl Step<QemuState> for StepConnect {
             &self.plan.config.ssh,
             &self.plan.config_dir,
             target,
-            state.ssh_key.as_deref(),
+            login_key.as_deref().or(state.ssh_key.as_deref()),
             cx,
             Some(liveness),
         )

@@ -1,16 +1,19 @@
 //! Creates the build's working directory and a copy-on-write disk on top of
 //! the base image, so the base is never written to.
 //!
-//! Uses `state.base` and `state.cache` (the kept layer to start from).
+//! Uses `state.base`, `state.cache` (the kept layer to start from) and
+//! `state.warm` (a saved machine's disk, copied).
 //! Produces `state.work_dir` and `state.disk`; cleanup removes the working
 //! directory with everything in it.
 
 use super::QemuState;
 use super::plan::Plan;
+use super::qemu_img::QemuImg;
 use crate::common::tracked::TrackedPath;
 use async_trait::async_trait;
 use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
 
 pub struct StepCreateDisk {
@@ -75,15 +78,35 @@ impl Step<QemuState> for StepCreateDisk {
             return Ok(());
         };
         let disk = work_dir.join("disk.qcow2");
-        let size = self.plan.config.disk_size.as_ref().map(|size| size.bytes());
-        state
-            .qemu_img
-            .create_overlay(&disk, &backing, &backing_format, size)
-            .await
-            .map_err(|err| err.context("creating the build disk"))?;
-        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).map_err(|err| {
-            StepError::failed(format!("cannot make {} private: {err}", disk.display()))
-        })?;
+        let saved_disk = state
+            .warm
+            .as_ref()
+            .and_then(|warm| warm.saved.as_ref())
+            .map(|saved| saved.disk.clone());
+        match saved_disk {
+            // A saved machine state fits only the exact disk it was saved
+            // with: a copy of it, standing on the same backing file.
+            Some(saved) => {
+                tokio::fs::copy(&saved, &disk).await.map_err(|err| {
+                    StepError::failed(format!(
+                        "cannot copy {} to {}: {err}",
+                        saved.display(),
+                        disk.display()
+                    ))
+                })?;
+                make_private(&disk)?;
+            }
+            None => {
+                create_disk(
+                    state.qemu_img.as_ref(),
+                    &disk,
+                    &backing,
+                    &backing_format,
+                    &self.plan,
+                )
+                .await?;
+            }
+        }
         state.disk = Some(disk);
         Ok(())
     }
@@ -99,6 +122,28 @@ impl Step<QemuState> for StepCreateDisk {
             None => Ok(()),
         }
     }
+}
+
+/// A new build disk at `disk` over `backing`, grown to the configured
+/// size, private to the user.
+pub async fn create_disk(
+    qemu_img: &dyn QemuImg,
+    disk: &Path,
+    backing: &Path,
+    backing_format: &str,
+    plan: &Plan,
+) -> Result<(), StepError> {
+    let size = plan.config.disk_size.as_ref().map(|size| size.bytes());
+    qemu_img
+        .create_overlay(disk, backing, backing_format, size)
+        .await
+        .map_err(|err| err.context("creating the build disk"))?;
+    make_private(disk)
+}
+
+fn make_private(disk: &Path) -> Result<(), StepError> {
+    std::fs::set_permissions(disk, std::fs::Permissions::from_mode(0o600))
+        .map_err(|err| StepError::failed(format!("cannot make {} private: {err}", disk.display())))
 }
 
 #[cfg(test)]

@@ -2,14 +2,20 @@
 //! with SSH forwarded to a free loopback port, the serial console captured
 //! to a bounded file (see `serial_log`), no display.
 //!
-//! Uses `state.work_dir`, `state.disk` and `state.seed`. Produces
-//! `state.machine`; cleanup stops QEMU.
+//! With a saved machine state to restore (`state.warm`), QEMU loads it
+//! (`-incoming`) and runs it on; one that does not load is discarded, and
+//! the machine boots on a fresh disk instead.
+//!
+//! Uses `state.work_dir`, `state.disk`, `state.seed` and `state.warm`.
+//! Produces `state.machine`; cleanup stops QEMU.
 
 use super::QemuState;
 use super::accel;
 use super::config::Firmware;
 use super::plan::Plan;
 use super::serial_log;
+use super::step_create_disk::create_disk;
+use super::warm_start;
 use crate::common::process::{self, ProcessIdentity};
 use crate::common::tracked::{TrackedPath, record, release};
 use async_trait::async_trait;
@@ -116,6 +122,7 @@ impl StepLaunch {
         port: u16,
         marker: &str,
         qmp: Option<&Path>,
+        incoming: Option<&Path>,
     ) -> Result<Vec<String>, StepError> {
         let config = &self.plan.config;
         let disk = state
@@ -186,6 +193,12 @@ impl StepLaunch {
             ]);
         }
         args.extend(serial_log::qemu_args(&work_dir.join("serial.log")));
+        if state.warm.is_some() {
+            args.extend(warm_start::qemu_args(config));
+        }
+        if let Some(memory) = incoming {
+            args.extend(["-incoming".into(), warm_start::incoming_arg(memory)]);
+        }
         args.extend(config.qemu_args.iter().cloned());
         Ok(args)
     }
@@ -228,6 +241,7 @@ impl StepLaunch {
         cx: &StepContext,
         work_dir: &Path,
         qmp: Option<PathBuf>,
+        incoming: Option<&Path>,
     ) -> Result<Machine, StepError> {
         let port = free_loopback_port()
             .map_err(|err| StepError::failed(format!("cannot find a free loopback port: {err}")))?;
@@ -236,7 +250,7 @@ impl StepLaunch {
             // A stale socket from an attempt whose QEMU exited at once.
             let _ = std::fs::remove_file(qmp);
         }
-        let args = self.command_line(state, work_dir, port, &marker, qmp.as_deref())?;
+        let args = self.command_line(state, work_dir, port, &marker, qmp.as_deref(), incoming)?;
         let serial = work_dir.join("serial.log");
         serial_log::create(&serial).map_err(|err| {
             StepError::failed(format!("cannot create {}: {err}", serial.display()))
@@ -329,6 +343,60 @@ impl StepLaunch {
     }
 }
 
+impl StepLaunch {
+    /// Stops the QEMU this step started, if it still runs.
+    async fn stop(&mut self, cx: &StepContext) -> Result<(), StepError> {
+        if let Some((id, machine)) = self.process.take() {
+            if !machine.has_exited() {
+                process::terminate(machine.identity, Duration::from_secs(10)).await;
+                if !machine.wait_exit(Duration::from_secs(5)).await {
+                    return Err(StepError::failed(format!(
+                        "QEMU (pid {}) did not exit; it stays recorded in the run journal for `imgbuild clean`",
+                        machine.pid
+                    )));
+                }
+            }
+            release(cx, id)?;
+        }
+        Ok(())
+    }
+
+    /// Gives up the saved state (`why` it cannot be restored) and makes the
+    /// build disk a fresh one, for a normal boot.
+    async fn boot_instead(
+        &mut self,
+        state: &mut QemuState,
+        cx: &StepContext,
+        why: &str,
+    ) -> Result<(), StepError> {
+        let Some(warm) = state.warm.as_mut() else {
+            return Ok(());
+        };
+        cx.log.warn(format!(
+            "the saved machine state cannot be restored ({why}): discarded; booting instead"
+        ));
+        warm.discard();
+        let (backing, backing_format) = (warm.backing.clone(), warm.backing_format.clone());
+        let disk = state
+            .disk
+            .clone()
+            .ok_or_else(|| StepError::failed("no build disk"))?;
+        let _ = std::fs::remove_file(&disk);
+        create_disk(
+            state.qemu_img.as_ref(),
+            &disk,
+            &backing,
+            &backing_format,
+            &self.plan,
+        )
+        .await
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text)
+}
+
 /// Asks the kernel for a free port. Another process can take it before QEMU
 /// binds it; QEMU then exits at once and the launch is retried.
 fn free_loopback_port() -> std::io::Result<u16> {
@@ -348,9 +416,26 @@ impl Step<QemuState> for StepLaunch {
             .clone()
             .ok_or_else(|| StepError::failed("no working directory"))?;
         let qmp = self.monitor_socket(&work_dir, cx)?;
+        if qmp.is_none() && state.warm.as_ref().is_some_and(|warm| warm.saved.is_some()) {
+            self.boot_instead(
+                state,
+                cx,
+                "QEMU gets no monitor socket to resume it through",
+            )
+            .await?;
+        }
         const ATTEMPTS: usize = 3;
-        for attempt in 1..=ATTEMPTS {
-            let machine = self.spawn(state, cx, &work_dir, qmp.clone()).await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let incoming = state
+                .warm
+                .as_ref()
+                .and_then(|warm| warm.saved.as_ref())
+                .map(|saved| saved.memory.clone());
+            let machine = self
+                .spawn(state, cx, &work_dir, qmp.clone(), incoming.as_deref())
+                .await?;
             // QEMU fails within milliseconds when the forwarded port was
             // taken in the meantime; anything later is the guest's business.
             let exited = machine.wait_exit(Duration::from_millis(300)).await;
@@ -363,16 +448,54 @@ impl Step<QemuState> for StepLaunch {
                 if port_taken && attempt < ATTEMPTS {
                     continue;
                 }
+                // A state QEMU cannot load makes it exit at once. A broken
+                // KVM does too, and is the caller's to fall back from.
+                if incoming.is_some() && !port_taken && !accel::is_kvm_failure(&failure) {
+                    self.boot_instead(
+                        state,
+                        cx,
+                        &format!("QEMU could not load it: {}", first_line(&failure)),
+                    )
+                    .await?;
+                    attempt = 0;
+                    continue;
+                }
                 return Err(StepError::failed(failure));
             }
+            if incoming.is_some() {
+                let watched = machine.clone();
+                let qmp = qmp.as_deref().expect("checked before a restore");
+                if let Err(message) =
+                    warm_start::resume_incoming(qmp, move || watched.failure()).await
+                {
+                    self.stop(cx).await?;
+                    self.boot_instead(
+                        state,
+                        cx,
+                        &format!("QEMU could not load it: {}", first_line(&message)),
+                    )
+                    .await?;
+                    attempt = 0;
+                    continue;
+                }
+                if let Some(warm) = state.warm.as_mut() {
+                    warm.restored = true;
+                }
+            }
             cx.log.info(format!(
-                "QEMU started ({}, pid {}), SSH forwarded from 127.0.0.1:{}",
-                self.plan.accelerator, machine.pid, machine.ssh_port
+                "QEMU started ({}, pid {}){}, SSH forwarded from 127.0.0.1:{}",
+                self.plan.accelerator,
+                machine.pid,
+                if incoming.is_some() {
+                    ", resumed from a saved state"
+                } else {
+                    ""
+                },
+                machine.ssh_port
             ));
             state.machine = Some(machine);
             return Ok(());
         }
-        unreachable!("the loop returns on its last attempt")
     }
 
     async fn cleanup(
@@ -381,18 +504,7 @@ impl Step<QemuState> for StepLaunch {
         cx: &StepContext,
         _outcome: CleanupOutcome,
     ) -> Result<(), StepError> {
-        if let Some((id, machine)) = self.process.take() {
-            if !machine.has_exited() {
-                process::terminate(machine.identity, Duration::from_secs(10)).await;
-                if !machine.wait_exit(Duration::from_secs(5)).await {
-                    return Err(StepError::failed(format!(
-                        "QEMU (pid {}) did not exit; it stays recorded in the run journal for `imgbuild clean`",
-                        machine.pid
-                    )));
-                }
-            }
-            release(cx, id)?;
-        }
+        self.stop(cx).await?;
         match self.monitor_dir.take() {
             Some(dir) => dir.remove(cx).await,
             None => Ok(()),

@@ -122,6 +122,18 @@ impl TemporaryKey {
         })
     }
 
+    /// A key kept as [`Self::private_openssh`] wrote it: the QEMU builder
+    /// keeps one with a saved machine state, to log in to it again.
+    pub fn from_private_openssh(text: &str) -> Result<TemporaryKey, CommError> {
+        let key = PrivateKey::from_openssh(text).map_err(encoding_error)?;
+        let public_openssh = key.public_key().to_openssh().map_err(encoding_error)?;
+        Ok(TemporaryKey {
+            key: Arc::new(key),
+            public_openssh,
+            private_openssh: text.to_owned(),
+        })
+    }
+
     pub fn private_key(&self) -> Arc<PrivateKey> {
         self.key.clone()
     }

@@ -1,0 +1,878 @@
+//! Warm starts: a build resumes a machine saved right after an earlier
+//! build's first SSH login, instead of booting it.
+//!
+//! Saving (a build that booted, with no state for its key yet): the guest
+//! flushes its file systems, QEMU pauses it (`stop` also flushes QEMU's own
+//! disk caches), its memory and device state go through `zstd` into a file
+//! (`migrate`), and the build disk, unchanged while paused, is copied.
+//! Then the guest runs on and the build goes on as if nothing happened.
+//! The state, the disk copy and a record (see [`Record`]) go into the step
+//! store under the warm key, which covers everything a saved state depends
+//! on: the disk it stands on (the base, or a kept step layer), QEMU's binary
+//! and version, the accelerator, the machine, memory, CPUs, firmware, kernel
+//! and the devices the build attaches.
+//!
+//! Restoring: the build disk is a copy of the kept one (a state fits only
+//! the exact disk it was saved with), QEMU starts with the same devices and
+//! `-incoming`, and `cont` runs the guest on. Before any provisioner runs,
+//! over SSH: the clock is set from the host's, fresh entropy is written to
+//! `/dev/urandom` (and the `vmgenid` device, whose id changes on every
+//! start, makes Linux reseed its CRNG), the identity files the guest made
+//! at its first boot are made anew, and the keys are swapped (below).
+//!
+//! Keys: a build with a temporary key never saves that key into a state.
+//! The state has a key of its own, trusted in the saved guest and kept in
+//! the record (0600, like everything in the store): a restoring build logs
+//! in with it, trusts its own key and stops trusting the state's, so no
+//! image and no other build's machine accepts either key afterwards.
+//!
+//! A state that cannot be loaded (QEMU changed under the same version, a
+//! file damaged with a matching checksum) is reported and discarded, and
+//! the build boots normally.
+
+use super::QemuState;
+use super::config::{Accelerator, QemuConfig};
+use super::qmp::Qmp;
+use super::step_cache::cache_settings;
+use super::step_shutdown::{LogLines, forget_key_command, trust_key_command};
+use crate::common::cache::digest_json;
+use crate::common::step_store::{EntryInfo, StepStore};
+use async_trait::async_trait;
+use imgbuild_core::{Event, Step, StepContext, StepError, Stream};
+use imgbuild_provisioners::shell::shell_quote;
+use imgbuild_provisioners::ssh::TemporaryKey;
+use imgbuild_provisioners::{Communicator, ExitStatus, OutputSink};
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long saving or loading a state may take before it is given up.
+const STATE_LIMIT: Duration = Duration::from_secs(300);
+
+/// Bumped when what a state holds, or how it is made, changes.
+const SCHEME: u32 = 1;
+
+/// What is kept beside a state's memory and disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// The state's own key, trusted in the saved guest; `None` when the
+    /// build logs in with a password or a key file of its own.
+    pub private_key: Option<String>,
+    /// Files the guest made at its first boot that must be unique per
+    /// machine: made anew after every restore.
+    pub derived: Vec<String>,
+    /// RFC 3339.
+    pub saved_at: String,
+}
+
+/// A state found for the build, verified by the store.
+pub struct Saved {
+    pub disk: PathBuf,
+    pub memory: PathBuf,
+    pub record: Record,
+    pub key: Option<Arc<TemporaryKey>>,
+}
+
+/// The build's warm start, once its key is known.
+pub struct WarmStart {
+    pub key: String,
+    store: Arc<StepStore>,
+    image: String,
+    /// What the build disk stands on, for a fresh one when a restore fails.
+    pub backing: PathBuf,
+    pub backing_format: String,
+    /// The state to restore, until the launch restored it or gave up.
+    pub saved: Option<Saved>,
+    /// The machine running now was restored, not booted.
+    pub restored: bool,
+}
+
+fn memory_key(key: &str) -> String {
+    format!("{key}-memory")
+}
+
+fn record_key(key: &str) -> String {
+    format!("{key}-record")
+}
+
+impl WarmStart {
+    /// Forgets the state for good: it could not be loaded.
+    pub fn discard(&mut self) {
+        self.saved = None;
+        for key in [
+            record_key(&self.key),
+            memory_key(&self.key),
+            self.key.clone(),
+        ] {
+            self.store.remove(&key);
+        }
+    }
+
+    /// The key to log in with: the state's, for a restored machine whose
+    /// build has a temporary key.
+    pub fn login_key(&self) -> Option<Arc<TemporaryKey>> {
+        self.saved
+            .as_ref()
+            .filter(|_| self.restored)
+            .and_then(|saved| saved.key.clone())
+    }
+}
+
+/// The QEMU arguments of a machine that can be saved and restored: the
+/// `vmgenid` device, where the machine type has the ACPI it needs.
+pub fn qemu_args(config: &QemuConfig) -> Vec<String> {
+    if has_acpi(&config.machine) {
+        vec!["-device".into(), "vmgenid,guid=auto".into()]
+    } else {
+        Vec::new()
+    }
+}
+
+fn has_acpi(machine: &str) -> bool {
+    let machine = machine.split(',').next().unwrap_or_default();
+    machine == "pc" || machine == "q35" || machine.starts_with("pc-")
+}
+
+/// The warm key: everything a saved state depends on.
+pub fn warm_key(
+    config: &QemuConfig,
+    accelerator: Accelerator,
+    qemu_version: &str,
+    backing_sha256: &str,
+    temporary_key: bool,
+) -> String {
+    digest_json(&serde_json::json!({
+        "warm_start": SCHEME,
+        "below": backing_sha256,
+        "qemu": {"binary": config.qemu_binary, "version": qemu_version},
+        "accelerator": accelerator,
+        "machine": config.machine,
+        "memory": config.memory,
+        "cpus": config.cpus,
+        "ovmf_code": config.ovmf_code,
+        "settings": cache_settings(config),
+        "devices": qemu_args(config),
+        "temporary_key": temporary_key,
+    }))
+}
+
+/// `qemu-system-* --version`'s first line: a state saved by one QEMU may
+/// not load in another.
+async fn qemu_version(binary: &str) -> Option<String> {
+    let output = tokio::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines().next().map(str::to_owned)
+}
+
+/// Finds the build's saved state, if there is one. Skipped with
+/// `warm_start = false` and `--no-cache` (the step is then not run).
+pub struct StepFindWarm {
+    config: QemuConfig,
+    accelerator: Accelerator,
+    store: Arc<StepStore>,
+    image: String,
+}
+
+impl StepFindWarm {
+    pub fn new(
+        config: QemuConfig,
+        accelerator: Accelerator,
+        store: StepStore,
+        image: String,
+    ) -> Self {
+        StepFindWarm {
+            config,
+            accelerator,
+            store: Arc::new(store),
+            image,
+        }
+    }
+}
+
+#[async_trait]
+impl Step<QemuState> for StepFindWarm {
+    fn name(&self) -> &'static str {
+        "find_warm_start"
+    }
+
+    async fn run(&mut self, state: &mut QemuState, cx: &StepContext) -> Result<(), StepError> {
+        let base = state
+            .base
+            .as_mut()
+            .ok_or_else(|| StepError::failed("no base image"))?;
+        let (backing, backing_format, backing_sha256) = match state.cache.as_ref() {
+            Some(cache) if cache.fully_cached => return Ok(()),
+            Some(cache) if cache.below.is_some() => {
+                let below = cache.below.as_ref().expect("checked");
+                (
+                    below.path.clone(),
+                    below.format.clone(),
+                    below.sha256.clone(),
+                )
+            }
+            _ => {
+                let identity = base.identity().await?;
+                (
+                    base.path.clone(),
+                    base.format.clone(),
+                    identity.sha256.unwrap_or_default(),
+                )
+            }
+        };
+        if backing_sha256.is_empty() {
+            return Ok(());
+        }
+        let Some(version) = qemu_version(&self.config.qemu_binary).await else {
+            // The launch says what is wrong with the binary.
+            return Ok(());
+        };
+        let temporary_key =
+            self.config.ssh.password.is_none() && self.config.ssh.private_key_file.is_none();
+        let key = warm_key(
+            &self.config,
+            self.accelerator,
+            &version,
+            &backing_sha256,
+            temporary_key,
+        );
+        let saved = find(&self.store, &key, &backing, state, cx).await;
+        if saved.is_some() {
+            cx.log.info(format!(
+                "a saved machine state is kept for this base and machine ({}): restoring it instead of booting",
+                &key[..12]
+            ));
+        }
+        state.warm = Some(WarmStart {
+            key,
+            store: self.store.clone(),
+            image: self.image.clone(),
+            backing,
+            backing_format,
+            saved,
+            restored: false,
+        });
+        Ok(())
+    }
+}
+
+/// The state kept under `key`, all three parts sound and its disk still
+/// standing on `backing`; anything less is removed.
+async fn find(
+    store: &StepStore,
+    key: &str,
+    backing: &Path,
+    state: &QemuState,
+    cx: &StepContext,
+) -> Option<Saved> {
+    let _lock = store.lock(key).await.ok()?;
+    let record = store.get(&record_key(key), &cx.log).await;
+    let memory = store.get(&memory_key(key), &cx.log).await;
+    let disk = store.get(key, &cx.log).await;
+    let discard = |why: &str| {
+        if !why.is_empty() {
+            cx.log.warn(format!(
+                "the saved machine state {} {why}: discarding it; the build boots",
+                &key[..12]
+            ));
+        }
+        for part in [record_key(key), memory_key(key), key.to_owned()] {
+            store.remove(&part);
+        }
+        None
+    };
+    let (Some(_), Some(_), Some(_)) = (&record, &memory, &disk) else {
+        // A part evicted or found damaged (the store said so): the rest is
+        // of no use alone.
+        return discard("");
+    };
+    let Some(record) = std::fs::read(store.path(&record_key(key)))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
+    else {
+        return discard("has an unreadable record");
+    };
+    let disk_path = store.path(key);
+    let info = state.qemu_img.info(&disk_path, None).await.ok()?;
+    let standing_on = info["backing-filename"].as_str().unwrap_or_default();
+    if Path::new(standing_on) != backing {
+        return discard(&format!(
+            "stands on {standing_on}, not on {} (the store or the base moved)",
+            backing.display()
+        ));
+    }
+    let key_pair = match &record.private_key {
+        Some(text) => match TemporaryKey::from_private_openssh(text) {
+            Ok(key) => Some(Arc::new(key)),
+            Err(err) => return discard(&format!("has an unreadable key ({err})")),
+        },
+        None => None,
+    };
+    Some(Saved {
+        disk: disk_path,
+        memory: store.path(&memory_key(key)),
+        record,
+        key: key_pair,
+    })
+}
+
+/// The `-incoming` argument that loads `memory`.
+pub fn incoming_arg(memory: &Path) -> String {
+    format!(
+        "exec:zstd -dcq < {}",
+        shell_quote(&memory.display().to_string())
+    )
+}
+
+/// Waits until the incoming QEMU at `qmp_path` loaded its state, then runs
+/// the guest on. `failure` says why QEMU can no longer come up.
+pub async fn resume_incoming(
+    qmp_path: &Path,
+    failure: impl Fn() -> Option<String>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + STATE_LIMIT;
+    let mut qmp = loop {
+        if let Some(failure) = failure() {
+            return Err(failure);
+        }
+        match Qmp::connect(qmp_path).await {
+            Ok(qmp) => break qmp,
+            Err(err) if Instant::now() > deadline => return Err(err.to_string()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    loop {
+        if let Some(failure) = failure() {
+            return Err(failure);
+        }
+        let status = qmp
+            .execute("query-status", None)
+            .await
+            .map_err(|err| err.to_string())?;
+        match status["status"].as_str().unwrap_or_default() {
+            "inmigrate" if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            "inmigrate" => return Err(format!("loading took over {STATE_LIMIT:?}")),
+            "running" => return Ok(()),
+            "paused" | "postmigrate" | "prelaunch" => {
+                return qmp
+                    .execute("cont", None)
+                    .await
+                    .map(|_| ())
+                    .map_err(|err| err.to_string());
+            }
+            other => return Err(format!("QEMU is {other} after loading the state")),
+        }
+    }
+}
+
+/// Collects a command's standard output.
+#[derive(Default)]
+struct Collect(Mutex<Vec<String>>);
+
+impl OutputSink for Collect {
+    fn line(&self, stream: Stream, line: &str) {
+        if stream == Stream::Stdout {
+            self.0.lock().expect("collect lock").push(line.to_owned());
+        }
+    }
+}
+
+async fn run(comm: &dyn Communicator, command: &str, what: &str) -> Result<Vec<String>, String> {
+    let collect = Collect::default();
+    match comm.exec(command, &collect).await {
+        Ok(ExitStatus::Code(0)) => Ok(collect.0.into_inner().expect("collect lock")),
+        Ok(status) => Err(format!("{what} failed ({status})")),
+        Err(err) => Err(format!("{what} failed: {err}")),
+    }
+}
+
+/// Lists the identity files the guest made since it booted.
+const DERIVED_SCRIPT: &str = r#"boot=$(( $(date +%s) - $(cut -d. -f1 /proc/uptime) - 5 )); for f in /etc/machine-id /etc/ssh/ssh_host_*_key; do [ -s "$f" ] && [ "$(stat -c %Y "$f")" -ge "$boot" ] && echo "derived $f"; done; true"#;
+
+/// Runs as the build user after a restore, as root (through one `sudo -n`
+/// when the user is not root: each costs a second under TCG). Prints what
+/// it could not do. Each SSH host key in `derived` is replaced by its kind
+/// in `host_keys`, made on the build host (an RSA key takes the guest many
+/// seconds under TCG), else made by the guest's `ssh-keygen`.
+fn restore_script(epoch: u64, entropy: &str, derived: &[String], host_keys: &[HostKey]) -> String {
+    let mut body = format!(
+        "date -u -s @{epoch} >/dev/null 2>&1 || echo 'not-done clock'; \
+         printf '%s' {} | base64 -d > /dev/urandom 2>/dev/null || echo 'not-done entropy'; ",
+        shell_quote(entropy)
+    );
+    if derived.iter().any(|path| path == "/etc/machine-id") {
+        body.push_str(
+            "{ rm -f /etc/machine-id && { systemd-machine-id-setup >/dev/null 2>&1 || tr -d - < /proc/sys/kernel/random/uuid > /etc/machine-id; }; } || echo 'not-done machine-id'; ",
+        );
+    }
+    for path in derived
+        .iter()
+        .filter(|path| path.starts_with("/etc/ssh/ssh_host_") && path.ends_with("_key"))
+    {
+        let quoted = shell_quote(path);
+        let kind = path["/etc/ssh/ssh_host_".len()..path.len() - "_key".len()].to_owned();
+        body.push_str(&format!("{{ rm -f {quoted} {quoted}.pub"));
+        match host_keys.iter().find(|key| key.kind == kind) {
+            Some(key) => {
+                for (file, text, mode) in [
+                    (path.clone(), &key.private, "600"),
+                    (format!("{path}.pub"), &key.public, "644"),
+                ] {
+                    let encoded =
+                        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, text);
+                    let file = shell_quote(&file);
+                    body.push_str(&format!(
+                        " && (umask 077; printf %s {} | base64 -d > {file}) && chmod {mode} {file}",
+                        shell_quote(&encoded)
+                    ));
+                }
+            }
+            None => body.push_str(&format!(
+                " && ssh-keygen -q -N \"\" -t {} -f {quoted}",
+                shell_quote(&kind)
+            )),
+        }
+        body.push_str(&format!("; }} || echo not-done host key {kind}; "));
+    }
+    body.push_str("true");
+    let body = shell_quote(&body);
+    format!(
+        "if [ \"$(id -u)\" = 0 ]; then sh -c {body}; else sudo -n sh -c {body} || echo 'not-done root'; fi"
+    )
+}
+
+/// An SSH host key pair made on the build host.
+pub struct HostKey {
+    /// `rsa`, `ecdsa`, `ed25519`.
+    kind: String,
+    private: String,
+    public: String,
+}
+
+/// New host keys of the kinds in `derived`, made with the build host's
+/// `ssh-keygen` in `dir`; those it cannot make are left to the guest.
+async fn make_host_keys(derived: &[String], dir: &Path) -> Vec<HostKey> {
+    let mut keys = Vec::new();
+    for path in derived {
+        let Some(kind) = path
+            .strip_prefix("/etc/ssh/ssh_host_")
+            .and_then(|rest| rest.strip_suffix("_key"))
+        else {
+            continue;
+        };
+        if !matches!(kind, "rsa" | "dsa" | "ecdsa" | "ed25519") {
+            continue;
+        }
+        let file = dir.join(format!("host-key-{kind}"));
+        let _ = std::fs::remove_file(&file);
+        let made = tokio::process::Command::new("ssh-keygen")
+            .args(["-q", "-N", "", "-C", "", "-t", kind, "-f"])
+            .arg(&file)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await;
+        let read = |path: &Path| std::fs::read_to_string(path).ok();
+        let pair = match made {
+            Ok(output) if output.status.success() => {
+                read(&file).zip(read(&file.with_extension("pub")))
+            }
+            _ => None,
+        };
+        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(file.with_extension("pub"));
+        let Some((private, public)) = pair else {
+            continue;
+        };
+        keys.push(HostKey {
+            kind: kind.to_owned(),
+            private,
+            public,
+        });
+    }
+    keys
+}
+
+/// Saves the running machine's state for later builds (see the module's
+/// description), or, on a restored machine, makes it this build's.
+pub struct StepWarmStart;
+
+#[async_trait]
+impl Step<QemuState> for StepWarmStart {
+    fn name(&self) -> &'static str {
+        "warm_start"
+    }
+
+    async fn run(&mut self, state: &mut QemuState, cx: &StepContext) -> Result<(), StepError> {
+        let machine = state
+            .machine
+            .clone()
+            .ok_or_else(|| StepError::failed("the VM is not running"))?;
+        let restored = state.warm.as_ref().is_some_and(|warm| warm.restored);
+        let ready = machine.started.elapsed();
+        if state.warm.is_some() {
+            cx.log.emit(Event::MachineReady {
+                build: cx.build_name().to_owned(),
+                restored,
+                millis: ready.as_millis() as u64,
+            });
+        }
+        if restored {
+            return adopt(state, cx).await.map_err(StepError::failed);
+        }
+        if state.warm.is_some() {
+            let started = Instant::now();
+            match save(state, cx).await {
+                Ok(Some(size)) => cx.log.info(format!(
+                    "saved the machine state for warm starts in {:.1}s ({} MiB)",
+                    started.elapsed().as_secs_f64(),
+                    size / (1 << 20)
+                )),
+                Ok(None) => {}
+                Err(message) => cx.log.warn(format!(
+                    "the machine state could not be saved for warm starts: {message}; later builds boot as this one did"
+                )),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes a restored machine this build's: clock, entropy, identity, keys.
+async fn adopt(state: &mut QemuState, cx: &StepContext) -> Result<(), String> {
+    let comm = state
+        .communicator
+        .clone()
+        .ok_or("no connection to the VM")?;
+    let warm = state.warm.as_ref().ok_or("no warm start")?;
+    let saved = warm.saved.as_ref().ok_or("no saved state")?;
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_secs())
+        .unwrap_or_default();
+    let mut entropy = [0u8; 64];
+    getrandom::fill(&mut entropy).map_err(|err| format!("no host entropy: {err}"))?;
+    let entropy = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, entropy);
+    let work_dir = state.work_dir.clone().ok_or("no working directory")?;
+    let host_keys = make_host_keys(&saved.record.derived, &work_dir).await;
+    let script = restore_script(epoch, &entropy, &saved.record.derived, &host_keys);
+    let lines = run(comm.as_ref(), &script, "setting up the restored machine").await?;
+    for line in lines {
+        let Some(what) = line.strip_prefix("not-done ") else {
+            continue;
+        };
+        cx.log.warn(match what {
+            "clock" => "the restored machine's clock could not be set (`date -s`): it runs from the time its state was saved; set `warm_start = false` if the provisioners need the real time".to_owned(),
+            "root" => "the restored machine could not be set up as root (`sudo -n` failed): its clock runs from the time its state was saved, and what its first boot made (machine-id, SSH host keys) is shared with every build restored from the state; give the build user passwordless sudo, or set `warm_start = false`".to_owned(),
+            other => format!("the restored machine's {other} could not be made anew"),
+        });
+    }
+    if let (Some(own), Some(state_key)) = (&state.ssh_key, &saved.key) {
+        let swap = format!(
+            "{} && {}",
+            trust_key_command(own),
+            forget_key_command(state_key)
+        );
+        run(comm.as_ref(), &swap, "trusting the build's key").await?;
+    }
+    Ok(())
+}
+
+/// Saves the state, unless another build saved one for the key first.
+/// Returns the size kept.
+async fn save(state: &mut QemuState, cx: &StepContext) -> Result<Option<u64>, String> {
+    let warm = state.warm.as_ref().ok_or("no warm start")?;
+    let (key, store) = (warm.key.clone(), warm.store.clone());
+    let comm = state
+        .communicator
+        .clone()
+        .ok_or("no connection to the VM")?;
+    let machine = state.machine.clone().ok_or("the VM is not running")?;
+    let qmp_path = machine
+        .qmp
+        .clone()
+        .ok_or("QEMU was started without a monitor socket")?;
+    let disk = state.disk.clone().ok_or("no build disk")?;
+    let work_dir = state.work_dir.clone().ok_or("no working directory")?;
+    let _lock = store.lock(&key).await.map_err(|err| err.to_string())?;
+    if store.get(&record_key(&key), &cx.log).await.is_some() {
+        return Ok(None);
+    }
+    let state_key = match &state.ssh_key {
+        Some(_) => Some(TemporaryKey::generate().map_err(|err| err.to_string())?),
+        None => None,
+    };
+    let mut prepare = String::new();
+    if let (Some(own), Some(state_key)) = (&state.ssh_key, &state_key) {
+        prepare = format!(
+            "{} && {}; ",
+            trust_key_command(state_key),
+            forget_key_command(own)
+        );
+    }
+    prepare.push_str(DERIVED_SCRIPT);
+    prepare.push_str("; sync");
+    let prepared = tokio::time::timeout(
+        STATE_LIMIT,
+        run(comm.as_ref(), &prepare, "preparing the machine"),
+    )
+    .await
+    .map_err(|_| format!("preparing the machine took over {STATE_LIMIT:?}"))
+    .and_then(|result| result);
+    let (memory, disk_copy) = (
+        work_dir.join("warm-memory.zst"),
+        work_dir.join("warm-disk.qcow2"),
+    );
+    let paused = match &prepared {
+        Ok(_) => pause_and_save(&qmp_path, &memory, &disk, &disk_copy).await,
+        Err(message) => Err(message.clone()),
+    };
+    // The build goes on whatever happened: its own key trusted again, the
+    // state's not trusted in its image.
+    if let (Some(own), Some(state_key)) = (&state.ssh_key, &state_key) {
+        let restore = format!(
+            "{} && {}",
+            trust_key_command(own),
+            forget_key_command(state_key)
+        );
+        let log = LogLines(&cx.log);
+        match comm.exec(&restore, &log).await {
+            Ok(ExitStatus::Code(0)) => {}
+            other => {
+                return Err(format!(
+                    "trusting the build key again failed ({other:?}); the build cannot go on without it"
+                ));
+            }
+        }
+    }
+    let derived = prepared?
+        .into_iter()
+        .filter_map(|line| line.strip_prefix("derived ").map(str::to_owned))
+        .collect();
+    paused?;
+    let record = Record {
+        private_key: state_key.map(|key| key.private_openssh().to_owned()),
+        derived,
+        saved_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    };
+    let record_file = work_dir.join("warm-record.json");
+    std::fs::write(
+        &record_file,
+        serde_json::to_vec_pretty(&record).expect("records serialize"),
+    )
+    .and_then(|()| std::fs::set_permissions(&record_file, std::fs::Permissions::from_mode(0o600)))
+    .map_err(|err| format!("cannot write {}: {err}", record_file.display()))?;
+    let info = |part: &str| EntryInfo {
+        image: warm.image.clone(),
+        build: cx.build_name().to_owned(),
+        step: format!("warm start ({part})"),
+    };
+    let mut size = 0;
+    // The record goes last: a state is found only once it is whole.
+    for (part_key, file, part) in [
+        (key.clone(), &disk_copy, "disk"),
+        (memory_key(&key), &memory, "memory"),
+        (record_key(&key), &record_file, "record"),
+    ] {
+        let entry = store
+            .put(&part_key, file, info(part), &cx.log)
+            .await
+            .map_err(|err| err.to_string())?;
+        size += entry.size;
+        let _ = std::fs::remove_file(file);
+    }
+    Ok(Some(size))
+}
+
+/// Pauses the guest, writes its state to `memory` and copies `disk` (which
+/// QEMU does not write while paused) to `disk_copy`, then runs it on.
+async fn pause_and_save(
+    qmp_path: &Path,
+    memory: &Path,
+    disk: &Path,
+    disk_copy: &Path,
+) -> Result<(), String> {
+    let mut qmp = Qmp::connect(qmp_path)
+        .await
+        .map_err(|err| err.to_string())?;
+    qmp.execute("stop", None)
+        .await
+        .map_err(|err| err.to_string())?;
+    let saved = async {
+        // QEMU's default bandwidth cap is for live migration over a network.
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({"max-bandwidth": 10u64 << 30})),
+        )
+        .await
+        .map_err(|err| err.to_string())?;
+        let uri = format!(
+            "exec:umask 077 && zstd -q -1 -T0 > {}",
+            shell_quote(&memory.display().to_string())
+        );
+        qmp.execute("migrate", Some(serde_json::json!({"uri": uri})))
+            .await
+            .map_err(|err| err.to_string())?;
+        let deadline = Instant::now() + STATE_LIMIT;
+        loop {
+            let status = qmp
+                .execute("query-migrate", None)
+                .await
+                .map_err(|err| err.to_string())?;
+            match status["status"].as_str().unwrap_or_default() {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    return Err(format!(
+                        "QEMU could not write the state: {}",
+                        status["error-desc"].as_str().unwrap_or("no reason given")
+                    ));
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                    return Err(format!("writing the state took over {STATE_LIMIT:?}"));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let (from, to) = (disk.to_path_buf(), disk_copy.to_path_buf());
+        tokio::task::spawn_blocking(move || std::fs::copy(&from, &to))
+            .await
+            .map_err(|err| err.to_string())?
+            .map_err(|err| format!("cannot copy {}: {err}", disk.display()))?;
+        Ok(())
+    }
+    .await;
+    let resumed = qmp
+        .execute("cont", None)
+        .await
+        .map(|_| ())
+        .map_err(|err| format!("QEMU did not run the guest on after saving: {err}"));
+    saved.and(resumed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> QemuConfig {
+        let mut value = serde_json::json!({"base_image": "b.qcow2"});
+        value
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn the_key_changes_with_everything_a_state_depends_on_and_nothing_else() {
+        let key =
+            |extra, accel, version, below| warm_key(&config(extra), accel, version, below, true);
+        let tcg = Accelerator::Tcg;
+        let v = "QEMU emulator version 7.2.22";
+        let same = key(serde_json::json!({}), tcg, v, "aa");
+        assert_eq!(same, key(serde_json::json!({}), tcg, v, "aa"));
+        // What the provisioners do and where the image goes do not matter.
+        assert_eq!(
+            same,
+            key(
+                serde_json::json!({"output_dir": "elsewhere", "format": "raw", "shutdown_timeout": "9m"}),
+                tcg,
+                v,
+                "aa"
+            )
+        );
+        for (index, changed) in [
+            key(serde_json::json!({}), tcg, v, "bb"),
+            key(serde_json::json!({}), Accelerator::Kvm, v, "aa"),
+            key(
+                serde_json::json!({}),
+                tcg,
+                "QEMU emulator version 8.0.0",
+                "aa",
+            ),
+            key(serde_json::json!({"memory": 2048}), tcg, v, "aa"),
+            key(serde_json::json!({"cpus": 3}), tcg, v, "aa"),
+            key(serde_json::json!({"machine": "q35"}), tcg, v, "aa"),
+            key(serde_json::json!({"firmware": "uefi"}), tcg, v, "aa"),
+            key(
+                serde_json::json!({"qemu_args": ["-device", "virtio-rng-pci"]}),
+                tcg,
+                v,
+                "aa",
+            ),
+            key(
+                serde_json::json!({"qemu_binary": "/opt/qemu/bin/qemu-system-x86_64"}),
+                tcg,
+                v,
+                "aa",
+            ),
+            key(serde_json::json!({"cloud_init": false}), tcg, v, "aa"),
+            key(serde_json::json!({"disk_size": "20G"}), tcg, v, "aa"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert_ne!(&same, changed, "change {index}");
+        }
+        assert_ne!(
+            same,
+            warm_key(&config(serde_json::json!({})), tcg, v, "aa", false)
+        );
+    }
+
+    #[test]
+    fn only_machines_with_acpi_get_the_generation_id_device() {
+        assert!(has_acpi("q35"));
+        assert!(has_acpi("pc"));
+        assert!(has_acpi("pc-q35-7.2,smm=off"));
+        assert!(!has_acpi("microvm"));
+        assert!(!has_acpi("isapc"));
+    }
+
+    #[test]
+    fn the_restore_script_remakes_only_what_the_first_boot_made() {
+        // The script goes to `sh -c` as one quoted word: read it unquoted.
+        let body = |script: String| script.replace(r"'\''", "'");
+        let plain = body(restore_script(1_700_000_000, "QUJD", &[], &[]));
+        assert!(plain.contains("date -u -s @1700000000"), "{plain}");
+        assert!(plain.contains("QUJD | base64 -d > /dev/urandom"), "{plain}");
+        assert!(plain.contains("else sudo -n sh -c"), "{plain}");
+        assert!(!plain.contains("machine-id") && !plain.contains("ssh-keygen"));
+        let derived = [
+            "/etc/machine-id".to_owned(),
+            "/etc/ssh/ssh_host_ed25519_key".to_owned(),
+        ];
+        let all = body(restore_script(1, "QQ==", &derived, &[]));
+        assert!(all.contains("systemd-machine-id-setup"), "{all}");
+        assert!(
+            all.contains(r#"rm -f /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub && ssh-keygen -q -N "" -t ed25519 -f /etc/ssh/ssh_host_ed25519_key"#),
+            "{all}"
+        );
+        // Keys the first boot did not make stay as the base has them.
+        assert!(!all.contains("ssh_host_*") && !all.contains("rsa"), "{all}");
+        let made = body(restore_script(
+            1,
+            "QQ==",
+            &derived,
+            &[HostKey {
+                kind: "ed25519".to_owned(),
+                private: "PRIVATE".to_owned(),
+                public: "PUBLIC".to_owned(),
+            }],
+        ));
+        assert!(!made.contains("ssh-keygen"), "{made}");
+        assert!(
+            made.contains("UFJJVkFURQ== | base64 -d > /etc/ssh/ssh_host_ed25519_key) && chmod 600 /etc/ssh/ssh_host_ed25519_key"),
+            "{made}"
+        );
+        assert!(made.contains("chmod 644 /etc/ssh/ssh_host_ed25519_key.pub"));
+    }
+}

@@ -1,0 +1,259 @@
+//! Warm starts end to end, with the real binary, real QEMU and the
+//! cloud-init fixture: the first build boots and saves the machine; the
+//! next restores it instead of booting, with the host's time, a machine-id
+//! of its own, only its own key trusted and nothing of the first build's
+//! work; a state whose checksum matches but which QEMU cannot load is
+//! discarded, and that build boots and saves a new one.
+
+use imgbuild_test_support::{cli::*, common::*};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Logs in as root, whose `authorized_keys` the base already has, so what
+/// each build's key left there can be counted.
+fn config(version: &str, marker: &str) -> String {
+    format!(
+        r#"[image]
+name = "warm"
+version = "{version}"
+
+[variables]
+base_image = {{ description = "the cloud-init fixture" }}
+
+[builders.vm]
+type = "qemu"
+base_image = "{{{{ var.base_image }}}}"
+memory = 1024
+cpus = 1
+
+[builders.vm.ssh]
+username = "root"
+timeout = "10m"
+
+[[provision]]
+type = "shell"
+inline = [
+  "echo GUEST_CLOCK $(date +%s)",
+  "echo MACHINE_ID $(cat /etc/machine-id)",
+  "grep imgbuild-temporary-key /root/.ssh/authorized_keys | sed 's/^/TRUSTED /'",
+  "echo \"MARKERS [$(ls /etc/warm-marker-* 2>/dev/null)]\"",
+  "touch /etc/warm-marker-{marker}",
+]
+"#
+    )
+}
+
+fn build(workspace: &Workspace, version: &str, marker: &str) -> Outcome {
+    workspace.write("image.toml", &config(version, marker));
+    workspace
+        .imgbuild()
+        .env("IMGBUILD_NO_CACHE", "false")
+        .env("IMGBUILD_CACHE_DIR", workspace.join("steps"))
+        .args(["--output", "json", "build", "image.toml", "--var"])
+        .arg(format!("base_image={}", cloud_vm_image()))
+        .run()
+}
+
+/// Whether the machine was restored, from the build's `machine_ready`.
+fn restored(outcome: &Outcome) -> bool {
+    let ready: Vec<_> = outcome
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "machine_ready")
+        .collect();
+    assert_eq!(ready.len(), 1, "{ready:?}");
+    ready[0]["restored"].as_bool().unwrap()
+}
+
+/// The values the provisioner printed after `name `.
+fn printed(outcome: &Outcome, name: &str) -> Vec<String> {
+    let prefix = format!("{name} ");
+    outcome
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "output")
+        .filter_map(|e| e["line"].as_str())
+        .filter_map(|line| line.strip_prefix(&prefix).map(str::to_owned))
+        .collect()
+}
+
+fn warnings(outcome: &Outcome) -> Vec<String> {
+    outcome
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "message" && e["level"] == "warn")
+        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The key part (`AAAA...`) of an OpenSSH public key line.
+fn key_of(line: &str) -> String {
+    line.split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The store's files of the one warm state in it: (memory, record).
+fn state_files(workspace: &Workspace) -> (PathBuf, PathBuf) {
+    let dir = workspace.join("steps");
+    let records: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-record.layer"))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = records[0].clone();
+    let memory = PathBuf::from(
+        record
+            .to_string_lossy()
+            .replace("-record.layer", "-memory.layer"),
+    );
+    assert!(memory.exists(), "{}", memory.display());
+    (memory, record)
+}
+
+/// The public key of the state's own key, as its record keeps it.
+fn state_public_key(record: &Path) -> String {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+    let private = record["private_key"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    std::fs::write(&file, private).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let output = std::process::Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    key_of(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// What the artifact's disk holds: the markers, and every temporary key
+/// line in root's `authorized_keys`.
+fn read_artifact(image: &Path) -> (Vec<String>, Vec<String>) {
+    with_mounted_disk(image, |root| {
+        let mut markers: Vec<String> = std::fs::read_dir(root.join("etc"))
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().into_string().ok())
+            .filter(|name| name.starts_with("warm-marker-"))
+            .collect();
+        markers.sort();
+        let keys = std::fs::read_to_string(root.join("root/.ssh/authorized_keys"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("imgbuild-temporary-key"))
+            .map(str::to_owned)
+            .collect();
+        (markers, keys)
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn a_second_build_restores_the_saved_machine_as_its_own_and_an_unloadable_state_falls_back_to_a_boot()
+ {
+    let workspace = Workspace::new();
+
+    // 1. Nothing saved yet: the build boots, then saves the machine.
+    let first = build(&workspace, "1", "a").exits_with(0);
+    assert!(!restored(&first), "{}", first.stderr);
+    let (memory, record) = state_files(&workspace);
+    let mode = std::fs::metadata(&record).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077,
+        0,
+        "the state's key is readable by others"
+    );
+    let first_keys: Vec<String> = printed(&first, "TRUSTED")
+        .iter()
+        .map(|l| key_of(l))
+        .collect();
+    assert_eq!(first_keys.len(), 1, "{first_keys:?}");
+    let state_key = state_public_key(&record);
+    assert!(!first_keys.contains(&state_key));
+
+    // 2. Restored, and made this build's own before its provisioner ran.
+    let before = now();
+    let second = build(&workspace, "2", "b").exits_with(0);
+    let after = now();
+    assert!(restored(&second), "{}", second.stdout);
+    let clock: u64 = printed(&second, "GUEST_CLOCK")[0].parse().unwrap();
+    assert!(
+        before <= clock + 2 && clock <= after + 2,
+        "the guest clock read {clock} during a build between {before} and {after}"
+    );
+    assert_ne!(
+        printed(&first, "MACHINE_ID"),
+        printed(&second, "MACHINE_ID"),
+        "the restored machine kept the saved machine-id"
+    );
+    let second_keys: Vec<String> = printed(&second, "TRUSTED")
+        .iter()
+        .map(|l| key_of(l))
+        .collect();
+    assert_eq!(second_keys.len(), 1, "{second_keys:?}");
+    assert!(
+        !first_keys.contains(&second_keys[0]) && second_keys[0] != state_key,
+        "the restored machine trusts the first build's key or the state's"
+    );
+    assert_eq!(
+        printed(&second, "MARKERS"),
+        vec!["[]".to_owned()],
+        "the first build's work is in the restored machine"
+    );
+    let (markers, keys) = read_artifact(&workspace.join("output/warm-2.qcow2"));
+    assert_eq!(markers, vec!["warm-marker-b"]);
+    assert!(keys.is_empty(), "a temporary key is in the image: {keys:?}");
+
+    // 3. A state whose checksum matches but which QEMU cannot load.
+    let garbage = workspace.join("garbage.zst");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 1048576 /dev/urandom | zstd -q > {}",
+            garbage.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::copy(&garbage, &memory).unwrap();
+    let memory_record = PathBuf::from(memory.to_string_lossy().replace(".layer", ".json"));
+    let mut entry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&memory_record).unwrap()).unwrap();
+    entry["sha256"] = sha256_of(&memory).into();
+    entry["size"] = std::fs::metadata(&memory).unwrap().len().into();
+    std::fs::write(&memory_record, serde_json::to_vec(&entry).unwrap()).unwrap();
+
+    let third = build(&workspace, "3", "c").exits_with(0);
+    assert!(!restored(&third), "{}", third.stdout);
+    assert!(
+        warnings(&third)
+            .iter()
+            .any(|w| w.contains("saved machine state cannot be restored")),
+        "{:?}",
+        warnings(&third)
+    );
+    assert_eq!(printed(&third, "MARKERS"), vec!["[]".to_owned()]);
+    let (memory, _) = state_files(&workspace);
+    assert_ne!(
+        sha256_of(&memory),
+        sha256_of(&garbage),
+        "no new state saved"
+    );
+    assert!(workspace.qemu_processes().is_empty());
+    assert!(
+        workspace.journals().is_empty(),
+        "{:?}",
+        workspace.journals()
+    );
+}
