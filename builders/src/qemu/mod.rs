@@ -479,6 +479,7 @@ impl QemuBuilder {
         if request.cache.enabled && plan.config.warm_start {
             steps.push(Box::new(Boots(Box::new(warm_start::StepFindWarm::new(
                 plan.config.clone(),
+                plan.config_dir.clone(),
                 plan.accelerator,
                 request.cache.store(),
                 request.image.name.clone(),

@@ -43,6 +43,7 @@ use imgbuild_provisioners::shell::shell_quote;
 use imgbuild_provisioners::ssh::TemporaryKey;
 use imgbuild_provisioners::{Communicator, ExitStatus, OutputSink};
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -141,7 +142,7 @@ pub fn warm_key(
     accelerator: Accelerator,
     qemu_version: &str,
     backing_sha256: &str,
-    temporary_key: bool,
+    credentials: &str,
 ) -> String {
     digest_json(&serde_json::json!({
         "warm_start": SCHEME,
@@ -154,8 +155,24 @@ pub fn warm_key(
         "ovmf_code": config.ovmf_code,
         "settings": cache_settings(config),
         "devices": qemu_args(config),
-        "temporary_key": temporary_key,
+        "credentials": credentials,
     }))
+}
+
+/// What logging in to a saved guest depends on, as a hash: a state saved
+/// with one password or key file (which cloud-init set up at its boot)
+/// would not let a build with another in. Empty input for a temporary key.
+pub fn credentials_digest(config: &QemuConfig, config_dir: &Path) -> String {
+    let mut hasher = sha2::Sha256::new();
+    if let Some(password) = &config.ssh.password {
+        hasher.update(b"password\n");
+        hasher.update(password.as_bytes());
+    }
+    if let Some(file) = &config.ssh.private_key_file {
+        hasher.update(b"\nprivate key file\n");
+        hasher.update(std::fs::read(config_dir.join(file)).unwrap_or_default());
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// `qemu-system-* --version`'s first line: a state saved by one QEMU may
@@ -174,6 +191,7 @@ async fn qemu_version(binary: &str) -> Option<String> {
 /// `warm_start = false` and `--no-cache` (the step is then not run).
 pub struct StepFindWarm {
     config: QemuConfig,
+    config_dir: PathBuf,
     accelerator: Accelerator,
     store: Arc<StepStore>,
     image: String,
@@ -182,12 +200,14 @@ pub struct StepFindWarm {
 impl StepFindWarm {
     pub fn new(
         config: QemuConfig,
+        config_dir: PathBuf,
         accelerator: Accelerator,
         store: StepStore,
         image: String,
     ) -> Self {
         StepFindWarm {
             config,
+            config_dir,
             accelerator,
             store: Arc::new(store),
             image,
@@ -232,14 +252,12 @@ impl Step<QemuState> for StepFindWarm {
             // The launch says what is wrong with the binary.
             return Ok(());
         };
-        let temporary_key =
-            self.config.ssh.password.is_none() && self.config.ssh.private_key_file.is_none();
         let key = warm_key(
             &self.config,
             self.accelerator,
             &version,
             &backing_sha256,
-            temporary_key,
+            &credentials_digest(&self.config, &self.config_dir),
         );
         let saved = find(&self.store, &key, &backing, state, cx).await;
         if saved.is_some() {
@@ -773,8 +791,11 @@ mod tests {
 
     #[test]
     fn the_key_changes_with_everything_a_state_depends_on_and_nothing_else() {
-        let key =
-            |extra, accel, version, below| warm_key(&config(extra), accel, version, below, true);
+        let key = |extra: serde_json::Value, accel, version, below| {
+            let config = config(extra);
+            let credentials = credentials_digest(&config, Path::new("/nonexistent"));
+            warm_key(&config, accel, version, below, &credentials)
+        };
         let tcg = Accelerator::Tcg;
         let v = "QEMU emulator version 7.2.22";
         let same = key(serde_json::json!({}), tcg, v, "aa");
@@ -822,9 +843,19 @@ mod tests {
         {
             assert_ne!(&same, changed, "change {index}");
         }
+        // A password cloud-init set at the saved boot is part of the state.
+        let with_password = |password: &str| {
+            key(
+                serde_json::json!({"ssh": {"username": "u", "password": password}}),
+                tcg,
+                v,
+                "aa",
+            )
+        };
+        assert_ne!(with_password("one"), with_password("two"));
         assert_ne!(
-            same,
-            warm_key(&config(serde_json::json!({})), tcg, v, "aa", false)
+            key(serde_json::json!({"ssh": {"username": "u"}}), tcg, v, "aa"),
+            with_password("one")
         );
     }
 
