@@ -32,7 +32,7 @@ import sampler  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-SCENARIOS = ["qemu", "docker", "ec2", "upload", "parallel", "cache"]
+SCENARIOS = ["qemu", "warm", "docker", "ec2", "upload", "parallel", "cache"]
 TOOLS = ["imgbuild", "packer"]
 FIXTURE_PASSWORD = "fixture-password"
 MOTO_REGION = "us-east-1"
@@ -321,7 +321,7 @@ class Env:
             "docker": sh(["docker", "version", "--format", "{{.Server.Version}}"], check=False),
             "openssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
         }
-        if wanted & {"qemu", "upload", "parallel", "scp", "cache"}:
+        if wanted & {"qemu", "warm", "upload", "parallel", "scp", "cache"}:
             self.base_image = Path(sh(["bash", "tests/fixtures/base-vm-image.sh"], cwd=ROOT))
             self.base_sha256 = self.cached_sha256(self.base_image)
             # Both tools read the base image: start both with it in the page cache.
@@ -410,7 +410,7 @@ class Env:
 
     def variables(self, scenario: str, tool: str, version: str, out: Path) -> dict:
         v = {}
-        if scenario in ("qemu", "upload", "parallel", "cache"):
+        if scenario in ("qemu", "warm", "upload", "parallel", "cache"):
             v.update(base_image=str(self.base_image), base_sha256=self.base_sha256, output_dir=str(out / "output"))
             if tool == "packer":
                 v["serial_log"] = str(out / "serial.log")
@@ -453,7 +453,10 @@ class Env:
             # The step cache is on by default: every scenario but `cache`
             # measures a whole build, as Packer does one, so none of its runs
             # may start from steps an earlier run kept.
-            env["IMGBUILD_NO_CACHE"] = "false" if scenario == "cache" else "true"
+            env["IMGBUILD_NO_CACHE"] = "false" if scenario in ("cache", "warm") else "true"
+            if scenario == "warm":
+                # The state bench.py primes and every timed build restores.
+                env["IMGBUILD_CACHE_DIR"] = str(self.work / "warm-store")
         else:
             argv = ["packer", "build", "-color=false", *extra]
             if scenario == "upload":
@@ -476,7 +479,7 @@ class Env:
         the same way for both tools."""
         problems = []
         want = release_line(tool)
-        if scenario in ("qemu", "upload", "parallel"):
+        if scenario in ("qemu", "warm", "upload", "parallel"):
             outdir = Path(v["output_dir"])
             images = [p for p in outdir.glob("*.qcow2")] if outdir.exists() else []
             sums = [p for p in outdir.glob("*.sha256")] if outdir.exists() else []
@@ -727,6 +730,14 @@ def run_scenarios(env: Env, results: dict) -> dict:
             run_cache(env, results)
             continue
         records = {t: [] for t in TOOLS}
+        if scenario == "warm":
+            # Saves the machine state the timed builds restore; a state an
+            # earlier bench run left is discarded first, so this one is made
+            # by the imgbuild being measured.
+            shutil.rmtree(env.work / "warm-store", ignore_errors=True)
+            primed = run_guarded(env, scenario, "imgbuild", 0, 0)
+            if not primed["ok"]:
+                log(f"warm: priming failed: {primed.get('problems')}; the timed builds will boot")
         for i in range(1, env.args.runs + 1):
             # Alternate who goes first, so neither tool always meets a
             # machine the other has just warmed up (or loaded).
