@@ -12,6 +12,7 @@
 use super::QemuState;
 use super::accel;
 use super::config::Firmware;
+use super::first_line;
 use super::plan::Plan;
 use super::serial_log;
 use super::step_create_disk::create_disk;
@@ -391,10 +392,6 @@ impl StepLaunch {
         )
         .await
     }
-}
-
-fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or(text)
 }
 
 /// Asks the kernel for a free port. Another process can take it before QEMU
