@@ -294,6 +294,10 @@ pub struct Entry {
     /// checksum file's signature (`imgbuild verify` checks them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<crate::attest::AttestationRecord>,
+    /// Set by `build --check-reproducible`: how this version compared with
+    /// a second build of the same inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reproducibility: Option<crate::pipeline::reproducible::Reproducibility>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -766,6 +770,7 @@ pub(crate) mod tests {
             revocation: None,
             retirement: None,
             attestation: None,
+            reproducibility: None,
         }
     }
 

@@ -233,3 +233,105 @@ fn a_killed_run_is_reported_by_the_next_build_and_removed_by_clean() {
     assert!(containers_labelled(&label).is_empty());
     assert!(workspace.journals().is_empty());
 }
+
+/// `--check-reproducible` builds twice and names what differs: here only
+/// the file a provisioner fills with random bytes, not the one it writes
+/// from `SOURCE_DATE_EPOCH`, nor anything the engine mounts per container.
+#[test]
+fn check_reproducible_names_the_one_file_that_differs_and_keeps_one_image() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    workspace.write(
+        "image.toml",
+        &format!(
+            r#"[image]
+name = "imgbuild-repro"
+version = "{version}"
+
+[variables]
+base = {{ description = "base image" }}
+
+[builders.box]
+type = "docker"
+image = "{{{{ var.base }}}}"
+pull = "never"
+
+[[provision]]
+type = "shell"
+inline = [
+  "mkdir -p /opt/app",
+  "echo \"built at $SOURCE_DATE_EPOCH\" > /opt/app/stable.txt",
+  "touch -d @$SOURCE_DATE_EPOCH /opt/app/stable.txt",
+  "head -c 16 /dev/urandom | od -An -tx1 > /opt/app/random.txt",
+]
+"#
+        ),
+    );
+    let reference = format!("imgbuild-repro:{version}");
+    let _cleanup = ImageCleanup::references(vec![reference.clone()]);
+    let images_before = docker(&["images", "-q", "--no-trunc"]).lines().count();
+    workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--check-reproducible", "--var"])
+        .arg(format!("base={}", docker_base_image()))
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .run()
+        .exits_with(EXIT_OK)
+        .stderr_has("the first of two builds")
+        .stderr_has("machine files differ")
+        .stderr_has("/opt/app/random.txt: content");
+
+    let entry = &workspace.manifest()["builds"][0];
+    let report = &entry["reproducibility"];
+    assert_eq!(report["files_identical"], false, "{report}");
+    // Image ids cover the engine's commit time: never equal.
+    assert_eq!(report["artifact_identical"], false, "{report}");
+    assert_eq!(report["files"]["differing"], 1, "{report}");
+    assert_eq!(
+        report["files"]["differences"],
+        serde_json::json!([{"path": "/opt/app/random.txt", "differs": ["content"]}])
+    );
+    assert!(
+        report["files"]["compared"].as_u64().unwrap() > 1000,
+        "the whole root file system is listed: {report}"
+    );
+
+    // The first build's image is gone; the recorded one is tagged.
+    assert_eq!(
+        docker(&["image", "inspect", "--format", "{{.Id}}", &reference]),
+        entry["artifact_id"]
+    );
+    assert_eq!(
+        docker(&["images", "-q", "--no-trunc"]).lines().count(),
+        images_before + 1
+    );
+    // SOURCE_DATE_EPOCH reached the provisioner and stamps the label.
+    assert_eq!(
+        docker(&["run", "--rm", &reference, "cat", "/opt/app/stable.txt"]),
+        "built at 1700000000"
+    );
+    assert_eq!(
+        docker(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"org.opencontainers.image.created\"}}",
+            &reference
+        ]),
+        "2023-11-14T22:13:20Z"
+    );
+    assert!(workspace.journals().is_empty());
+}
+
+#[test]
+fn a_malformed_source_date_epoch_is_refused_before_anything_runs() {
+    let workspace = Workspace::new();
+    workspace.write("image.toml", &failing_config(&unique_version(), "true"));
+    workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--var", "base=none"])
+        .env("SOURCE_DATE_EPOCH", "yesterday")
+        .run()
+        .exits_with(EXIT_USAGE)
+        .stderr_has("SOURCE_DATE_EPOCH=`yesterday` is not a whole number of seconds");
+}

@@ -66,6 +66,9 @@ pub struct BuildRequest {
     pub cache: common::cache::StepCache,
     /// Which SBOM documents to write beside the artifact (`[image] sbom`).
     pub sbom: SbomFormats,
+    /// `build --check-reproducible`: where to write the listing of the
+    /// machine's files at the end of the build (see `file_listing`).
+    pub list_files: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]

@@ -10,6 +10,7 @@ pub mod fsutil;
 pub mod journal;
 pub mod problem;
 pub mod redact;
+pub mod reproducible;
 pub mod step;
 pub mod template;
 pub mod units;

@@ -148,7 +148,17 @@ impl ProvisionerKind for ShellKind {
     }
 
     fn parse(&self, input: ParseInput<'_>) -> Result<Parsed, ParseError> {
-        let config: ShellConfig = registry::deserialize(&input)?;
+        let mut config: ShellConfig = registry::deserialize(&input)?;
+        // Passed on, so that what the scripts stamp can be reproducible too;
+        // part of the resolved config, so a new epoch is a new step key.
+        if let Ok(Some(_)) = imgbuild_core::reproducible::source_date_epoch() {
+            let value =
+                std::env::var(imgbuild_core::reproducible::SOURCE_DATE_EPOCH).unwrap_or_default();
+            config
+                .env
+                .entry(imgbuild_core::reproducible::SOURCE_DATE_EPOCH.to_owned())
+                .or_insert(value);
+        }
         let mut problems = config.problems();
         // Checked now, with a stand-in path, so a typo fails before launch.
         if let Err(message) = render_execute_command(

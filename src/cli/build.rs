@@ -54,6 +54,12 @@ pub struct BuildArgs {
         hide_env_values = true
     )]
     sign_key: Option<String>,
+    /// Build each version twice from the same inputs, without the step
+    /// cache, and record whether the two artifacts, and the files of the
+    /// two machines, are identical (QEMU and Docker builds). The first
+    /// build's artifact is deleted; the second is tested and recorded
+    #[arg(long)]
+    check_reproducible: bool,
 }
 
 pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
@@ -83,6 +89,20 @@ pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
             }
         },
     };
+    if args.check_reproducible
+        && let Some(build) = config
+            .builds
+            .iter()
+            .find(|build| !matches!(build.builder.kind(), "qemu" | "docker"))
+    {
+        eprintln!(
+            "error: --check-reproducible: build `{}` is a {} build; only QEMU and Docker builds can be built twice and compared (an AMI's files cannot be listed without launching it again); leave it out with --except {}",
+            build.name,
+            build.builder.kind(),
+            build.name
+        );
+        return EXIT_USAGE;
+    }
     let log = super::event_log(global, &config, || Arc::new(JsonSink::new()));
     let manifest_path = super::manifest_path(&args.manifest, &config);
     let run_options = RunOptions {
@@ -96,9 +116,11 @@ pub fn run(args: BuildArgs, global: &GlobalOptions) -> i32 {
         manifest: manifest_path.clone(),
         state_dir: default_state_dir(),
         skip_tests: args.skip_tests,
-        use_cache: !args.no_cache,
+        // Both builds must run every provisioner to measure anything.
+        use_cache: !args.no_cache && !args.check_reproducible,
         skip_unchanged: args.skip_unchanged,
         signer,
+        check_reproducible: args.check_reproducible,
     };
     let quiet = global.quiet;
     let output = global.output;

@@ -50,6 +50,7 @@ pub fn run(args: TestArgs, global: &GlobalOptions) -> i32 {
         use_cache: false,
         skip_unchanged: false,
         signer: None,
+        check_reproducible: false,
     };
     let status = runtime().block_on(async move {
         let cancel = CancellationToken::new();

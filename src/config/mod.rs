@@ -553,6 +553,19 @@ impl Loader<'_> {
             parsed.version = version.clone();
         }
         let mut ok = true;
+        // What the build stamps as the image's creation time (labels, SBOM),
+        // so that equal inputs give equal stamps.
+        let source_date_epoch = match imgbuild_core::reproducible::source_date_epoch() {
+            Ok(epoch) => epoch,
+            Err(message) => {
+                self.diagnostics.push(
+                    Diagnostic::new(self.file, message)
+                        .help("it sets the creation time imgbuild writes into labels and SBOMs, and is passed to shell provisioners"),
+                );
+                ok = false;
+                None
+            }
+        };
         for (field, value) in [("name", &parsed.name), ("version", &parsed.version)] {
             if !is_artifact_word(value) {
                 let span = find_span(&section, field).unwrap_or(section.span());
@@ -570,8 +583,8 @@ impl Loader<'_> {
                 description: parsed.description,
                 labels: parsed.labels,
                 revision,
-                created: options
-                    .started
+                created: source_date_epoch
+                    .unwrap_or(options.started)
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default(),
             };

@@ -5,6 +5,7 @@
 pub mod inputs;
 pub mod keys;
 pub mod plan;
+pub mod reproducible;
 pub mod retest;
 pub mod retire;
 pub mod signals;
@@ -36,6 +37,8 @@ pub struct RunOptions {
     pub skip_unchanged: bool,
     /// `--sign-key`: signs each version's provenance and checksum file.
     pub signer: Option<Arc<crate::attest::SigningKey>>,
+    /// `--check-reproducible`: build each version twice and compare.
+    pub check_reproducible: bool,
 }
 
 /// How the run ended, as the exit code says it.
@@ -365,6 +368,7 @@ fn request_for(config: &Config, build: &Build, on_error: OnError) -> BuildReques
         config_dir: config.dir.clone(),
         cache: Default::default(),
         sbom: config.sbom,
+        list_files: None,
     }
 }
 
@@ -638,7 +642,6 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
             None
         }
     };
-    let result = build.builder.build(&request, &cx).await;
     let finish = |status: BuildStatus, error: Option<String>| {
         cx.log.emit(Event::BuildFinished {
             build: build.name.clone(),
@@ -647,6 +650,36 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
             error,
         });
     };
+    let first_build = if options.check_reproducible {
+        let mut check_request = request_for(config, build, on_error);
+        // Only the recorded build writes the version's SBOM.
+        check_request.sbom = imgbuild_builders::SbomFormats::None;
+        match reproducible::first_build(build.builder.as_ref(), check_request, &cx).await {
+            Ok(first) => {
+                request.list_files = Some(first.second_listing());
+                Some(first)
+            }
+            Err(err) => {
+                let cancelled = matches!(err, BuildError::Cancelled);
+                let status = if cancelled {
+                    BuildStatus::Cancelled
+                } else {
+                    BuildStatus::Failed
+                };
+                finish(
+                    status,
+                    (!cancelled).then(|| format!("the first of the two builds failed: {err}")),
+                );
+                return Outcome {
+                    status,
+                    artifact: None,
+                };
+            }
+        }
+    } else {
+        None
+    };
+    let result = build.builder.build(&request, &cx).await;
     let artifact = match result {
         Ok(artifact) => artifact,
         Err(BuildError::Cancelled) => {
@@ -665,6 +698,25 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         }
     };
 
+    let reproducibility = first_build.and_then(|first| {
+        match reproducible::compare(&first, &artifact) {
+            Ok(report) => {
+                let summary = reproducible::summary(&report);
+                if report.artifact_identical && report.files_identical {
+                    cx.log.info(summary);
+                } else {
+                    cx.log.warn(summary);
+                }
+                Some(report)
+            }
+            Err(err) => {
+                cx.log.error(format!(
+                    "--check-reproducible: the two builds could not be compared ({err}); the entry records no comparison"
+                ));
+                None
+            }
+        }
+    });
     let verdict = test(build, &request, &artifact, &cx, skip_tests).await;
     let mut deleted = false;
     if verdict.status == EntryStatus::Failed
@@ -766,6 +818,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         revocation: None,
         retirement: None,
         attestation: None,
+        reproducibility,
     };
     entry.mask_free_text(&config.redactor);
     // After tests and delivery, so the provenance names what was delivered;
@@ -1011,6 +1064,7 @@ mod tests {
             use_cache: true,
             skip_unchanged: false,
             signer: None,
+            check_reproducible: false,
         };
         let sink = Arc::new(MemorySink::default());
         let log = BuildLog::root(sink.clone(), Redactor::new());

@@ -80,6 +80,7 @@ impl Harness {
             cache: Default::default(),
             // Builder tests that check the SBOM ask for it.
             sbom: imgbuild_builders::SbomFormats::None,
+            list_files: None,
         }
     }
 

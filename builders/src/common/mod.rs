@@ -3,6 +3,7 @@
 
 pub mod artifact;
 pub mod cache;
+pub mod file_listing;
 pub mod name_lock;
 pub mod object_store;
 pub mod orphans;

@@ -441,6 +441,7 @@ mod tests {
             config_dir: config_dir.to_path_buf(),
             cache: Default::default(),
             sbom: SbomFormats::Both,
+            list_files: None,
         }
     }
 

@@ -39,6 +39,7 @@ pub use communicator::DockerCommunicator;
 pub use config::DockerConfig;
 
 use crate::common::artifact::checksum_path;
+use crate::common::file_listing::StepListFiles;
 use crate::common::outcome::{LeftRunning, debugging_hint, finish};
 use crate::common::step_provision::{StepProvision, has_communicator};
 use crate::common::step_sbom::{SbomTarget, StepSbom, has_sbom};
@@ -355,6 +356,7 @@ impl DockerBuilder {
         )));
         steps.push(Box::new(step_connect::StepConnect::new(plan.clone())));
         steps.push(Box::new(StepProvision::new(request.provisioners.clone())));
+        steps.extend(StepListFiles::for_request(request, &ENGINE_PROVIDED));
         let sbom_target = match &plan.produce {
             Produce::Commit(_) => Some(SbomTarget::in_output_dir(request)),
             Produce::Export { path, .. } => Some(SbomTarget::beside(path, None)),
@@ -392,6 +394,14 @@ impl DockerBuilder {
         steps
     }
 }
+
+/// Files the engine mounts into every container and never commits.
+const ENGINE_PROVIDED: [&str; 4] = [
+    "/etc/hostname",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/.dockerenv",
+];
 
 /// Stops a container before it is snapshotted, so no process changes files
 /// while they are saved. The default run command exits on SIGTERM; others

@@ -104,6 +104,7 @@ pub(crate) mod tests {
             config_dir: config_dir.to_path_buf(),
             cache: Default::default(),
             sbom: crate::SbomFormats::None,
+            list_files: None,
         }
     }
 

@@ -510,6 +510,7 @@ impl QemuBuilder {
         ));
         steps.push(Box::new(Boots(Box::new(step_shutdown::StepShutdown::new(
             plan.clone(),
+            request.list_files.clone(),
         )))));
         steps.push(Box::new(step_export::StepExport::new(plan.clone())));
         steps

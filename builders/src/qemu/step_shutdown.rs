@@ -8,22 +8,27 @@ use super::QemuState;
 use super::plan::Plan;
 use super::step_cache;
 use super::step_cloud_init::cleanup_script;
-use crate::common::process;
+use crate::common::{file_listing, process};
 use async_trait::async_trait;
 use imgbuild_core::{Step, StepContext, StepError, Stream};
 use imgbuild_provisioners::shell::shell_quote;
 use imgbuild_provisioners::ssh::TemporaryKey;
 use imgbuild_provisioners::{CommError, OutputSink};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub struct StepShutdown {
     plan: Arc<Plan>,
+    /// `build --check-reproducible`: list the machine's files here, after
+    /// the build key and the cloud-init seed's changes are gone, so the
+    /// listing is of what the image keeps.
+    list_files: Option<PathBuf>,
 }
 
 impl StepShutdown {
-    pub fn new(plan: Arc<Plan>) -> Self {
-        StepShutdown { plan }
+    pub fn new(plan: Arc<Plan>, list_files: Option<PathBuf>) -> Self {
+        StepShutdown { plan, list_files }
     }
 }
 
@@ -82,18 +87,44 @@ impl Step<QemuState> for StepShutdown {
         let config = &self.plan.config;
         let command = config.shutdown_command();
         let mut run = command.clone();
+        let mut listing = None;
         if config.cloud_init && config.cloud_init_cleanup {
             cx.log
                 .info("removing what the cloud-init seed set up for the build");
             let ssh = &config.ssh;
-            let script = cleanup_script(&ssh.username, ssh.password.is_some(), &command);
             let as_root = if ssh.username == "root" { "" } else { "sudo " };
+            // In one root shell with the shutdown: the cleanup takes away
+            // the build user's sudo. A listing goes between them, so that
+            // it lists what the image keeps.
+            let then = match &self.list_files {
+                Some(to) => {
+                    cx.log.info("listing the machine's files and their hashes, to compare with the other build");
+                    listing = Some(to);
+                    format!("{}; {command}", file_listing::script())
+                }
+                None => command.clone(),
+            };
+            let script = cleanup_script(&ssh.username, ssh.password.is_some(), &then);
             run = format!("{as_root}sh -c {}", shell_quote(&script));
+        } else if let Some(to) = &self.list_files {
+            file_listing::take_logged(comm.as_ref(), to, &[], &cx.log).await?;
         }
         cx.log.info(format!("shutting down with `{command}`"));
-        match comm.exec(&run, &LogLines(&cx.log)).await {
+        let output = file_listing::ListingOutput::new(&cx.log);
+        let sink: &dyn OutputSink = if listing.is_some() {
+            &output
+        } else {
+            &LogLines(&cx.log)
+        };
+        match comm.exec(&run, sink).await {
             Ok(_) | Err(CommError::Disconnected { .. }) => {}
             Err(err) => return Err(StepError::failed(format!("`{command}` failed: {err}"))),
+        }
+        if let Some(to) = listing {
+            let listed = output
+                .finish(to, &[])
+                .map_err(|err| StepError::failed(err.to_string()))?;
+            cx.log.info(format!("listed {listed} paths"));
         }
         drop(comm);
         let limit = config.shutdown_timeout;
