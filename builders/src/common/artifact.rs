@@ -88,6 +88,38 @@ pub async fn sha256_file_async(path: PathBuf) -> io::Result<(u64, String)> {
         .map_err(|join| io::Error::other(join.to_string()))?
 }
 
+/// Removes each of `files` (an artifact's SBOM documents, its tar) that
+/// still holds what the build wrote, and lists what it removed. A file
+/// already gone counts as removed; one whose content changed since is left
+/// alone and reported, with the others still removed.
+pub async fn remove_recorded_files(files: &[ArtifactFile]) -> Result<Vec<String>, String> {
+    let mut removed = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        let path = &file.path;
+        match sha256_file_async(path.clone()).await {
+            Ok((_, actual)) if actual == file.sha256 => {
+                match crate::common::tracked::remove_path(path, false).await {
+                    Ok(()) => removed.push(path.display().to_string()),
+                    Err(err) => errors.push(format!("cannot remove {}: {err}", path.display())),
+                }
+            }
+            Ok((_, actual)) => errors.push(format!(
+                "{} is not the file the build wrote (its sha256 is {actual}, the build wrote {}); it was left alone: remove it by hand if it must go",
+                path.display(),
+                file.sha256
+            )),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => errors.push(format!("cannot read {}: {err}", path.display())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(removed)
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
 /// Hashes everything written through it, so an artifact streamed to disk is
 /// checksummed without reading it back.
 pub struct HashingWriter<W> {
@@ -163,6 +195,36 @@ mod tests {
         assert_eq!(
             digest,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[tokio::test]
+    async fn recorded_files_go_only_while_they_hold_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = |name: &str, content: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            let (size, sha256) = sha256_file(&path).unwrap();
+            ArtifactFile { path, size, sha256 }
+        };
+        let kept = record("a.spdx.json", b"{}");
+        let changed = record("a.cdx.json", b"{}");
+        std::fs::write(&changed.path, b"edited").unwrap();
+        let gone = record("a.intoto.json", b"x");
+        std::fs::remove_file(&gone.path).unwrap();
+        let error = remove_recorded_files(&[kept.clone(), changed.clone(), gone])
+            .await
+            .unwrap_err();
+        assert!(
+            error.contains("a.cdx.json is not the file the build wrote"),
+            "{error}"
+        );
+        assert!(!kept.path.exists(), "the unchanged file still goes");
+        assert!(changed.path.exists(), "a changed file is left alone");
+        assert_eq!(
+            remove_recorded_files(&[kept]).await.unwrap(),
+            Vec::<String>::new(),
+            "what is gone counts as removed"
         );
     }
 }

@@ -7,7 +7,7 @@
 use super::engine::{self, Engine, ImageApi};
 use super::kept::Kept;
 use super::{Removal, remove_image_reference};
-use crate::common::artifact::sha256_file_async;
+use crate::common::artifact::{remove_recorded_files, sha256_file_async};
 use crate::common::tracked::remove_path;
 use crate::{Artifact, BuildError};
 use bollard::query_parameters::RemoveImageOptions;
@@ -34,16 +34,29 @@ pub async fn delete(artifact: &Artifact, cx: &StepContext) -> Result<(), BuildEr
             let engine = Engine::connect().await.map_err(failed)?;
             delete_image(&engine, &id, &repository, &tags, &cx.log)
                 .await
-                .map_err(failed)
+                .map_err(failed)?;
+            remove_documents(artifact, &cx.log).await.map_err(failed)
         }
         Kept::Tar {
             path,
             sha256,
             checksum_file,
-        } => delete_tar(&path, &sha256, &checksum_file, &cx.log)
-            .await
-            .map_err(failed),
+        } => {
+            delete_tar(&path, &sha256, &checksum_file, &cx.log)
+                .await
+                .map_err(failed)?;
+            remove_documents(artifact, &cx.log).await.map_err(failed)
+        }
     }
+}
+
+/// The SBOM documents written for the image, which describe nothing once
+/// it is gone.
+async fn remove_documents(artifact: &Artifact, log: &BuildLog) -> Result<(), String> {
+    for path in remove_recorded_files(&artifact.files).await? {
+        log.info(format!("removed {path}"));
+    }
+    Ok(())
 }
 
 /// Removes `repository:tag` for each of `tags` that still names `id`, then

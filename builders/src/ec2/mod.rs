@@ -571,7 +571,14 @@ impl Builder for Ec2Builder {
         let amis = test_run::RecordedAmis::of(artifact)?;
         let endpoint_url = self.config.endpoint_url.as_deref();
         let clients = Ec2Clients::load(Some(&amis.region), endpoint_url).await;
-        delete::delete(&clients, &amis, endpoint_url, self.lookup_timeout, cx).await
+        delete::delete(&clients, &amis, endpoint_url, self.lookup_timeout, cx).await?;
+        remove_documents(artifact, cx)
+            .await
+            .map_err(|message| BuildError::Failed {
+                step: "delete".to_owned(),
+                message,
+            })?;
+        Ok(())
     }
 }
 
@@ -635,6 +642,7 @@ pub(crate) async fn retire(artifact: &Artifact, cx: &StepContext) -> Result<Vec<
     delete::delete(&clients, &amis, endpoint_url.as_deref(), LOOKUP_TIMEOUT, cx)
         .await
         .map_err(|err| err.to_string())?;
+    let documents = remove_documents(artifact, cx).await?;
     Ok(amis
         .amis
         .iter()
@@ -643,7 +651,18 @@ pub(crate) async fn retire(artifact: &Artifact, cx: &StepContext) -> Result<Vec<
             std::iter::once(format!("{region}:{ami}"))
                 .chain(snapshots.into_iter().map(move |s| format!("{region}:{s}")))
         })
+        .chain(documents)
         .collect())
+}
+
+/// The SBOM documents written beside the AMIs' record, which describe
+/// nothing once the AMIs are gone.
+async fn remove_documents(artifact: &Artifact, cx: &StepContext) -> Result<Vec<String>, String> {
+    let removed = crate::common::artifact::remove_recorded_files(&artifact.files).await?;
+    for path in &removed {
+        cx.log.info(format!("removed {path}"));
+    }
+    Ok(removed)
 }
 
 /// How long `imgbuild clean` waits for an instance to terminate or a
