@@ -132,6 +132,8 @@ pub struct Build {
     pub tests: Vec<ImageTest>,
     /// The tests' tables as resolved for this build.
     pub test_configs: Vec<serde_json::Value>,
+    /// The builder's `sbom`, when it overrides `[image] sbom`.
+    pub sbom: Option<SbomFormats>,
 }
 
 #[derive(Deserialize)]
@@ -262,6 +264,8 @@ struct Loader<'a> {
     /// Each builder's `max_age`, taken out of its table before its kind
     /// parses it: it is the pipeline's setting, not the builder's.
     max_ages: BTreeMap<String, Duration>,
+    /// A builder's own `sbom`, overriding `[image] sbom` for its build.
+    sbom_overrides: BTreeMap<String, SbomFormats>,
 }
 
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Config, Diagnostics> {
@@ -296,6 +300,7 @@ pub fn load_version(
         diagnostics: Diagnostics::default(),
         version: version.map(str::to_owned),
         max_ages: BTreeMap::new(),
+        sbom_overrides: BTreeMap::new(),
     };
     let config = loader.load(&text, options);
     if loader.diagnostics.is_empty() {
@@ -475,6 +480,7 @@ impl Loader<'_> {
             input_files.extend(testing.input_files);
             builds.push(Build {
                 max_age: self.max_ages.get(&name).copied(),
+                sbom: self.sbom_overrides.get(&name).copied(),
                 name,
                 builder,
                 provisioners: provisioning.provisioners,
@@ -804,6 +810,25 @@ impl Loader<'_> {
                         let diagnostic = self
                             .error("`max_age` must be a duration like \"30d\"", span, &format!("{field}.max_age"))
                             .help("with --skip-unchanged, a version older than this is rebuilt even when nothing changed");
+                        self.diagnostics.push(diagnostic);
+                    }
+                }
+            }
+            if let DeValue::Table(inner) = rendered.get_mut()
+                && let Some(value) = inner.remove("sbom")
+            {
+                match SbomFormats::deserialize(ValueDeserializer::from(value.clone())) {
+                    Ok(formats) => {
+                        self.sbom_overrides.insert(name.clone(), formats);
+                    }
+                    Err(_) => {
+                        let diagnostic = self
+                            .error(
+                                "`sbom` must be \"spdx\", \"cyclonedx\", \"both\" or \"none\"",
+                                value.span(),
+                                &format!("{field}.sbom"),
+                            )
+                            .help("it overrides `[image] sbom` for this build");
                         self.diagnostics.push(diagnostic);
                     }
                 }
@@ -1365,6 +1390,26 @@ pub fn git_head(dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_builders_sbom_overrides_the_images_and_a_bad_one_names_its_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = |setting: &str| {
+            format!(
+                "[image]\nname = \"web\"\nversion = \"1\"\nsbom = \"spdx\"\n\n[builders.a]\ntype = \"docker\"\nimage = \"debian:12\"\n{setting}\n[builders.b]\ntype = \"docker\"\nimage = \"debian:12\"\nrepository = \"other\"\n"
+            )
+        };
+        let config =
+            load_text(dir.path(), &text("sbom = \"none\"")).unwrap_or_else(|d| panic!("{d:?}"));
+        assert_eq!(config.sbom, SbomFormats::Spdx);
+        assert_eq!(config.builds[0].sbom, Some(SbomFormats::None));
+        assert_eq!(config.builds[1].sbom, None);
+        let Err(diagnostics) = load_text(dir.path(), &text("sbom = \"xml\"")) else {
+            panic!("an unknown format loads");
+        };
+        let shown = format!("{diagnostics:?}");
+        assert!(shown.contains("builders.a.sbom"), "{shown}");
+    }
 
     #[test]
     fn steps_with_per_run_values_or_cache_false_are_never_cached_and_say_why() {

@@ -367,7 +367,7 @@ fn request_for(config: &Config, build: &Build, on_error: OnError) -> BuildReques
         on_error,
         config_dir: config.dir.clone(),
         cache: Default::default(),
-        sbom: config.sbom,
+        sbom: build.sbom.unwrap_or(config.sbom),
         list_files: None,
     }
 }
@@ -1042,6 +1042,7 @@ mod tests {
                 provisioner_configs: Vec::new(),
                 steps: Vec::new(),
                 max_age: None,
+                sbom: None,
                 input_files: Vec::new(),
                 tests: vec![shell_test("boots")],
                 test_configs: vec![serde_json::json!({"name": "boots", "inline": ["true"]})],
