@@ -116,10 +116,12 @@ fn the_template_builds_a_tagged_image_that_runs_with_the_changes() {
         .stderr_has("nothing was launched");
 }
 
-fn failing_config(version: &str, command: &str) -> String {
+/// A Docker build of `name` from the `base` variable's image, with
+/// `provisioners` (TOML) as its `[[provision]]` tables.
+fn docker_config(name: &str, version: &str, provisioners: &str) -> String {
     format!(
         r#"[image]
-name = "imgbuild-failing"
+name = "{name}"
 version = "{version}"
 
 [variables]
@@ -130,10 +132,17 @@ type = "docker"
 image = "{{{{ var.base }}}}"
 pull = "never"
 
-[[provision]]
-type = "shell"
-inline = ["echo provisioning-started", "{command}"]
-"#
+{provisioners}"#
+    )
+}
+
+fn failing_config(version: &str, command: &str) -> String {
+    docker_config(
+        "imgbuild-failing",
+        version,
+        &format!(
+            "[[provision]]\ntype = \"shell\"\ninline = [\"echo provisioning-started\", \"{command}\"]\n"
+        ),
     )
 }
 
@@ -243,20 +252,10 @@ fn check_reproducible_names_the_one_file_that_differs_and_keeps_one_image() {
     let version = unique_version();
     workspace.write(
         "image.toml",
-        &format!(
-            r#"[image]
-name = "imgbuild-repro"
-version = "{version}"
-
-[variables]
-base = {{ description = "base image" }}
-
-[builders.box]
-type = "docker"
-image = "{{{{ var.base }}}}"
-pull = "never"
-
-[[provision]]
+        &docker_config(
+            "imgbuild-repro",
+            &version,
+            r#"[[provision]]
 type = "shell"
 inline = [
   "mkdir -p /opt/app",
@@ -264,7 +263,7 @@ inline = [
   "touch -d @$SOURCE_DATE_EPOCH /opt/app/stable.txt",
   "head -c 16 /dev/urandom | od -An -tx1 > /opt/app/random.txt",
 ]
-"#
+"#,
         ),
     );
     let reference = format!("imgbuild-repro:{version}");

@@ -477,14 +477,7 @@ fn a_failing_test_exits_1_and_on_test_failure_delete_leaves_no_ami_or_snapshot_i
     assert_eq!(entry["tests"][1]["exit_code"], 7, "{entry}");
 
     assert_amis_and_snapshots_gone(&build.runtime, &entry["details"]);
-    let documents = entry["files"]
-        .as_array()
-        .expect("the SBOM files are recorded");
-    assert!(!documents.is_empty(), "{entry}");
-    for document in documents {
-        let path = workspace.join(document["path"].as_str().unwrap());
-        assert!(!path.exists(), "{} is left", path.display());
-    }
+    workspace.assert_recorded_files_gone(&entry);
     build.assert_nothing_of_the_run_left();
     assert!(workspace.journals().is_empty());
     workspace

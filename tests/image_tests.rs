@@ -255,14 +255,7 @@ fn on_test_failure_delete_removes_the_image_and_records_the_failure() {
     assert_eq!(entry["deleted"], true, "{entry}");
     assert!(!image_exists(&reference), "the failed image is deleted");
     // So are the SBOM documents that described it.
-    let documents = entry["files"]
-        .as_array()
-        .expect("the SBOM files are recorded");
-    assert!(!documents.is_empty(), "{entry}");
-    for document in documents {
-        let path = workspace.join(document["path"].as_str().unwrap());
-        assert!(!path.exists(), "{} is left", path.display());
-    }
+    workspace.assert_recorded_files_gone(entry);
     // Nothing to hand out, even when failures are allowed.
     output(&workspace, &["--allow-failed"])
         .exits_with(EXIT_USAGE)

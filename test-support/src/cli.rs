@@ -67,6 +67,19 @@ impl Workspace {
         serde_json::from_str(&self.read("imgbuild-manifest.json")).expect("the manifest is JSON")
     }
 
+    /// Asserts that the manifest entry `entry` records files (its SBOM
+    /// documents at least) and that none of them exists any more.
+    pub fn assert_recorded_files_gone(&self, entry: &serde_json::Value) {
+        let files = entry["files"]
+            .as_array()
+            .expect("the entry records its files");
+        assert!(!files.is_empty(), "{entry}");
+        for file in files {
+            let path = self.join(file["path"].as_str().expect("a file has a path"));
+            assert!(!path.exists(), "{} is left", path.display());
+        }
+    }
+
     /// `imgbuild` run in this workspace with its own state directory.
     pub fn imgbuild(&self) -> Imgbuild {
         let mut command = Command::new(imgbuild_binary());
