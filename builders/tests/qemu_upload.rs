@@ -418,3 +418,101 @@ async fn an_image_changed_since_its_tests_is_taken_back_out_of_the_bucket() {
         h.transcript()
     );
 }
+
+/// Each object is in the run journal while it goes up and released once
+/// the delivery is over; what a run killed mid-upload left (an open
+/// multipart upload, a whole object never recorded) is found from its
+/// record and removed by `imgbuild clean`'s orphan cleaning.
+#[tokio::test]
+async fn uploads_are_journalled_while_they_run_and_a_dead_runs_are_cleaned_from_the_record() {
+    use imgbuild_builders::common::orphans::{Removal, clean_orphan};
+    use imgbuild_builders::qemu::kind::QemuResource;
+    s3_endpoint();
+    let h = Harness::new("vm");
+    let (bucket, store) = bucket(true).await;
+    let request = h.request(image_info("web", "6.0.0"), Vec::new());
+    let out = h.config_dir.path().join("output");
+    let location = format!("s3://{bucket}/vm/");
+    let vm = builder(&out, &location);
+    let artifact = exported(&out, "web-6.0.0.qcow2", 20 << 20);
+
+    let journal_slot: Arc<std::sync::Mutex<Option<Arc<Journal>>>> = Default::default();
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let (cx, _sink, _state) = context_with(
+        {
+            let (journal_slot, seen) = (journal_slot.clone(), seen.clone());
+            move || {
+                let journal = journal_slot.lock().unwrap().clone().unwrap();
+                *seen.lock().unwrap() = journal
+                    .outstanding()
+                    .iter()
+                    .map(|item| item.resource.describe())
+                    .collect();
+            }
+        },
+        CancellationToken::new(),
+    );
+    *journal_slot.lock().unwrap() = Some(cx.journal.clone());
+    vm.deliver(&request, artifact, &cx).await.unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [format!("the S3 upload {location}web-6.0.0.qcow2")],
+        "recorded before the first part went up"
+    );
+    assert!(
+        cx.journal.outstanding().is_empty(),
+        "released once delivered"
+    );
+
+    // What a killed run leaves: an object stored whole but never recorded,
+    // and a multipart upload with a part in.
+    let orphan = |name: &str| -> imgbuild_core::Resource {
+        QemuResource::Upload {
+            location: location.clone(),
+            name: name.to_owned(),
+        }
+        .into()
+    };
+    store
+        .put_if_absent("vm/web-7.0.0.qcow2.sha256", b"x".to_vec())
+        .await
+        .unwrap();
+    let started = store
+        .client()
+        .create_multipart_upload()
+        .bucket(&bucket)
+        .key("vm/web-7.0.0.qcow2")
+        .send()
+        .await
+        .unwrap();
+    store
+        .client()
+        .upload_part()
+        .bucket(&bucket)
+        .key("vm/web-7.0.0.qcow2")
+        .upload_id(started.upload_id().unwrap())
+        .part_number(1)
+        .body(vec![7u8; 1 << 20].into())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open_multipart_uploads(&store).await.len(), 1);
+    for name in ["web-7.0.0.qcow2", "web-7.0.0.qcow2.sha256"] {
+        assert_eq!(
+            clean_orphan(&orphan(name), "run").await.unwrap(),
+            Removal::Removed,
+            "{name}"
+        );
+        assert_eq!(
+            clean_orphan(&orphan(name), "run").await.unwrap(),
+            Removal::Absent,
+            "{name} a second time"
+        );
+    }
+    assert!(open_multipart_uploads(&store).await.is_empty());
+    assert_eq!(
+        keys(&store).await,
+        ["vm/web-6.0.0.qcow2", "vm/web-6.0.0.qcow2.sha256"],
+        "the delivered version stays"
+    );
+}

@@ -16,10 +16,13 @@
 
 use super::QemuState;
 use super::config::UploadLocation;
+use super::kind::QemuResource;
 use crate::common::artifact::{checksum_line, checksum_path};
 use crate::common::object_store::{ObjectStore, ObjectStoreError, S3Options, S3Store};
+use crate::common::orphans::Removal;
+use crate::common::tracked::{record, release};
 use async_trait::async_trait;
-use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
+use imgbuild_core::{CleanupOutcome, ResourceId, Step, StepContext, StepError};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
@@ -74,6 +77,10 @@ pub struct StepUpload {
     in_flight: Option<String>,
     /// Keys this step stored, removed again if the delivery fails.
     stored: Vec<String>,
+    /// The journal's records of the uploads, so that `imgbuild clean`
+    /// finds what a killed run left in the bucket; released once the
+    /// delivery is over and nothing of a failed one is left.
+    journalled: Vec<ResourceId>,
 }
 
 impl StepUpload {
@@ -84,6 +91,7 @@ impl StepUpload {
             store: None,
             in_flight: None,
             stored: Vec::new(),
+            journalled: Vec::new(),
         }
     }
 }
@@ -149,6 +157,7 @@ impl Step<QemuState> for StepUpload {
         let log = cx.log.clone();
         let task = format!("upload {name}");
         let progress = move |done: u64, total: u64| log.progress(&task, done, Some(total));
+        self.journal(&name, cx)?;
         self.in_flight = Some(name.clone());
         let uploaded = cx
             .cancellable(async {
@@ -171,6 +180,7 @@ impl Step<QemuState> for StepUpload {
             )));
         }
 
+        self.journal(&checksum_name, cx)?;
         self.in_flight = Some(checksum_name.clone());
         let checksum = cx
             .cancellable(async {
@@ -216,7 +226,7 @@ impl Step<QemuState> for StepUpload {
         outcome: CleanupOutcome,
     ) -> Result<(), StepError> {
         if outcome == CleanupOutcome::Succeeded {
-            return Ok(());
+            return self.release_records(cx);
         }
         let mut left = Vec::new();
         if let Some(store) = self.store.take() {
@@ -235,7 +245,7 @@ impl Step<QemuState> for StepUpload {
             }
         }
         if left.is_empty() {
-            Ok(())
+            self.release_records(cx)
         } else {
             Err(StepError::failed(format!(
                 "left behind: {}",
@@ -246,6 +256,23 @@ impl Step<QemuState> for StepUpload {
 }
 
 impl StepUpload {
+    /// Records the upload of `name` in the run journal before it starts.
+    fn journal(&mut self, name: &str, cx: &StepContext) -> Result<(), StepError> {
+        let resource = QemuResource::Upload {
+            location: self.location.to_string(),
+            name: name.to_owned(),
+        };
+        self.journalled.push(record(cx, resource.into())?);
+        Ok(())
+    }
+
+    fn release_records(&mut self, cx: &StepContext) -> Result<(), StepError> {
+        for id in self.journalled.drain(..) {
+            release(cx, id)?;
+        }
+        Ok(())
+    }
+
     /// Removes what this step put in the bucket; says what it could not.
     async fn take_back(
         &mut self,
@@ -301,6 +328,48 @@ fn upload_failed(location: &UploadLocation, name: &str, err: ObjectStoreError) -
             ""
         }
     )
+}
+
+/// Removes what a dead run's upload of `name` to `location` left: its
+/// unfinished multipart uploads and the object itself.
+pub async fn remove_orphan_upload(location: &str, name: &str) -> Result<Removal, String> {
+    let store = S3Store::open(location, S3Options::default())
+        .await
+        .map_err(|err| format!("cannot open {location}: {err}"))?;
+    let open_uploads = open_uploads_of(&store, name).await?;
+    abort_uploads_of(&store, name).await?;
+    let stored = store
+        .head(name)
+        .await
+        .map_err(|err| format!("cannot look for {location}{name}: {err}"))?;
+    if stored.is_some() {
+        store
+            .delete(name)
+            .await
+            .map_err(|err| format!("cannot remove {location}{name}: {err}"))?;
+    }
+    Ok(if stored.is_some() || open_uploads > 0 {
+        Removal::Removed
+    } else {
+        Removal::Absent
+    })
+}
+
+async fn open_uploads_of(store: &S3Store, key: &str) -> Result<usize, String> {
+    let object_key = store.object_key(key);
+    let listed = store
+        .client()
+        .list_multipart_uploads()
+        .bucket(store.bucket())
+        .prefix(&object_key)
+        .send()
+        .await
+        .map_err(|err| aws_sdk_s3::error::DisplayErrorContext(err).to_string())?;
+    Ok(listed
+        .uploads()
+        .iter()
+        .filter(|upload| upload.key() == Some(object_key.as_str()))
+        .count())
 }
 
 /// Aborts every unfinished multipart upload of `key`. The key holds this
