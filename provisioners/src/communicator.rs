@@ -101,6 +101,53 @@ pub trait Communicator: Send + Sync {
     }
 }
 
+/// Passes a remote command's output on to the build log.
+pub struct LogLines<'a>(pub &'a imgbuild_core::BuildLog);
+
+impl OutputSink for LogLines<'_> {
+    fn line(&self, stream: Stream, line: &str) {
+        self.0.output(stream, line);
+    }
+}
+
+/// Keeps a command's standard output, line by line, for the caller to
+/// read; passes its standard error on to `errors`, when given (a build log
+/// that shows it), or drops it.
+pub struct StdoutLines<'a> {
+    lines: std::sync::Mutex<Vec<String>>,
+    errors: Option<&'a dyn OutputSink>,
+}
+
+impl<'a> StdoutLines<'a> {
+    pub fn new(errors: Option<&'a dyn OutputSink>) -> Self {
+        StdoutLines {
+            lines: Default::default(),
+            errors,
+        }
+    }
+
+    pub fn into_lines(self) -> Vec<String> {
+        self.lines.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl OutputSink for StdoutLines<'_> {
+    fn line(&self, stream: Stream, line: &str) {
+        match stream {
+            Stream::Stdout => self
+                .lines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(line.to_owned()),
+            Stream::Stderr => {
+                if let Some(errors) = self.errors {
+                    errors.line(stream, line);
+                }
+            }
+        }
+    }
+}
+
 /// The longest line passed on whole. A guest that prints a binary file or
 /// a `\r` progress bar without a newline would otherwise grow one line
 /// without bound; past this it is passed on in pieces of this size.

@@ -13,8 +13,9 @@
 use crate::common::step_provision::HasCommunicator;
 use async_trait::async_trait;
 use imgbuild_core::{Step, StepContext, StepError};
-use imgbuild_provisioners::OutputSink;
+use imgbuild_provisioners::CommError;
 use imgbuild_provisioners::communicator::Communicator;
+use imgbuild_provisioners::communicator::{LogLines, StdoutLines};
 use imgbuild_provisioners::shell::shell_quote;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -106,52 +107,59 @@ fn as_root(command: &str) -> String {
 /// Takes the output of a command that ran `script()`: collects its
 /// standard output, passes its errors to the build log.
 pub struct ListingOutput<'a> {
-    log: &'a imgbuild_core::BuildLog,
-    stdout: std::sync::Mutex<Vec<String>>,
+    errors: LogLines<'a>,
 }
 
 impl<'a> ListingOutput<'a> {
     pub fn new(log: &'a imgbuild_core::BuildLog) -> Self {
         ListingOutput {
-            log,
-            stdout: Default::default(),
+            errors: LogLines(log),
         }
     }
 
-    /// Decodes the listing and writes it, as JSON, to `to`. Returns how
-    /// many paths it holds.
-    pub fn finish(self, to: &Path, also_skipped: &[&str]) -> Result<usize, ListingError> {
-        let lines = self.stdout.into_inner().unwrap_or_else(|e| e.into_inner());
-        let mut listing = decode(&lines)?;
-        for path in also_skipped {
-            listing.files.remove(*path);
+    /// Runs `command` (which runs `script()`) on `comm`, then decodes the
+    /// listing, leaves out `also_skipped`, and writes it, as JSON, to
+    /// `to`. Returns how many paths it holds. A command that ends the
+    /// connection (a shutdown after the listing) is no error.
+    pub async fn run(
+        &self,
+        comm: &dyn Communicator,
+        command: &str,
+        to: &Path,
+        also_skipped: &[&str],
+    ) -> Result<usize, ListingError> {
+        let output = StdoutLines::new(Some(&self.errors));
+        match comm.exec(command, &output).await {
+            Ok(_) | Err(CommError::Disconnected { .. }) => {}
+            Err(err) => return Err(ListingError::Remote(err.to_string())),
         }
-        listing.not_listed = NOT_LISTED
-            .iter()
-            .chain(also_skipped)
-            .map(|path| (*path).to_owned())
-            .chain(std::iter::once("other file systems".to_owned()))
-            .collect();
-        let json = serde_json::to_vec(&listing).expect("listings serialize");
-        imgbuild_core::fsutil::write_atomic(to, &json).map_err(|source| ListingError::Local {
-            path: to.display().to_string(),
-            source,
-        })?;
-        Ok(listing.files.len())
+        finish(&output.into_lines(), to, also_skipped)
     }
 }
 
-impl OutputSink for ListingOutput<'_> {
-    fn line(&self, stream: imgbuild_core::Stream, line: &str) {
-        match stream {
-            imgbuild_core::Stream::Stdout => self
-                .stdout
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(line.trim_end().to_owned()),
-            imgbuild_core::Stream::Stderr => self.log.output(stream, line),
-        }
+/// Decodes the listing in `lines`, leaves out `also_skipped`, and writes
+/// it, as JSON, to `to`. Returns how many paths it holds.
+fn finish(lines: &[String], to: &Path, also_skipped: &[&str]) -> Result<usize, ListingError> {
+    let lines: Vec<String> = lines
+        .iter()
+        .map(|line| line.trim_end().to_owned())
+        .collect();
+    let mut listing = decode(&lines)?;
+    for path in also_skipped {
+        listing.files.remove(*path);
     }
+    listing.not_listed = NOT_LISTED
+        .iter()
+        .chain(also_skipped)
+        .map(|path| (*path).to_owned())
+        .chain(std::iter::once("other file systems".to_owned()))
+        .collect();
+    let json = serde_json::to_vec(&listing).expect("listings serialize");
+    imgbuild_core::fsutil::write_atomic(to, &json).map_err(|source| ListingError::Local {
+        path: to.display().to_string(),
+        source,
+    })?;
+    Ok(listing.files.len())
 }
 
 /// The listing between the markers in `lines`; other lines (a shutdown
@@ -185,11 +193,9 @@ pub async fn take(
     also_skipped: &[&str],
     log: &imgbuild_core::BuildLog,
 ) -> Result<usize, ListingError> {
-    let output = ListingOutput::new(log);
-    comm.exec(&as_root(&script()), &output)
+    ListingOutput::new(log)
+        .run(comm, &as_root(&script()), to, also_skipped)
         .await
-        .map_err(|err| ListingError::Remote(err.to_string()))?;
-    output.finish(to, also_skipped)
 }
 
 /// Lists the machine's files after provisioning, for a builder with

@@ -6,19 +6,10 @@
 use super::poll::{InstanceTarget, wait_for_instance};
 use super::{Ec2State, Plan};
 use async_trait::async_trait;
-use imgbuild_core::{BuildLog, Step, StepContext, StepError, Stream};
-use imgbuild_provisioners::OutputSink;
+use imgbuild_core::{Step, StepContext, StepError};
+use imgbuild_provisioners::communicator::LogLines;
 use imgbuild_provisioners::shell::shell_quote;
 use std::sync::Arc;
-
-/// Remote output goes to the build log.
-struct LogLines<'a>(&'a BuildLog);
-
-impl OutputSink for LogLines<'_> {
-    fn line(&self, stream: Stream, line: &str) {
-        self.0.output(stream, line);
-    }
-}
 
 pub struct StepStopInstance {
     plan: Arc<Plan>,

@@ -10,10 +10,10 @@ use super::step_cache;
 use super::step_cloud_init::cleanup_script;
 use crate::common::{file_listing, process};
 use async_trait::async_trait;
-use imgbuild_core::{Step, StepContext, StepError, Stream};
+use imgbuild_core::{Step, StepContext, StepError};
+use imgbuild_provisioners::CommError;
 use imgbuild_provisioners::shell::shell_quote;
 use imgbuild_provisioners::ssh::TemporaryKey;
-use imgbuild_provisioners::{CommError, OutputSink};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,13 +32,7 @@ impl StepShutdown {
     }
 }
 
-pub struct LogLines<'a>(pub &'a imgbuild_core::BuildLog);
-
-impl OutputSink for LogLines<'_> {
-    fn line(&self, stream: Stream, line: &str) {
-        self.0.output(stream, line);
-    }
-}
+pub use imgbuild_provisioners::communicator::LogLines;
 
 /// A command for the build user that stops trusting `key`.
 pub fn forget_key_command(key: &TemporaryKey) -> String {
@@ -110,21 +104,18 @@ impl Step<QemuState> for StepShutdown {
             file_listing::take_logged(comm.as_ref(), to, &[], &cx.log).await?;
         }
         cx.log.info(format!("shutting down with `{command}`"));
-        let output = file_listing::ListingOutput::new(&cx.log);
-        let sink: &dyn OutputSink = if listing.is_some() {
-            &output
-        } else {
-            &LogLines(&cx.log)
-        };
-        match comm.exec(&run, sink).await {
-            Ok(_) | Err(CommError::Disconnected { .. }) => {}
-            Err(err) => return Err(StepError::failed(format!("`{command}` failed: {err}"))),
-        }
         if let Some(to) = listing {
-            let listed = output
-                .finish(to, &[])
+            // The shutdown's own errors end the listing's decoding too.
+            let listed = file_listing::ListingOutput::new(&cx.log)
+                .run(comm.as_ref(), &run, to, &[])
+                .await
                 .map_err(|err| StepError::failed(err.to_string()))?;
             cx.log.info(format!("listed {listed} paths"));
+        } else {
+            match comm.exec(&run, &LogLines(&cx.log)).await {
+                Ok(_) | Err(CommError::Disconnected { .. }) => {}
+                Err(err) => return Err(StepError::failed(format!("`{command}` failed: {err}"))),
+            }
         }
         drop(comm);
         let limit = config.shutdown_timeout;

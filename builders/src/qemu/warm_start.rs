@@ -38,15 +38,16 @@ use super::step_shutdown::{LogLines, forget_key_command, trust_key_command};
 use crate::common::cache::digest_json;
 use crate::common::step_store::{EntryInfo, StepStore};
 use async_trait::async_trait;
-use imgbuild_core::{Event, Step, StepContext, StepError, Stream};
+use imgbuild_core::{Event, Step, StepContext, StepError};
+use imgbuild_provisioners::communicator::StdoutLines;
 use imgbuild_provisioners::shell::shell_quote;
 use imgbuild_provisioners::ssh::TemporaryKey;
-use imgbuild_provisioners::{Communicator, ExitStatus, OutputSink};
+use imgbuild_provisioners::{Communicator, ExitStatus};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long saving or loading a state may take before it is given up.
@@ -390,22 +391,10 @@ pub async fn resume_incoming(
     }
 }
 
-/// Collects a command's standard output.
-#[derive(Default)]
-struct Collect(Mutex<Vec<String>>);
-
-impl OutputSink for Collect {
-    fn line(&self, stream: Stream, line: &str) {
-        if stream == Stream::Stdout {
-            self.0.lock().expect("collect lock").push(line.to_owned());
-        }
-    }
-}
-
 async fn run(comm: &dyn Communicator, command: &str, what: &str) -> Result<Vec<String>, String> {
-    let collect = Collect::default();
+    let collect = StdoutLines::new(None);
     match comm.exec(command, &collect).await {
-        Ok(ExitStatus::Code(0)) => Ok(collect.0.into_inner().expect("collect lock")),
+        Ok(ExitStatus::Code(0)) => Ok(collect.into_lines()),
         Ok(status) => Err(format!("{what} failed ({status})")),
         Err(err) => Err(format!("{what} failed: {err}")),
     }
