@@ -336,8 +336,7 @@ pub async fn remove_orphan_upload(location: &str, name: &str) -> Result<Removal,
     let store = S3Store::open(location, S3Options::default())
         .await
         .map_err(|err| format!("cannot open {location}: {err}"))?;
-    let open_uploads = open_uploads_of(&store, name).await?;
-    abort_uploads_of(&store, name).await?;
+    let open_uploads = abort_uploads_of(&store, name).await?;
     let stored = store
         .head(name)
         .await
@@ -355,7 +354,10 @@ pub async fn remove_orphan_upload(location: &str, name: &str) -> Result<Removal,
     })
 }
 
-async fn open_uploads_of(store: &S3Store, key: &str) -> Result<usize, String> {
+/// Aborts every unfinished multipart upload of `key`, and says how many
+/// there were. The key holds this build's version, so an upload of it that
+/// is still open is this run's.
+async fn abort_uploads_of(store: &S3Store, key: &str) -> Result<usize, String> {
     let object_key = store.object_key(key);
     let listed = store
         .client()
@@ -365,25 +367,7 @@ async fn open_uploads_of(store: &S3Store, key: &str) -> Result<usize, String> {
         .send()
         .await
         .map_err(|err| aws_sdk_s3::error::DisplayErrorContext(err).to_string())?;
-    Ok(listed
-        .uploads()
-        .iter()
-        .filter(|upload| upload.key() == Some(object_key.as_str()))
-        .count())
-}
-
-/// Aborts every unfinished multipart upload of `key`. The key holds this
-/// build's version, so an upload of it that is still open is this run's.
-async fn abort_uploads_of(store: &S3Store, key: &str) -> Result<(), String> {
-    let object_key = store.object_key(key);
-    let listed = store
-        .client()
-        .list_multipart_uploads()
-        .bucket(store.bucket())
-        .prefix(&object_key)
-        .send()
-        .await
-        .map_err(|err| aws_sdk_s3::error::DisplayErrorContext(err).to_string())?;
+    let mut aborted_count = 0;
     for upload in listed.uploads() {
         if upload.key() != Some(object_key.as_str()) {
             continue;
@@ -391,6 +375,7 @@ async fn abort_uploads_of(store: &S3Store, key: &str) -> Result<(), String> {
         let Some(id) = upload.upload_id() else {
             continue;
         };
+        aborted_count += 1;
         let aborted = store
             .client()
             .abort_multipart_upload()
@@ -407,5 +392,5 @@ async fn abort_uploads_of(store: &S3Store, key: &str) -> Result<(), String> {
             return Err(aws_sdk_s3::error::DisplayErrorContext(err).to_string());
         }
     }
-    Ok(())
+    Ok(aborted_count)
 }
