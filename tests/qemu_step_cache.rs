@@ -1,9 +1,10 @@
 //! The QEMU step cache end to end, with the real binary, real QEMU and the
-//! cloud-init fixture: a change to the last script boots from the kept
-//! layer of the step before it and runs only that script; an unchanged
+//! cloud-init fixture: a change to the last script restores the machine
+//! saved after the step before it and runs only that script; an unchanged
 //! build of a new version boots nothing; a bit-flipped layer is detected,
-//! reported and rebuilt. Each artifact, read from its disk, holds every
-//! step's changes and no build's SSH key.
+//! reported and rebuilt from the machine saved after the step below it.
+//! Each artifact, read from its disk, holds every step's changes and no
+//! build's (or saved machine's) SSH key.
 
 use imgbuild_test_support::{cli::*, common::*};
 use std::path::{Path, PathBuf};
@@ -164,13 +165,15 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
         ]
     );
     assert_eq!(first.cached_steps(), None);
+    assert!(!first.machine_restored(), "{}", first.stdout);
     assert_nothing_left(&workspace);
 
-    // Only the last script changed: the build boots from the layer of step
-    // 2 and runs step 3 alone.
+    // Only the last script changed: the build restores the machine saved
+    // after step 2 (on the layer of step 2) and runs step 3 alone.
     workspace.write("third.sh", "echo three-b > /etc/step-three\n");
     let second = build(&workspace, &versions[1]).exits_with(EXIT_OK);
     assert_eq!(second.cached_steps(), Some(2), "{}", second.stdout);
+    assert!(second.machine_restored(), "{}", second.stdout);
     assert_eq!(second.provisioners_run(), ["provisioner 3 of 3"]);
     assert_nothing_left(&workspace);
     let (steps, keys) = read_artifact(&artifact(&workspace, &versions[1]));
@@ -253,6 +256,7 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
     std::fs::write(&layer, bytes).unwrap();
     let fourth = build(&workspace, &versions[3]).exits_with(EXIT_OK);
     assert_eq!(fourth.cached_steps(), Some(1), "{}", fourth.stdout);
+    assert!(fourth.machine_restored(), "{}", fourth.stdout);
     assert_eq!(
         fourth.provisioners_run(),
         ["provisioner 2 of 3", "provisioner 3 of 3"]

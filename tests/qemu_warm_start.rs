@@ -54,17 +54,6 @@ fn build(workspace: &Workspace, version: &str, marker: &str) -> Outcome {
         .run()
 }
 
-/// Whether the machine was restored, from the build's `machine_ready`.
-fn restored(outcome: &Outcome) -> bool {
-    let ready: Vec<_> = outcome
-        .events()
-        .into_iter()
-        .filter(|e| e["event"] == "machine_ready")
-        .collect();
-    assert_eq!(ready.len(), 1, "{ready:?}");
-    ready[0]["restored"].as_bool().unwrap()
-}
-
 /// The values the provisioner printed after `name `.
 fn printed(outcome: &Outcome, name: &str) -> Vec<String> {
     let prefix = format!("{name} ");
@@ -166,7 +155,7 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_an_unloadable_state_
 
     // 1. Nothing saved yet: the build boots, then saves the machine.
     let first = build(&workspace, "1", "a").exits_with(0);
-    assert!(!restored(&first), "{}", first.stderr);
+    assert!(!first.machine_restored(), "{}", first.stderr);
     let (memory, record) = state_files(&workspace);
     let mode = std::fs::metadata(&record).unwrap().permissions();
     assert_eq!(
@@ -186,7 +175,7 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_an_unloadable_state_
     let before = now();
     let second = build(&workspace, "2", "b").exits_with(0);
     let after = now();
-    assert!(restored(&second), "{}", second.stdout);
+    assert!(second.machine_restored(), "{}", second.stdout);
     let clock: u64 = printed(&second, "GUEST_CLOCK")[0].parse().unwrap();
     assert!(
         before <= clock + 2 && clock <= after + 2,
@@ -235,7 +224,7 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_an_unloadable_state_
     std::fs::write(&memory_record, serde_json::to_vec(&entry).unwrap()).unwrap();
 
     let third = build(&workspace, "3", "c").exits_with(0);
-    assert!(!restored(&third), "{}", third.stdout);
+    assert!(!third.machine_restored(), "{}", third.stdout);
     assert!(
         warnings(&third)
             .iter()

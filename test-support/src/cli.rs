@@ -346,6 +346,18 @@ impl Outcome {
             .and_then(|e| e["steps"].as_u64())
     }
 
+    /// Whether the QEMU machine was restored from a saved state rather than
+    /// booted, from the build's one `machine_ready` event.
+    pub fn machine_restored(&self) -> bool {
+        let ready: Vec<_> = self
+            .events()
+            .into_iter()
+            .filter(|e| e["event"] == "machine_ready")
+            .collect();
+        assert_eq!(ready.len(), 1, "{ready:?}\n{}", self.stdout);
+        ready[0]["restored"].as_bool().unwrap()
+    }
+
     /// stdout as JSON lines (`--output json`).
     pub fn events(&self) -> Vec<serde_json::Value> {
         self.stdout

@@ -442,11 +442,15 @@ pub async fn keep(state: &mut QemuState, key: &str, cx: &StepContext) -> Result<
     state.disk = Some(next);
     let cache = state.cache.as_mut().expect("checked above");
     cache.below = None;
-    let stored = store_layer(state, &disk, key, &below, step, cx).await?;
+    let stored = store_layer(state, &disk, key, &below, step.clone(), cx).await?;
     let cache = state.cache.as_mut().expect("checked above");
+    let last = index + 1 >= cache.keys.len();
     match stored {
         Some(layer) => {
-            cache.below = Some(layer);
+            cache.below = Some(layer.clone());
+            if !last {
+                super::warm_start::save_after_step(state, &layer, &step, cx).await;
+            }
             Ok(())
         }
         None => Err(

@@ -33,7 +33,7 @@
 use super::QemuState;
 use super::config::{Accelerator, QemuConfig};
 use super::qmp::Qmp;
-use super::step_cache::cache_settings;
+use super::step_cache::{Below, cache_settings};
 use super::step_shutdown::{LogLines, forget_key_command, trust_key_command};
 use crate::common::cache::digest_json;
 use crate::common::step_store::{EntryInfo, StepStore};
@@ -80,6 +80,9 @@ pub struct Saved {
 /// The build's warm start, once its key is known.
 pub struct WarmStart {
     pub key: String,
+    /// The key of everything but the disk (see [`machine_key`]), for the
+    /// states saved after kept steps.
+    machine: String,
     store: Arc<StepStore>,
     image: String,
     /// What the build disk stands on, for a fresh one when a restore fails.
@@ -137,17 +140,16 @@ fn has_acpi(machine: &str) -> bool {
     machine == "pc" || machine == "q35" || machine.starts_with("pc-")
 }
 
-/// The warm key: everything a saved state depends on.
-pub fn warm_key(
+/// What a saved state depends on besides the disk it stands on: QEMU,
+/// the machine and the login credentials.
+pub fn machine_key(
     config: &QemuConfig,
     accelerator: Accelerator,
     qemu_version: &str,
-    backing_sha256: &str,
     credentials: &str,
 ) -> String {
     digest_json(&serde_json::json!({
         "warm_start": SCHEME,
-        "below": backing_sha256,
         "qemu": {"binary": config.qemu_binary, "version": qemu_version},
         "accelerator": accelerator,
         "machine": config.machine,
@@ -158,6 +160,13 @@ pub fn warm_key(
         "devices": qemu_args(config),
         "credentials": credentials,
     }))
+}
+
+/// The warm key: everything a saved state depends on, the machine's key
+/// over the SHA-256 of the disk below the state's own overlay (the base,
+/// or a kept step layer).
+pub fn warm_key(machine: &str, below_sha256: &str) -> String {
+    digest_json(&serde_json::json!({"machine": machine, "below": below_sha256}))
 }
 
 /// What logging in to a saved guest depends on, as a hash: a state saved
@@ -253,22 +262,27 @@ impl Step<QemuState> for StepFindWarm {
             // The launch says what is wrong with the binary.
             return Ok(());
         };
-        let key = warm_key(
+        let machine = machine_key(
             &self.config,
             self.accelerator,
             &version,
-            &backing_sha256,
             &credentials_digest(&self.config, &self.config_dir),
         );
+        let key = warm_key(&machine, &backing_sha256);
         let saved = find(&self.store, &key, &backing, state, cx).await;
         if saved.is_some() {
+            let after = match state.cache.as_ref().map_or(0, |cache| cache.done) {
+                0 => "this base and machine".to_owned(),
+                done => format!("this machine after its first {done} step(s)"),
+            };
             cx.log.info(format!(
-                "a saved machine state is kept for this base and machine ({}): restoring it instead of booting",
+                "a saved machine state is kept for {after} ({}): restoring it instead of booting",
                 &key[..12]
             ));
         }
         state.warm = Some(WarmStart {
             key,
+            machine,
             store: self.store.clone(),
             image: self.image.clone(),
             backing,
@@ -535,7 +549,12 @@ impl Step<QemuState> for StepWarmStart {
         }
         if state.warm.is_some() {
             let started = Instant::now();
-            match save(state, cx).await {
+            let target = Target {
+                key: state.warm.as_ref().expect("checked").key.clone(),
+                below: None,
+                step: "at the first login".to_owned(),
+            };
+            match save(state, &target, cx).await {
                 Ok(Some(size)) => cx.log.info(format!(
                     "saved the machine state for warm starts in {:.1}s ({} MiB)",
                     started.elapsed().as_secs_f64(),
@@ -591,11 +610,54 @@ async fn adopt(state: &mut QemuState, cx: &StepContext) -> Result<(), String> {
     Ok(())
 }
 
+/// Saves the machine as it is now, after the kept step `step` whose layer
+/// is `layer` (QEMU writes the disk's changes since to an overlay of its
+/// own by now), so that a build resuming from that layer restores the
+/// machine instead of booting the layer. Not after the last provisioner:
+/// a build that shares every step boots nothing. Any failure only costs
+/// a later build time.
+pub async fn save_after_step(state: &mut QemuState, layer: &Below, step: &str, cx: &StepContext) {
+    let Some(warm) = state.warm.as_ref() else {
+        return;
+    };
+    let target = Target {
+        key: warm_key(&warm.machine, &layer.sha256),
+        below: Some(layer.path.clone()),
+        step: format!("after {step}"),
+    };
+    let started = Instant::now();
+    match save(state, &target, cx).await {
+        Ok(Some(size)) => cx.log.info(format!(
+            "saved the machine after {step} in {:.1}s ({} MiB): a build that changes only what follows restores it",
+            started.elapsed().as_secs_f64(),
+            size / (1 << 20)
+        )),
+        Ok(None) => {}
+        Err(message) => cx.log.warn(format!(
+            "the machine could not be saved after {step}: {message}; a build that changes only what follows boots the kept layer instead"
+        )),
+    }
+}
+
+/// Where a state goes.
+struct Target {
+    key: String,
+    /// The file the saved disk must name as its backing file, when the
+    /// build disk QEMU writes to stands on a copy of it.
+    below: Option<PathBuf>,
+    /// Says what the state is, in the store's listing.
+    step: String,
+}
+
 /// Saves the state, unless another build saved one for the key first.
 /// Returns the size kept.
-async fn save(state: &mut QemuState, cx: &StepContext) -> Result<Option<u64>, String> {
+async fn save(
+    state: &mut QemuState,
+    target: &Target,
+    cx: &StepContext,
+) -> Result<Option<u64>, String> {
     let warm = state.warm.as_ref().ok_or("no warm start")?;
-    let (key, store) = (warm.key.clone(), warm.store.clone());
+    let (key, store) = (target.key.clone(), warm.store.clone());
     let comm = state
         .communicator
         .clone()
@@ -640,6 +702,14 @@ async fn save(state: &mut QemuState, cx: &StepContext) -> Result<Option<u64>, St
         Ok(_) => pause_and_save(&qmp_path, &memory, &disk, &disk_copy).await,
         Err(message) => Err(message.clone()),
     };
+    let paused = match (paused, &target.below) {
+        (Ok(()), Some(below)) => state
+            .qemu_img
+            .rebase_unsafe(&disk_copy, below, "qcow2")
+            .await
+            .map_err(|err| err.to_string()),
+        (paused, _) => paused,
+    };
     // The build goes on whatever happened: its own key trusted again, the
     // state's not trusted in its image.
     if let (Some(own), Some(state_key)) = (&state.ssh_key, &state_key) {
@@ -658,11 +728,27 @@ async fn save(state: &mut QemuState, cx: &StepContext) -> Result<Option<u64>, St
             }
         }
     }
-    let derived = prepared?
+    let mut derived: Vec<String> = prepared?
         .into_iter()
         .filter_map(|line| line.strip_prefix("derived ").map(str::to_owned))
         .collect();
-    paused?;
+    // A restored machine's first boot is older than what the script can
+    // see: what the state it came from named still holds.
+    if let Some(saved) = warm.saved.as_ref().filter(|_| warm.restored) {
+        for path in &saved.record.derived {
+            if !derived.contains(path) {
+                derived.push(path.clone());
+            }
+        }
+    }
+    let cleanup = || {
+        let _ = std::fs::remove_file(&memory);
+        let _ = std::fs::remove_file(&disk_copy);
+    };
+    if let Err(message) = paused {
+        cleanup();
+        return Err(message);
+    }
     let record = Record {
         private_key: state_key.map(|key| key.private_openssh().to_owned()),
         derived,
@@ -680,7 +766,7 @@ async fn save(state: &mut QemuState, cx: &StepContext) -> Result<Option<u64>, St
     let info = |part: &str| EntryInfo {
         image: warm.image.clone(),
         build: cx.build_name().to_owned(),
-        step: format!("warm start ({part})"),
+        step: format!("warm start {} ({part})", target.step),
     };
     let mut size = 0;
     // The record goes last: a state is found only once it is whole.
@@ -783,7 +869,7 @@ mod tests {
         let key = |extra: serde_json::Value, accel, version, below| {
             let config = config(extra);
             let credentials = credentials_digest(&config, Path::new("/nonexistent"));
-            warm_key(&config, accel, version, below, &credentials)
+            warm_key(&machine_key(&config, accel, version, &credentials), below)
         };
         let tcg = Accelerator::Tcg;
         let v = "QEMU emulator version 7.2.22";
