@@ -547,24 +547,14 @@ impl Step<QemuState> for StepWarmStart {
         if restored {
             return adopt(state, cx).await.map_err(StepError::failed);
         }
-        if state.warm.is_some() {
-            let started = Instant::now();
+        if let Some(warm) = state.warm.as_ref() {
             let target = Target {
-                key: state.warm.as_ref().expect("checked").key.clone(),
+                key: warm.key.clone(),
                 below: None,
-                step: "at the first login".to_owned(),
+                when: "at its first login".to_owned(),
+                otherwise: "later builds boot as this one did",
             };
-            match save(state, &target, cx).await {
-                Ok(Some(size)) => cx.log.info(format!(
-                    "saved the machine state for warm starts in {:.1}s ({} MiB)",
-                    started.elapsed().as_secs_f64(),
-                    size / (1 << 20)
-                )),
-                Ok(None) => {}
-                Err(message) => cx.log.warn(format!(
-                    "the machine state could not be saved for warm starts: {message}; later builds boot as this one did"
-                )),
-            }
+            save_and_report(state, &target, cx).await;
         }
         Ok(())
     }
@@ -623,20 +613,10 @@ pub async fn save_after_step(state: &mut QemuState, layer: &Below, step: &str, c
     let target = Target {
         key: warm_key(&warm.machine, &layer.sha256),
         below: Some(layer.path.clone()),
-        step: format!("after {step}"),
+        when: format!("after {step}"),
+        otherwise: "a build that changes only what follows boots the kept layer instead",
     };
-    let started = Instant::now();
-    match save(state, &target, cx).await {
-        Ok(Some(size)) => cx.log.info(format!(
-            "saved the machine after {step} in {:.1}s ({} MiB): a build that changes only what follows restores it",
-            started.elapsed().as_secs_f64(),
-            size / (1 << 20)
-        )),
-        Ok(None) => {}
-        Err(message) => cx.log.warn(format!(
-            "the machine could not be saved after {step}: {message}; a build that changes only what follows boots the kept layer instead"
-        )),
-    }
+    save_and_report(state, &target, cx).await;
 }
 
 /// Where a state goes.
@@ -645,8 +625,29 @@ struct Target {
     /// The file the saved disk must name as its backing file, when the
     /// build disk QEMU writes to stands on a copy of it.
     below: Option<PathBuf>,
-    /// Says what the state is, in the store's listing.
-    step: String,
+    /// When the machine is saved, for the log and the store's listing.
+    when: String,
+    /// What a failure to save costs.
+    otherwise: &'static str,
+}
+
+/// Saves the machine, and says how long that took or why it failed: a
+/// failure costs only later builds time.
+async fn save_and_report(state: &mut QemuState, target: &Target, cx: &StepContext) {
+    let started = Instant::now();
+    match save(state, target, cx).await {
+        Ok(Some(size)) => cx.log.info(format!(
+            "saved the machine {} for warm starts in {:.1}s ({} MiB)",
+            target.when,
+            started.elapsed().as_secs_f64(),
+            size / (1 << 20)
+        )),
+        Ok(None) => {}
+        Err(message) => cx.log.warn(format!(
+            "the machine could not be saved {} for warm starts: {message}; {}",
+            target.when, target.otherwise
+        )),
+    }
 }
 
 /// Saves the state, unless another build saved one for the key first.
@@ -766,7 +767,7 @@ async fn save(
     let info = |part: &str| EntryInfo {
         image: warm.image.clone(),
         build: cx.build_name().to_owned(),
-        step: format!("warm start {} ({part})", target.step),
+        step: format!("warm start {} ({part})", target.when),
     };
     let mut size = 0;
     // The record goes last: a state is found only once it is whole.
