@@ -47,14 +47,36 @@ script = "third.sh"
 }
 
 fn build(workspace: &Workspace, version: &str) -> Outcome {
+    build_with(workspace, version, true)
+}
+
+/// `shared`: with the EC2 feature, the step cache is shared through S3.
+fn build_with(workspace: &Workspace, version: &str, shared: bool) -> Outcome {
     workspace.write("image.toml", &config(version));
-    workspace
-        .imgbuild()
-        .env("IMGBUILD_NO_CACHE", "false")
-        .env("IMGBUILD_CACHE_DIR", workspace.join("steps"))
+    let command = imgbuild(workspace);
+    let command = if shared {
+        command
+    } else {
+        command.env("IMGBUILD_CACHE_SHARED", "")
+    };
+    command
         .args(["--output", "json", "build", "image.toml", "--var"])
         .arg(format!("base_image={}", cloud_vm_image()))
         .run()
+}
+
+/// imgbuild with the step cache in the workspace, shared (with the EC2
+/// feature's moto) through an S3 bucket of the test's own.
+fn imgbuild(workspace: &Workspace) -> Imgbuild {
+    let command = workspace
+        .imgbuild()
+        .env("IMGBUILD_NO_CACHE", "false")
+        .env("IMGBUILD_CACHE_DIR", workspace.join("steps"));
+    #[cfg(feature = "ec2")]
+    let command = command
+        .env("IMGBUILD_CACHE_SHARED", upload::shared_cache())
+        .env("AWS_ENDPOINT_URL_S3", imgbuild_test_support::ec2::moto());
+    command
 }
 
 fn steps_started(outcome: &Outcome) -> Vec<String> {
@@ -153,7 +175,7 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
     workspace.write("first.sh", "echo one > /etc/step-one\n");
     workspace.write("second.sh", "echo two > /etc/step-two\n");
     workspace.write("third.sh", "echo three-a > /etc/step-three\n");
-    let versions: Vec<String> = (0..4).map(|_| unique_version()).collect();
+    let versions: Vec<String> = (0..5).map(|_| unique_version()).collect();
 
     let first = build(&workspace, &versions[0]).exits_with(EXIT_OK);
     assert_eq!(
@@ -248,13 +270,14 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
     assert_eq!(sbom["packages"], reused.len());
 
     // A flipped bit in the layer of step 2 is found, reported and that
-    // layer is rebuilt on top of the (sound) layer of step 1.
+    // layer is rebuilt on top of the (sound) layer of step 1. (Not shared:
+    // a shared store would supply the layer whole again.)
     let layer = kept_layer(&workspace, 2);
     let mut bytes = std::fs::read(&layer).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x10;
     std::fs::write(&layer, bytes).unwrap();
-    let fourth = build(&workspace, &versions[3]).exits_with(EXIT_OK);
+    let fourth = build_with(&workspace, &versions[3], false).exits_with(EXIT_OK);
     assert_eq!(fourth.cached_steps(), Some(1), "{}", fourth.stdout);
     assert!(fourth.machine_restored(), "{}", fourth.stdout);
     assert_eq!(
@@ -272,6 +295,33 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
     let (steps, keys) = read_artifact(&artifact(&workspace, &versions[3]));
     assert_eq!(steps, ["one", "two", "three-b"]);
     assert!(keys.is_empty(), "{keys:?}");
+
+    // A runner with an empty local cache (same paths, as on identical CI
+    // runners) resumes from what the earlier builds shared in S3: every
+    // step and the final layer come from the bucket, and nothing boots.
+    #[cfg(feature = "ec2")]
+    {
+        std::fs::remove_dir_all(workspace.join("steps")).unwrap();
+        let fifth = build(&workspace, &versions[4]).exits_with(EXIT_OK);
+        assert_eq!(fifth.cached_steps(), Some(3), "{}", fifth.stdout);
+        assert!(
+            !steps_started(&fifth).iter().any(|step| step == "launch"),
+            "{}",
+            fifth.stdout
+        );
+        let fetched = fifth
+            .events()
+            .iter()
+            .filter_map(|e| e["message"].as_str().map(str::to_owned))
+            .filter(|m| m.starts_with("fetched the step cache entry"))
+            .count();
+        // Three step layers, the final one and its SBOM package list.
+        assert_eq!(fetched, 5, "{}", fifth.stdout);
+        assert_nothing_left(&workspace);
+        let (steps, keys) = read_artifact(&artifact(&workspace, &versions[4]));
+        assert_eq!(steps, ["one", "two", "three-b"]);
+        assert!(keys.is_empty(), "{keys:?}");
+    }
 }
 
 /// The fully cached build with `upload`, against moto's S3.
@@ -279,7 +329,7 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
 mod upload {
     use super::*;
     use imgbuild_builders::common::object_store::{ObjectStore, S3Store};
-    use imgbuild_test_support::ec2::{moto, moto_s3};
+    use imgbuild_test_support::ec2::moto_s3;
 
     async fn store(bucket: &str) -> S3Store {
         moto_s3(&format!("s3://{bucket}/images/")).await
@@ -290,6 +340,15 @@ mod upload {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    /// Where the test's builds share their step cache: a bucket made once.
+    pub fn shared_cache() -> String {
+        static BUCKET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let bucket = BUCKET.get_or_init(|| {
+            runtime().block_on(imgbuild_test_support::ec2::moto_bucket("imgbuild-steps"))
+        });
+        format!("s3://{bucket}/ci")
     }
 
     /// Builds `version` uploading to a fresh bucket; returns the bucket.
@@ -303,11 +362,7 @@ mod upload {
         workspace.write("image.toml", &config);
         // moto() has set fake credentials in this process's environment,
         // which the binary inherits.
-        let outcome = workspace
-            .imgbuild()
-            .env("IMGBUILD_NO_CACHE", "false")
-            .env("IMGBUILD_CACHE_DIR", workspace.join("steps"))
-            .env("AWS_ENDPOINT_URL_S3", moto())
+        let outcome = imgbuild(workspace)
             .args(["--output", "json", "build", "image.toml", "--var"])
             .arg(format!("base_image={}", cloud_vm_image()))
             .run();

@@ -341,3 +341,186 @@ async fn twenty_concurrent_writers_on_disk_lose_no_update() {
         .collect();
     twenty_writers(stores).await;
 }
+
+/// The step store shared through S3: what one runner keeps, a runner with
+/// an empty local store fetches (verified) instead of rebuilding; a damaged
+/// shared entry is reported and removed, never used; two runners keeping
+/// one key leave one whole entry.
+#[tokio::test]
+async fn a_runner_with_an_empty_step_cache_fetches_what_another_shared() {
+    use imgbuild_builders::common::step_store::{EntryInfo, StepStore};
+    use imgbuild_core::events::{Event, MemorySink};
+    use imgbuild_core::{BuildLog, Redactor};
+
+    let shared: Arc<dyn ObjectStore> = Arc::new(s3_store(S3Options::default()).await);
+    let runner = |dir: &Path| StepStore::at(dir).shared_through(shared.clone());
+    let sink = Arc::new(MemorySink::default());
+    let log = BuildLog::root(sink.clone(), Redactor::new()).for_build("vm");
+    let messages = || -> Vec<String> {
+        sink.events()
+            .iter()
+            .filter_map(|event| match event {
+                Event::Message { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let info = |step: &str| EntryInfo {
+        image: "web".into(),
+        build: "vm".into(),
+        step: step.into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("layer.qcow2");
+    let sha256 = large_file(&source, 20 << 20);
+
+    let first = runner(&dir.path().join("first"));
+    let kept = first
+        .put("k1", &source, info("step 1 (shell)"), &log)
+        .await
+        .unwrap();
+    assert_eq!(kept.sha256, sha256);
+    let objects: Vec<String> = shared
+        .list("steps/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|listed| listed.key)
+        .collect();
+    assert_eq!(
+        objects,
+        [
+            format!("steps/k1.{sha256}.layer"),
+            "steps/k1.json".to_owned()
+        ]
+    );
+
+    // A runner with an empty store.
+    let second = runner(&dir.path().join("second"));
+    let fetched = second.get("k1", &log).await.expect("fetched");
+    assert_eq!(
+        (fetched.sha256.as_str(), fetched.hits),
+        (sha256.as_str(), 1)
+    );
+    assert!(std::fs::read(second.path("k1")).unwrap() == std::fs::read(&source).unwrap());
+    assert!(
+        messages()
+            .iter()
+            .any(|m| m.starts_with("fetched the step cache entry")),
+        "{:?}",
+        messages()
+    );
+    // Kept locally now: the next use does not fetch.
+    let before = messages().len();
+    assert_eq!(second.get("k1", &log).await.unwrap().hits, 2);
+    assert_eq!(messages().len(), before, "{:?}", messages());
+    // Damaged locally: discarded, and fetched whole again.
+    let mut bytes = std::fs::read(second.path("k1")).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(second.path("k1"), bytes).unwrap();
+    let again = second.get("k1", &log).await.expect("fetched again");
+    assert_eq!(again.sha256, sha256);
+    assert!(std::fs::read(second.path("k1")).unwrap() == std::fs::read(&source).unwrap());
+    // What the shared store does not have is simply absent.
+    assert!(second.get("k2", &log).await.is_none());
+
+    // Damaged in the bucket: reported, removed there, never used.
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, b"not the layer").unwrap();
+    shared
+        .upload_file(&format!("steps/k1.{sha256}.layer"), &garbage, &no_progress)
+        .await
+        .unwrap();
+    let third = runner(&dir.path().join("third"));
+    assert!(third.get("k1", &log).await.is_none());
+    assert!(!third.path("k1").exists());
+    assert!(
+        messages()
+            .iter()
+            .any(|m| m.contains("damaged or incomplete entry k1")),
+        "{:?}",
+        messages()
+    );
+    assert!(shared.list("steps/").await.unwrap().is_empty());
+
+    // Two runners keep one key at once, with different bytes: one entry
+    // stays, whole, and the loser's data is gone.
+    let other = dir.path().join("other.qcow2");
+    let other_sha256 = large_file(&other, 12 << 20);
+    let (a, b) = (runner(&dir.path().join("a")), runner(&dir.path().join("b")));
+    let (kept_a, kept_b) = tokio::join!(
+        a.put("k3", &source, info("step 3"), &log),
+        b.put("k3", &other, info("step 3"), &log)
+    );
+    let (kept_a, kept_b) = (kept_a.unwrap(), kept_b.unwrap());
+    assert_eq!(
+        (kept_a.sha256.as_str(), kept_b.sha256.as_str()),
+        (sha256.as_str(), other_sha256.as_str())
+    );
+    let objects: Vec<String> = shared
+        .list("steps/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|listed| listed.key)
+        .collect();
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    let fresh = runner(&dir.path().join("fresh"));
+    let winner = fresh.get("k3", &log).await.expect("one whole entry");
+    assert!(winner.sha256 == sha256 || winner.sha256 == other_sha256);
+    assert!(objects.contains(&format!("steps/k3.{}.layer", winner.sha256)));
+}
+
+/// A shared store that cannot be reached costs only the sharing: the entry
+/// is kept locally and the build is told.
+#[tokio::test]
+async fn an_unreachable_shared_step_cache_leaves_the_local_one_working() {
+    use imgbuild_builders::common::step_store::{EntryInfo, StepStore};
+    use imgbuild_core::events::{Event, MemorySink};
+    use imgbuild_core::{BuildLog, Redactor};
+
+    let missing = moto_s3_missing_bucket().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = StepStore::at(dir.path().join("steps")).shared_through(missing);
+    let sink = Arc::new(MemorySink::default());
+    let log = BuildLog::root(sink.clone(), Redactor::new()).for_build("vm");
+    let source = dir.path().join("layer");
+    let sha256 = large_file(&source, 1 << 20);
+    let info = EntryInfo {
+        image: "web".into(),
+        build: "vm".into(),
+        step: "step 1".into(),
+    };
+    let kept = store.put("k", &source, info, &log).await.unwrap();
+    assert_eq!(kept.sha256, sha256);
+    assert!(store.get("k", &log).await.is_some());
+    assert!(store.get("absent", &log).await.is_none());
+    let warnings: Vec<String> = sink
+        .events()
+        .iter()
+        .filter_map(|event| match event {
+            Event::Message { message, .. } => Some(message.clone()),
+            _ => None,
+        })
+        .filter(|m| m.contains("could not"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("could not share the step cache entry"),
+        "{warnings:?}"
+    );
+}
+
+/// A store over a bucket that does not exist in moto.
+async fn moto_s3_missing_bucket() -> Arc<dyn ObjectStore> {
+    let options = S3Options {
+        endpoint_url: Some(moto()),
+        region: Some("us-east-1".into()),
+        ..S3Options::default()
+    };
+    Arc::new(
+        S3Store::open("s3://imgbuild-no-such-bucket/steps", options)
+            .await
+            .unwrap(),
+    )
+}

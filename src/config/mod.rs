@@ -101,6 +101,20 @@ pub struct CacheSettings {
     /// fit (also `IMGBUILD_CACHE_MAX_SIZE`).
     #[serde(default)]
     pub max_size: Option<imgbuild_core::ByteSize>,
+    /// An object store the step store is shared through with other
+    /// runners: `s3://bucket/prefix`, or a directory (relative to the
+    /// config) every runner mounts. Also `IMGBUILD_CACHE_SHARED`.
+    #[serde(default, deserialize_with = "shared_location")]
+    pub shared: Option<String>,
+}
+
+fn shared_location<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    let location = String::deserialize(deserializer)?;
+    imgbuild_builders::common::object_store::check_location(&location)
+        .map_err(serde::de::Error::custom)?;
+    Ok(Some(location))
 }
 
 /// `[image] on_test_failure`.
@@ -625,6 +639,13 @@ impl Loader<'_> {
         match CacheSettings::deserialize(ValueDeserializer::from(section.clone())) {
             Ok(mut settings) => {
                 settings.dir = settings.dir.map(|dir| self.dir.join(dir));
+                settings.shared = settings.shared.map(|shared| {
+                    if shared.starts_with("s3://") {
+                        shared
+                    } else {
+                        self.dir.join(shared).display().to_string()
+                    }
+                });
                 Some(settings)
             }
             Err(err) => {
@@ -1492,6 +1513,44 @@ cache = "no"
             except: Vec::new(),
         };
         load(&path, &options)
+    }
+
+    #[test]
+    fn a_shared_step_cache_is_an_s3_url_or_a_directory_beside_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |shared: &str| {
+            load_text(
+                dir.path(),
+                &format!(
+                    "[image]\nname = \"web\"\nversion = \"1\"\n\n[cache]\nshared = \"{shared}\"\n\n[builders.a]\ntype = \"docker\"\nimage = \"debian:12\"\n"
+                ),
+            )
+        };
+        let config = with("s3://runners/steps").unwrap_or_else(|d| panic!("{d:?}"));
+        assert_eq!(config.cache.shared.as_deref(), Some("s3://runners/steps"));
+        let config = with("mounted/steps").unwrap_or_else(|d| panic!("{d:?}"));
+        assert_eq!(
+            config.cache.shared,
+            Some(dir.path().join("mounted/steps").display().to_string())
+        );
+        for (bad, why) in [
+            ("ftp://host/steps", "the only URL scheme supported is s3://"),
+            ("s3:///steps", "it names no bucket"),
+            ("", "it is empty"),
+        ] {
+            let Err(problems) = with(bad) else {
+                panic!("{bad:?} was accepted")
+            };
+            let problems = problems.0;
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(
+                problems[0].field.as_deref(),
+                Some("cache.shared"),
+                "{problems:?}"
+            );
+            assert!(problems[0].message.contains(why), "{bad}: {problems:?}");
+            assert!(problems[0].span.is_some(), "{problems:?}");
+        }
     }
 
     #[test]

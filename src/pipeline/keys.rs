@@ -73,11 +73,15 @@ impl BuildSteps {
         Ok(BuildSteps { inputs, records })
     }
 
-    pub fn cache(&self, enabled: bool, store_root: Option<std::path::PathBuf>) -> StepCache {
+    pub fn cache(&self, enabled: bool, settings: &crate::config::CacheSettings) -> StepCache {
+        let shared_from_env = std::env::var("IMGBUILD_CACHE_SHARED")
+            .ok()
+            .filter(|location| !location.is_empty());
         StepCache {
             steps: self.inputs.clone(),
             enabled,
-            store_root,
+            store_root: settings.dir.clone(),
+            shared: settings.shared.clone().or(shared_from_env),
         }
     }
 

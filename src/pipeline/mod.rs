@@ -632,7 +632,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
     let mut request = request_for(config, build, on_error);
     let steps = match keys::BuildSteps::of(build, config) {
         Ok(steps) => {
-            request.cache = steps.cache(use_cache, config.cache.dir.clone());
+            request.cache = steps.cache(use_cache, &config.cache);
             Some(steps)
         }
         Err(err) => {

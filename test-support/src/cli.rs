@@ -93,6 +93,7 @@ impl Workspace {
             // tests turn it on (`.env("IMGBUILD_NO_CACHE", "false")`).
             .env("IMGBUILD_NO_CACHE", "true")
             .env_remove("IMGBUILD_OUTPUT")
+            .env_remove("IMGBUILD_CACHE_SHARED")
             .stdin(Stdio::null());
         Imgbuild { command }
     }

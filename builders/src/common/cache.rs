@@ -39,6 +39,9 @@ pub struct StepCache {
     pub enabled: bool,
     /// `[cache] dir`; the store's default place otherwise.
     pub store_root: Option<std::path::PathBuf>,
+    /// `[cache] shared` (or `IMGBUILD_CACHE_SHARED`): the object store the
+    /// step store is shared through with other runners.
+    pub shared: Option<String>,
 }
 
 impl StepCache {
@@ -49,6 +52,7 @@ impl StepCache {
                 .clone()
                 .unwrap_or_else(crate::common::step_store::StepStore::default_root),
         )
+        .shared_with(self.shared.clone())
     }
 
     /// The key after each provisioner, `None` from the first one that cannot

@@ -205,24 +205,33 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     ) -> Result<u64, ObjectStoreError>;
 }
 
+/// Whether `location` names an object store [`open`] can open, without
+/// opening it: for config validation, before anything runs.
+pub fn check_location(location: &str) -> Result<(), ObjectStoreError> {
+    let invalid = |reason| ObjectStoreError::InvalidLocation {
+        location: location.to_owned(),
+        reason,
+    };
+    if location.starts_with("s3://") {
+        s3::parse_url(location).map(|_| ())
+    } else if location.contains("://") {
+        Err(invalid("the only URL scheme supported is s3://"))
+    } else if location.is_empty() {
+        Err(invalid("it is empty"))
+    } else {
+        Ok(())
+    }
+}
+
 /// The store at `location`: `s3://bucket/prefix` (the standard AWS
 /// credential chain, `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`), anything
 /// else a local directory.
 pub async fn open(location: &str) -> Result<Arc<dyn ObjectStore>, ObjectStoreError> {
+    check_location(location)?;
     if location.starts_with("s3://") {
         Ok(Arc::new(
             S3Store::open(location, S3Options::default()).await?,
         ))
-    } else if location.contains("://") {
-        Err(ObjectStoreError::InvalidLocation {
-            location: location.to_owned(),
-            reason: "the only URL scheme supported is s3://",
-        })
-    } else if location.is_empty() {
-        Err(ObjectStoreError::InvalidLocation {
-            location: location.to_owned(),
-            reason: "it is empty",
-        })
     } else {
         Ok(Arc::new(LocalStore::new(location)))
     }

@@ -9,6 +9,11 @@
 //! bit flip, a hand edit) is reported, removed and treated as absent, never
 //! used. A lock per key lets concurrent builds share the store: the second
 //! to keep a key finds it present and keeps nothing.
+//!
+//! A store may also be shared with other runners (see [`remote`]): an entry
+//! missing here is fetched from there, and a new one is shared.
+
+mod remote;
 
 use crate::common::artifact::sha256_file;
 use imgbuild_core::BuildLog;
@@ -65,6 +70,7 @@ pub struct Entry {
 
 pub struct StepStore {
     root: PathBuf,
+    remote: Option<remote::Remote>,
 }
 
 /// Held while a key is checked and kept; released on drop.
@@ -89,7 +95,10 @@ impl StepStore {
     }
 
     pub fn at(root: impl Into<PathBuf>) -> StepStore {
-        StepStore { root: root.into() }
+        StepStore {
+            root: root.into(),
+            remote: None,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -135,7 +144,18 @@ impl StepStore {
     /// The entry for `key` if it is present and sound (its data hashes to
     /// its record), counting the use. An unsound entry is reported in `log`,
     /// removed, and `None`.
+    /// Fetched from the shared store when absent here.
     pub async fn get(&self, key: &str, log: &BuildLog) -> Option<Entry> {
+        self.get_or_fetch(key, true, log).await
+    }
+
+    /// Like [`get`](Self::get), without asking the shared store: for a
+    /// check that only decides whether to keep an entry of one's own.
+    pub async fn get_local(&self, key: &str, log: &BuildLog) -> Option<Entry> {
+        self.get_or_fetch(key, false, log).await
+    }
+
+    async fn get_or_fetch(&self, key: &str, fetch: bool, log: &BuildLog) -> Option<Entry> {
         let record_path = self.record_path(key);
         let data = self.path(key);
         let record = match std::fs::read(&record_path) {
@@ -148,7 +168,10 @@ impl StepStore {
                     ));
                     let _ = std::fs::remove_file(&data);
                 }
-                return None;
+                return match (&self.remote, fetch) {
+                    (Some(remote), true) => self.fetch(remote, key, log).await,
+                    _ => None,
+                };
             }
             Err(_) => None,
         };
@@ -179,7 +202,11 @@ impl StepStore {
                 }
             ));
             self.remove(key);
-            return None;
+            // The shared store may still hold it whole.
+            return match (&self.remote, fetch) {
+                (Some(remote), true) => self.fetch(remote, key, log).await,
+                _ => None,
+            };
         }
         let mut entry = record?;
         entry.hits += 1;
@@ -192,9 +219,27 @@ impl StepStore {
         Some(entry)
     }
 
+    /// Installs the shared store's entry for `key` here.
+    async fn fetch(&self, remote: &remote::Remote, key: &str, log: &BuildLog) -> Option<Entry> {
+        self.ensure_root().ok()?;
+        let data = self.path(key);
+        let mut entry = remote.fetch(key, &data, log).await?;
+        entry.hits = 1;
+        entry.last_used = now();
+        let bytes = serde_json::to_vec_pretty(&entry).expect("entries serialize");
+        if let Err(err) = write_atomic(&self.record_path(key), &bytes) {
+            log.warn(format!(
+                "cannot write the record of the fetched step cache entry {key}: {err}; the step runs again"
+            ));
+            let _ = std::fs::remove_file(&data);
+            return None;
+        }
+        Some(entry)
+    }
+
     /// Keeps a copy of `source` under `key`, unless a sound entry is
-    /// already there (another build kept it first). Call with the key's
-    /// lock held.
+    /// already there (another build kept it first), and shares it. Call
+    /// with the key's lock held.
     pub async fn put(
         &self,
         key: &str,
@@ -202,9 +247,22 @@ impl StepStore {
         info: EntryInfo,
         log: &BuildLog,
     ) -> Result<Entry, StoreError> {
-        if let Some(existing) = self.get(key, log).await {
+        if let Some(existing) = self.get_local(key, log).await {
             return Ok(existing);
         }
+        let entry = self.put_local(key, source, info).await?;
+        if let Some(remote) = &self.remote {
+            remote.share(&entry, &self.path(key), log).await;
+        }
+        Ok(entry)
+    }
+
+    async fn put_local(
+        &self,
+        key: &str,
+        source: &Path,
+        info: EntryInfo,
+    ) -> Result<Entry, StoreError> {
         self.ensure_root()?;
         let temp = self
             .root

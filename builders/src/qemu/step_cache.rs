@@ -286,7 +286,7 @@ async fn store_layer(
     let store = &cache.store;
     let key = layer_key(step_key, &below.sha256);
     let _lock = store.lock(&key).await.map_err(|err| err.to_string())?;
-    if store.get(&key, &cx.log).await.is_some() {
+    if store.get_local(&key, &cx.log).await.is_some() {
         return Ok(None);
     }
     // Rebased on a copy: QEMU still reads the overlay itself, and the
@@ -635,6 +635,7 @@ mod tests {
                     .collect(),
                 enabled: true,
                 store_root: Some(self.dir.path().join("steps")),
+                shared: None,
             }
         }
 

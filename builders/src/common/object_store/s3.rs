@@ -75,7 +75,7 @@ pub struct S3Store {
 
 /// `s3://bucket/prefix` split into the bucket and the prefix (empty, or
 /// ending in `/`).
-fn parse_url(url: &str) -> Result<(String, String), ObjectStoreError> {
+pub(super) fn parse_url(url: &str) -> Result<(String, String), ObjectStoreError> {
     let invalid = |reason| ObjectStoreError::InvalidLocation {
         location: url.to_owned(),
         reason,

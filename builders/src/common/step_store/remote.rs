@@ -1,0 +1,193 @@
+//! The step store's shared tier: an object store (`s3://bucket/prefix`, or
+//! a directory every runner mounts) that CI runners share, so that a runner
+//! with an empty local cache resumes from what another kept.
+//!
+//! An entry is two objects under `steps/`: its data, named by the entry key
+//! and the data's SHA-256 (`<key>.<sha256>.layer`), and its record
+//! (`<key>.json`, the local record's fields). The data goes up first and
+//! the record is created only if absent: a reader finds a record only once
+//! its data is whole, and when two runners keep the same key, the first
+//! record wins and names the data it came with; the loser removes its own
+//! data object. Downloads are verified against the record's SHA-256 (and
+//! transferred in parallel parts by the S3 backend); an object that does
+//! not match is reported and removed from the shared store.
+//!
+//! The shared tier is a cache: a failure to reach it, to fetch or to share
+//! is a warning, and the build goes on with the local store alone.
+//! `imgbuild cache prune` and eviction act on the local store only; a
+//! bucket lifecycle rule expires the shared one.
+
+use super::{Entry, StepStore};
+use crate::common::object_store::{self, ObjectStore, ObjectStoreError};
+use imgbuild_core::BuildLog;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub(super) struct Remote {
+    location: String,
+    opened: tokio::sync::OnceCell<Option<Arc<dyn ObjectStore>>>,
+}
+
+fn record_key(key: &str) -> String {
+    format!("steps/{key}.json")
+}
+
+fn data_key(key: &str, sha256: &str) -> String {
+    format!("steps/{key}.{sha256}.layer")
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+impl Remote {
+    pub(super) fn new(location: String) -> Remote {
+        Remote {
+            location,
+            opened: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The shared store, opened on first use; `None` (said once) when it
+    /// cannot be opened.
+    async fn store(&self, log: &BuildLog) -> Option<&Arc<dyn ObjectStore>> {
+        self.opened
+            .get_or_init(|| async {
+                match object_store::open(&self.location).await {
+                    Ok(store) => Some(store),
+                    Err(err) => {
+                        log.warn(format!(
+                            "cannot open the shared step cache {}: {err}; this build uses the local step cache alone",
+                            self.location
+                        ));
+                        None
+                    }
+                }
+            })
+            .await
+            .as_ref()
+    }
+
+    /// Downloads the shared entry for `key` to `data` (replacing nothing
+    /// unless it is whole and sound) and returns its record.
+    pub(super) async fn fetch(&self, key: &str, data: &Path, log: &BuildLog) -> Option<Entry> {
+        let store = self.store(log).await?;
+        let warn = |what: String| {
+            log.warn(format!(
+                "the shared step cache {} {what}; the step runs again",
+                store.location()
+            ))
+        };
+        let record = match store.get(&record_key(key)).await {
+            Ok(Some(object)) => object,
+            Ok(None) => return None,
+            Err(err) => {
+                warn(format!("could not be read ({err})"));
+                return None;
+            }
+        };
+        let entry = match serde_json::from_slice::<Entry>(&record.bytes) {
+            Ok(entry) if entry.key == key => entry,
+            _ => {
+                warn(format!("holds an unreadable record for {key}: removing it"));
+                let _ = store.delete(&record_key(key)).await;
+                return None;
+            }
+        };
+        let started = Instant::now();
+        let source = data_key(key, &entry.sha256);
+        match store
+            .download_file(&source, data, &entry.sha256, &|_, _| {})
+            .await
+        {
+            Ok(size) => {
+                log.info(format!(
+                    "fetched the step cache entry {} ({}) from {}: {:.1} MiB in {:.1}s",
+                    &key[..key.len().min(12)],
+                    entry.info.step,
+                    store.location(),
+                    mib(size),
+                    started.elapsed().as_secs_f64()
+                ));
+                Some(entry)
+            }
+            Err(err @ (ObjectStoreError::Integrity { .. } | ObjectStoreError::NotFound { .. })) => {
+                warn(format!(
+                    "holds a damaged or incomplete entry {key} ({err}): removing it"
+                ));
+                let _ = store.delete(&record_key(key)).await;
+                let _ = store.delete(&source).await;
+                None
+            }
+            Err(err) => {
+                warn(format!("could not supply {key} ({err})"));
+                None
+            }
+        }
+    }
+
+    /// Shares the local entry `entry`, whose data is at `data`, unless
+    /// another runner shared the key first.
+    pub(super) async fn share(&self, entry: &Entry, data: &Path, log: &BuildLog) {
+        let Some(store) = self.store(log).await else {
+            return;
+        };
+        let started = Instant::now();
+        let target = data_key(&entry.key, &entry.sha256);
+        let shared = async {
+            if store.get(&record_key(&entry.key)).await?.is_some() {
+                return Ok(false);
+            }
+            store.upload_file(&target, data, &|_, _| {}).await?;
+            let record = serde_json::to_vec_pretty(entry).expect("entries serialize");
+            match store.put_if_absent(&record_key(&entry.key), record).await {
+                Ok(_) => Ok(true),
+                Err(err) if err.is_precondition_failed() => {
+                    let _ = store.delete(&target).await;
+                    Ok(false)
+                }
+                Err(err) => {
+                    let _ = store.delete(&target).await;
+                    Err(err)
+                }
+            }
+        };
+        match shared.await {
+            Ok(true) => log.info(format!(
+                "shared the step cache entry {} ({}) in {}: {:.1} MiB in {:.1}s",
+                &entry.key[..entry.key.len().min(12)],
+                entry.info.step,
+                store.location(),
+                mib(entry.size),
+                started.elapsed().as_secs_f64()
+            )),
+            Ok(false) => {}
+            Err(err) => log.warn(format!(
+                "could not share the step cache entry {} in {}: {err}; other runners run that step themselves",
+                &entry.key[..entry.key.len().min(12)],
+                store.location()
+            )),
+        }
+    }
+}
+
+impl StepStore {
+    /// Shares this store's new entries in the object store at `location`
+    /// (`s3://bucket/prefix`, or a directory), and fetches from it what
+    /// is not kept locally.
+    pub fn shared_with(mut self, location: Option<String>) -> StepStore {
+        self.remote = location.map(Remote::new);
+        self
+    }
+
+    /// Like [`shared_with`](Self::shared_with), through a store already
+    /// open.
+    pub fn shared_through(mut self, store: Arc<dyn ObjectStore>) -> StepStore {
+        self.remote = Some(Remote {
+            location: store.location(),
+            opened: tokio::sync::OnceCell::new_with(Some(Some(store))),
+        });
+        self
+    }
+}
