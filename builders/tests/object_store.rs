@@ -342,6 +342,16 @@ async fn twenty_concurrent_writers_on_disk_lose_no_update() {
     twenty_writers(stores).await;
 }
 
+async fn keys_in(store: &dyn ObjectStore, prefix: &str) -> Vec<String> {
+    store
+        .list(prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|listed| listed.key)
+        .collect()
+}
+
 /// The step store shared through S3: what one runner keeps, a runner with
 /// an empty local store fetches (verified) instead of rebuilding; a damaged
 /// shared entry is reported and removed, never used; two runners keeping
@@ -380,13 +390,7 @@ async fn a_runner_with_an_empty_step_cache_fetches_what_another_shared() {
         .await
         .unwrap();
     assert_eq!(kept.sha256, sha256);
-    let objects: Vec<String> = shared
-        .list("steps/")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|listed| listed.key)
-        .collect();
+    let objects = keys_in(shared.as_ref(), "steps/").await;
     assert_eq!(
         objects,
         [
@@ -457,13 +461,7 @@ async fn a_runner_with_an_empty_step_cache_fetches_what_another_shared() {
         (kept_a.sha256.as_str(), kept_b.sha256.as_str()),
         (sha256.as_str(), other_sha256.as_str())
     );
-    let objects: Vec<String> = shared
-        .list("steps/")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|listed| listed.key)
-        .collect();
+    let objects = keys_in(shared.as_ref(), "steps/").await;
     assert_eq!(objects.len(), 2, "{objects:?}");
     let fresh = runner(&dir.path().join("fresh"));
     let winner = fresh.get("k3", &log).await.expect("one whole entry");
