@@ -663,7 +663,7 @@ def run_once(env: Env, scenario: str, tool: str, index: int, order: int) -> dict
     env.cleanup(scenario, tool, v, out)
     status = "ok" if record["ok"] else "FAILED: " + "; ".join(problems)
     log(f"{scenario}: {tool} run {index}: {res.wall_s:.1f} s wall, {res.own_cpu_s:.2f} s CPU, "
-        f"{record['peak_mem_mib']:.1f} MiB peak, load {load0[0]:.1f} -> {record['loadavg_end'][0]:.1f}: {status}")
+        f"{record['peak_mem_mib']:.1f} MiB peak, load {record['loadavg_start'][0]:.1f} -> {record['loadavg_end'][0]:.1f}: {status}")
     return record
 
 
