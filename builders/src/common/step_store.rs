@@ -142,9 +142,9 @@ impl StepStore {
     }
 
     /// The entry for `key` if it is present and sound (its data hashes to
-    /// its record), counting the use. An unsound entry is reported in `log`,
-    /// removed, and `None`.
-    /// Fetched from the shared store when absent here.
+    /// its record), counting the use. An unsound entry is reported in `log`
+    /// and removed. An absent or removed entry is fetched from the shared
+    /// store, if there is one and it holds the key; otherwise `None`.
     pub async fn get(&self, key: &str, log: &BuildLog) -> Option<Entry> {
         self.get_or_fetch(key, true, log).await
     }
@@ -168,10 +168,7 @@ impl StepStore {
                     ));
                     let _ = std::fs::remove_file(&data);
                 }
-                return match (&self.remote, fetch) {
-                    (Some(remote), true) => self.fetch(remote, key, log).await,
-                    _ => None,
-                };
+                return self.fetch_if(fetch, key, log).await;
             }
             Err(_) => None,
         };
@@ -203,10 +200,7 @@ impl StepStore {
             ));
             self.remove(key);
             // The shared store may still hold it whole.
-            return match (&self.remote, fetch) {
-                (Some(remote), true) => self.fetch(remote, key, log).await,
-                _ => None,
-            };
+            return self.fetch_if(fetch, key, log).await;
         }
         let mut entry = record?;
         entry.hits += 1;
@@ -217,6 +211,15 @@ impl StepStore {
             &serde_json::to_vec_pretty(&entry).unwrap_or_default(),
         );
         Some(entry)
+    }
+
+    /// With `fetch` and a shared store, the shared store's entry for `key`
+    /// installed here; `None` otherwise.
+    async fn fetch_if(&self, fetch: bool, key: &str, log: &BuildLog) -> Option<Entry> {
+        match (&self.remote, fetch) {
+            (Some(remote), true) => self.fetch(remote, key, log).await,
+            _ => None,
+        }
     }
 
     /// Installs the shared store's entry for `key` here.
