@@ -343,3 +343,98 @@ fn concurrent_builds_share_the_cache_and_a_new_base_rebuilds_from_scratch() {
         "{document}"
     );
 }
+
+/// The messages a build logged that start with `prefix`.
+fn messages(outcome: &Outcome, prefix: &str) -> Vec<String> {
+    outcome
+        .events()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_runner_whose_engine_lacks_the_kept_steps_resumes_from_the_shared_store() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let workspace = Workspace::new();
+    workspace.write("image.toml", CONFIG);
+    // Content of this test's own: keys no other build kept or shared.
+    let marker = unique_version();
+    workspace.write("first.sh", &format!("echo first {marker} > /etc/first\n"));
+    workspace.write("second.sh", "echo shared > /etc/second\n");
+    let versions = [unique_version(), unique_version()];
+    let _cleanup = ImageCleanup::references(
+        versions
+            .iter()
+            .map(|v| format!("imgbuild-test/cached:{v}"))
+            .collect::<Vec<_>>(),
+    );
+    let _cache_cleanup = CacheCleanup(workspace.join("imgbuild-manifest.json"));
+    // A directory every runner mounts stands in for the bucket here (the
+    // QEMU test shares through moto's S3; both are one object store).
+    let shared = workspace.join("shared");
+    let shared_build = |version: &str| {
+        workspace
+            .imgbuild()
+            .env("IMGBUILD_NO_CACHE", "false")
+            .env("IMGBUILD_CACHE_SHARED", &shared)
+            .args(["--output", "json", "build", "image.toml", "--var"])
+            .arg(format!("base_image={}", docker_base_image()))
+            .arg("--var")
+            .arg(format!("version={version}"))
+            .run()
+            .exits_with(EXIT_OK)
+    };
+
+    let first = shared_build(&versions[0]);
+    assert_eq!(first.cached_steps(), None);
+    let shared_entries = messages(&first, "shared the step cache entry");
+    assert_eq!(shared_entries.len(), 2, "{}", first.stdout);
+    let keys: Vec<String> = workspace.manifest()["builds"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|step| step["key"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(keys.len(), 2);
+
+    // Another runner: its engine holds none of the kept images, nor the
+    // image built on them.
+    docker(&[
+        "image",
+        "rm",
+        &format!("imgbuild-test/cached:{}", versions[0]),
+    ]);
+    for key in &keys {
+        docker(&["image", "rm", &format!("imgbuild-cache:{key}")]);
+        assert_eq!(
+            docker(&["images", "-q", &format!("imgbuild-cache:{key}")]),
+            ""
+        );
+    }
+    let second = shared_build(&versions[1]);
+    assert_eq!(second.cached_steps(), Some(2), "{}", second.stdout);
+    assert_eq!(second.provisioners_run(), ["provisioner 3 of 3"]);
+    // Only the longest shared prefix is fetched, and it shares nothing new.
+    assert_eq!(
+        messages(&second, "fetched the step cache entry").len(),
+        1,
+        "{}",
+        second.stdout
+    );
+    assert!(messages(&second, "shared the step cache entry").is_empty());
+    assert_eq!(
+        docker(&[
+            "run",
+            "--rm",
+            "--entrypoint",
+            "cat",
+            &format!("imgbuild-test/cached:{}", versions[1]),
+            "/etc/first",
+            "/etc/second"
+        ]),
+        format!("first {marker}\nshared")
+    );
+}

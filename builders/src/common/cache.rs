@@ -67,6 +67,26 @@ impl StepCache {
     }
 }
 
+/// What the store's record calls the state kept under `key`: "step 2
+/// (shell (setup.sh))", by the key's place in `keys` (`fallback` when it is
+/// not there) and `descriptions`, one per provisioner.
+pub fn step_label(
+    keys: &[Option<String>],
+    descriptions: &[String],
+    key: &str,
+    fallback: usize,
+) -> (usize, String) {
+    let index = keys
+        .iter()
+        .position(|known| known.as_deref() == Some(key))
+        .unwrap_or(fallback);
+    let label = match descriptions.get(index) {
+        Some(described) => format!("step {} ({described})", index + 1),
+        None => format!("step {}", index + 1),
+    };
+    (index, label)
+}
+
 /// The key of the machine before any provisioner ran.
 pub fn base_key(kind: &str, settings: &serde_json::Value, source: &SourceIdentity) -> String {
     let document = serde_json::json!({

@@ -73,6 +73,18 @@ pub struct StepStore {
     remote: Option<remote::Remote>,
 }
 
+impl std::fmt::Debug for StepStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepStore")
+            .field("root", &self.root)
+            .field(
+                "shared",
+                &self.remote.as_ref().map(|remote| remote.location()),
+            )
+            .finish()
+    }
+}
+
 /// Held while a key is checked and kept; released on drop.
 pub struct KeyLock {
     _file: File,

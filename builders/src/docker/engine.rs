@@ -5,9 +5,13 @@ use bollard::Docker;
 use bollard::errors::Error;
 use bollard::models::{ContainerConfig, ImageInspect};
 use bollard::query_parameters::{
-    CommitContainerOptions, RemoveImageOptions, StopContainerOptions, TagImageOptions,
+    CommitContainerOptions, ImportImageOptions, RemoveImageOptions, StopContainerOptions,
+    TagImageOptions,
 };
+use futures_util::StreamExt;
+use std::path::Path;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 /// Where the engine is when `DOCKER_HOST` is not set.
 const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -94,6 +98,12 @@ pub trait ImageApi: Send + Sync {
 
     async fn remove_image(&self, reference: &str, options: RemoveImageOptions)
     -> Result<(), Error>;
+
+    /// Writes `reference` as a `docker save` archive to `dest`.
+    async fn save_image(&self, reference: &str, dest: &Path) -> Result<(), String>;
+
+    /// Loads a `docker save` archive, with the tags it names.
+    async fn load_image(&self, source: &Path) -> Result<(), String>;
 }
 
 #[async_trait]
@@ -134,6 +144,35 @@ impl ImageApi for Engine {
             .remove_image(reference, Some(options), None)
             .await
             .map(|_| ())
+    }
+
+    async fn save_image(&self, reference: &str, dest: &Path) -> Result<(), String> {
+        let write_error = |err: std::io::Error| format!("cannot write {}: {err}", dest.display());
+        let mut file = tokio::fs::File::create(dest).await.map_err(write_error)?;
+        let mut stream = self.slow.export_image(reference);
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|err| format!("cannot save {reference}: {}", describe(&err)))?;
+            file.write_all(&chunk).await.map_err(write_error)?;
+        }
+        file.sync_all().await.map_err(write_error)
+    }
+
+    async fn load_image(&self, source: &Path) -> Result<(), String> {
+        let file = tokio::fs::File::open(source)
+            .await
+            .map_err(|err| format!("cannot read {}: {err}", source.display()))?;
+        let options = ImportImageOptions {
+            quiet: true,
+            ..Default::default()
+        };
+        let mut progress =
+            self.slow
+                .import_image_stream(options, tokio_util::io::ReaderStream::new(file), None);
+        while let Some(item) = progress.next().await {
+            item.map_err(|err| format!("cannot load {}: {}", source.display(), describe(&err)))?;
+        }
+        Ok(())
     }
 }
 
@@ -362,6 +401,16 @@ pub mod fake {
                 return Err(not_found(reference));
             }
             Ok(())
+        }
+
+        async fn save_image(&self, reference: &str, dest: &Path) -> Result<(), String> {
+            self.call(format!("save {reference}"));
+            std::fs::write(dest, reference).map_err(|err| err.to_string())
+        }
+
+        async fn load_image(&self, source: &Path) -> Result<(), String> {
+            self.call(format!("load {}", source.display()));
+            Err("the fake engine loads nothing".to_owned())
         }
     }
 }

@@ -349,6 +349,12 @@ impl DockerBuilder {
             steps.push(Box::new(step_cache::StepFindCached::new(
                 plan.clone(),
                 request.cache.clone(),
+                request.image.name.clone(),
+                request
+                    .provisioners
+                    .iter()
+                    .map(|provisioner| provisioner.describe())
+                    .collect(),
             )));
         }
         steps.push(Box::new(step_create_container::StepCreateContainer::new(

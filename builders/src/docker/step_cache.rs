@@ -9,6 +9,12 @@
 //! key at once both succeed: the tag ends on one of two images with the
 //! same content.
 //!
+//! With a shared step cache (`[cache] shared`), each kept image is also
+//! saved (`docker save`) into the shared store, and a build whose engine
+//! lacks a longer prefix fetches it from there and loads it. An archive is
+//! loaded only if the one tag it sets is the cache tag of its key: a
+//! shared store can never move another tag in the engine.
+//!
 //! Uses `state.base`. Produces `state.cache` (the keys, how many steps the
 //! container starts past), which the create-container and provision steps
 //! read.
@@ -18,13 +24,16 @@ use super::config::DockerConfig;
 use super::engine::{self, ImageApi};
 use super::plan::Plan;
 use super::step_commit::image_config;
-use crate::common::cache::StepCache;
+use crate::common::cache::{StepCache, step_label};
 use crate::common::step_provision::KeepsSteps;
+use crate::common::step_store::{EntryInfo, StepStore};
 use async_trait::async_trait;
 use bollard::models::ContainerConfig;
 use bollard::query_parameters::{CommitContainerOptions, RemoveImageOptions};
 use imgbuild_core::{Event, Step, StepContext, StepError};
 use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
 
 /// The repository kept steps are tagged in.
@@ -121,16 +130,176 @@ pub struct CachePlan {
     /// The kept image the container starts from, when `done > 0`.
     pub start_image: Option<String>,
     pub config: ContainerConfig,
+    /// The step store shared with other runners, when there is one.
+    pub shared: Option<Arc<StepStore>>,
+    /// What each kept step is called in the shared store's records.
+    pub image: String,
+    pub steps: Vec<String>,
 }
 
 pub struct StepFindCached {
     plan: Arc<Plan>,
     cache: StepCache,
+    image: String,
+    steps: Vec<String>,
 }
 
 impl StepFindCached {
-    pub fn new(plan: Arc<Plan>, cache: StepCache) -> Self {
-        StepFindCached { plan, cache }
+    /// `steps` describes each provisioner, for the shared store's records.
+    pub fn new(plan: Arc<Plan>, cache: StepCache, image: String, steps: Vec<String>) -> Self {
+        StepFindCached {
+            plan,
+            cache,
+            image,
+            steps,
+        }
+    }
+}
+
+/// Checks that the `docker save` archive at `path` sets exactly one tag,
+/// `reference`, before the engine loads it: the manifest's `RepoTags`, the
+/// legacy `repositories` file and an OCI index's image names all count.
+pub fn check_saved_image(path: &Path, reference: &str) -> Result<(), String> {
+    const SMALL: u64 = 1 << 20;
+    let file = std::fs::File::open(path).map_err(|err| err.to_string())?;
+    let mut archive = tar::Archive::new(file);
+    let mut found: HashMap<String, serde_json::Value> = HashMap::new();
+    let entries = archive.entries().map_err(|err| err.to_string())?;
+    for entry in entries {
+        let entry = entry.map_err(|err| format!("it is not a readable archive ({err})"))?;
+        let name = entry.path().map_err(|err| err.to_string())?;
+        let name = name.to_string_lossy().trim_start_matches("./").to_owned();
+        if !matches!(
+            name.as_str(),
+            "manifest.json" | "repositories" | "index.json"
+        ) {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        entry
+            .take(SMALL)
+            .read_to_end(&mut bytes)
+            .map_err(|err| err.to_string())?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|err| format!("its {name} is not JSON ({err})"))?;
+        found.insert(name, value);
+    }
+    let manifest = found
+        .get("manifest.json")
+        .ok_or("it has no manifest.json")?;
+    let tags: Vec<&str> = match manifest.as_array().map(Vec::as_slice) {
+        Some([image]) => image["RepoTags"]
+            .as_array()
+            .map(|tags| tags.iter().filter_map(serde_json::Value::as_str).collect())
+            .unwrap_or_default(),
+        _ => return Err("its manifest.json does not hold exactly one image".to_owned()),
+    };
+    if tags != [reference] {
+        return Err(format!("it would tag {tags:?}"));
+    }
+    if let Some(repositories) = found.get("repositories") {
+        let (repository, tag) = reference.split_once(':').unwrap_or((reference, "latest"));
+        let only_ours = repositories.as_object().is_some_and(|repos| {
+            repos.len() == 1
+                && repos
+                    .get(repository)
+                    .and_then(serde_json::Value::as_object)
+                    .is_some_and(|tags| tags.len() == 1 && tags.contains_key(tag))
+        });
+        if !only_ours {
+            return Err(format!("its repositories file names {repositories}"));
+        }
+    }
+    if let Some(index) = found.get("index.json") {
+        let tag = reference.rsplit_once(':').map_or(reference, |(_, tag)| tag);
+        let qualified = format!("docker.io/library/{reference}");
+        let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+        for manifest in &manifests {
+            let annotations = &manifest["annotations"];
+            let name = annotations["io.containerd.image.name"].as_str();
+            let ref_name = annotations["org.opencontainers.image.ref.name"].as_str();
+            if name.is_some_and(|name| name != reference && name != qualified)
+                || ref_name.is_some_and(|ref_name| ref_name != tag && ref_name != reference)
+            {
+                return Err(format!("its index.json names {annotations}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The longest prefix past the first `local` steps that the shared store
+/// holds, loaded into the engine: (steps, key, image id).
+async fn fetch_shared(
+    store: &StepStore,
+    images: &dyn ImageApi,
+    keys: &[Option<String>],
+    local: usize,
+    cx: &StepContext,
+) -> Option<(usize, String, String)> {
+    for count in (local + 1..=keys.len()).rev() {
+        let Some(key) = &keys[count - 1] else {
+            continue;
+        };
+        let archive = match store.scratch_file() {
+            Ok(archive) => archive,
+            Err(err) => {
+                cx.log
+                    .warn(format!("cannot fetch from the shared step cache: {err}"));
+                return None;
+            }
+        };
+        store.fetch_file(key, &archive, &cx.log).await?;
+        let reference = reference(key);
+        let checked = tokio::task::spawn_blocking({
+            let (path, reference) = (archive.to_path_buf(), reference.clone());
+            move || check_saved_image(&path, &reference)
+        })
+        .await
+        .unwrap_or_else(|err| Err(err.to_string()));
+        let loaded = match checked {
+            Ok(()) => images.load_image(&archive).await,
+            Err(why) => Err(format!("it is not a saved {reference} alone: {why}")),
+        };
+        if let Err(why) = loaded {
+            cx.log.warn(format!(
+                "the shared step cache entry {key} is not loaded ({why}); building that step again"
+            ));
+            continue;
+        }
+        if let Some(image) = kept_image(images, key, cx).await {
+            return Some((count, key.clone(), image));
+        }
+    }
+    None
+}
+
+/// Saves the kept image of `key` into the shared store, unless another
+/// runner shared it first. Failures are warnings: other runners then run
+/// the step themselves.
+async fn share_kept(
+    store: &StepStore,
+    images: &dyn ImageApi,
+    key: &str,
+    info: EntryInfo,
+    cx: &StepContext,
+) {
+    if !store.shared_lacks(key, &cx.log).await {
+        return;
+    }
+    let saved = match store.scratch_file() {
+        Ok(archive) => images
+            .save_image(&reference(key), &archive)
+            .await
+            .map(|()| archive),
+        Err(err) => Err(err.to_string()),
+    };
+    match saved {
+        Ok(archive) => store.share_file(key, &archive, info, &cx.log).await,
+        Err(err) => cx.log.warn(format!(
+            "cannot save {} to share it: {err}; other runners run that step themselves",
+            reference(key)
+        )),
     }
 }
 
@@ -203,6 +372,16 @@ impl Step<DockerState> for StepFindCached {
                 break;
             }
         }
+        let store = self.cache.store();
+        let shared = store.is_shared().then(|| Arc::new(store));
+        if let Some(store) = &shared {
+            let local = start.as_ref().map_or(0, |(count, ..)| *count);
+            if let Some(fetched) =
+                fetch_shared(store, state.images.as_ref(), &keys, local, cx).await
+            {
+                start = Some(fetched);
+            }
+        }
         let (done, start_image) = match start {
             Some((done, key, image)) => {
                 cx.log.info(format!(
@@ -224,6 +403,9 @@ impl Step<DockerState> for StepFindCached {
             done,
             start_image,
             config: image_config(base, HashMap::new()),
+            shared,
+            image: self.image.clone(),
+            steps: self.steps.clone(),
         });
         Ok(())
     }
@@ -239,7 +421,7 @@ impl KeepsSteps for DockerState {
         self.cache.as_ref()?.keys.get(index)?.clone()
     }
 
-    async fn keep(&mut self, key: &str, _cx: &StepContext) -> Result<(), String> {
+    async fn keep(&mut self, key: &str, cx: &StepContext) -> Result<(), String> {
         let cache = self.cache.as_ref().ok_or("no step cache")?;
         let container = self.container.as_ref().ok_or("no build container")?;
         // The kept image gets the base's own configuration, never the build
@@ -262,7 +444,161 @@ impl KeepsSteps for DockerState {
         self.images
             .commit_container(options, config)
             .await
-            .map(|_| ())
-            .map_err(|err| engine::describe(&err))
+            .map_err(|err| engine::describe(&err))?;
+        if let Some(store) = &cache.shared {
+            let (_, step) = step_label(&cache.keys, &cache.steps, key, cache.done);
+            let info = EntryInfo {
+                image: cache.image.clone(),
+                build: cx.build_name().to_owned(),
+                step,
+            };
+            share_kept(store, self.images.as_ref(), key, info, cx).await;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::TestContext;
+    use crate::docker::engine::fake::FakeImages;
+    use serde_json::json;
+
+    const KEY: &str = "4f1c";
+
+    /// A `docker save` archive holding only the given metadata files.
+    fn archive(dir: &Path, files: &[(&str, serde_json::Value)]) -> std::path::PathBuf {
+        let path = dir.join(format!("saved-{}.tar", uuid::Uuid::new_v4().simple()));
+        let mut builder = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (name, value) in files {
+            let bytes = serde_json::to_vec(value).unwrap();
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, &bytes[..]).unwrap();
+        }
+        builder.finish().unwrap();
+        path
+    }
+
+    fn manifest(tags: &[&str]) -> (&'static str, serde_json::Value) {
+        (
+            "manifest.json",
+            json!([{"Config": "c.json", "RepoTags": tags, "Layers": ["l/layer.tar"]}]),
+        )
+    }
+
+    #[test]
+    fn a_saved_step_loads_only_if_it_sets_its_own_cache_tag_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = reference(KEY);
+        let sound = archive(
+            dir.path(),
+            &[
+                manifest(&[&ours]),
+                ("repositories", json!({CACHE_REPOSITORY: {KEY: "l"}})),
+                (
+                    "index.json",
+                    json!({"manifests": [{"annotations": {
+                        "io.containerd.image.name": format!("docker.io/library/{ours}"),
+                        "org.opencontainers.image.ref.name": KEY}}]}),
+                ),
+            ],
+        );
+        check_saved_image(&sound, &ours).unwrap();
+
+        let refused = [
+            (
+                archive(dir.path(), &[manifest(&[&ours, "team/web:latest"])]),
+                "would tag",
+            ),
+            (
+                archive(dir.path(), &[manifest(&["team/web:latest"])]),
+                "would tag",
+            ),
+            (
+                archive(
+                    dir.path(),
+                    &[
+                        manifest(&[&ours]),
+                        ("repositories", json!({"team/web": {"latest": "l"}})),
+                    ],
+                ),
+                "repositories",
+            ),
+            (
+                archive(
+                    dir.path(),
+                    &[
+                        manifest(&[&ours]),
+                        (
+                            "index.json",
+                            json!({"manifests": [{"annotations": {
+                                "io.containerd.image.name": "docker.io/team/web:latest"}}]}),
+                        ),
+                    ],
+                ),
+                "index.json",
+            ),
+            (archive(dir.path(), &[]), "no manifest.json"),
+        ];
+        for (path, why) in refused {
+            let err = check_saved_image(&path, &ours).unwrap_err();
+            assert!(err.contains(why), "{err} (wanted {why})");
+        }
+    }
+
+    fn shared_store(dir: &Path) -> StepStore {
+        StepStore::at(dir.join("local")).shared_with(Some(dir.join("shared").display().to_string()))
+    }
+
+    fn info() -> EntryInfo {
+        EntryInfo {
+            image: "web".into(),
+            build: "app".into(),
+            step: "step 1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shared_archive_that_would_move_another_tag_is_never_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = shared_store(dir.path());
+        let t = TestContext::new("app");
+        let hostile = archive(dir.path(), &[manifest(&["team/web:latest"])]);
+        store.share_file(KEY, &hostile, info(), &t.cx.log).await;
+        let images = FakeImages::default();
+        let keys = vec![Some(KEY.to_owned())];
+        assert_eq!(fetch_shared(&store, &images, &keys, 0, &t.cx).await, None);
+        assert!(
+            !images.calls().iter().any(|call| call.starts_with("load")),
+            "{:?}",
+            images.calls()
+        );
+        assert!(
+            format!("{:?}", t.sink.events()).contains("would tag"),
+            "{:?}",
+            t.sink.events()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kept_step_is_saved_once_into_the_shared_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = shared_store(dir.path());
+        let t = TestContext::new("app");
+        let images = FakeImages::default();
+        share_kept(&store, &images, KEY, info(), &t.cx).await;
+        // A second runner keeping the same key finds it shared: no save.
+        share_kept(&store, &images, KEY, info(), &t.cx).await;
+        assert_eq!(images.calls(), [format!("save {}", reference(KEY))]);
+        let fetched = dir.path().join("fetched");
+        let entry = store.fetch_file(KEY, &fetched, &t.cx.log).await.unwrap();
+        assert_eq!(entry.info, info());
+        assert_eq!(std::fs::read_to_string(&fetched).unwrap(), reference(KEY));
+        // Only the shared store holds it: the engine keeps the image.
+        assert!(store.list().is_empty());
     }
 }

@@ -30,7 +30,7 @@ use super::qemu_img::QemuImg;
 use super::qmp::Qmp;
 use super::step_launch::DRIVE_ID;
 use super::step_shutdown::{LogLines, forget_key_command, trust_key_command};
-use crate::common::cache::{StepCache, base_key, chain, digest_json};
+use crate::common::cache::{StepCache, base_key, chain, digest_json, step_label};
 use crate::common::step_store::{EntryInfo, StepStore};
 use async_trait::async_trait;
 use imgbuild_core::{Event, Step, StepContext, StepError};
@@ -369,15 +369,7 @@ pub async fn keep(state: &mut QemuState, key: &str, cx: &StepContext) -> Result<
         .below
         .clone()
         .ok_or("an earlier step could not be kept")?;
-    let index = cache
-        .keys
-        .iter()
-        .position(|known| known.as_deref() == Some(key))
-        .unwrap_or(cache.done);
-    let step = match cache.steps.get(index) {
-        Some(described) => format!("step {} ({described})", index + 1),
-        None => format!("step {}", index + 1),
-    };
+    let (index, step) = step_label(&cache.keys, &cache.steps, key, cache.done);
     let comm = state
         .communicator
         .clone()

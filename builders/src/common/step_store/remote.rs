@@ -17,7 +17,8 @@
 //! `imgbuild cache prune` and eviction act on the local store only; a
 //! bucket lifecycle rule expires the shared one.
 
-use super::{Entry, StepStore};
+use super::{Entry, EntryInfo, StepStore, StoreError, io_error};
+use crate::common::artifact::sha256_file;
 use crate::common::object_store::{self, ObjectStore, ObjectStoreError};
 use imgbuild_core::BuildLog;
 use std::path::Path;
@@ -49,6 +50,10 @@ impl Remote {
         }
     }
 
+    pub(super) fn location(&self) -> &str {
+        &self.location
+    }
+
     /// The shared store, opened on first use; `None` (said once) when it
     /// cannot be opened.
     async fn store(&self, log: &BuildLog) -> Option<&Arc<dyn ObjectStore>> {
@@ -67,6 +72,24 @@ impl Remote {
             })
             .await
             .as_ref()
+    }
+
+    /// Whether the store has no record for `key` (said as a warning when
+    /// it cannot be read, which counts as not lacking it).
+    async fn lacks(&self, key: &str, log: &BuildLog) -> bool {
+        let Some(store) = self.store(log).await else {
+            return false;
+        };
+        match store.get(&record_key(key)).await {
+            Ok(found) => found.is_none(),
+            Err(err) => {
+                log.warn(format!(
+                    "the shared step cache {} could not be read ({err}); this runner shares nothing",
+                    store.location()
+                ));
+                false
+            }
+        }
     }
 
     /// Downloads the shared entry for `key` to `data` (replacing nothing
@@ -173,6 +196,79 @@ impl Remote {
 }
 
 impl StepStore {
+    /// Whether this store is shared with other runners.
+    pub fn is_shared(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// A file for data to share that the caller keeps elsewhere (a Docker
+    /// engine keeps its images itself): created in the store's directory,
+    /// removed on drop.
+    pub fn scratch_file(&self) -> Result<tempfile::TempPath, StoreError> {
+        self.ensure_root()?;
+        tempfile::Builder::new()
+            .prefix(".shared-")
+            .suffix(".partial")
+            .tempfile_in(self.root())
+            .map(tempfile::NamedTempFile::into_temp_path)
+            .map_err(io_error("create a file in", self.root()))
+    }
+
+    /// Whether the shared store lacks `key`: worth making its data to
+    /// [`share_file`](Self::share_file). False without a shared store, and
+    /// when the shared store cannot be read (sharing would fail too).
+    pub async fn shared_lacks(&self, key: &str, log: &BuildLog) -> bool {
+        match &self.remote {
+            Some(remote) => remote.lacks(key, log).await,
+            None => false,
+        }
+    }
+
+    /// Shares `data` under `key` without keeping a local entry, unless
+    /// another runner shared the key first.
+    pub async fn share_file(&self, key: &str, data: &Path, info: EntryInfo, log: &BuildLog) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
+        let measured = tokio::task::spawn_blocking({
+            let data = data.to_path_buf();
+            move || sha256_file(&data)
+        })
+        .await;
+        let (size, sha256) = match measured {
+            Ok(Ok(measured)) => measured,
+            Ok(Err(err)) => {
+                log.warn(format!(
+                    "cannot read {} to share it in the step cache: {err}",
+                    data.display()
+                ));
+                return;
+            }
+            Err(err) => {
+                log.warn(format!("cannot hash {}: {err}", data.display()));
+                return;
+            }
+        };
+        let time = super::now();
+        let entry = Entry {
+            key: key.to_owned(),
+            sha256,
+            size,
+            info,
+            created: time.clone(),
+            last_used: time,
+            hits: 0,
+        };
+        remote.share(&entry, data, log).await;
+    }
+
+    /// Downloads the shared entry for `key` into `data`, verified, without
+    /// keeping a local entry; `None` when the shared store lacks it (or
+    /// there is none).
+    pub async fn fetch_file(&self, key: &str, data: &Path, log: &BuildLog) -> Option<Entry> {
+        self.remote.as_ref()?.fetch(key, data, log).await
+    }
+
     /// Shares this store's new entries in the object store at `location`
     /// (`s3://bucket/prefix`, or a directory), and fetches from it what
     /// is not kept locally.
