@@ -296,13 +296,24 @@ fn qemu_resumes_from_the_longest_kept_layer_boots_nothing_when_all_is_kept_and_r
     assert_eq!(steps, ["one", "two", "three-b"]);
     assert!(keys.is_empty(), "{keys:?}");
 
-    // A runner with an empty local cache (same paths, as on identical CI
-    // runners) resumes from what the earlier builds shared in S3: every
-    // step and the final layer come from the bucket, and nothing boots.
+    // A runner with an empty local cache, its store and its copy of the
+    // base at other paths, resumes from what the earlier builds shared in
+    // S3: every step and the final layer come from the bucket, and nothing
+    // boots.
     #[cfg(feature = "ec2")]
     {
         std::fs::remove_dir_all(workspace.join("steps")).unwrap();
-        let fifth = build(&workspace, &versions[4]).exits_with(EXIT_OK);
+        let elsewhere = workspace.join("runner-2");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        let base = elsewhere.join("base.qcow2");
+        std::os::unix::fs::symlink(cloud_vm_image(), &base).unwrap();
+        workspace.write("image.toml", &config(&versions[4]));
+        let fifth = imgbuild(&workspace)
+            .env("IMGBUILD_CACHE_DIR", elsewhere.join("steps"))
+            .args(["--output", "json", "build", "image.toml", "--var"])
+            .arg(format!("base_image={}", base.display()))
+            .run()
+            .exits_with(EXIT_OK);
         assert_eq!(fifth.cached_steps(), Some(3), "{}", fifth.stdout);
         assert!(
             !steps_started(&fifth).iter().any(|step| step == "launch"),

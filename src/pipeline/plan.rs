@@ -141,7 +141,7 @@ fn compare(
             artifact_id: latest.artifact_id.clone(),
         };
     }
-    if latest.source != *source {
+    if latest.source.content() != source.content() {
         return Action::Build {
             reasons: vec![format!(
                 "the base changed since version {version}: {} → {}",

@@ -36,6 +36,18 @@ pub struct SourceIdentity {
     pub sha256: Option<String>,
 }
 
+impl SourceIdentity {
+    /// What the base holds, as step keys see it: a base with a SHA-256 is
+    /// its content, so the same bytes at another path or URL (another
+    /// runner's download directory, a mirror) make the same machine.
+    pub fn content(&self) -> serde_json::Value {
+        match &self.sha256 {
+            Some(sha256) => serde_json::json!({ "sha256": sha256 }),
+            None => serde_json::json!(self),
+        }
+    }
+}
+
 const HASH_BUFFER: usize = 1 << 20;
 
 /// `<artifact>.sha256`: where a file artifact's checksum line goes, in the

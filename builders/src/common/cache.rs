@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 /// Bumped when what a key covers, or how a kept state is stored, changes:
 /// old entries then simply stop matching.
-const KEY_SCHEME: &str = "imgbuild-step-key-v1";
+const KEY_SCHEME: &str = "imgbuild-step-key-v2";
 
 /// One provisioner as the cache sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -93,7 +93,7 @@ pub fn base_key(kind: &str, settings: &serde_json::Value, source: &SourceIdentit
         "scheme": KEY_SCHEME,
         "builder": kind,
         "settings": settings,
-        "source": source,
+        "source": source.content(),
     });
     digest_json(&document)
 }
@@ -171,6 +171,28 @@ mod tests {
             assert_ne!(old[index], new_base[index]);
             assert_ne!(old[index], new_size[index]);
         }
+    }
+
+    #[test]
+    fn the_same_base_at_another_path_or_url_keeps_every_key() {
+        let settings = serde_json::json!({"disk_size": 1});
+        let here = base_key("qemu", &settings, &source("a"));
+        let elsewhere = SourceIdentity {
+            kind: "url".into(),
+            reference: "https://mirror.example/base.qcow2".into(),
+            ..source("a")
+        };
+        assert_eq!(here, base_key("qemu", &settings, &elsewhere));
+        // Without a hash, the base is only known by its name.
+        let ami = |id: &str| SourceIdentity {
+            kind: "ami".into(),
+            reference: id.into(),
+            sha256: None,
+        };
+        assert_ne!(
+            base_key("ec2", &settings, &ami("ami-1")),
+            base_key("ec2", &settings, &ami("ami-2"))
+        );
     }
 
     #[test]

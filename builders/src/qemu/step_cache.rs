@@ -6,7 +6,9 @@
 //! then a live external snapshot over QMP makes QEMU write to a new overlay
 //! from then on. The overlay it leaves, now read-only, holds exactly the
 //! step's changes; a copy of it, its backing file renamed to the layer
-//! below in the store (or the base image), goes into the store.
+//! below in the store (or the base image), goes into the store. The names
+//! are relative to the store (see [`store_backing_name`]), so a layer's
+//! bytes are the same wherever the store and the base are.
 //!
 //! A layer only makes sense on top of the exact bytes it was taken over,
 //! and two builds with equal step keys write different bytes (logs,
@@ -79,10 +81,58 @@ fn final_key(last: &str, config: &QemuConfig) -> String {
 /// The store key of a layer: its step key over the exact layer below.
 fn layer_key(step_key: &str, below_sha256: &str) -> String {
     let mut hasher = Sha256::new();
+    // v2: layers name what they stand on by store-relative names.
+    hasher.update(b"layer-v2\n");
     hasher.update(step_key.as_bytes());
     hasher.update(b"\n");
     hasher.update(below_sha256.as_bytes());
     hex::encode(hasher.finalize())
+}
+
+/// How a file kept in `store` names `below` as its backing file: by file
+/// name when `below` is in the store too (a kept layer), else (the base)
+/// by a link in the store named after its SHA-256 and pointing at this
+/// runner's copy. Both names are the same on every runner, so a kept
+/// file's bytes do not depend on where the store or the base lives, and a
+/// runner with other paths can use what another shared. QEMU resolves a
+/// relative backing name from the directory of the file that holds it.
+pub fn store_backing_name(
+    store: &StepStore,
+    below: &Path,
+    sha256: &str,
+) -> Result<PathBuf, String> {
+    if below.parent() == Some(store.root()) {
+        return Ok(PathBuf::from(below.file_name().unwrap_or_default()));
+    }
+    if sha256.is_empty() {
+        return Ok(below.to_path_buf());
+    }
+    let name = PathBuf::from(format!("base-{sha256}"));
+    let link = store.root().join(&name);
+    let target = std::path::absolute(below)
+        .map_err(|err| format!("cannot resolve {}: {err}", below.display()))?;
+    if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+        // Another build may be linking the same base (at its own path, with
+        // the same content) right now: a new link replaces the old at once.
+        std::fs::create_dir_all(store.root())
+            .map_err(|err| format!("cannot create {}: {err}", store.root().display()))?;
+        let temp = store.root().join(format!(
+            ".{name}.{}.link",
+            uuid::Uuid::new_v4().simple(),
+            name = name.display()
+        ));
+        std::os::unix::fs::symlink(&target, &temp)
+            .and_then(|()| std::fs::rename(&temp, &link))
+            .map_err(|err| {
+                let _ = std::fs::remove_file(&temp);
+                format!(
+                    "cannot link {} to {}: {err}",
+                    link.display(),
+                    target.display()
+                )
+            })?;
+    }
+    Ok(name)
 }
 
 /// A file the disk's newest changes stand on.
@@ -144,8 +194,7 @@ impl StepFindCached {
 }
 
 /// The kept layer for `step_key` over `below`, verified by the store and
-/// still naming `below`'s file as its backing file (a store or base moved
-/// since would leave it pointing elsewhere: it is removed, unusable).
+/// naming `below` as its backing file (anything else is removed, unusable).
 async fn find_layer(
     store: &StepStore,
     qemu_img: &dyn QemuImg,
@@ -164,13 +213,15 @@ async fn find_layer(
         return Ok(None);
     };
     let path = store.path(&key);
+    let expected =
+        store_backing_name(store, &below.path, &below.sha256).map_err(StepError::failed)?;
     let info = qemu_img.info(&path, Some(DiskFormat::Qcow2)).await?;
     let backing = info["backing-filename"].as_str().unwrap_or_default();
-    if Path::new(backing) != below.path {
+    if Path::new(backing) != expected {
         cx.log.warn(format!(
-            "the step cache layer {} stands on {backing}, not on {}: the store or the base moved since it was kept; discarding it, the step runs again",
+            "the step cache layer {} stands on {backing}, not on {}: discarding it, the step runs again",
             path.display(),
-            below.path.display()
+            expected.display()
         ));
         store.remove(&key);
         return Ok(None);
@@ -295,9 +346,10 @@ async fn store_layer(
     std::fs::copy(frozen, &copy)
         .map_err(|err| format!("cannot copy {}: {err}", frozen.display()))?;
     let stored = async {
+        let backing = store_backing_name(store, &below.path, &below.sha256)?;
         state
             .qemu_img
-            .rebase_unsafe(&copy, &below.path, &below.format)
+            .rebase_unsafe(&copy, &backing, &below.format)
             .await
             .map_err(|err| err.to_string())?;
         store
@@ -692,14 +744,22 @@ mod tests {
         let store = &state.cache.as_ref().unwrap().store;
         let rebased = rebases(&f.fake);
         assert_eq!(rebased.len(), 3, "two steps and the final layer");
-        assert_eq!(
-            rebased[0],
-            (f.dir.path().join("base.img"), "raw".to_owned())
+        // Names that are the same on every runner: the base by a link in
+        // the store named after its SHA-256, each layer by its file name.
+        let (base_name, base_format) = &rebased[0];
+        assert!(
+            base_name.is_relative() && base_name.to_string_lossy().starts_with("base-"),
+            "{base_name:?}"
         );
-        for pair in rebased.windows(2) {
-            let (above, _) = &pair[1];
-            assert_eq!(pair[1].1, "qcow2");
-            assert!(above.starts_with(store.root()), "{above:?}");
+        assert_eq!(base_format, "raw");
+        assert_eq!(
+            std::fs::read_link(store.root().join(base_name)).unwrap(),
+            f.dir.path().join("base.img")
+        );
+        for (above, format) in &rebased[1..] {
+            assert_eq!(format, "qcow2");
+            assert_eq!(above.components().count(), 1, "{above:?}");
+            assert!(store.root().join(above).is_file(), "{above:?}");
         }
         assert_eq!(store.list().len(), 3);
         let names: Vec<_> = std::fs::read_dir(f.dir.path().join("work"))

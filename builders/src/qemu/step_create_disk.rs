@@ -85,7 +85,9 @@ impl Step<QemuState> for StepCreateDisk {
             .map(|saved| saved.disk.clone());
         match saved_disk {
             // A saved machine state fits only the exact disk it was saved
-            // with: a copy of it, standing on the same backing file.
+            // with: a copy of it, standing on the same backing file. The
+            // kept disk names that file relative to the store; the copy
+            // here names it where it is.
             Some(saved) => {
                 tokio::fs::copy(&saved, &disk).await.map_err(|err| {
                     StepError::failed(format!(
@@ -95,6 +97,10 @@ impl Step<QemuState> for StepCreateDisk {
                     ))
                 })?;
                 make_private(&disk)?;
+                state
+                    .qemu_img
+                    .rebase_unsafe(&disk, &backing, &backing_format)
+                    .await?;
             }
             None => {
                 create_disk(

@@ -33,7 +33,7 @@
 use super::QemuState;
 use super::config::{Accelerator, QemuConfig};
 use super::qmp::Qmp;
-use super::step_cache::{Below, cache_settings};
+use super::step_cache::{Below, cache_settings, store_backing_name};
 use super::step_shutdown::{LogLines, forget_key_command, trust_key_command};
 use crate::common::cache::digest_json;
 use crate::common::step_store::{EntryInfo, StepStore};
@@ -88,6 +88,7 @@ pub struct WarmStart {
     /// What the build disk stands on, for a fresh one when a restore fails.
     pub backing: PathBuf,
     pub backing_format: String,
+    backing_sha256: String,
     /// The state to restore, until the launch restored it or gave up.
     pub saved: Option<Saved>,
     /// The machine running now was restored, not booted.
@@ -166,7 +167,8 @@ pub fn machine_key(
 /// over the SHA-256 of the disk below the state's own overlay (the base,
 /// or a kept step layer).
 pub fn warm_key(machine: &str, below_sha256: &str) -> String {
-    digest_json(&serde_json::json!({"machine": machine, "below": below_sha256}))
+    // v2: a saved disk names what it stands on by a store-relative name.
+    digest_json(&serde_json::json!({"scheme": 2, "machine": machine, "below": below_sha256}))
 }
 
 /// What logging in to a saved guest depends on, as a hash: a state saved
@@ -269,7 +271,7 @@ impl Step<QemuState> for StepFindWarm {
             &credentials_digest(&self.config, &self.config_dir),
         );
         let key = warm_key(&machine, &backing_sha256);
-        let saved = find(&self.store, &key, &backing, state, cx).await;
+        let saved = find(&self.store, &key, &backing, &backing_sha256, state, cx).await;
         if saved.is_some() {
             let after = match state.cache.as_ref().map_or(0, |cache| cache.done) {
                 0 => "this base and machine".to_owned(),
@@ -287,6 +289,7 @@ impl Step<QemuState> for StepFindWarm {
             image: self.image.clone(),
             backing,
             backing_format,
+            backing_sha256,
             saved,
             restored: false,
         });
@@ -300,6 +303,7 @@ async fn find(
     store: &StepStore,
     key: &str,
     backing: &Path,
+    backing_sha256: &str,
     state: &QemuState,
     cx: &StepContext,
 ) -> Option<Saved> {
@@ -331,12 +335,16 @@ async fn find(
         return discard("has an unreadable record");
     };
     let disk_path = store.path(key);
+    let expected = match store_backing_name(store, backing, backing_sha256) {
+        Ok(expected) => expected,
+        Err(err) => return discard(&err),
+    };
     let info = state.qemu_img.info(&disk_path, None).await.ok()?;
     let standing_on = info["backing-filename"].as_str().unwrap_or_default();
-    if Path::new(standing_on) != backing {
+    if Path::new(standing_on) != expected {
         return discard(&format!(
-            "stands on {standing_on}, not on {} (the store or the base moved)",
-            backing.display()
+            "stands on {standing_on}, not on {}",
+            expected.display()
         ));
     }
     let key_pair = match &record.private_key {
@@ -550,7 +558,7 @@ impl Step<QemuState> for StepWarmStart {
         if let Some(warm) = state.warm.as_ref() {
             let target = Target {
                 key: warm.key.clone(),
-                below: None,
+                below: (warm.backing.clone(), warm.backing_sha256.clone()),
                 when: "at its first login".to_owned(),
                 otherwise: "later builds boot as this one did",
             };
@@ -612,7 +620,7 @@ pub async fn save_after_step(state: &mut QemuState, layer: &Below, step: &str, c
     };
     let target = Target {
         key: warm_key(&warm.machine, &layer.sha256),
-        below: Some(layer.path.clone()),
+        below: (layer.path.clone(), layer.sha256.clone()),
         when: format!("after {step}"),
         otherwise: "a build that changes only what follows boots the kept layer instead",
     };
@@ -622,9 +630,9 @@ pub async fn save_after_step(state: &mut QemuState, layer: &Below, step: &str, c
 /// Where a state goes.
 struct Target {
     key: String,
-    /// The file the saved disk must name as its backing file, when the
-    /// build disk QEMU writes to stands on a copy of it.
-    below: Option<PathBuf>,
+    /// The file the saved disk stands on, and its SHA-256: the saved copy
+    /// names it by its store-relative name.
+    below: (PathBuf, String),
     /// When the machine is saved, for the log and the store's listing.
     when: String,
     /// What a failure to save costs.
@@ -703,13 +711,23 @@ async fn save(
         Ok(_) => pause_and_save(&qmp_path, &memory, &disk, &disk_copy).await,
         Err(message) => Err(message.clone()),
     };
-    let paused = match (paused, &target.below) {
-        (Ok(()), Some(below)) => state
-            .qemu_img
-            .rebase_unsafe(&disk_copy, below, "qcow2")
-            .await
-            .map_err(|err| err.to_string()),
-        (paused, _) => paused,
+    let paused = match paused {
+        Ok(()) => {
+            let (below, sha256) = &target.below;
+            let format = match below.parent() == Some(store.root()) {
+                true => "qcow2",
+                false => warm.backing_format.as_str(),
+            };
+            match store_backing_name(&store, below, sha256) {
+                Ok(name) => state
+                    .qemu_img
+                    .rebase_unsafe(&disk_copy, &name, format)
+                    .await
+                    .map_err(|err| err.to_string()),
+                Err(err) => Err(err),
+            }
+        }
+        paused => paused,
     };
     // The build goes on whatever happened: its own key trusted again, the
     // state's not trusted in its image.
