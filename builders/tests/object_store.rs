@@ -522,3 +522,50 @@ async fn moto_s3_missing_bucket() -> Arc<dyn ObjectStore> {
             .unwrap(),
     )
 }
+
+/// A runner killed mid-share leaves an unfinished multipart upload of the
+/// entry's data, which its journal names: `imgbuild clean` aborts it.
+#[tokio::test]
+async fn clean_aborts_the_multipart_upload_of_a_share_cut_off_midway() {
+    use imgbuild_builders::common::orphans::Removal;
+    use imgbuild_builders::common::step_store::remove_orphan_share;
+    let bucket = moto_bucket("imgbuild-orphans").await;
+    let location = format!("s3://{bucket}/ci");
+    // Each test runs in a process of its own: the binary's environment is
+    // this test's.
+    unsafe { std::env::set_var("AWS_ENDPOINT_URL_S3", moto()) };
+    let store = imgbuild_test_support::ec2::moto_s3(&location).await;
+    let name = "steps/k.0123abcd.layer";
+    let started = store
+        .client()
+        .create_multipart_upload()
+        .bucket(store.bucket())
+        .key(store.object_key(name))
+        .send()
+        .await
+        .unwrap();
+    store
+        .client()
+        .upload_part()
+        .bucket(store.bucket())
+        .key(store.object_key(name))
+        .upload_id(started.upload_id().unwrap())
+        .part_number(1)
+        .body(vec![7u8; 1 << 20].into())
+        .send()
+        .await
+        .unwrap();
+
+    let removal = remove_orphan_share(&location, name).await.unwrap();
+    assert!(matches!(removal, Removal::Removed), "{removal:?}");
+    let uploads = store
+        .client()
+        .list_multipart_uploads()
+        .bucket(store.bucket())
+        .send()
+        .await
+        .unwrap();
+    assert!(uploads.uploads().is_empty(), "{:?}", uploads.uploads());
+    let again = remove_orphan_share(&location, name).await.unwrap();
+    assert!(matches!(again, Removal::Absent), "{again:?}");
+}

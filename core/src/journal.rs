@@ -68,6 +68,14 @@ pub enum Resource {
     Directory {
         path: PathBuf,
     },
+    /// An object a build is putting into an object store shared with other
+    /// runners (a step cache entry's data): `name` under `location`.
+    /// Recorded before the upload starts, released once the entry's record
+    /// names it or it is removed again.
+    SharedObject {
+        location: String,
+        name: String,
+    },
     /// Something a builder made (a container, an instance, a key pair): the
     /// journal carries the builder's own record of it without reading it,
     /// and `imgbuild clean` hands it back to the builder of that name.
@@ -110,6 +118,9 @@ impl Resource {
             } => format!("{description} (pid file {})", pidfile.display()),
             Resource::File { path } => format!("file {}", path.display()),
             Resource::Directory { path } => format!("directory {}", path.display()),
+            Resource::SharedObject { location, name } => {
+                format!("the shared object {name} in {location}")
+            }
             Resource::Builder(resource) => resource.description.clone(),
             Resource::Unreadable { record } => {
                 format!("a resource recorded by another version of imgbuild: {record}")

@@ -49,7 +49,8 @@ pub fn creation_grace(resource: &Resource) -> Duration {
         Resource::Process { .. } | Resource::File { .. } | Resource::Directory { .. } => {
             Duration::ZERO
         }
-        Resource::Unreadable { .. } => Duration::ZERO,
+        // The upload is the dead client's own: nothing finishes it later.
+        Resource::Unreadable { .. } | Resource::SharedObject { .. } => Duration::ZERO,
         // An unknown builder's record is never found absent: it fails.
         Resource::Builder(resource) => registry::find(&resource.builder)
             .map(|kind| kind.creation_grace())
@@ -129,6 +130,9 @@ pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<Removal, 
             .await
             .map(|()| Removal::Removed)
             .map_err(|err| format!("cannot remove {}: {err}", path.display())),
+        Resource::SharedObject { location, name } => {
+            crate::common::step_store::remove_orphan_share(location, name).await
+        }
         Resource::Builder(resource) => match registry::find(&resource.builder) {
             Some(kind) => kind.clean_orphan(resource, run_id).await,
             None => Err(format!(

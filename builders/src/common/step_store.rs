@@ -15,6 +15,8 @@
 
 mod remote;
 
+pub use remote::remove_orphan_share;
+
 use crate::common::artifact::sha256_file;
 use imgbuild_core::BuildLog;
 use imgbuild_core::fsutil::write_atomic;
@@ -71,6 +73,9 @@ pub struct Entry {
 pub struct StepStore {
     root: PathBuf,
     remote: Option<remote::Remote>,
+    /// The run journal and build that record shared uploads before they
+    /// start, so that `imgbuild clean` finds what a killed run left.
+    journal: std::sync::OnceLock<(std::sync::Arc<imgbuild_core::Journal>, String)>,
 }
 
 impl std::fmt::Debug for StepStore {
@@ -110,6 +115,7 @@ impl StepStore {
         StepStore {
             root: root.into(),
             remote: None,
+            journal: std::sync::OnceLock::new(),
         }
     }
 
@@ -267,7 +273,9 @@ impl StepStore {
         }
         let entry = self.put_local(key, source, info).await?;
         if let Some(remote) = &self.remote {
-            remote.share(&entry, &self.path(key), log).await;
+            remote
+                .share(&entry, &self.path(key), self.journal.get(), log)
+                .await;
         }
         Ok(entry)
     }
@@ -491,5 +499,62 @@ mod tests {
         let entry = store.put("k", &second, info(), &log).await.unwrap();
         assert_eq!(entry.size, 5);
         assert_eq!(std::fs::read(store.path("k")).unwrap(), b"first");
+    }
+
+    /// A run killed while sharing leaves its journal's record of the data
+    /// object, and `imgbuild clean` removes the object, unless the entry's
+    /// record names it; a share that finished releases its record.
+    #[tokio::test]
+    async fn clean_removes_the_data_of_a_share_cut_off_before_its_record() {
+        use crate::common::object_store;
+        use crate::common::orphans::{Cleaned, clean_outstanding};
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared").display().to_string();
+        let store = StepStore::at(dir.path().join("s")).shared_with(Some(shared.clone()));
+        let t = crate::common::testing::TestContext::new("vm");
+        store.record_shares_in(&t.cx);
+        let source = dir.path().join("layer");
+        std::fs::write(&source, b"disk delta").unwrap();
+        let whole = store.put("k1", &source, info(), &t.cx.log).await.unwrap();
+        assert!(
+            t.cx.journal.outstanding().is_empty(),
+            "a finished share is released"
+        );
+
+        let objects = object_store::open(&shared).await.unwrap();
+        let cut_off = "steps/k2.0123abcd.layer";
+        objects
+            .upload_file(cut_off, &source, &|_, _| {})
+            .await
+            .unwrap();
+        let clean = |name: &str| {
+            let id =
+                t.cx.journal
+                    .record(
+                        "vm",
+                        imgbuild_core::Resource::SharedObject {
+                            location: shared.clone(),
+                            name: name.to_owned(),
+                        },
+                    )
+                    .unwrap();
+            let item =
+                t.cx.journal
+                    .outstanding()
+                    .into_iter()
+                    .find(|item| item.id == id)
+                    .unwrap();
+            async move { clean_outstanding(&item, "r1", std::time::SystemTime::now()).await }
+        };
+        assert!(matches!(clean(cut_off).await, Ok(Cleaned::Removed)));
+        assert!(objects.list(cut_off).await.unwrap().is_empty());
+        assert!(
+            matches!(clean(cut_off).await, Ok(Cleaned::Removed)),
+            "gone counts as removed"
+        );
+
+        let in_use = format!("steps/k1.{}.layer", whole.sha256);
+        assert!(matches!(clean(&in_use).await, Ok(Cleaned::NotOurs(_))));
+        assert_eq!(objects.list(&in_use).await.unwrap().len(), 1);
     }
 }

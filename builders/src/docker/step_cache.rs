@@ -373,6 +373,7 @@ impl Step<DockerState> for StepFindCached {
             }
         }
         let store = self.cache.store();
+        store.record_shares_in(cx);
         let shared = store.is_shared().then(|| Arc::new(store));
         if let Some(store) = &shared {
             let local = start.as_ref().map_or(0, |(count, ..)| *count);

@@ -260,6 +260,7 @@ impl Step<QemuState> for StepFindCached {
             sha256: identity.sha256.clone().unwrap_or_default(),
         };
         let store = Arc::new(self.cache.store());
+        store.record_shares_in(cx);
         let mut done = 0;
         for key in &keys {
             let Some(key) = key else { break };

@@ -286,7 +286,7 @@ impl StepUpload {
         // finish. Aborting here, before the run ends, makes sure.
         if let Some(key) = self.in_flight.take()
             && outcome == CleanupOutcome::Cancelled
-            && let Err(err) = abort_uploads_of(store, &key).await
+            && let Err(err) = store.abort_uploads_of(&key).await
         {
             left.push(format!(
                 "the unfinished upload of {} ({err}; remove it with `aws s3api list-multipart-uploads --bucket {}` and `abort-multipart-upload`)",
@@ -336,7 +336,7 @@ pub async fn remove_orphan_upload(location: &str, name: &str) -> Result<Removal,
     let store = S3Store::open(location, S3Options::default())
         .await
         .map_err(|err| format!("cannot open {location}: {err}"))?;
-    let open_uploads = abort_uploads_of(&store, name).await?;
+    let open_uploads = store.abort_uploads_of(name).await?;
     let stored = store
         .head(name)
         .await
@@ -352,45 +352,4 @@ pub async fn remove_orphan_upload(location: &str, name: &str) -> Result<Removal,
     } else {
         Removal::Absent
     })
-}
-
-/// Aborts every unfinished multipart upload of `key`, and says how many
-/// there were. The key holds this build's version, so an upload of it that
-/// is still open is this run's.
-async fn abort_uploads_of(store: &S3Store, key: &str) -> Result<usize, String> {
-    let object_key = store.object_key(key);
-    let listed = store
-        .client()
-        .list_multipart_uploads()
-        .bucket(store.bucket())
-        .prefix(&object_key)
-        .send()
-        .await
-        .map_err(|err| aws_sdk_s3::error::DisplayErrorContext(err).to_string())?;
-    let mut aborted_count = 0;
-    for upload in listed.uploads() {
-        if upload.key() != Some(object_key.as_str()) {
-            continue;
-        }
-        let Some(id) = upload.upload_id() else {
-            continue;
-        };
-        aborted_count += 1;
-        let aborted = store
-            .client()
-            .abort_multipart_upload()
-            .bucket(store.bucket())
-            .key(&object_key)
-            .upload_id(id)
-            .send()
-            .await;
-        if let Err(err) = aborted
-            && err
-                .raw_response()
-                .is_none_or(|r| r.status().as_u16() != 404)
-        {
-            return Err(aws_sdk_s3::error::DisplayErrorContext(err).to_string());
-        }
-    }
-    Ok(aborted_count)
 }

@@ -271,6 +271,7 @@ impl Step<QemuState> for StepFindWarm {
             &credentials_digest(&self.config, &self.config_dir),
         );
         let key = warm_key(&machine, &backing_sha256);
+        self.store.record_shares_in(cx);
         let saved = find(&self.store, &key, &backing, &backing_sha256, state, cx).await;
         if saved.is_some() {
             let after = match state.cache.as_ref().map_or(0, |cache| cache.done) {

@@ -193,6 +193,47 @@ impl S3Store {
         &self.bucket
     }
 
+    /// Aborts every unfinished multipart upload of `key`, and says how
+    /// many there were: for a dead run's upload, whose key is its own.
+    pub async fn abort_uploads_of(&self, key: &str) -> Result<usize, String> {
+        let store = self;
+        let object_key = store.object_key(key);
+        let listed = store
+            .client()
+            .list_multipart_uploads()
+            .bucket(store.bucket())
+            .prefix(&object_key)
+            .send()
+            .await
+            .map_err(|err| aws_sdk_s3::error::DisplayErrorContext(err).to_string())?;
+        let mut aborted_count = 0;
+        for upload in listed.uploads() {
+            if upload.key() != Some(object_key.as_str()) {
+                continue;
+            }
+            let Some(id) = upload.upload_id() else {
+                continue;
+            };
+            aborted_count += 1;
+            let aborted = store
+                .client()
+                .abort_multipart_upload()
+                .bucket(store.bucket())
+                .key(&object_key)
+                .upload_id(id)
+                .send()
+                .await;
+            if let Err(err) = aborted
+                && err
+                    .raw_response()
+                    .is_none_or(|r| r.status().as_u16() != 404)
+            {
+                return Err(aws_sdk_s3::error::DisplayErrorContext(err).to_string());
+            }
+        }
+        Ok(aborted_count)
+    }
+
     /// The object key in the bucket for a store key.
     pub fn object_key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)

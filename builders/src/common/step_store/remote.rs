@@ -20,7 +20,9 @@
 use super::{Entry, EntryInfo, StepStore, StoreError, io_error};
 use crate::common::artifact::sha256_file;
 use crate::common::object_store::{self, ObjectStore, ObjectStoreError};
-use imgbuild_core::BuildLog;
+use crate::common::object_store::{S3Options, S3Store};
+use crate::common::orphans::Removal;
+use imgbuild_core::{BuildLog, Journal, Resource};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -151,13 +153,44 @@ impl Remote {
     }
 
     /// Shares the local entry `entry`, whose data is at `data`, unless
-    /// another runner shared the key first.
-    pub(super) async fn share(&self, entry: &Entry, data: &Path, log: &BuildLog) {
+    /// another runner shared the key first. With `journal`, the data's
+    /// upload is recorded before it starts and released once the entry's
+    /// record names it or it is removed again.
+    pub(super) async fn share(
+        &self,
+        entry: &Entry,
+        data: &Path,
+        journal: Option<&(Arc<Journal>, String)>,
+        log: &BuildLog,
+    ) {
         let Some(store) = self.store(log).await else {
             return;
         };
         let started = Instant::now();
         let target = data_key(&entry.key, &entry.sha256);
+        let recorded = match journal {
+            Some((journal, build)) => {
+                let resource = Resource::SharedObject {
+                    location: self.location.clone(),
+                    name: target.clone(),
+                };
+                match journal.record(build, resource) {
+                    Ok(id) => Some((journal, id)),
+                    Err(err) => {
+                        log.warn(format!(
+                            "not sharing the step cache entry {}: {err}",
+                            &entry.key[..entry.key.len().min(12)]
+                        ));
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
+        // Whether the data object is settled: named by the entry's record,
+        // or never stored, or removed again. Otherwise the journal keeps
+        // it for `imgbuild clean`.
+        let mut settled = true;
         let shared = async {
             if store.get(&record_key(&entry.key)).await?.is_some() {
                 return Ok(false);
@@ -166,17 +199,23 @@ impl Remote {
             let record = serde_json::to_vec_pretty(entry).expect("entries serialize");
             match store.put_if_absent(&record_key(&entry.key), record).await {
                 Ok(_) => Ok(true),
-                Err(err) if err.is_precondition_failed() => {
-                    let _ = store.delete(&target).await;
-                    Ok(false)
-                }
                 Err(err) => {
-                    let _ = store.delete(&target).await;
-                    Err(err)
+                    settled = store.delete(&target).await.is_ok();
+                    match err.is_precondition_failed() {
+                        true => Ok(false),
+                        false => Err(err),
+                    }
                 }
             }
         };
-        match shared.await {
+        let shared = shared.await;
+        if let Some((journal, id)) = recorded
+            && settled
+            && let Err(err) = journal.release(id)
+        {
+            log.warn(format!("cannot update the run journal: {err}"));
+        }
+        match shared {
             Ok(true) => log.info(format!(
                 "shared the step cache entry {} ({}) in {}: {:.1} MiB in {:.1}s",
                 &entry.key[..entry.key.len().min(12)],
@@ -259,7 +298,15 @@ impl StepStore {
             last_used: time,
             hits: 0,
         };
-        remote.share(&entry, data, log).await;
+        remote.share(&entry, data, self.journal.get(), log).await;
+    }
+
+    /// Records this store's shared uploads in the run journal under the
+    /// build of `cx` before they start (the first call counts).
+    pub fn record_shares_in(&self, cx: &imgbuild_core::StepContext) {
+        let _ = self
+            .journal
+            .set((cx.journal.clone(), cx.build_name().to_owned()));
     }
 
     /// Downloads the shared entry for `key` into `data`, verified, without
@@ -286,4 +333,54 @@ impl StepStore {
         });
         self
     }
+}
+
+/// Removes what a killed run left of sharing an entry, as `imgbuild clean`
+/// does for its journal's [`Resource::SharedObject`] record: the data
+/// object `name` under `location` and any unfinished upload of it, unless
+/// the entry's record names it (the run died after sharing it whole).
+pub async fn remove_orphan_share(location: &str, name: &str) -> Result<Removal, String> {
+    let store = object_store::open(location)
+        .await
+        .map_err(|err| format!("cannot open the shared step cache {location}: {err}"))?;
+    let named_by = name
+        .strip_prefix("steps/")
+        .and_then(|rest| rest.strip_suffix(".layer"))
+        .and_then(|rest| rest.rsplit_once('.'));
+    if let Some((key, sha256)) = named_by {
+        let record = store
+            .get(&record_key(key))
+            .await
+            .map_err(|err| format!("cannot read {location}: {err}"))?;
+        let entry = record.and_then(|record| serde_json::from_slice::<Entry>(&record.bytes).ok());
+        if entry.is_some_and(|entry| entry.sha256 == sha256) {
+            return Ok(Removal::NotOurs(
+                "it is the data of a shared step cache entry, which other runners use".to_owned(),
+            ));
+        }
+    }
+    let mut aborted = 0;
+    if location.starts_with("s3://") {
+        let s3 = S3Store::open(location, S3Options::default())
+            .await
+            .map_err(|err| format!("cannot open {location}: {err}"))?;
+        aborted = s3.abort_uploads_of(name).await?;
+    }
+    let present = store
+        .list(name)
+        .await
+        .map_err(|err| format!("cannot list {location}: {err}"))?
+        .iter()
+        .any(|listed| listed.key == name);
+    if present {
+        store
+            .delete(name)
+            .await
+            .map_err(|err| format!("cannot remove {name} from {location}: {err}"))?;
+    }
+    Ok(if present || aborted > 0 {
+        Removal::Removed
+    } else {
+        Removal::Absent
+    })
 }
