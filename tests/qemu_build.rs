@@ -111,13 +111,17 @@ fn assert_nothing_left_in(workspace: &Workspace, dirs: &[&str]) {
 fn the_template_builds_an_image_whose_test_boot_finds_the_provisioners_changes() {
     let base = base_vm_image();
     let workspace = Workspace::with_templates();
+    // Built twice and compared (`--check-reproducible`): the second build
+    // is the one kept, recorded and checked below.
     workspace
         .imgbuild()
-        .args(["build", "qemu-debian.toml", "--var"])
+        .args(["build", "qemu-debian.toml", "--check-reproducible", "--var"])
         .arg(format!("base_image={base}"))
         .run()
         .exits_with(EXIT_OK)
         .stdout_has("all builds finished")
+        .stderr_has("the first of two builds")
+        .stderr_has("paths compared")
         // Without a terminal, progress is a line now and then, and at the end.
         .stderr_has("debian |     write image: 100%\n");
     assert_nothing_left(&workspace);
@@ -159,6 +163,26 @@ fn the_template_builds_an_image_whose_test_boot_finds_the_provisioners_changes()
         sha256_of(std::path::Path::new(&base))
     );
     assert_eq!(entry["inputs_sha256"].as_str().unwrap().len(), 64);
+    // The two machines' files were listed and compared; what the
+    // provisioners wrote from the config alone is the same in both.
+    let report = &entry["reproducibility"];
+    assert!(
+        report["files"]["compared"].as_u64().unwrap_or_default() > 1000,
+        "the whole root file system is listed: {report}"
+    );
+    let differing: Vec<&str> = report["files"]["differences"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no differences list: {report}"))
+        .iter()
+        .filter_map(|difference| difference["path"].as_str())
+        .collect();
+    for same in [
+        "/etc/motd",
+        "/etc/imgbuild-greeting",
+        "/usr/share/doc/imgbuild-baseline/VERSION",
+    ] {
+        assert!(!differing.contains(&same), "{same} differs: {report}");
+    }
     assert_eq!(
         workspace.read("output/debian-baseline-1.0.0.qcow2.sha256"),
         format!("{digest}  debian-baseline-1.0.0.qcow2\n")
