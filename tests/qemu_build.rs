@@ -298,6 +298,41 @@ fn an_interrupt_during_provisioning_exits_130_and_cleans_up() {
     assert!(workspace.files_in("output").is_empty());
 }
 
+/// Killed while its artifact is tested, before the manifest records it:
+/// the disk image, its checksum file and SBOM documents are in the run
+/// journal, and `imgbuild clean` removes them with the test's VM.
+#[test]
+fn an_artifact_killed_before_it_is_recorded_is_removed_by_clean() {
+    let workspace = Workspace::new();
+    workspace.write(
+        "image.toml",
+        &vm_config(
+            "1.0.0",
+            "[[provision]]\ntype = \"shell\"\ninline = [\"true\"]\n\n[[test]]\nname = \"slow\"\ninline = [\"echo testing-started\", \"sleep 600\"]\n",
+        ),
+    );
+    let mut running = build_image_toml(&workspace).spawn(&workspace.join("build.log"));
+    running.wait_for_output("testing-started", BUILD_LIMIT);
+    running.signal(libc::SIGKILL);
+    let (_, log) = running.wait(Duration::from_secs(30));
+    let artifact = workspace.join("output/probe-1.0.0.qcow2");
+    assert!(artifact.exists(), "the artifact was exported: {log}");
+    assert!(!workspace.join("imgbuild-manifest.json").exists());
+
+    workspace
+        .imgbuild()
+        .args(["clean"])
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout_has("probe-1.0.0.qcow2");
+    assert_nothing_left(&workspace);
+    assert!(
+        workspace.files_in("output").is_empty(),
+        "{:?}",
+        workspace.files_in("output")
+    );
+}
+
 #[test]
 fn a_killed_run_leaves_a_journal_that_clean_uses_to_remove_everything() {
     let workspace = Workspace::new();

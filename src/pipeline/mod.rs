@@ -9,6 +9,7 @@ pub mod reproducible;
 pub mod retest;
 pub mod retire;
 pub mod signals;
+mod unrecorded;
 
 use crate::config::{Build, Config, OnTestFailure};
 use crate::manifest::{self, BuildRecord, Entry, EntryStatus, ImageRecord, TestResult};
@@ -698,6 +699,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         }
     };
 
+    let unrecorded = unrecorded::Unrecorded::journal(&artifact, &cx);
     let reproducibility = first_build.and_then(|first| {
         match reproducible::compare(&first, &artifact) {
             Ok(report) => {
@@ -747,6 +749,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         match build.builder.deliver(&request, artifact, &cx).await {
             Ok(delivered) => delivered,
             Err(BuildError::Cancelled) => {
+                unrecorded.abandoned(&cx);
                 finish(BuildStatus::Cancelled, None);
                 return Outcome {
                     status: BuildStatus::Cancelled,
@@ -758,6 +761,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
                     "delivery failed: {err}; version {} is not recorded in {}",
                     config.image.version, manifest_path
                 );
+                unrecorded.abandoned(&cx);
                 finish(BuildStatus::Failed, Some(message));
                 return Outcome {
                     status: BuildStatus::Failed,
@@ -826,6 +830,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
     if let Err(message) =
         crate::attest::attest_entry(&mut entry, config, options.signer.clone(), &cx).await
     {
+        unrecorded.abandoned(&cx);
         finish(BuildStatus::Failed, Some(message));
         return Outcome {
             status: BuildStatus::Failed,
@@ -845,8 +850,14 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         })
         .await
     {
-        Ok(Ok(written)) => written,
+        Ok(Ok(written)) => {
+            unrecorded.recorded(&cx);
+            written
+        }
         Ok(Err(existing)) => {
+            // The files may be the recorded version's own: never left for
+            // `imgbuild clean`.
+            unrecorded.recorded(&cx);
             cx.log.error(format!(
                 "the manifest already records this version (run {}); the new artifact {} is not recorded",
                 existing.run_id, artifact.id
@@ -858,6 +869,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
             };
         }
         Err(err) => {
+            unrecorded.abandoned(&cx);
             cx.log.error(format!(
                 "the artifact {} was built but cannot be recorded: {err}",
                 artifact.id
