@@ -275,21 +275,47 @@ impl Drop for CacheCleanup {
     }
 }
 
+/// A workspace with the config and its two scripts, and two versions to
+/// build whose images (and kept steps) are removed when the test ends.
+struct TwoVersions {
+    // Dropped in this order: the cleanups read the workspace's manifest.
+    _cleanup: ImageCleanup,
+    _cache_cleanup: CacheCleanup,
+    versions: [String; 2],
+    workspace: Workspace,
+}
+
+impl TwoVersions {
+    fn new(first: &str, second: &str) -> TwoVersions {
+        let workspace = Workspace::new();
+        workspace.write("image.toml", CONFIG);
+        workspace.write("first.sh", first);
+        workspace.write("second.sh", second);
+        let versions = [unique_version(), unique_version()];
+        let _cleanup = ImageCleanup::references(
+            versions
+                .iter()
+                .map(|v| format!("imgbuild-test/cached:{v}"))
+                .collect::<Vec<_>>(),
+        );
+        let _cache_cleanup = CacheCleanup(workspace.join("imgbuild-manifest.json"));
+        TwoVersions {
+            workspace,
+            versions,
+            _cleanup,
+            _cache_cleanup,
+        }
+    }
+}
+
 #[test]
 fn concurrent_builds_share_the_cache_and_a_new_base_rebuilds_from_scratch() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let workspace = Workspace::new();
-    workspace.write("image.toml", CONFIG);
-    workspace.write("first.sh", "echo concurrent > /etc/first\n");
-    workspace.write("second.sh", "echo second > /etc/second\n");
-    let versions = [unique_version(), unique_version()];
-    let _cleanup = ImageCleanup::references(
-        versions
-            .iter()
-            .map(|v| format!("imgbuild-test/cached:{v}"))
-            .collect::<Vec<_>>(),
+    let two = TwoVersions::new(
+        "echo concurrent > /etc/first\n",
+        "echo second > /etc/second\n",
     );
-    let _cache_cleanup = CacheCleanup(workspace.join("imgbuild-manifest.json"));
+    let (workspace, versions) = (&two.workspace, &two.versions);
     // Two runs at once, both keeping the same steps under the same keys.
     let runs: Vec<Running> = versions
         .iter()
@@ -358,20 +384,13 @@ fn messages(outcome: &Outcome, prefix: &str) -> Vec<String> {
 #[test]
 fn a_runner_whose_engine_lacks_the_kept_steps_resumes_from_the_shared_store() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let workspace = Workspace::new();
-    workspace.write("image.toml", CONFIG);
     // Content of this test's own: keys no other build kept or shared.
     let marker = unique_version();
-    workspace.write("first.sh", &format!("echo first {marker} > /etc/first\n"));
-    workspace.write("second.sh", "echo shared > /etc/second\n");
-    let versions = [unique_version(), unique_version()];
-    let _cleanup = ImageCleanup::references(
-        versions
-            .iter()
-            .map(|v| format!("imgbuild-test/cached:{v}"))
-            .collect::<Vec<_>>(),
+    let two = TwoVersions::new(
+        &format!("echo first {marker} > /etc/first\n"),
+        "echo shared > /etc/second\n",
     );
-    let _cache_cleanup = CacheCleanup(workspace.join("imgbuild-manifest.json"));
+    let (workspace, versions) = (&two.workspace, &two.versions);
     // A directory every runner mounts stands in for the bucket here (the
     // QEMU test shares through moto's S3; both are one object store).
     let shared = workspace.join("shared");

@@ -71,6 +71,17 @@ pub struct BuildRequest {
     pub list_files: Option<PathBuf>,
 }
 
+impl BuildRequest {
+    /// Each provisioner in a few words, as the step cache's records name
+    /// the steps.
+    pub fn step_descriptions(&self) -> Vec<String> {
+        self.provisioners
+            .iter()
+            .map(|provisioner| provisioner.describe())
+            .collect()
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum BuildError {
     #[error("cancelled")]

@@ -70,6 +70,22 @@ pub struct Entry {
     pub hits: u64,
 }
 
+impl Entry {
+    /// A new entry, made and last used now, never hit.
+    fn new(key: String, sha256: String, size: u64, info: EntryInfo) -> Entry {
+        let time = now();
+        Entry {
+            key,
+            sha256,
+            size,
+            info,
+            created: time.clone(),
+            last_used: time,
+            hits: 0,
+        }
+    }
+}
+
 pub struct StepStore {
     root: PathBuf,
     remote: Option<remote::Remote>,
@@ -301,16 +317,7 @@ impl StepStore {
                     .map_err(io_error("flush", &temp))?;
                 let (size, sha256) = sha256_file(&temp).map_err(io_error("hash", &temp))?;
                 std::fs::rename(&temp, &data).map_err(io_error("store", &data))?;
-                let time = now();
-                let entry = Entry {
-                    key,
-                    sha256,
-                    size,
-                    info,
-                    created: time.clone(),
-                    last_used: time,
-                    hits: 0,
-                };
+                let entry = Entry::new(key, sha256, size, info);
                 let bytes = serde_json::to_vec_pretty(&entry).expect("entries serialize");
                 write_atomic(&record_path, &bytes).map_err(io_error("write", &record_path))?;
                 Ok(entry)

@@ -350,11 +350,7 @@ impl DockerBuilder {
                 plan.clone(),
                 request.cache.clone(),
                 request.image.name.clone(),
-                request
-                    .provisioners
-                    .iter()
-                    .map(|provisioner| provisioner.describe())
-                    .collect(),
+                request.step_descriptions(),
             )));
         }
         steps.push(Box::new(step_create_container::StepCreateContainer::new(

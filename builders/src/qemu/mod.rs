@@ -469,11 +469,7 @@ impl QemuBuilder {
                 plan.clone(),
                 request.cache.clone(),
                 request.image.name.clone(),
-                request
-                    .provisioners
-                    .iter()
-                    .map(|provisioner| provisioner.describe())
-                    .collect(),
+                request.step_descriptions(),
             )));
         }
         if request.cache.enabled && plan.config.warm_start {

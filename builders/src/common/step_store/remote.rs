@@ -288,16 +288,7 @@ impl StepStore {
                 return;
             }
         };
-        let time = super::now();
-        let entry = Entry {
-            key: key.to_owned(),
-            sha256,
-            size,
-            info,
-            created: time.clone(),
-            last_used: time,
-            hits: 0,
-        };
+        let entry = Entry::new(key.to_owned(), sha256, size, info);
         remote.share(&entry, data, self.journal.get(), log).await;
     }
 
