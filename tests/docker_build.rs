@@ -195,6 +195,45 @@ fn an_interrupt_mid_provisioning_exits_130_and_removes_the_container() {
     assert!(workspace.journals().is_empty());
 }
 
+/// Killed while its image is tested, before the manifest records it: the
+/// image is in the run journal, and `imgbuild clean` removes it with its
+/// version tag (and the test's container), so the version can be built
+/// again.
+#[test]
+fn an_image_killed_before_it_is_recorded_is_removed_by_clean() {
+    let workspace = Workspace::new();
+    let version = unique_version();
+    workspace.write(
+        "image.toml",
+        &docker_config(
+            "imgbuild-unrecorded",
+            &version,
+            "[[provision]]\ntype = \"shell\"\ninline = [\"true\"]\n\n[[test]]\nname = \"slow\"\ninline = [\"echo testing-started\", \"sleep 600\"]\n",
+        ),
+    );
+    let reference = format!("imgbuild-unrecorded:{version}");
+    let _cleanup = ImageCleanup::references(vec![reference.clone()]);
+    let mut running = workspace
+        .imgbuild()
+        .args(["build", "image.toml", "--var"])
+        .arg(format!("base={}", docker_base_image()))
+        .spawn(&workspace.join("killed.log"));
+    running.wait_for_output("testing-started", Duration::from_secs(300));
+    running.signal(libc::SIGKILL);
+    let (_, log) = running.wait(Duration::from_secs(30));
+    assert_ne!(docker(&["images", "-q", &reference]), "", "{log}");
+    assert!(!workspace.join("imgbuild-manifest.json").exists());
+
+    workspace
+        .imgbuild()
+        .args(["--output", "json", "clean"])
+        .run()
+        .exits_with(EXIT_OK)
+        .stdout_has("docker_image");
+    assert_eq!(docker(&["images", "-q", &reference]), "");
+    assert!(workspace.journals().is_empty());
+}
+
 #[test]
 fn a_killed_run_is_reported_by_the_next_build_and_removed_by_clean() {
     let workspace = Workspace::new();
@@ -268,8 +307,7 @@ inline = [
     );
     let reference = format!("imgbuild-repro:{version}");
     let _cleanup = ImageCleanup::references(vec![reference.clone()]);
-    let images_before = docker(&["images", "-q", "--no-trunc"]).lines().count();
-    workspace
+    let outcome = workspace
         .imgbuild()
         .args(["build", "image.toml", "--check-reproducible", "--var"])
         .arg(format!("base={}", docker_base_image()))
@@ -279,6 +317,13 @@ inline = [
         .stderr_has("the first of two builds")
         .stderr_has("machine files differ")
         .stderr_has("/opt/app/random.txt: content");
+    let first_image = outcome
+        .stderr
+        .split("deleted the first build's artifact ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no deleted first artifact in:\n{}", outcome.stderr))
+        .to_owned();
 
     let entry = &workspace.manifest()["builds"][0];
     let report = &entry["reproducibility"];
@@ -300,10 +345,12 @@ inline = [
         docker(&["image", "inspect", "--format", "{{.Id}}", &reference]),
         entry["artifact_id"]
     );
-    assert_eq!(
-        docker(&["images", "-q", "--no-trunc"]).lines().count(),
-        images_before + 1
-    );
+    assert_ne!(first_image, entry["artifact_id"]);
+    let inspected = std::process::Command::new("docker")
+        .args(["image", "inspect", &first_image])
+        .output()
+        .unwrap();
+    assert!(!inspected.status.success(), "{first_image} is still there");
     // SOURCE_DATE_EPOCH reached the provisioner and stamps the label.
     assert_eq!(
         docker(&["run", "--rm", &reference, "cat", "/opt/app/stable.txt"]),

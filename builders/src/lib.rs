@@ -204,6 +204,14 @@ pub trait Builder: Send + Sync {
         Ok(artifact)
     }
 
+    /// What removes `artifact` if the run dies after the build and before
+    /// the manifest records it (while it is tested or delivered), as run
+    /// journal records `imgbuild clean` acts on alone. By default its files
+    /// and their checksum files.
+    fn unrecorded(&self, artifact: &Artifact) -> Vec<imgbuild_core::Resource> {
+        common::artifact::file_resources(artifact)
+    }
+
     /// Removes what `build` produced (`on_test_failure = "delete"`): the
     /// files, the tags, the AMIs with their snapshots.
     async fn delete_artifact(

@@ -699,7 +699,7 @@ async fn run_one(config: &Config, build: &Build, cx: StepContext, options: &RunO
         }
     };
 
-    let unrecorded = unrecorded::Unrecorded::journal(&artifact, &cx);
+    let unrecorded = unrecorded::Unrecorded::journal(build.builder.as_ref(), &artifact, &cx);
     let reproducibility = first_build.and_then(|first| {
         match reproducible::compare(&first, &artifact) {
             Ok(report) => {

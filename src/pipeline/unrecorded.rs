@@ -1,58 +1,54 @@
-//! An artifact's local files between the build and the manifest. Testing
-//! and delivering a version can take minutes; a run killed meanwhile would
-//! leave files that no manifest names and no journal remembers. So they
-//! are recorded in the run journal as soon as the builder hands the
-//! artifact over, and released once the manifest records the version or
-//! they are gone. Images and AMIs are not covered here: their builders
-//! release their records when the build ends.
+//! An artifact between the build and the manifest. Testing and delivering a
+//! version can take minutes; a run killed meanwhile would leave files, an
+//! image or AMIs that no manifest names and no journal remembers. So what
+//! removes the artifact ([`Builder::unrecorded`]) is recorded in the run
+//! journal as soon as the builder hands it over, and released once the
+//! manifest records the version.
 
-use imgbuild_builders::Artifact;
-use imgbuild_builders::common::artifact::checksum_path;
+use imgbuild_builders::{Artifact, Builder};
 use imgbuild_core::{Resource, ResourceId, StepContext};
 use std::path::PathBuf;
 
 pub struct Unrecorded {
-    records: Vec<(ResourceId, PathBuf)>,
+    /// Each record, with the file it names when it names one.
+    records: Vec<(ResourceId, Option<PathBuf>)>,
 }
 
 impl Unrecorded {
-    /// Records `artifact`'s files (and their checksum files).
-    pub fn journal(artifact: &Artifact, cx: &StepContext) -> Unrecorded {
-        let paths = artifact
-            .files
-            .iter()
-            .flat_map(|file| [file.path.clone(), checksum_path(&file.path)])
-            .filter(|path| path.exists());
+    pub fn journal(builder: &dyn Builder, artifact: &Artifact, cx: &StepContext) -> Unrecorded {
         let mut records = Vec::new();
-        for path in paths {
-            match cx
-                .journal
-                .record(cx.build_name(), Resource::File { path: path.clone() })
-            {
+        for resource in builder.unrecorded(artifact) {
+            let path = match &resource {
+                Resource::File { path } => Some(path.clone()),
+                _ => None,
+            };
+            let description = resource.describe();
+            match cx.journal.record(cx.build_name(), resource) {
                 Ok(id) => records.push((id, path)),
                 Err(err) => cx.log.warn(format!(
-                    "cannot record {} in the run journal ({err}); if this run is killed before the manifest records it, remove it by hand",
-                    path.display()
+                    "cannot record {description} in the run journal ({err}); if this run is killed before the manifest records it, remove it by hand"
                 )),
             }
         }
         Unrecorded { records }
     }
 
-    /// The manifest records the version: the files are its now.
+    /// The manifest records the version: what was recorded is its now.
     pub fn recorded(self, cx: &StepContext) {
         self.release(cx, |_| true);
     }
 
-    /// The version is not recorded: files still there stay in the journal,
-    /// for `imgbuild clean` to remove; those already gone are let go.
+    /// The version is not recorded, and the run goes on to say so. Files
+    /// still there stay in the journal for `imgbuild clean`; the rest is as
+    /// the failed step left it (a failed push or upload removes the image
+    /// or file itself).
     pub fn abandoned(self, cx: &StepContext) {
-        self.release(cx, |path| !path.exists());
+        self.release(cx, |path| path.is_none_or(|path| !path.exists()));
     }
 
-    fn release(self, cx: &StepContext, settled: impl Fn(&std::path::Path) -> bool) {
+    fn release(self, cx: &StepContext, settled: impl Fn(Option<&PathBuf>) -> bool) {
         for (id, path) in self.records {
-            if settled(&path)
+            if settled(path.as_ref())
                 && let Err(err) = cx.journal.release(id)
             {
                 cx.log.warn(format!("cannot update the run journal: {err}"));

@@ -58,6 +58,18 @@ pub fn checksum_path(artifact: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The artifact's files and their checksum files that exist, as run
+/// journal records.
+pub fn file_resources(artifact: &Artifact) -> Vec<imgbuild_core::Resource> {
+    artifact
+        .files
+        .iter()
+        .flat_map(|file| [file.path.clone(), checksum_path(&file.path)])
+        .filter(|path| path.exists())
+        .map(|path| imgbuild_core::Resource::File { path })
+        .collect()
+}
+
 /// `path` with `.` dropped and `..` folded into its parent, without asking
 /// the file system: two spellings of one output path compare equal even
 /// before the file exists.

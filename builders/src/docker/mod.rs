@@ -316,6 +316,16 @@ impl Builder for DockerBuilder {
         finish(&mut report, state.artifact.take(), "push")
     }
 
+    /// The exported tar, or the committed image by id (which removes it
+    /// with every tag the build set).
+    fn unrecorded(&self, artifact: &Artifact) -> Vec<imgbuild_core::Resource> {
+        let mut resources = crate::common::artifact::file_resources(artifact);
+        if let Ok(kept::Kept::Image { id, .. }) = kept::Kept::of(artifact) {
+            resources.push(kind::DockerResource::Image { reference: id }.into());
+        }
+        resources
+    }
+
     async fn delete_artifact(
         &self,
         artifact: &Artifact,

@@ -563,6 +563,23 @@ impl Builder for Ec2Builder {
         test_run::run(&plan, &amis, tests, request.on_error, cx).await
     }
 
+    /// Every region's AMI (deregistered with its snapshots), and the SBOM
+    /// documents.
+    fn unrecorded(&self, artifact: &Artifact) -> Vec<Resource> {
+        let mut resources = crate::common::artifact::file_resources(artifact);
+        if let Ok(amis) = test_run::RecordedAmis::of(artifact) {
+            resources.extend(amis.amis.iter().map(|(region, image_id)| {
+                Resource::from(kind::Ec2Resource::Image {
+                    region: region.clone(),
+                    endpoint_url: self.config.endpoint_url.clone(),
+                    name: amis.ami_name.clone(),
+                    image_id: Some(image_id.clone()),
+                })
+            }));
+        }
+        resources
+    }
+
     async fn delete_artifact(
         &self,
         artifact: &Artifact,
