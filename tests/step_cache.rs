@@ -386,7 +386,7 @@ fn a_runner_whose_engine_lacks_the_kept_steps_resumes_from_the_shared_store() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Content of this test's own: keys no other build kept or shared.
     let marker = unique_version();
-    let two = TwoVersions::new(
+    let mut two = TwoVersions::new(
         &format!("echo first {marker} > /etc/first\n"),
         "echo shared > /etc/second\n",
     );
@@ -456,4 +456,35 @@ fn a_runner_whose_engine_lacks_the_kept_steps_resumes_from_the_shared_store() {
         ]),
         format!("first {marker}\nshared")
     );
+
+    // A third runner, after a change to the second script: the longest
+    // key is in no store, and the first step comes from the bucket.
+    docker(&[
+        "image",
+        "rm",
+        &format!("imgbuild-test/cached:{}", versions[1]),
+    ]);
+    for key in &keys {
+        // Only the longest prefix was loaded: the other tag is not there.
+        let _ = std::process::Command::new("docker")
+            .args(["image", "rm", &format!("imgbuild-cache:{key}")])
+            .output();
+    }
+    workspace.write("second.sh", "echo changed > /etc/second\n");
+    let third_version = unique_version();
+    two._cleanup
+        .add(format!("imgbuild-test/cached:{third_version}"));
+    let third = shared_build(&third_version);
+    assert_eq!(third.cached_steps(), Some(1), "{}", third.stdout);
+    assert_eq!(
+        third.provisioners_run(),
+        ["provisioner 2 of 3", "provisioner 3 of 3"]
+    );
+    assert_eq!(
+        messages(&third, "fetched the step cache entry").len(),
+        1,
+        "{}",
+        third.stdout
+    );
+    assert_eq!(messages(&third, "shared the step cache entry").len(), 1);
 }

@@ -168,12 +168,33 @@ pub fn check_saved_image(path: &Path, reference: &str) -> Result<(), String> {
     for entry in entries {
         let entry = entry.map_err(|err| format!("it is not a readable archive ({err})"))?;
         let name = entry.path().map_err(|err| err.to_string())?;
-        let name = name.to_string_lossy().trim_start_matches("./").to_owned();
+        let name = name.to_string_lossy().into_owned();
+        // The engine cleans names as it unpacks: only names that are clean
+        // already can be matched here as it will see them.
+        let name =
+            clean_member_name(&name).ok_or_else(|| format!("it holds an entry named {name:?}"))?;
+        match entry.header().entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Directory => {}
+            // `docker save` links a layer that repeats an earlier one to
+            // it; any other link could redirect what the engine reads.
+            tar::EntryType::Symlink
+                if name.ends_with("/layer.tar")
+                    && entry
+                        .link_name()
+                        .ok()
+                        .flatten()
+                        .is_some_and(|target| target.to_string_lossy().ends_with("/layer.tar")) => {
+            }
+            other => return Err(format!("it holds {name:?} of type {other:?}")),
+        }
         if !matches!(
             name.as_str(),
             "manifest.json" | "repositories" | "index.json"
         ) {
             continue;
+        }
+        if found.contains_key(&name) {
+            return Err(format!("it holds {name} twice"));
         }
         let mut bytes = Vec::new();
         entry
@@ -228,6 +249,19 @@ pub fn check_saved_image(path: &Path, reference: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `name` without a leading `./`, if it is otherwise clean: relative, with
+/// no empty, `.` or `..` component.
+fn clean_member_name(name: &str) -> Option<String> {
+    let name = name.strip_prefix("./").unwrap_or(name);
+    let trimmed = name.strip_suffix('/').unwrap_or(name);
+    let clean = !trimmed.is_empty()
+        && !trimmed.starts_with('/')
+        && trimmed
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..");
+    clean.then(|| trimmed.to_owned())
+}
+
 /// The longest prefix past the first `local` steps that the shared store
 /// holds, loaded into the engine: (steps, key, image id).
 async fn fetch_shared(
@@ -249,7 +283,9 @@ async fn fetch_shared(
                 return None;
             }
         };
-        store.fetch_file(key, &archive, &cx.log).await?;
+        if store.fetch_file(key, &archive, &cx.log).await.is_none() {
+            continue;
+        }
         let reference = reference(key);
         let checked = tokio::task::spawn_blocking({
             let (path, reference) = (archive.to_path_buf(), reference.clone());
@@ -484,6 +520,29 @@ mod tests {
         path
     }
 
+    /// An archive of raw entries (name, type, link target, content), names
+    /// written as they are: the tar crate's own builder refuses unclean
+    /// ones, a hostile archive need not.
+    /// An archive member: name, type, link target, content.
+    type Member<'a> = (&'a str, tar::EntryType, &'a str, Vec<u8>);
+
+    fn raw_archive(dir: &Path, entries: &[Member<'_>]) -> std::path::PathBuf {
+        let path = dir.join(format!("raw-{}.tar", uuid::Uuid::new_v4().simple()));
+        let mut builder = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (name, kind, link, bytes) in entries {
+            let mut header = tar::Header::new_old();
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            header.set_entry_type(*kind);
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append(&header, &bytes[..]).unwrap();
+        }
+        builder.finish().unwrap();
+        path
+    }
+
     fn manifest(tags: &[&str]) -> (&'static str, serde_json::Value) {
         (
             "manifest.json",
@@ -549,6 +608,59 @@ mod tests {
             let err = check_saved_image(&path, &ours).unwrap_err();
             assert!(err.contains(why), "{err} (wanted {why})");
         }
+
+        // Names the engine would clean to a metadata file, links that
+        // could redirect one, and a second copy are refused before the
+        // first manifest could vouch for the archive.
+        let harmless = serde_json::to_vec(&manifest(&[&ours]).1).unwrap();
+        let hostile = serde_json::to_vec(&manifest(&["team/web:latest"]).1).unwrap();
+        let regular = tar::EntryType::Regular;
+        let sneaky: [Vec<Member<'_>>; 5] = [
+            vec![
+                ("manifest.json", regular, "", harmless.clone()),
+                ("x/../manifest.json", regular, "", hostile.clone()),
+            ],
+            vec![
+                ("manifest.json", regular, "", harmless.clone()),
+                (".//manifest.json", regular, "", hostile.clone()),
+            ],
+            vec![
+                ("manifest.json", regular, "", harmless.clone()),
+                ("d", tar::EntryType::Symlink, ".", Vec::new()),
+                ("d/manifest.json", regular, "", hostile.clone()),
+            ],
+            vec![
+                ("manifest.json", regular, "", harmless.clone()),
+                ("./manifest.json", regular, "", hostile.clone()),
+            ],
+            vec![
+                ("manifest.json", regular, "", harmless.clone()),
+                ("l", tar::EntryType::Link, "manifest.json", Vec::new()),
+            ],
+        ];
+        for entries in sneaky {
+            let path = raw_archive(dir.path(), &entries);
+            assert!(
+                check_saved_image(&path, &ours).is_err(),
+                "{:?} passed",
+                entries.iter().map(|e| e.0).collect::<Vec<_>>()
+            );
+        }
+        // `docker save` links a repeated layer to its first copy.
+        let deduplicated = raw_archive(
+            dir.path(),
+            &[
+                ("a/layer.tar", regular, "", Vec::new()),
+                (
+                    "b/layer.tar",
+                    tar::EntryType::Symlink,
+                    "../a/layer.tar",
+                    Vec::new(),
+                ),
+                ("manifest.json", regular, "", harmless),
+            ],
+        );
+        check_saved_image(&deduplicated, &ours).unwrap();
     }
 
     fn shared_store(dir: &Path) -> StepStore {
@@ -582,6 +694,26 @@ mod tests {
             format!("{:?}", t.sink.events()).contains("would tag"),
             "{:?}",
             t.sink.events()
+        );
+    }
+
+    /// The longest key missing from the shared store does not end the
+    /// search: a shorter shared prefix is fetched and loaded.
+    #[tokio::test]
+    async fn a_shorter_shared_prefix_is_fetched_when_the_longest_is_not_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = shared_store(dir.path());
+        let t = TestContext::new("app");
+        let saved = archive(dir.path(), &[manifest(&[&reference(KEY)])]);
+        store.share_file(KEY, &saved, info(), &t.cx.log).await;
+        let images = FakeImages::default();
+        let keys = vec![Some(KEY.to_owned()), Some("5e2d".to_owned())];
+        // The fake engine loads nothing, so nothing is found after all.
+        assert_eq!(fetch_shared(&store, &images, &keys, 0, &t.cx).await, None);
+        assert!(
+            images.calls().iter().any(|call| call.starts_with("load")),
+            "{:?}",
+            images.calls()
         );
     }
 

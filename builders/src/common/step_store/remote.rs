@@ -199,12 +199,24 @@ impl Remote {
             let record = serde_json::to_vec_pretty(entry).expect("entries serialize");
             match store.put_if_absent(&record_key(&entry.key), record).await {
                 Ok(_) => Ok(true),
+                Err(err) if err.is_precondition_failed() => {
+                    // Another runner shared the key first. Its record may
+                    // name the very object just written (the same bytes):
+                    // that one stays.
+                    let theirs = store
+                        .get(&record_key(&entry.key))
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|record| serde_json::from_slice::<Entry>(&record.bytes).ok());
+                    if theirs.is_none_or(|theirs| theirs.sha256 != entry.sha256) {
+                        settled = store.delete(&target).await.is_ok();
+                    }
+                    Ok(false)
+                }
                 Err(err) => {
                     settled = store.delete(&target).await.is_ok();
-                    match err.is_precondition_failed() {
-                        true => Ok(false),
-                        false => Err(err),
-                    }
+                    Err(err)
                 }
             }
         };
