@@ -68,6 +68,15 @@ pub enum Resource {
     Directory {
         path: PathBuf,
     },
+    /// A file of an artifact that no manifest records yet, named by its
+    /// path and by the inode it had when recorded: a file written at that
+    /// path since (the version built again, and recorded) is another file,
+    /// and is left alone.
+    ArtifactFile {
+        path: PathBuf,
+        device: u64,
+        inode: u64,
+    },
     /// An object a build is putting into an object store shared with other
     /// runners (a step cache entry's data): `name` under `location`.
     /// Recorded before the upload starts, released once the entry's record
@@ -118,6 +127,9 @@ impl Resource {
             } => format!("{description} (pid file {})", pidfile.display()),
             Resource::File { path } => format!("file {}", path.display()),
             Resource::Directory { path } => format!("directory {}", path.display()),
+            Resource::ArtifactFile { path, .. } => {
+                format!("unrecorded artifact file {}", path.display())
+            }
             Resource::SharedObject { location, name } => {
                 format!("the shared object {name} in {location}")
             }

@@ -19,7 +19,7 @@ impl Unrecorded {
         let mut records = Vec::new();
         for resource in builder.unrecorded(artifact) {
             let path = match &resource {
-                Resource::File { path } => Some(path.clone()),
+                Resource::ArtifactFile { path, .. } => Some(path.clone()),
                 _ => None,
             };
             let description = resource.describe();

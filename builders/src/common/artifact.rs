@@ -61,12 +61,19 @@ pub fn checksum_path(artifact: &Path) -> PathBuf {
 /// The artifact's files and their checksum files that exist, as run
 /// journal records.
 pub fn file_resources(artifact: &Artifact) -> Vec<imgbuild_core::Resource> {
+    use std::os::unix::fs::MetadataExt;
     artifact
         .files
         .iter()
         .flat_map(|file| [file.path.clone(), checksum_path(&file.path)])
-        .filter(|path| path.exists())
-        .map(|path| imgbuild_core::Resource::File { path })
+        .filter_map(|path| {
+            let meta = std::fs::symlink_metadata(&path).ok()?;
+            Some(imgbuild_core::Resource::ArtifactFile {
+                path,
+                device: meta.dev(),
+                inode: meta.ino(),
+            })
+        })
         .collect()
 }
 

@@ -46,9 +46,10 @@ pub enum Cleaned {
 /// image for a container create).
 pub fn creation_grace(resource: &Resource) -> Duration {
     match resource {
-        Resource::Process { .. } | Resource::File { .. } | Resource::Directory { .. } => {
-            Duration::ZERO
-        }
+        Resource::Process { .. }
+        | Resource::File { .. }
+        | Resource::Directory { .. }
+        | Resource::ArtifactFile { .. } => Duration::ZERO,
         // The upload is the dead client's own: nothing finishes it later.
         Resource::Unreadable { .. } | Resource::SharedObject { .. } => Duration::ZERO,
         // An unknown builder's record is never found absent: it fails.
@@ -133,6 +134,27 @@ pub async fn clean_orphan(resource: &Resource, run_id: &str) -> Result<Removal, 
         Resource::SharedObject { location, name } => {
             crate::common::step_store::remove_orphan_share(location, name).await
         }
+        Resource::ArtifactFile {
+            path,
+            device,
+            inode,
+        } => {
+            use std::os::unix::fs::MetadataExt;
+            match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.dev() == *device && meta.ino() == *inode => {
+                    remove_path(path, false)
+                        .await
+                        .map(|()| Removal::Removed)
+                        .map_err(|err| format!("cannot remove {}: {err}", path.display()))
+                }
+                Ok(_) => Ok(Removal::NotOurs(
+                    "another file was written at that path since (the version built again?)"
+                        .to_owned(),
+                )),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Removal::Absent),
+                Err(err) => Err(format!("cannot look at {}: {err}", path.display())),
+            }
+        }
         Resource::Builder(resource) => match registry::find(&resource.builder) {
             Some(kind) => kind.clean_orphan(resource, run_id).await,
             None => Err(format!(
@@ -165,7 +187,11 @@ pub fn cleaning_order(mut outstanding: Vec<Outstanding>) -> Vec<Outstanding> {
 /// gone: a process may still use its files (QEMU writes its disk and logs in
 /// the build's work directory).
 pub fn needs_processes_gone(resource: &Resource) -> bool {
-    matches!(resource, Resource::File { .. } | Resource::Directory { .. })
+    // A test VM reads the artifact it boots through an overlay.
+    matches!(
+        resource,
+        Resource::File { .. } | Resource::Directory { .. } | Resource::ArtifactFile { .. }
+    )
 }
 
 #[cfg(test)]
@@ -217,5 +243,38 @@ mod tests {
             err.contains(&record.to_string()) && err.contains("another version of imgbuild"),
             "{err}"
         );
+    }
+
+    /// An unrecorded artifact file is removed only while it is the file the
+    /// dead run made: one written at its path since (the version built
+    /// again and recorded) is left alone.
+    #[tokio::test]
+    async fn an_artifact_file_is_removed_only_while_it_is_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web-1.0.qcow2");
+        std::fs::write(&path, b"the dead run's").unwrap();
+        let artifact = crate::common::testing::docker_artifact(
+            "x",
+            vec![crate::ArtifactFile {
+                path: path.clone(),
+                size: 14,
+                sha256: String::new(),
+            }],
+            serde_json::json!({}),
+        );
+        let recorded = crate::common::artifact::file_resources(&artifact);
+        assert_eq!(recorded.len(), 1, "no checksum file beside it");
+
+        let rebuilt = dir.path().join("rebuilt");
+        std::fs::write(&rebuilt, b"a recorded rebuild's").unwrap();
+        std::fs::rename(&rebuilt, &path).unwrap();
+        let removal = clean_orphan(&recorded[0], "r1").await.unwrap();
+        assert!(matches!(removal, Removal::NotOurs(_)), "{removal:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"a recorded rebuild's");
+
+        let again = crate::common::artifact::file_resources(&artifact);
+        assert_eq!(clean_orphan(&again[0], "r1").await.unwrap(), Removal::Removed);
+        assert!(!path.exists());
+        assert_eq!(clean_orphan(&again[0], "r1").await.unwrap(), Removal::Absent);
     }
 }
