@@ -168,6 +168,9 @@ fn prune(
         for entry in &chosen {
             store.remove(&entry.key);
         }
+        if all {
+            store.remove_base_links();
+        }
         let results = runtime().block_on(async {
             let mut results = Vec::new();
             for image in &doomed_images {

@@ -273,8 +273,14 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"a recorded rebuild's");
 
         let again = crate::common::artifact::file_resources(&artifact);
-        assert_eq!(clean_orphan(&again[0], "r1").await.unwrap(), Removal::Removed);
+        assert_eq!(
+            clean_orphan(&again[0], "r1").await.unwrap(),
+            Removal::Removed
+        );
         assert!(!path.exists());
-        assert_eq!(clean_orphan(&again[0], "r1").await.unwrap(), Removal::Absent);
+        assert_eq!(
+            clean_orphan(&again[0], "r1").await.unwrap(),
+            Removal::Absent
+        );
     }
 }

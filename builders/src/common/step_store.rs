@@ -15,7 +15,7 @@
 
 mod remote;
 
-pub use remote::remove_orphan_share;
+pub use remote::{Scratch, remove_orphan_share};
 
 use crate::common::artifact::sha256_file;
 use imgbuild_core::BuildLog;
@@ -387,6 +387,19 @@ impl StepStore {
             }
         }
         chosen
+    }
+
+    /// Removes the `base-<sha256>` links QEMU layers stand on (a hard link
+    /// keeps a base's bytes): with every entry gone, none is needed.
+    pub fn remove_base_links(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in dir.filter_map(Result::ok) {
+            if entry.file_name().to_string_lossy().starts_with("base-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Removes an entry: its record first, so a reader never finds a record

@@ -91,11 +91,13 @@ fn layer_key(step_key: &str, below_sha256: &str) -> String {
 
 /// How a file kept in `store` names `below` as its backing file: by file
 /// name when `below` is in the store too (a kept layer), else (the base)
-/// by a link in the store named after its SHA-256 and pointing at this
-/// runner's copy. Both names are the same on every runner, so a kept
-/// file's bytes do not depend on where the store or the base lives, and a
-/// runner with other paths can use what another shared. QEMU resolves a
-/// relative backing name from the directory of the file that holds it.
+/// by `base-<sha256>` in the store: a hard link to this runner's verified
+/// copy (so it keeps the bytes when that copy's path is removed or reused
+/// by another job), or, across file systems, a symbolic link to it. Both
+/// names are the same on every runner, so a kept file's bytes do not
+/// depend on where the store or the base lives, and a runner with other
+/// paths can use what another shared. QEMU resolves a relative backing
+/// name from the directory of the file that holds it.
 pub fn store_backing_name(
     store: &StepStore,
     below: &Path,
@@ -109,30 +111,55 @@ pub fn store_backing_name(
     }
     let name = PathBuf::from(format!("base-{sha256}"));
     let link = store.root().join(&name);
+    // A hard link made earlier holds the base's bytes, whatever became of
+    // the path it was made from.
+    if std::fs::symlink_metadata(&link).is_ok_and(|meta| meta.file_type().is_file()) {
+        return Ok(name);
+    }
     let target = std::path::absolute(below)
         .map_err(|err| format!("cannot resolve {}: {err}", below.display()))?;
-    if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
-        // Another build may be linking the same base (at its own path, with
-        // the same content) right now: a new link replaces the old at once.
-        std::fs::create_dir_all(store.root())
-            .map_err(|err| format!("cannot create {}: {err}", store.root().display()))?;
-        let temp = store.root().join(format!(
-            ".{name}.{}.link",
-            uuid::Uuid::new_v4().simple(),
-            name = name.display()
-        ));
-        std::os::unix::fs::symlink(&target, &temp)
-            .and_then(|()| std::fs::rename(&temp, &link))
-            .map_err(|err| {
-                let _ = std::fs::remove_file(&temp);
-                format!(
-                    "cannot link {} to {}: {err}",
-                    link.display(),
-                    target.display()
-                )
-            })?;
+    if std::fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
+        return Ok(name);
     }
+    // Another build may be linking the same base (at its own path, with the
+    // same content) right now: a new link replaces the old at once.
+    std::fs::create_dir_all(store.root())
+        .map_err(|err| format!("cannot create {}: {err}", store.root().display()))?;
+    let temp = store.root().join(format!(
+        ".{name}.{}.link",
+        uuid::Uuid::new_v4().simple(),
+        name = name.display()
+    ));
+    std::fs::hard_link(&target, &temp)
+        .or_else(|_| std::os::unix::fs::symlink(&target, &temp))
+        .and_then(|()| std::fs::rename(&temp, &link))
+        .map_err(|err| {
+            let _ = std::fs::remove_file(&temp);
+            format!(
+                "cannot link {} to {}: {err}",
+                link.display(),
+                target.display()
+            )
+        })?;
     Ok(name)
+}
+
+/// Why a kept qcow2 file (a layer, a saved disk), as `qemu-img info`
+/// describes it, must not be used: it stands on something other than
+/// `expected`, or keeps its data in an external file (which could name any
+/// file of the build host, and would be read into the image).
+pub fn layer_problem(info: &serde_json::Value, expected: &Path) -> Option<String> {
+    let backing = info["backing-filename"].as_str().unwrap_or_default();
+    if Path::new(backing) != expected {
+        return Some(format!(
+            "stands on {backing}, not on {}",
+            expected.display()
+        ));
+    }
+    if let Some(data_file) = info["format-specific"]["data"]["data-file"].as_str() {
+        return Some(format!("keeps its data in the external file {data_file}"));
+    }
+    None
 }
 
 /// A file the disk's newest changes stand on.
@@ -215,13 +242,14 @@ async fn find_layer(
     let path = store.path(&key);
     let expected =
         store_backing_name(store, &below.path, &below.sha256).map_err(StepError::failed)?;
-    let info = qemu_img.info(&path, Some(DiskFormat::Qcow2)).await?;
-    let backing = info["backing-filename"].as_str().unwrap_or_default();
-    if Path::new(backing) != expected {
+    let problem = match qemu_img.info(&path, Some(DiskFormat::Qcow2)).await {
+        Ok(info) => layer_problem(&info, &expected),
+        Err(err) => Some(format!("it is not a readable qcow2 image ({err})")),
+    };
+    if let Some(problem) = problem {
         cx.log.warn(format!(
-            "the step cache layer {} stands on {backing}, not on {}: discarding it, the step runs again",
+            "the step cache layer {} {problem}: discarding it, the step runs again",
             path.display(),
-            expected.display()
         ));
         store.remove(&key);
         return Ok(None);
@@ -737,6 +765,28 @@ mod tests {
             .collect()
     }
 
+    /// A shared store's writer must not get a build to read a host file
+    /// into its image through a qcow2 external data file.
+    #[test]
+    fn a_layer_with_an_external_data_file_or_another_backing_is_refused() {
+        let expected = Path::new("base-ab");
+        let sound = json!({"backing-filename": "base-ab", "format-specific": {"data": {}}});
+        assert_eq!(layer_problem(&sound, expected), None);
+        let data_file = json!({"backing-filename": "base-ab",
+            "format-specific": {"data": {"data-file": "/root/.aws/credentials"}}});
+        assert!(
+            layer_problem(&data_file, expected)
+                .unwrap()
+                .contains("/root/.aws/credentials")
+        );
+        let elsewhere = json!({"backing-filename": "/etc/shadow"});
+        assert!(
+            layer_problem(&elsewhere, expected)
+                .unwrap()
+                .contains("/etc/shadow")
+        );
+    }
+
     #[tokio::test]
     async fn each_layer_is_named_as_standing_on_the_one_below_and_the_first_on_the_base() {
         let f = Fixture::new();
@@ -753,9 +803,12 @@ mod tests {
             "{base_name:?}"
         );
         assert_eq!(base_format, "raw");
+        // A hard link: the base's bytes stay when its own path goes.
+        use std::os::unix::fs::MetadataExt;
+        let inode = |path: &Path| std::fs::metadata(path).unwrap().ino();
         assert_eq!(
-            std::fs::read_link(store.root().join(base_name)).unwrap(),
-            f.dir.path().join("base.img")
+            inode(&store.root().join(base_name)),
+            inode(&f.dir.path().join("base.img"))
         );
         for (above, format) in &rebased[1..] {
             assert_eq!(format, "qcow2");

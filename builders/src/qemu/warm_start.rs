@@ -33,7 +33,7 @@
 use super::QemuState;
 use super::config::{Accelerator, QemuConfig};
 use super::qmp::Qmp;
-use super::step_cache::{Below, cache_settings, store_backing_name};
+use super::step_cache::{Below, cache_settings, layer_problem, store_backing_name};
 use super::step_shutdown::{LogLines, forget_key_command, trust_key_command};
 use crate::common::cache::digest_json;
 use crate::common::step_store::{EntryInfo, StepStore};
@@ -340,13 +340,16 @@ async fn find(
         Ok(expected) => expected,
         Err(err) => return discard(&err),
     };
-    let info = state.qemu_img.info(&disk_path, None).await.ok()?;
-    let standing_on = info["backing-filename"].as_str().unwrap_or_default();
-    if Path::new(standing_on) != expected {
-        return discard(&format!(
-            "stands on {standing_on}, not on {}",
-            expected.display()
-        ));
+    let problem = match state
+        .qemu_img
+        .info(&disk_path, Some(super::config::DiskFormat::Qcow2))
+        .await
+    {
+        Ok(info) => layer_problem(&info, &expected),
+        Err(err) => Some(format!("is not a readable qcow2 image ({err})")),
+    };
+    if let Some(problem) = problem {
+        return discard(&problem);
     }
     let key_pair = match &record.private_key {
         Some(text) => match TemporaryKey::from_private_openssh(text) {

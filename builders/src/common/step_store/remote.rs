@@ -254,15 +254,30 @@ impl StepStore {
 
     /// A file for data to share that the caller keeps elsewhere (a Docker
     /// engine keeps its images itself): created in the store's directory,
-    /// removed on drop.
-    pub fn scratch_file(&self) -> Result<tempfile::TempPath, StoreError> {
+    /// recorded in the run journal first (see
+    /// [`record_shares_in`](Self::record_shares_in)), removed on drop.
+    pub fn scratch_file(&self) -> Result<Scratch, StoreError> {
         self.ensure_root()?;
-        tempfile::Builder::new()
-            .prefix(".shared-")
-            .suffix(".partial")
-            .tempfile_in(self.root())
-            .map(tempfile::NamedTempFile::into_temp_path)
-            .map_err(io_error("create a file in", self.root()))
+        let path = self
+            .root()
+            .join(format!(".shared-{}.partial", uuid::Uuid::new_v4().simple()));
+        let record = match self.journal.get() {
+            Some((journal, build)) => {
+                let resource = Resource::File { path: path.clone() };
+                let id = journal
+                    .record(build, resource)
+                    .map_err(|err| StoreError::Io {
+                        action: "record",
+                        path: path.clone(),
+                        source: std::io::Error::other(err.to_string()),
+                    })?;
+                Some((journal.clone(), id))
+            }
+            None => None,
+        };
+        let scratch = Scratch { path, record };
+        std::fs::File::create(&scratch.path).map_err(io_error("create", &scratch.path))?;
+        Ok(scratch)
     }
 
     /// Whether the shared store lacks `key`: worth making its data to
@@ -386,4 +401,37 @@ pub async fn remove_orphan_share(location: &str, name: &str) -> Result<Removal, 
     } else {
         Removal::Absent
     })
+}
+
+/// A file of the step store's directory that goes away when dropped, and
+/// is in the run journal while it exists.
+pub struct Scratch {
+    path: std::path::PathBuf,
+    record: Option<(Arc<Journal>, imgbuild_core::ResourceId)>,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let removed = match std::fs::remove_file(&self.path) {
+            Ok(()) => true,
+            Err(err) => err.kind() == std::io::ErrorKind::NotFound,
+        };
+        if let (true, Some((journal, id))) = (removed, self.record.take()) {
+            let _ = journal.release(id);
+        }
+    }
 }
