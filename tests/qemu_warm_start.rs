@@ -3,7 +3,9 @@
 //! next restores it instead of booting, with the host's time, a machine-id
 //! of its own, only its own key trusted and nothing of the first build's
 //! work; a state whose checksum matches but which QEMU cannot load is
-//! discarded, and that build boots and saves a new one.
+//! discarded, and that build boots and saves a new one; so is a state whose
+//! machine rejects its key; and another memory size makes a state of its
+//! own.
 
 use imgbuild_test_support::{cli::*, common::*};
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Logs in as root, whose `authorized_keys` the base already has, so what
 /// each build's key left there can be counted.
-fn config(version: &str, marker: &str) -> String {
+fn config(version: &str, marker: &str, memory: u32) -> String {
     format!(
         r#"[image]
 name = "warm"
@@ -23,7 +25,7 @@ base_image = {{ description = "the cloud-init fixture" }}
 [builders.vm]
 type = "qemu"
 base_image = "{{{{ var.base_image }}}}"
-memory = 1024
+memory = {memory}
 cpus = 1
 
 [builders.vm.ssh]
@@ -44,7 +46,11 @@ inline = [
 }
 
 fn build(workspace: &Workspace, version: &str, marker: &str) -> Outcome {
-    workspace.write("image.toml", &config(version, marker));
+    build_with_memory(workspace, version, marker, 1024)
+}
+
+fn build_with_memory(workspace: &Workspace, version: &str, marker: &str, memory: u32) -> Outcome {
+    workspace.write("image.toml", &config(version, marker, memory));
     workspace
         .imgbuild()
         .env("IMGBUILD_NO_CACHE", "false")
@@ -83,14 +89,17 @@ fn key_of(line: &str) -> String {
         .to_owned()
 }
 
-/// The store's files of the one warm state in it: (memory, record).
-fn state_files(workspace: &Workspace) -> (PathBuf, PathBuf) {
-    let dir = workspace.join("steps");
-    let records: Vec<PathBuf> = std::fs::read_dir(&dir)
+fn state_records(workspace: &Workspace) -> Vec<PathBuf> {
+    std::fs::read_dir(workspace.join("steps"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.to_string_lossy().ends_with("-record.layer"))
-        .collect();
+        .collect()
+}
+
+/// The store's files of the one warm state in it: (memory, record).
+fn state_files(workspace: &Workspace) -> (PathBuf, PathBuf) {
+    let records = state_records(workspace);
     assert_eq!(records.len(), 1, "{records:?}");
     let record = records[0].clone();
     let memory = PathBuf::from(
@@ -149,7 +158,7 @@ fn now() -> u64 {
 }
 
 #[test]
-fn a_second_build_restores_the_saved_machine_as_its_own_and_an_unloadable_state_falls_back_to_a_boot()
+fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_falls_back_to_a_boot()
  {
     let workspace = Workspace::new();
 
@@ -215,34 +224,77 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_an_unloadable_state_
         .status()
         .unwrap();
     assert!(status.success());
-    std::fs::copy(&garbage, &memory).unwrap();
-    let memory_record = PathBuf::from(memory.to_string_lossy().replace(".layer", ".json"));
-    let mut entry: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&memory_record).unwrap()).unwrap();
-    entry["sha256"] = sha256_of(&memory).into();
-    entry["size"] = std::fs::metadata(&memory).unwrap().len().into();
-    std::fs::write(&memory_record, serde_json::to_vec(&entry).unwrap()).unwrap();
+    replace_entry(&memory, &std::fs::read(&garbage).unwrap());
 
     let third = build(&workspace, "3", "c").exits_with(0);
-    assert!(!third.machine_restored(), "{}", third.stdout);
-    assert!(
-        warnings(&third)
-            .iter()
-            .any(|w| w.contains("saved machine state cannot be restored")),
-        "{:?}",
-        warnings(&third)
-    );
-    assert_eq!(printed(&third, "MARKERS"), vec!["[]".to_owned()]);
+    assert_booted_instead(&third, "QEMU could not load it");
     let (memory, _) = state_files(&workspace);
     assert_ne!(
         sha256_of(&memory),
         sha256_of(&garbage),
         "no new state saved"
     );
+
+    // 4. A state that loads, but whose machine rejects the key its record
+    //    keeps: the build logs in once, gives the state up and boots.
+    let (_, record) = state_files(&workspace);
+    let stranger = workspace.join("stranger");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "stranger", "-f"])
+        .arg(&stranger)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    kept["private_key"] = std::fs::read_to_string(&stranger).unwrap().into();
+    replace_entry(&record, &serde_json::to_vec(&kept).unwrap());
+
+    let fourth = build(&workspace, "4", "d").exits_with(0);
+    assert_booted_instead(&fourth, "the restored machine did not let the build in");
+    let (_, record) = state_files(&workspace);
+    assert_ne!(
+        state_public_key(&record),
+        key_of(&std::fs::read_to_string(stranger.with_extension("pub")).unwrap()),
+        "no new state saved"
+    );
+
+    // 5. Another memory size: no state fits, so the build boots and saves
+    //    one of its own beside the first.
+    let fifth = build_with_memory(&workspace, "5", "e", 768).exits_with(0);
+    assert!(!fifth.machine_restored(), "{}", fifth.stdout);
+    assert_eq!(state_records(&workspace).len(), 2);
+
     assert!(workspace.qemu_processes().is_empty());
     assert!(
         workspace.journals().is_empty(),
         "{:?}",
         workspace.journals()
     );
+}
+
+/// The build gave its saved state up, saying `why`, and booted a machine
+/// with none of the earlier builds' work.
+fn assert_booted_instead(outcome: &Outcome, why: &str) {
+    assert!(!outcome.machine_restored(), "{}", outcome.stdout);
+    let warnings = warnings(outcome);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| { w.contains("saved machine state cannot be restored") && w.contains(why) }),
+        "{warnings:?}"
+    );
+    assert_eq!(printed(outcome, "MARKERS"), vec!["[]".to_owned()]);
+}
+
+/// Puts `bytes` in the store's entry `layer` and makes its checksum and size
+/// match, as a damaged or foreign file with a consistent record would.
+fn replace_entry(layer: &Path, bytes: &[u8]) {
+    std::fs::write(layer, bytes).unwrap();
+    let metadata = PathBuf::from(layer.to_string_lossy().replace(".layer", ".json"));
+    let mut entry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&metadata).unwrap()).unwrap();
+    entry["sha256"] = sha256_of(layer).into();
+    entry["size"] = bytes.len().into();
+    std::fs::write(&metadata, serde_json::to_vec(&entry).unwrap()).unwrap();
 }

@@ -139,6 +139,7 @@ impl SshConfig {
             timeout: self.timeout,
             connect_timeout: self.connect_timeout,
             keepalive_interval: self.keepalive_interval,
+            rejection_limit: REJECTION_LIMIT,
         }
     }
 
@@ -188,7 +189,16 @@ pub struct WaitOptions {
     pub connect_timeout: Duration,
     /// Zero disables keepalives.
     pub keepalive_interval: Duration,
+    /// How long a server that answers but rejects the credentials is
+    /// retried; zero gives up at the first rejection.
+    pub rejection_limit: Duration,
 }
+
+/// Rejected credentials are retried this long by default, because
+/// cloud-init may not have installed the key yet; beyond that they are most
+/// likely wrong, and waiting out a 10-minute timeout would only delay saying
+/// so.
+pub const REJECTION_LIMIT: Duration = Duration::from_secs(30);
 
 impl Default for WaitOptions {
     fn default() -> Self {
@@ -196,6 +206,7 @@ impl Default for WaitOptions {
             timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(15),
             keepalive_interval: Duration::from_secs(10),
+            rejection_limit: REJECTION_LIMIT,
         }
     }
 }

@@ -715,6 +715,39 @@ async fn persistent_rejection_ends_the_wait_early() {
     assert!(rejected_for >= window, "{text}");
 }
 
+/// A restored machine's server was running when its state was saved: a
+/// rejection there is final, and the caller boots instead of waiting.
+#[tokio::test]
+async fn a_zero_rejection_limit_gives_up_at_the_first_rejection() {
+    let server = SshServer::started().unwrap();
+    let (log, sink) = test_log();
+    let connecting = SshCommunicator::connect(
+        server.target(),
+        server.username(),
+        TemporaryKey::generate().unwrap().auth(),
+        imgbuild_provisioners::ssh::WaitOptions {
+            rejection_limit: Duration::ZERO,
+            ..test_wait_options(HANG * 10)
+        },
+        CancellationToken::new(),
+        log,
+        None,
+    );
+    // Well under the default rejection window of 30 s.
+    let err = tokio::time::timeout(Duration::from_secs(20), connecting)
+        .await
+        .expect("a rejection with no window to retry in was retried")
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(text.contains("rejected"), "{text}");
+    let infos = info_messages(&sink.events());
+    assert!(
+        !infos.iter().any(|m| m.contains("retrying for up to")),
+        "{infos:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_dropped_connection_is_reported_and_reconnect_waits_for_the_restart() {
     let mut server = SshServer::started().unwrap();

@@ -515,6 +515,7 @@ pub fn test_wait_options(timeout: Duration) -> WaitOptions {
         timeout,
         connect_timeout: Duration::from_secs(5),
         keepalive_interval: Duration::from_secs(5),
+        ..WaitOptions::default()
     }
 }
 

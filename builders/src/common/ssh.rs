@@ -2,7 +2,7 @@
 
 use imgbuild_core::{StepContext, StepError};
 use imgbuild_provisioners::ssh::{
-    Liveness, SshAuth, SshCommunicator, SshConfig, SshTarget, TemporaryKey,
+    Liveness, SshAuth, SshCommunicator, SshConfig, SshTarget, TemporaryKey, WaitOptions,
 };
 use std::path::Path;
 
@@ -39,12 +39,14 @@ pub fn ssh_problems(ssh: &SshConfig, config_dir: &Path) -> Vec<(&'static str, St
 }
 
 /// Waits for SSH on `default_target` (unless the config overrides host or
-/// port) and logs in with the configured credential or `temporary_key`.
+/// port) and logs in with the configured credential or `temporary_key`,
+/// as patiently as `wait` says.
 pub async fn connect(
     ssh: &SshConfig,
     config_dir: &Path,
     default_target: SshTarget,
     temporary_key: Option<&TemporaryKey>,
+    wait: WaitOptions,
     cx: &StepContext,
     liveness: Option<Liveness>,
 ) -> Result<SshCommunicator, StepError> {
@@ -69,7 +71,7 @@ pub async fn connect(
         target,
         resolved.username.clone(),
         auth,
-        resolved.wait_options(),
+        wait,
         cx.cancel.clone(),
         cx.log.clone(),
         liveness,

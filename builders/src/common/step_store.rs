@@ -402,6 +402,20 @@ impl StepStore {
         }
     }
 
+    /// Removes an entry that verified but proved unusable (a machine state
+    /// QEMU could not load, say), here and from the shared store, so that
+    /// no runner fetches it again and the next to make it shares a new one.
+    pub async fn discard(&self, key: &str, log: &BuildLog) {
+        let sha256 = std::fs::read(self.record_path(key))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Entry>(&bytes).ok())
+            .map(|entry| entry.sha256);
+        self.remove(key);
+        if let (Some(remote), Some(sha256)) = (&self.remote, sha256) {
+            remote.forget(key, &sha256, log).await;
+        }
+    }
+
     /// Removes an entry: its record first, so a reader never finds a record
     /// without its data.
     pub fn remove(&self, key: &str) {
@@ -576,5 +590,40 @@ mod tests {
         let in_use = format!("steps/k1.{}.layer", whole.sha256);
         assert!(matches!(clean(&in_use).await, Ok(Cleaned::NotOurs(_))));
         assert_eq!(objects.list(&in_use).await.unwrap().len(), 1);
+    }
+
+    /// An entry that verified but proved unusable leaves the shared store
+    /// too, so no runner fetches it again; one shared anew since stays.
+    #[tokio::test]
+    async fn a_discarded_entry_leaves_the_shared_store_unless_it_was_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared").display().to_string();
+        let runner =
+            |name: &str| StepStore::at(dir.path().join(name)).shared_with(Some(shared.clone()));
+        let (_, log) = log();
+        let (bad, good) = (dir.path().join("bad"), dir.path().join("good"));
+        std::fs::write(&bad, b"unusable state").unwrap();
+        std::fs::write(&good, b"a newer state").unwrap();
+
+        let first = runner("one");
+        first.put("k", &bad, info(), &log).await.unwrap();
+        let second = runner("two");
+        assert!(second.get("k", &log).await.is_some(), "not shared");
+        second.discard("k", &log).await;
+        assert!(second.get_local("k", &log).await.is_none());
+        assert!(
+            runner("three").get("k", &log).await.is_none(),
+            "a third runner fetched the discarded entry"
+        );
+
+        // `first` still holds the bad bytes; someone shares good ones.
+        runner("four").put("k", &good, info(), &log).await.unwrap();
+        first.discard("k", &log).await;
+        let fetched = runner("five").get("k", &log).await.unwrap();
+        assert_eq!(
+            std::fs::read(runner("five").path("k")).unwrap(),
+            b"a newer state"
+        );
+        assert_eq!(fetched.size, 13);
     }
 }

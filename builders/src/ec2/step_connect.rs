@@ -124,6 +124,7 @@ impl Step<Ec2State> for StepConnect {
             &self.plan.config_dir,
             target,
             state.temporary_key.as_deref(),
+            config.ssh.wait_options(),
             cx,
             Some(liveness),
         )

@@ -316,7 +316,7 @@ pub mod fake {
     }
 
     /// How the fake's `rebase_unsafe` records a backing file in an image.
-    const BACKING_LINE: &str = "backing-file=";
+    pub const BACKING_LINE: &str = "backing-file=";
 
     pub struct FakeQemuImg {
         pub info: serde_json::Value,

@@ -3,11 +3,13 @@
 //! to a bounded file (see `serial_log`), no display.
 //!
 //! With a saved machine state to restore (`state.warm`), QEMU loads it
-//! (`-incoming`) and runs it on; one that does not load is discarded, and
-//! the machine boots on a fresh disk instead.
+//! (`-incoming`) and runs it on, and the build logs in to it at once; a
+//! state that does not load, or whose machine does not let the build in, is
+//! discarded, and the machine boots on a fresh disk instead.
 //!
 //! Uses `state.work_dir`, `state.disk`, `state.seed` and `state.warm`.
-//! Produces `state.machine`; cleanup stops QEMU.
+//! Produces `state.machine`, and `state.communicator` for a restored
+//! machine; cleanup stops QEMU.
 
 use super::QemuState;
 use super::accel;
@@ -15,6 +17,7 @@ use super::config::Firmware;
 use super::first_line;
 use super::plan::Plan;
 use super::serial_log;
+use super::step_connect;
 use super::step_create_disk::create_disk;
 use super::warm_start;
 use crate::common::process::{self, ProcessIdentity};
@@ -164,10 +167,24 @@ impl StepLaunch {
             ]);
         }
         if config.firmware == Firmware::Uefi {
-            let vars = work_dir.join("OVMF_VARS.fd");
-            std::fs::copy(&config.ovmf_vars, &vars).map_err(|err| {
-                StepError::failed(format!("cannot copy {}: {err}", config.ovmf_vars.display()))
-            })?;
+            let vars = uefi_vars_path(work_dir);
+            let saved_vars = incoming
+                .and(state.warm.as_ref())
+                .and_then(|warm| warm.saved.as_ref())
+                .and_then(|saved| saved.uefi_vars.as_deref());
+            match saved_vars {
+                Some(bytes) => std::fs::write(&vars, bytes).map_err(|err| {
+                    StepError::failed(format!("cannot write {}: {err}", vars.display()))
+                })?,
+                None => {
+                    std::fs::copy(&config.ovmf_vars, &vars).map_err(|err| {
+                        StepError::failed(format!(
+                            "cannot copy {}: {err}",
+                            config.ovmf_vars.display()
+                        ))
+                    })?;
+                }
+            }
             args.extend([
                 "-drive".into(),
                 format!(
@@ -376,7 +393,7 @@ impl StepLaunch {
         cx.log.warn(format!(
             "the saved machine state cannot be restored ({why}): discarded; booting instead"
         ));
-        warm.discard();
+        warm.discard(&cx.log).await;
         let (backing, backing_format) = (warm.backing.clone(), warm.backing_format.clone());
         let disk = state
             .disk
@@ -392,6 +409,12 @@ impl StepLaunch {
         )
         .await
     }
+}
+
+/// The machine's own copy of its UEFI variable store: the template's at a
+/// boot, the saved one at a restore.
+pub fn uefi_vars_path(work_dir: &Path) -> PathBuf {
+    work_dir.join("OVMF_VARS.fd")
 }
 
 /// Asks the kernel for a free port. Another process can take it before QEMU
@@ -478,6 +501,27 @@ impl Step<QemuState> for StepLaunch {
                 if let Some(warm) = state.warm.as_mut() {
                     warm.restored = true;
                 }
+                // A state counts as restored only once its machine lets the
+                // build in: one whose key or SSH server no longer works
+                // would otherwise cost the whole `ssh.timeout` and the build.
+                match step_connect::log_in(&self.plan, state, &machine, cx).await {
+                    Ok(communicator) => state.communicator = Some(Arc::new(communicator)),
+                    Err(StepError::Cancelled) => return Err(StepError::Cancelled),
+                    Err(StepError::Failed(message)) => {
+                        self.stop(cx).await?;
+                        self.boot_instead(
+                            state,
+                            cx,
+                            &format!(
+                                "the restored machine did not let the build in: {}",
+                                first_line(&message)
+                            ),
+                        )
+                        .await?;
+                        attempt = 0;
+                        continue;
+                    }
+                }
             }
             cx.log.info(format!(
                 "QEMU started ({}, pid {}){}, SSH forwarded from 127.0.0.1:{}",
@@ -544,5 +588,62 @@ mod tests {
             .await
             .unwrap();
         assert!(!own.exists(), "cleanup removes it");
+    }
+
+    #[test]
+    fn a_uefi_machine_boots_on_the_template_variables_and_resumes_on_the_saved_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = dir.path().join("OVMF_VARS.template");
+        std::fs::write(&template, b"template variables").unwrap();
+        let plan = Arc::new(plan(
+            serde_json::json!({
+                "base_image": "b.img",
+                "firmware": "uefi",
+                "ovmf_code": "/usr/share/OVMF/OVMF_CODE.fd",
+                "ovmf_vars": template,
+            }),
+            dir.path(),
+        ));
+        let step = StepLaunch::new(plan);
+        let work_dir = dir.path().join("work");
+        std::fs::create_dir(&work_dir).unwrap();
+        let memory = dir.path().join("memory.zst");
+        let saved = warm_start::Saved {
+            disk: dir.path().join("disk.qcow2"),
+            memory: memory.clone(),
+            record: warm_start::Record {
+                private_key: None,
+                derived: Vec::new(),
+                saved_at: String::new(),
+                uefi_vars: None,
+            },
+            key: None,
+            uefi_vars: Some(b"saved variables".to_vec()),
+        };
+        let state = QemuState {
+            disk: Some(dir.path().join("disk.qcow2")),
+            warm: Some(warm_start::WarmStart::restoring(
+                saved,
+                crate::common::step_store::StepStore::at(dir.path().join("steps")),
+            )),
+            ..QemuState::default()
+        };
+        let vars = uefi_vars_path(&work_dir);
+        let args = step
+            .command_line(&state, &work_dir, 2222, "m", None, Some(&memory))
+            .unwrap();
+        assert!(
+            args.contains(&format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            )),
+            "{args:?}"
+        );
+        assert_eq!(std::fs::read(&vars).unwrap(), b"saved variables");
+
+        // A boot (the state given up, or none) starts from the template.
+        step.command_line(&state, &work_dir, 2222, "m", None, None)
+            .unwrap();
+        assert_eq!(std::fs::read(&vars).unwrap(), b"template variables");
     }
 }

@@ -27,18 +27,20 @@
 //! image and no other build's machine accepts either key afterwards.
 //!
 //! A state that cannot be loaded (QEMU changed under the same version, a
-//! file damaged with a matching checksum) is reported and discarded, and
-//! the build boots normally.
+//! file damaged with a matching checksum), or whose machine does not let
+//! the build in within a minute (its key rejected, its SSH server gone), is
+//! reported and discarded, and the build boots normally.
 
 use super::QemuState;
-use super::config::{Accelerator, QemuConfig};
+use super::config::{Accelerator, Firmware, QemuConfig};
 use super::qmp::Qmp;
 use super::step_cache::{Below, cache_settings, layer_problem, store_backing_name};
+use super::step_launch::uefi_vars_path;
 use super::step_shutdown::{LogLines, forget_key_command, trust_key_command};
 use crate::common::cache::digest_json;
 use crate::common::step_store::{EntryInfo, StepStore};
 use async_trait::async_trait;
-use imgbuild_core::{Event, Step, StepContext, StepError};
+use imgbuild_core::{BuildLog, Event, Step, StepContext, StepError};
 use imgbuild_provisioners::communicator::StdoutLines;
 use imgbuild_provisioners::shell::shell_quote;
 use imgbuild_provisioners::ssh::TemporaryKey;
@@ -67,6 +69,11 @@ pub struct Record {
     pub derived: Vec<String>,
     /// RFC 3339.
     pub saved_at: String,
+    /// The UEFI variable store as the saved guest left it (base64): the
+    /// firmware in a restored machine's memory expects that flash, not a
+    /// fresh copy of the template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uefi_vars: Option<String>,
 }
 
 /// A state found for the build, verified by the store.
@@ -75,6 +82,8 @@ pub struct Saved {
     pub memory: PathBuf,
     pub record: Record,
     pub key: Option<Arc<TemporaryKey>>,
+    /// The decoded [`Record::uefi_vars`], for a machine with UEFI firmware.
+    pub uefi_vars: Option<Vec<u8>>,
 }
 
 /// The build's warm start, once its key is known.
@@ -93,6 +102,8 @@ pub struct WarmStart {
     pub saved: Option<Saved>,
     /// The machine running now was restored, not booted.
     pub restored: bool,
+    /// The machine has UEFI firmware, whose variable store a state keeps.
+    uefi: bool,
 }
 
 fn memory_key(key: &str) -> String {
@@ -104,15 +115,34 @@ fn record_key(key: &str) -> String {
 }
 
 impl WarmStart {
-    /// Forgets the state for good: it could not be loaded.
-    pub fn discard(&mut self) {
+    /// Forgets the state for good, here and in a shared store: it could
+    /// not be loaded, or its machine did not let the build in.
+    pub async fn discard(&mut self, log: &BuildLog) {
         self.saved = None;
+        self.restored = false;
         for key in [
             record_key(&self.key),
             memory_key(&self.key),
             self.key.clone(),
         ] {
-            self.store.remove(&key);
+            self.store.discard(&key, log).await;
+        }
+    }
+
+    /// A warm start about to restore `saved`, for the launch's tests.
+    #[cfg(test)]
+    pub fn restoring(saved: Saved, store: StepStore) -> WarmStart {
+        WarmStart {
+            key: "key".into(),
+            machine: "machine".into(),
+            store: Arc::new(store),
+            image: "image".into(),
+            backing: PathBuf::from("base.qcow2"),
+            backing_format: "qcow2".into(),
+            backing_sha256: String::new(),
+            saved: Some(saved),
+            restored: false,
+            uefi: true,
         }
     }
 
@@ -272,7 +302,14 @@ impl Step<QemuState> for StepFindWarm {
         );
         let key = warm_key(&machine, &backing_sha256);
         self.store.record_shares_in(cx);
-        let saved = find(&self.store, &key, &backing, &backing_sha256, state, cx).await;
+        let uefi = self.config.firmware == Firmware::Uefi;
+        let wanted = Wanted {
+            key: &key,
+            backing: &backing,
+            backing_sha256: &backing_sha256,
+            uefi,
+        };
+        let saved = find(&self.store, &wanted, state, cx).await;
         if saved.is_some() {
             let after = match state.cache.as_ref().map_or(0, |cache| cache.done) {
                 0 => "this base and machine".to_owned(),
@@ -293,52 +330,72 @@ impl Step<QemuState> for StepFindWarm {
             backing_sha256,
             saved,
             restored: false,
+            uefi,
         });
         Ok(())
     }
 }
 
-/// The state kept under `key`, all three parts sound and its disk still
-/// standing on `backing`; anything less is removed.
+/// What a state must fit.
+struct Wanted<'a> {
+    key: &'a str,
+    /// The disk below the state's own, and its SHA-256.
+    backing: &'a Path,
+    backing_sha256: &'a str,
+    /// The machine has UEFI firmware: the state must keep its variables.
+    uefi: bool,
+}
+
+/// The state kept under `wanted.key`, all three parts sound and its disk
+/// still standing on `wanted.backing`; anything less is removed.
 async fn find(
     store: &StepStore,
-    key: &str,
-    backing: &Path,
-    backing_sha256: &str,
+    wanted: &Wanted<'_>,
     state: &QemuState,
     cx: &StepContext,
 ) -> Option<Saved> {
+    let key = wanted.key;
     let _lock = store.lock(key).await.ok()?;
     let record = store.get(&record_key(key), &cx.log).await;
     let memory = store.get(&memory_key(key), &cx.log).await;
     let disk = store.get(key, &cx.log).await;
-    let discard = |why: &str| {
-        if !why.is_empty() {
-            cx.log.warn(format!(
-                "the saved machine state {} {why}: discarding it; the build boots",
-                &key[..12]
-            ));
+    let parts = [record_key(key), memory_key(key), key.to_owned()];
+    let (Some(_), Some(_), Some(_)) = (&record, &memory, &disk) else {
+        // A part evicted or found damaged (the store said so, and a shared
+        // store removed its damaged copy): the rest is of no use alone here.
+        for part in &parts {
+            store.remove(part);
         }
-        for part in [record_key(key), memory_key(key), key.to_owned()] {
-            store.remove(&part);
+        return None;
+    };
+    // What is wrong with a sound-looking state is wrong for every runner.
+    let discard = async |why: &str| {
+        cx.log.warn(format!(
+            "the saved machine state {} {why}: discarding it; the build boots",
+            &key[..12]
+        ));
+        for part in &parts {
+            store.discard(part, &cx.log).await;
         }
         None
-    };
-    let (Some(_), Some(_), Some(_)) = (&record, &memory, &disk) else {
-        // A part evicted or found damaged (the store said so): the rest is
-        // of no use alone.
-        return discard("");
     };
     let Some(record) = std::fs::read(store.path(&record_key(key)))
         .ok()
         .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
     else {
-        return discard("has an unreadable record");
+        return discard("has an unreadable record").await;
     };
     let disk_path = store.path(key);
-    let expected = match store_backing_name(store, backing, backing_sha256) {
+    let expected = match store_backing_name(store, wanted.backing, wanted.backing_sha256) {
         Ok(expected) => expected,
-        Err(err) => return discard(&err),
+        // This runner's trouble, not the state's.
+        Err(err) => {
+            cx.log.warn(format!(
+                "the saved machine state {} cannot be used here: {err}; the build boots",
+                &key[..12]
+            ));
+            return None;
+        }
     };
     let problem = match state
         .qemu_img
@@ -349,20 +406,35 @@ async fn find(
         Err(err) => Some(format!("is not a readable qcow2 image ({err})")),
     };
     if let Some(problem) = problem {
-        return discard(&problem);
+        return discard(&problem).await;
     }
     let key_pair = match &record.private_key {
         Some(text) => match TemporaryKey::from_private_openssh(text) {
             Ok(key) => Some(Arc::new(key)),
-            Err(err) => return discard(&format!("has an unreadable key ({err})")),
+            Err(err) => return discard(&format!("has an unreadable key ({err})")).await,
         },
         None => None,
+    };
+    let uefi_vars = match (&record.uefi_vars, wanted.uefi) {
+        (_, false) => None,
+        (Some(encoded), true) => {
+            match base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded) {
+                Ok(bytes) => Some(bytes),
+                Err(err) => {
+                    return discard(&format!("has unreadable UEFI variables ({err})")).await;
+                }
+            }
+        }
+        (None, true) => {
+            return discard("keeps no UEFI variables (an older imgbuild saved it)").await;
+        }
     };
     Some(Saved {
         disk: disk_path,
         memory: store.path(&memory_key(key)),
         record,
         key: key_pair,
+        uefi_vars,
     })
 }
 
@@ -711,12 +783,13 @@ async fn save(
         work_dir.join("warm-memory.zst"),
         work_dir.join("warm-disk.qcow2"),
     );
+    let uefi_vars = warm.uefi.then(|| uefi_vars_path(&work_dir));
     let paused = match &prepared {
-        Ok(_) => pause_and_save(&qmp_path, &memory, &disk, &disk_copy).await,
+        Ok(_) => pause_and_save(&qmp_path, &memory, &disk, &disk_copy, uefi_vars.as_deref()).await,
         Err(message) => Err(message.clone()),
     };
     let paused = match paused {
-        Ok(()) => {
+        Ok(vars) => {
             let (below, sha256) = &target.below;
             let format = match below.parent() == Some(store.root()) {
                 true => "qcow2",
@@ -727,11 +800,12 @@ async fn save(
                     .qemu_img
                     .rebase_unsafe(&disk_copy, &name, format)
                     .await
+                    .map(|()| vars)
                     .map_err(|err| err.to_string()),
                 Err(err) => Err(err),
             }
         }
-        paused => paused,
+        Err(message) => Err(message),
     };
     // The build goes on whatever happened: its own key trusted again, the
     // state's not trusted in its image.
@@ -768,16 +842,21 @@ async fn save(
         let _ = std::fs::remove_file(&memory);
         let _ = std::fs::remove_file(&disk_copy);
     };
-    if let Err(message) = paused {
-        cleanup();
-        return Err(message);
-    }
+    let uefi_vars = match paused {
+        Ok(vars) => vars
+            .map(|bytes| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)),
+        Err(message) => {
+            cleanup();
+            return Err(message);
+        }
+    };
     let record = Record {
         private_key: state_key.map(|key| key.private_openssh().to_owned()),
         derived,
         saved_at: time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
+        uefi_vars,
     };
     let record_file = work_dir.join("warm-record.json");
     std::fs::write(
@@ -810,12 +889,15 @@ async fn save(
 
 /// Pauses the guest, writes its state to `memory` and copies `disk` (which
 /// QEMU does not write while paused) to `disk_copy`, then runs it on.
+/// Pauses the guest, writes its state to `memory` and copies its disk to
+/// `disk_copy`, reads its UEFI variable store (`uefi_vars`), and runs it on.
 async fn pause_and_save(
     qmp_path: &Path,
     memory: &Path,
     disk: &Path,
     disk_copy: &Path,
-) -> Result<(), String> {
+    uefi_vars: Option<&Path>,
+) -> Result<Option<Vec<u8>>, String> {
     let mut qmp = Qmp::connect(qmp_path)
         .await
         .map_err(|err| err.to_string())?;
@@ -863,7 +945,12 @@ async fn pause_and_save(
             .await
             .map_err(|err| err.to_string())?
             .map_err(|err| format!("cannot copy {}: {err}", disk.display()))?;
-        Ok(())
+        // Paused, the firmware writes nothing, and `stop` flushed the flash.
+        uefi_vars
+            .map(|vars| {
+                std::fs::read(vars).map_err(|err| format!("cannot read {}: {err}", vars.display()))
+            })
+            .transpose()
     }
     .await;
     let resumed = qmp
@@ -871,7 +958,8 @@ async fn pause_and_save(
         .await
         .map(|_| ())
         .map_err(|err| format!("QEMU did not run the guest on after saving: {err}"));
-    saved.and(resumed)
+    let saved = saved?;
+    resumed.map(|()| saved)
 }
 
 #[cfg(test)]
@@ -1003,5 +1091,104 @@ mod tests {
             "{made}"
         );
         assert!(made.contains("chmod 644 /etc/ssh/ssh_host_ed25519_key.pub"));
+    }
+
+    /// Keeps a state's three parts under `key`, its disk standing on
+    /// `base`, with `record` as its record.
+    async fn keep_state(
+        store: &StepStore,
+        key: &str,
+        base: &Path,
+        record: &Record,
+        log: &imgbuild_core::BuildLog,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let name = store_backing_name(store, base, "ab").unwrap();
+        let parts = [
+            (record_key(key), serde_json::to_vec(record).unwrap()),
+            (memory_key(key), b"memory".to_vec()),
+            (
+                key.to_owned(),
+                format!(
+                    "\n{}{}\n",
+                    crate::qemu::qemu_img::fake::BACKING_LINE,
+                    name.display()
+                )
+                .into_bytes(),
+            ),
+        ];
+        for (part, bytes) in parts {
+            let file = dir.path().join(&part);
+            std::fs::write(&file, bytes).unwrap();
+            let info = EntryInfo {
+                image: "warm".into(),
+                build: "vm".into(),
+                step: "warm start".into(),
+            };
+            store.put(&part, &file, info, log).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_uefi_machine_restores_the_variables_its_state_kept_and_not_a_state_without_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StepStore::at(dir.path().join("steps"));
+        let base = dir.path().join("base.qcow2");
+        std::fs::write(&base, b"base").unwrap();
+        let t = crate::common::testing::TestContext::new("vm");
+        let state = QemuState {
+            qemu_img: Arc::new(crate::qemu::qemu_img::fake::FakeQemuImg::new(
+                serde_json::json!({}),
+            )),
+            ..QemuState::default()
+        };
+        let record = |uefi_vars: Option<&[u8]>| Record {
+            private_key: None,
+            derived: Vec::new(),
+            saved_at: "2026-12-02T00:00:00Z".into(),
+            uefi_vars: uefi_vars.map(|bytes| {
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+            }),
+        };
+        // Store keys are SHA-256 digests.
+        let (with, without) = ("a".repeat(64), "b".repeat(64));
+        let wanted = |key, uefi| Wanted {
+            key,
+            backing: &base,
+            backing_sha256: "ab",
+            uefi,
+        };
+
+        keep_state(
+            &store,
+            &with,
+            &base,
+            &record(Some(b"saved variables")),
+            &t.cx.log,
+        )
+        .await;
+        let saved = find(&store, &wanted(&with, true), &state, &t.cx)
+            .await
+            .unwrap();
+        assert_eq!(saved.uefi_vars.as_deref(), Some(&b"saved variables"[..]));
+        let bios = find(&store, &wanted(&with, false), &state, &t.cx)
+            .await
+            .unwrap();
+        assert_eq!(bios.uefi_vars, None);
+
+        // Saved before states kept the variables: the firmware in its
+        // memory would meet a fresh flash.
+        keep_state(&store, &without, &base, &record(None), &t.cx.log).await;
+        assert!(
+            find(&store, &wanted(&without, true), &state, &t.cx)
+                .await
+                .is_none()
+        );
+        assert!(
+            format!("{:?}", t.sink.events()).contains("keeps no UEFI variables"),
+            "{:?}",
+            t.sink.events()
+        );
+        assert!(!store.path(&without).exists(), "the state was kept");
     }
 }

@@ -23,11 +23,6 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// sshd is up; a new connection gets a new, immediate try. The wait grows
 /// after each silent attempt, for servers that are merely slow to greet.
 const FIRST_GREETING_WAIT: Duration = Duration::from_secs(2);
-/// A server that answers but rejects the credentials is retried this long,
-/// because cloud-init may not have installed the key yet; beyond that the
-/// credentials are most likely wrong, and waiting out a 10-minute timeout
-/// would only delay saying so.
-const AUTH_REJECTION_LIMIT: Duration = Duration::from_secs(30);
 /// How often `liveness` is asked whether the machine still exists.
 const LIVENESS_POLL: Duration = Duration::from_millis(250);
 /// Unanswered keepalives tolerated before a connection counts as lost.
@@ -316,17 +311,21 @@ impl Dialer {
                     greeting_wait = (greeting_wait * 3 / 2).min(self.options.connect_timeout);
                 }
                 AttemptError::Rejected { .. } => {
+                    let limit = self.options.rejection_limit;
                     let since = *rejected_since.get_or_insert_with(|| {
+                        if limit.is_zero() {
+                            return Instant::now();
+                        }
                         self.log.info(format!(
                             "{} answered but rejected the {} for user {}; retrying for up to {} in case the machine has not installed it yet",
                             self.target,
                             self.auth.describe(),
                             self.username,
-                            human_duration(AUTH_REJECTION_LIMIT)
+                            human_duration(limit)
                         ));
                         Instant::now()
                     });
-                    if since.elapsed() >= AUTH_REJECTION_LIMIT {
+                    if since.elapsed() >= limit {
                         return Err(self.connect_error(self.rejected_message(&error, since)));
                     }
                 }
@@ -448,12 +447,15 @@ impl Dialer {
             }
             _ => String::new(),
         };
+        let how_long = match self.options.rejection_limit.is_zero() {
+            true => String::new(),
+            false => format!(" on every attempt for {}", human_duration(since.elapsed())),
+        };
         format!(
-            "authentication failed: the SSH server rejected the {} for user {} on every attempt for {}{accepts}; \
+            "authentication failed: the SSH server rejected the {} for user {}{how_long}{accepts}; \
              check the ssh username and key or password, and that the machine installs the public key",
             self.auth.describe(),
             self.username,
-            human_duration(since.elapsed()),
         )
     }
 

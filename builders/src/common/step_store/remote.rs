@@ -152,6 +152,43 @@ impl Remote {
         }
     }
 
+    /// Removes the shared entry for `key` if its record still names the
+    /// data `sha256`: a runner found those bytes unusable, and a newer
+    /// entry (shared after this one was removed by someone else) stays.
+    pub(super) async fn forget(&self, key: &str, sha256: &str, log: &BuildLog) {
+        let Some(store) = self.store(log).await else {
+            return;
+        };
+        let names_it = match store.get(&record_key(key)).await {
+            Ok(Some(record)) => serde_json::from_slice::<Entry>(&record.bytes)
+                .is_ok_and(|entry| entry.sha256 == sha256),
+            Ok(None) => false,
+            Err(err) => {
+                log.warn(format!(
+                    "could not read the shared step cache {} ({err}): its entry {} stays there",
+                    store.location(),
+                    &key[..key.len().min(12)]
+                ));
+                return;
+            }
+        };
+        if !names_it {
+            return;
+        }
+        // The record first: a reader never finds a record without its data.
+        let removed = match store.delete(&record_key(key)).await {
+            Ok(()) => store.delete(&data_key(key, sha256)).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = removed {
+            log.warn(format!(
+                "could not remove the entry {} from the shared step cache {}: {err}",
+                &key[..key.len().min(12)],
+                store.location()
+            ));
+        }
+    }
+
     /// Shares the local entry `entry`, whose data is at `data`, unless
     /// another runner shared the key first. With `journal`, the data's
     /// upload is recorded before it starts and released once the entry's
