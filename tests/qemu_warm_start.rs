@@ -225,6 +225,10 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_f
         .unwrap();
     assert!(status.success());
     replace_entry(&memory, &std::fs::read(&garbage).unwrap());
+    let mut kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    kept["memory_sha256"] = sha256_of(&memory).into();
+    replace_entry(&record, &serde_json::to_vec(&kept).unwrap());
 
     let third = build(&workspace, "3", "c").exits_with(0);
     assert_booted_instead(&third, "QEMU could not load it");

@@ -10,6 +10,10 @@ pub enum CommError {
     Disconnected { target: String, reason: String },
     #[error("cannot connect to {target}: {reason}")]
     Connect { target: String, reason: String },
+    /// The server answered but refused the credentials for as long as they
+    /// were given.
+    #[error("cannot connect to {target}: {reason}")]
+    Rejected { target: String, reason: String },
     #[error("{operation} on {target} failed: {reason}")]
     Operation {
         operation: String,

@@ -739,6 +739,7 @@ async fn a_zero_rejection_limit_gives_up_at_the_first_rejection() {
         .expect("a rejection with no window to retry in was retried")
         .err()
         .unwrap();
+    assert!(matches!(err, CommError::Rejected { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.contains("rejected"), "{text}");
     let infos = info_messages(&sink.events());

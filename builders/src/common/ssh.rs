@@ -1,6 +1,7 @@
 //! Connecting over SSH the way every SSH-based builder does.
 
 use imgbuild_core::{StepContext, StepError};
+use imgbuild_provisioners::CommError;
 use imgbuild_provisioners::ssh::{
     Liveness, SshAuth, SshCommunicator, SshConfig, SshTarget, TemporaryKey, WaitOptions,
 };
@@ -49,19 +50,22 @@ pub async fn connect(
     wait: WaitOptions,
     cx: &StepContext,
     liveness: Option<Liveness>,
-) -> Result<SshCommunicator, StepError> {
+) -> Result<SshCommunicator, LoginError> {
     let mut resolved = ssh.clone();
     resolved.private_key_file = ssh
         .private_key_file
         .as_ref()
         .map(|path| config_dir.join(path));
-    let auth = match resolved.auth().map_err(StepError::failed)? {
+    let auth = match resolved
+        .auth()
+        .map_err(|err| LoginError::Failed(err.to_string()))?
+    {
         Some(auth) => auth,
         None => match temporary_key {
             Some(key) => key.auth(),
             None => {
-                return Err(StepError::failed(
-                    "no SSH credential: set `ssh.password` or `ssh.private_key_file`",
+                return Err(LoginError::Failed(
+                    "no SSH credential: set `ssh.password` or `ssh.private_key_file`".to_owned(),
                 ));
             }
         },
@@ -79,8 +83,30 @@ pub async fn connect(
     .await;
     match communicator {
         Ok(communicator) => Ok(communicator),
-        Err(_) if cx.cancel.is_cancelled() => Err(StepError::Cancelled),
-        Err(err) => Err(StepError::failed(err)),
+        Err(_) if cx.cancel.is_cancelled() => Err(LoginError::Cancelled),
+        Err(err @ CommError::Rejected { .. }) => Err(LoginError::Rejected(err.to_string())),
+        Err(err) => Err(LoginError::Failed(err.to_string())),
+    }
+}
+
+/// Why a login failed.
+#[derive(Debug)]
+pub enum LoginError {
+    Cancelled,
+    /// The server answered and refused the credentials for as long as they
+    /// were given.
+    Rejected(String),
+    Failed(String),
+}
+
+impl From<LoginError> for StepError {
+    fn from(err: LoginError) -> StepError {
+        match err {
+            LoginError::Cancelled => StepError::Cancelled,
+            LoginError::Rejected(message) | LoginError::Failed(message) => {
+                StepError::Failed(message)
+            }
+        }
     }
 }
 

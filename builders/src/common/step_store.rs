@@ -402,17 +402,22 @@ impl StepStore {
         }
     }
 
-    /// Removes an entry that verified but proved unusable (a machine state
-    /// QEMU could not load, say), here and from the shared store, so that
-    /// no runner fetches it again and the next to make it shares a new one.
-    pub async fn discard(&self, key: &str, log: &BuildLog) {
-        let sha256 = std::fs::read(self.record_path(key))
+    /// Removes the entry `key` holding the bytes `sha256`, which verified
+    /// but proved unusable, here and, with `everywhere`, from the shared
+    /// store, so that no runner fetches it again and the next to make it
+    /// shares a new one. An entry kept since with other bytes stays. Call
+    /// with the key's lock held. False when the shared store could not be
+    /// told.
+    pub async fn discard(&self, key: &str, sha256: &str, everywhere: bool, log: &BuildLog) -> bool {
+        let kept = std::fs::read(self.record_path(key))
             .ok()
-            .and_then(|bytes| serde_json::from_slice::<Entry>(&bytes).ok())
-            .map(|entry| entry.sha256);
-        self.remove(key);
-        if let (Some(remote), Some(sha256)) = (&self.remote, sha256) {
-            remote.forget(key, &sha256, log).await;
+            .and_then(|bytes| serde_json::from_slice::<Entry>(&bytes).ok());
+        if kept.is_some_and(|entry| entry.sha256 == sha256) {
+            self.remove(key);
+        }
+        match (&self.remote, everywhere) {
+            (Some(remote), true) => remote.forget(key, sha256, log).await,
+            _ => true,
         }
     }
 
@@ -593,7 +598,7 @@ mod tests {
     }
 
     /// An entry that verified but proved unusable leaves the shared store
-    /// too, so no runner fetches it again; one shared anew since stays.
+    /// too, if asked to; one kept anew since, here or there, stays.
     #[tokio::test]
     async fn a_discarded_entry_leaves_the_shared_store_unless_it_was_replaced() {
         let dir = tempfile::tempdir().unwrap();
@@ -606,24 +611,32 @@ mod tests {
         std::fs::write(&good, b"a newer state").unwrap();
 
         let first = runner("one");
-        first.put("k", &bad, info(), &log).await.unwrap();
+        let kept = first.put("k", &bad, info(), &log).await.unwrap();
         let second = runner("two");
         assert!(second.get("k", &log).await.is_some(), "not shared");
-        second.discard("k", &log).await;
+        assert!(second.discard("k", &kept.sha256, false, &log).await);
         assert!(second.get_local("k", &log).await.is_none());
         assert!(
-            runner("three").get("k", &log).await.is_none(),
-            "a third runner fetched the discarded entry"
+            runner("three").get("k", &log).await.is_some(),
+            "discarded from the shared store when only this runner's was meant"
+        );
+        assert!(second.discard("k", &kept.sha256, true, &log).await);
+        assert!(
+            runner("four").get("k", &log).await.is_none(),
+            "a fourth runner fetched the discarded entry"
         );
 
-        // `first` still holds the bad bytes; someone shares good ones.
-        runner("four").put("k", &good, info(), &log).await.unwrap();
-        first.discard("k", &log).await;
-        let fetched = runner("five").get("k", &log).await.unwrap();
+        // Good bytes are shared under the key, and kept here too, before
+        // `first` discards what it found: the newer entry stays everywhere.
+        let newer = runner("five").put("k", &good, info(), &log).await.unwrap();
+        assert!(first.discard("k", &kept.sha256, true, &log).await);
+        let fetched = runner("six").get("k", &log).await.unwrap();
+        assert_eq!(fetched.sha256, newer.sha256);
+        let here = runner("five");
+        assert!(here.discard("k", &kept.sha256, true, &log).await);
         assert_eq!(
-            std::fs::read(runner("five").path("k")).unwrap(),
-            b"a newer state"
+            here.get_local("k", &log).await.unwrap().sha256,
+            newer.sha256
         );
-        assert_eq!(fetched.size, 13);
     }
 }

@@ -8,7 +8,7 @@
 use super::QemuState;
 use super::plan::Plan;
 use super::step_launch::Machine;
-use crate::common::ssh;
+use crate::common::ssh::{self, LoginError};
 use async_trait::async_trait;
 use imgbuild_core::{CleanupOutcome, Step, StepContext, StepError};
 use imgbuild_provisioners::ssh::{Liveness, SshCommunicator, SshTarget};
@@ -39,7 +39,7 @@ pub async fn log_in(
     state: &QemuState,
     machine: &Machine,
     cx: &StepContext,
-) -> Result<SshCommunicator, StepError> {
+) -> Result<SshCommunicator, LoginError> {
     let restored = state.warm.as_ref().is_some_and(|warm| warm.restored);
     // A restored machine trusts its saved state's key, not this build's
     // (see `warm_start`).
@@ -73,11 +73,14 @@ pub async fn log_in(
             ));
             Ok(communicator)
         }
-        Err(StepError::Cancelled) => Err(StepError::Cancelled),
-        Err(StepError::Failed(message)) => Err(StepError::Failed(format!(
-            "{message}\n{}",
-            machine.serial_tail()
-        ))),
+        Err(err) => {
+            let with_tail = |message: String| format!("{message}\n{}", machine.serial_tail());
+            Err(match err {
+                LoginError::Rejected(message) => LoginError::Rejected(with_tail(message)),
+                LoginError::Failed(message) => LoginError::Failed(with_tail(message)),
+                LoginError::Cancelled => LoginError::Cancelled,
+            })
+        }
     }
 }
 

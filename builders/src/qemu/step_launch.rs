@@ -21,6 +21,7 @@ use super::step_connect;
 use super::step_create_disk::create_disk;
 use super::warm_start;
 use crate::common::process::{self, ProcessIdentity};
+use crate::common::ssh::LoginError;
 use crate::common::tracked::{TrackedPath, record, release};
 use async_trait::async_trait;
 use imgbuild_core::{CleanupOutcome, Resource, ResourceId, Step, StepContext, StepError};
@@ -167,24 +168,12 @@ impl StepLaunch {
             ]);
         }
         if config.firmware == Firmware::Uefi {
-            let vars = uefi_vars_path(work_dir);
-            let saved_vars = incoming
-                .and(state.warm.as_ref())
-                .and_then(|warm| warm.saved.as_ref())
-                .and_then(|saved| saved.uefi_vars.as_deref());
-            match saved_vars {
-                Some(bytes) => std::fs::write(&vars, bytes).map_err(|err| {
-                    StepError::failed(format!("cannot write {}: {err}", vars.display()))
-                })?,
-                None => {
-                    std::fs::copy(&config.ovmf_vars, &vars).map_err(|err| {
-                        StepError::failed(format!(
-                            "cannot copy {}: {err}",
-                            config.ovmf_vars.display()
-                        ))
-                    })?;
-                }
-            }
+            // A restore needs no saved copy: the flash's contents are
+            // guest RAM to QEMU, in the state, written back here on resume.
+            let vars = work_dir.join("OVMF_VARS.fd");
+            std::fs::copy(&config.ovmf_vars, &vars).map_err(|err| {
+                StepError::failed(format!("cannot copy {}: {err}", config.ovmf_vars.display()))
+            })?;
             args.extend([
                 "-drive".into(),
                 format!(
@@ -379,13 +368,15 @@ impl StepLaunch {
         Ok(())
     }
 
-    /// Gives up the saved state (`why` it cannot be restored) and makes the
-    /// build disk a fresh one, for a normal boot.
+    /// Gives up the saved state (`why` it cannot be restored; `everywhere`
+    /// when that is the state's fault, see `WarmStart::discard`) and makes
+    /// the build disk a fresh one, for a normal boot.
     async fn boot_instead(
         &mut self,
         state: &mut QemuState,
         cx: &StepContext,
         why: &str,
+        everywhere: bool,
     ) -> Result<(), StepError> {
         let Some(warm) = state.warm.as_mut() else {
             return Ok(());
@@ -393,7 +384,7 @@ impl StepLaunch {
         cx.log.warn(format!(
             "the saved machine state cannot be restored ({why}): discarded; booting instead"
         ));
-        warm.discard(&cx.log).await;
+        warm.discard(everywhere, &cx.log).await;
         let (backing, backing_format) = (warm.backing.clone(), warm.backing_format.clone());
         let disk = state
             .disk
@@ -409,12 +400,6 @@ impl StepLaunch {
         )
         .await
     }
-}
-
-/// The machine's own copy of its UEFI variable store: the template's at a
-/// boot, the saved one at a restore.
-pub fn uefi_vars_path(work_dir: &Path) -> PathBuf {
-    work_dir.join("OVMF_VARS.fd")
 }
 
 /// Asks the kernel for a free port. Another process can take it before QEMU
@@ -441,6 +426,7 @@ impl Step<QemuState> for StepLaunch {
                 state,
                 cx,
                 "QEMU gets no monitor socket to resume it through",
+                false,
             )
             .await?;
         }
@@ -475,6 +461,7 @@ impl Step<QemuState> for StepLaunch {
                         state,
                         cx,
                         &format!("QEMU could not load it: {}", first_line(&failure)),
+                        false,
                     )
                     .await?;
                     attempt = 0;
@@ -493,6 +480,7 @@ impl Step<QemuState> for StepLaunch {
                         state,
                         cx,
                         &format!("QEMU could not load it: {}", first_line(&message)),
+                        false,
                     )
                     .await?;
                     attempt = 0;
@@ -504,23 +492,35 @@ impl Step<QemuState> for StepLaunch {
                 // A state counts as restored only once its machine lets the
                 // build in: one whose key or SSH server no longer works
                 // would otherwise cost the whole `ssh.timeout` and the build.
-                match step_connect::log_in(&self.plan, state, &machine, cx).await {
-                    Ok(communicator) => state.communicator = Some(Arc::new(communicator)),
-                    Err(StepError::Cancelled) => return Err(StepError::Cancelled),
-                    Err(StepError::Failed(message)) => {
-                        self.stop(cx).await?;
-                        self.boot_instead(
-                            state,
-                            cx,
-                            &format!(
-                                "the restored machine did not let the build in: {}",
-                                first_line(&message)
-                            ),
-                        )
-                        .await?;
-                        attempt = 0;
-                        continue;
+                let failure = match step_connect::log_in(&self.plan, state, &machine, cx).await {
+                    Ok(communicator) => {
+                        state.communicator = Some(Arc::new(communicator));
+                        None
                     }
+                    Err(LoginError::Cancelled) => return Err(StepError::Cancelled),
+                    // The caller falls back to TCG; the state is not at fault.
+                    Err(LoginError::Failed(message)) if accel::is_kvm_failure(&message) => {
+                        return Err(StepError::Failed(message));
+                    }
+                    // The key the state keeps no longer works: for anyone.
+                    Err(LoginError::Rejected(message)) => Some((message, true)),
+                    // A busy host, a guest that died: perhaps only here.
+                    Err(LoginError::Failed(message)) => Some((message, false)),
+                };
+                if let Some((message, everywhere)) = failure {
+                    self.stop(cx).await?;
+                    self.boot_instead(
+                        state,
+                        cx,
+                        &format!(
+                            "the restored machine did not let the build in: {}",
+                            first_line(&message)
+                        ),
+                        everywhere,
+                    )
+                    .await?;
+                    attempt = 0;
+                    continue;
                 }
             }
             cx.log.info(format!(
@@ -588,62 +588,5 @@ mod tests {
             .await
             .unwrap();
         assert!(!own.exists(), "cleanup removes it");
-    }
-
-    #[test]
-    fn a_uefi_machine_boots_on_the_template_variables_and_resumes_on_the_saved_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let template = dir.path().join("OVMF_VARS.template");
-        std::fs::write(&template, b"template variables").unwrap();
-        let plan = Arc::new(plan(
-            serde_json::json!({
-                "base_image": "b.img",
-                "firmware": "uefi",
-                "ovmf_code": "/usr/share/OVMF/OVMF_CODE.fd",
-                "ovmf_vars": template,
-            }),
-            dir.path(),
-        ));
-        let step = StepLaunch::new(plan);
-        let work_dir = dir.path().join("work");
-        std::fs::create_dir(&work_dir).unwrap();
-        let memory = dir.path().join("memory.zst");
-        let saved = warm_start::Saved {
-            disk: dir.path().join("disk.qcow2"),
-            memory: memory.clone(),
-            record: warm_start::Record {
-                private_key: None,
-                derived: Vec::new(),
-                saved_at: String::new(),
-                uefi_vars: None,
-            },
-            key: None,
-            uefi_vars: Some(b"saved variables".to_vec()),
-        };
-        let state = QemuState {
-            disk: Some(dir.path().join("disk.qcow2")),
-            warm: Some(warm_start::WarmStart::restoring(
-                saved,
-                crate::common::step_store::StepStore::at(dir.path().join("steps")),
-            )),
-            ..QemuState::default()
-        };
-        let vars = uefi_vars_path(&work_dir);
-        let args = step
-            .command_line(&state, &work_dir, 2222, "m", None, Some(&memory))
-            .unwrap();
-        assert!(
-            args.contains(&format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                vars.display()
-            )),
-            "{args:?}"
-        );
-        assert_eq!(std::fs::read(&vars).unwrap(), b"saved variables");
-
-        // A boot (the state given up, or none) starts from the template.
-        step.command_line(&state, &work_dir, 2222, "m", None, None)
-            .unwrap();
-        assert_eq!(std::fs::read(&vars).unwrap(), b"template variables");
     }
 }

@@ -32,10 +32,9 @@
 //! reported and discarded, and the build boots normally.
 
 use super::QemuState;
-use super::config::{Accelerator, Firmware, QemuConfig};
+use super::config::{Accelerator, QemuConfig};
 use super::qmp::Qmp;
 use super::step_cache::{Below, cache_settings, layer_problem, store_backing_name};
-use super::step_launch::uefi_vars_path;
 use super::step_shutdown::{LogLines, forget_key_command, trust_key_command};
 use crate::common::cache::digest_json;
 use crate::common::step_store::{EntryInfo, StepStore};
@@ -56,7 +55,7 @@ use std::time::{Duration, Instant};
 const STATE_LIMIT: Duration = Duration::from_secs(300);
 
 /// Bumped when what a state holds, or how it is made, changes.
-const SCHEME: u32 = 1;
+const SCHEME: u32 = 2;
 
 /// What is kept beside a state's memory and disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,11 +68,11 @@ pub struct Record {
     pub derived: Vec<String>,
     /// RFC 3339.
     pub saved_at: String,
-    /// The UEFI variable store as the saved guest left it (base64): the
-    /// firmware in a restored machine's memory expects that flash, not a
-    /// fresh copy of the template.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uefi_vars: Option<String>,
+    /// The SHA-256 of the state's disk and memory entries: a state is never
+    /// put together from the parts of two saves (a part evicted here and
+    /// fetched anew from a shared store that holds a newer state).
+    pub disk_sha256: String,
+    pub memory_sha256: String,
 }
 
 /// A state found for the build, verified by the store.
@@ -82,8 +81,10 @@ pub struct Saved {
     pub memory: PathBuf,
     pub record: Record,
     pub key: Option<Arc<TemporaryKey>>,
-    /// The decoded [`Record::uefi_vars`], for a machine with UEFI firmware.
-    pub uefi_vars: Option<Vec<u8>>,
+    /// The store keys of the state's parts, record first, each with the
+    /// SHA-256 it was found with: a discard removes those bytes and never a
+    /// state saved since.
+    pub parts: Vec<(String, String)>,
 }
 
 /// The build's warm start, once its key is known.
@@ -102,8 +103,6 @@ pub struct WarmStart {
     pub saved: Option<Saved>,
     /// The machine running now was restored, not booted.
     pub restored: bool,
-    /// The machine has UEFI firmware, whose variable store a state keeps.
-    uefi: bool,
 }
 
 fn memory_key(key: &str) -> String {
@@ -115,35 +114,17 @@ fn record_key(key: &str) -> String {
 }
 
 impl WarmStart {
-    /// Forgets the state for good, here and in a shared store: it could
-    /// not be loaded, or its machine did not let the build in.
-    pub async fn discard(&mut self, log: &BuildLog) {
-        self.saved = None;
+    /// Gives the state up for this build and removes it from the store,
+    /// and with `everywhere` from a shared store too: when the failure is
+    /// the state's own (its machine rejected the key it keeps), not
+    /// possibly this runner's (no `zstd`, too little memory, a busy host).
+    pub async fn discard(&mut self, everywhere: bool, log: &BuildLog) {
         self.restored = false;
-        for key in [
-            record_key(&self.key),
-            memory_key(&self.key),
-            self.key.clone(),
-        ] {
-            self.store.discard(&key, log).await;
-        }
-    }
-
-    /// A warm start about to restore `saved`, for the launch's tests.
-    #[cfg(test)]
-    pub fn restoring(saved: Saved, store: StepStore) -> WarmStart {
-        WarmStart {
-            key: "key".into(),
-            machine: "machine".into(),
-            store: Arc::new(store),
-            image: "image".into(),
-            backing: PathBuf::from("base.qcow2"),
-            backing_format: "qcow2".into(),
-            backing_sha256: String::new(),
-            saved: Some(saved),
-            restored: false,
-            uefi: true,
-        }
+        let Some(saved) = self.saved.take() else {
+            return;
+        };
+        let _lock = self.store.lock(&self.key).await;
+        discard_parts(&self.store, &saved.parts, everywhere, log).await;
     }
 
     /// The key to log in with: the state's, for a restored machine whose
@@ -302,12 +283,10 @@ impl Step<QemuState> for StepFindWarm {
         );
         let key = warm_key(&machine, &backing_sha256);
         self.store.record_shares_in(cx);
-        let uefi = self.config.firmware == Firmware::Uefi;
         let wanted = Wanted {
             key: &key,
             backing: &backing,
             backing_sha256: &backing_sha256,
-            uefi,
         };
         let saved = find(&self.store, &wanted, state, cx).await;
         if saved.is_some() {
@@ -330,7 +309,6 @@ impl Step<QemuState> for StepFindWarm {
             backing_sha256,
             saved,
             restored: false,
-            uefi,
         });
         Ok(())
     }
@@ -342,8 +320,6 @@ struct Wanted<'a> {
     /// The disk below the state's own, and its SHA-256.
     backing: &'a Path,
     backing_sha256: &'a str,
-    /// The machine has UEFI firmware: the state must keep its variables.
-    uefi: bool,
 }
 
 /// The state kept under `wanted.key`, all three parts sound and its disk
@@ -359,32 +335,40 @@ async fn find(
     let record = store.get(&record_key(key), &cx.log).await;
     let memory = store.get(&memory_key(key), &cx.log).await;
     let disk = store.get(key, &cx.log).await;
-    let parts = [record_key(key), memory_key(key), key.to_owned()];
-    let (Some(_), Some(_), Some(_)) = (&record, &memory, &disk) else {
+    let (Some(record_entry), Some(memory_entry), Some(disk_entry)) = (record, memory, disk) else {
         // A part evicted or found damaged (the store said so, and a shared
         // store removed its damaged copy): the rest is of no use alone here.
-        for part in &parts {
-            store.remove(part);
+        for part in [record_key(key), memory_key(key), key.to_owned()] {
+            store.remove(&part);
         }
         return None;
     };
-    // What is wrong with a sound-looking state is wrong for every runner.
-    let discard = async |why: &str| {
+    let parts = vec![
+        (record_key(key), record_entry.sha256),
+        (memory_key(key), memory_entry.sha256),
+        (key.to_owned(), disk_entry.sha256),
+    ];
+    // `everywhere`: what is wrong is wrong for every runner, and the state
+    // leaves a shared store too.
+    let discard = async |why: &str, everywhere: bool| {
         cx.log.warn(format!(
             "the saved machine state {} {why}: discarding it; the build boots",
             &key[..12]
         ));
-        for part in &parts {
-            store.discard(part, &cx.log).await;
-        }
+        discard_parts(store, &parts, everywhere, &cx.log).await;
         None
     };
     let Some(record) = std::fs::read(store.path(&record_key(key)))
         .ok()
         .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
     else {
-        return discard("has an unreadable record").await;
+        return discard("has an unreadable record", true).await;
     };
+    if (&record.memory_sha256, &record.disk_sha256) != (&parts[1].1, &parts[2].1) {
+        // A part evicted here and fetched anew from a shared store holding
+        // a newer state: each store is whole, this mix is not.
+        return discard("has parts of two different saves", false).await;
+    }
     let disk_path = store.path(key);
     let expected = match store_backing_name(store, wanted.backing, wanted.backing_sha256) {
         Ok(expected) => expected,
@@ -397,45 +381,50 @@ async fn find(
             return None;
         }
     };
-    let problem = match state
+    match state
         .qemu_img
         .info(&disk_path, Some(super::config::DiskFormat::Qcow2))
         .await
     {
-        Ok(info) => layer_problem(&info, &expected),
-        Err(err) => Some(format!("is not a readable qcow2 image ({err})")),
-    };
-    if let Some(problem) = problem {
-        return discard(&problem).await;
+        Ok(info) => {
+            if let Some(problem) = layer_problem(&info, &expected) {
+                return discard(&problem, true).await;
+            }
+        }
+        // Perhaps `qemu-img` here rather than the disk: this runner's alone.
+        Err(err) => {
+            return discard(&format!("is not a readable qcow2 image ({err})"), false).await;
+        }
     }
     let key_pair = match &record.private_key {
         Some(text) => match TemporaryKey::from_private_openssh(text) {
             Ok(key) => Some(Arc::new(key)),
-            Err(err) => return discard(&format!("has an unreadable key ({err})")).await,
+            Err(err) => return discard(&format!("has an unreadable key ({err})"), true).await,
         },
         None => None,
-    };
-    let uefi_vars = match (&record.uefi_vars, wanted.uefi) {
-        (_, false) => None,
-        (Some(encoded), true) => {
-            match base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded) {
-                Ok(bytes) => Some(bytes),
-                Err(err) => {
-                    return discard(&format!("has unreadable UEFI variables ({err})")).await;
-                }
-            }
-        }
-        (None, true) => {
-            return discard("keeps no UEFI variables (an older imgbuild saved it)").await;
-        }
     };
     Some(Saved {
         disk: disk_path,
         memory: store.path(&memory_key(key)),
         record,
         key: key_pair,
-        uefi_vars,
+        parts,
     })
+}
+
+/// Removes a state's parts as they were found (record first), here and,
+/// with `everywhere`, from a shared store, until a shared removal fails:
+/// a shared record then still names the rest.
+async fn discard_parts(
+    store: &StepStore,
+    parts: &[(String, String)],
+    everywhere: bool,
+    log: &BuildLog,
+) {
+    let mut everywhere = everywhere;
+    for (key, sha256) in parts {
+        everywhere &= store.discard(key, sha256, everywhere, log).await;
+    }
 }
 
 /// The `-incoming` argument that loads `memory`.
@@ -783,13 +772,12 @@ async fn save(
         work_dir.join("warm-memory.zst"),
         work_dir.join("warm-disk.qcow2"),
     );
-    let uefi_vars = warm.uefi.then(|| uefi_vars_path(&work_dir));
     let paused = match &prepared {
-        Ok(_) => pause_and_save(&qmp_path, &memory, &disk, &disk_copy, uefi_vars.as_deref()).await,
+        Ok(_) => pause_and_save(&qmp_path, &memory, &disk, &disk_copy).await,
         Err(message) => Err(message.clone()),
     };
     let paused = match paused {
-        Ok(vars) => {
+        Ok(()) => {
             let (below, sha256) = &target.below;
             let format = match below.parent() == Some(store.root()) {
                 true => "qcow2",
@@ -800,7 +788,6 @@ async fn save(
                     .qemu_img
                     .rebase_unsafe(&disk_copy, &name, format)
                     .await
-                    .map(|()| vars)
                     .map_err(|err| err.to_string()),
                 Err(err) => Err(err),
             }
@@ -842,21 +829,35 @@ async fn save(
         let _ = std::fs::remove_file(&memory);
         let _ = std::fs::remove_file(&disk_copy);
     };
-    let uefi_vars = match paused {
-        Ok(vars) => vars
-            .map(|bytes| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)),
-        Err(message) => {
-            cleanup();
-            return Err(message);
-        }
+    if let Err(message) = paused {
+        cleanup();
+        return Err(message);
+    }
+    let info = |part: &str| EntryInfo {
+        image: warm.image.clone(),
+        build: cx.build_name().to_owned(),
+        step: format!("warm start {} ({part})", target.when),
     };
+    let put = async |part_key: String, file: &Path, part: &str| {
+        let entry = store
+            .put(&part_key, file, info(part), &cx.log)
+            .await
+            .map_err(|err| err.to_string());
+        let _ = std::fs::remove_file(file);
+        entry
+    };
+    let disk_entry = put(key.clone(), &disk_copy, "disk").await?;
+    let memory_entry = put(memory_key(&key), &memory, "memory").await?;
+    // The record goes last, naming the others' bytes: a state is found
+    // only once it is whole, and only with the parts of one save.
     let record = Record {
         private_key: state_key.map(|key| key.private_openssh().to_owned()),
         derived,
         saved_at: time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
-        uefi_vars,
+        disk_sha256: disk_entry.sha256.clone(),
+        memory_sha256: memory_entry.sha256.clone(),
     };
     let record_file = work_dir.join("warm-record.json");
     std::fs::write(
@@ -865,39 +866,20 @@ async fn save(
     )
     .and_then(|()| std::fs::set_permissions(&record_file, std::fs::Permissions::from_mode(0o600)))
     .map_err(|err| format!("cannot write {}: {err}", record_file.display()))?;
-    let info = |part: &str| EntryInfo {
-        image: warm.image.clone(),
-        build: cx.build_name().to_owned(),
-        step: format!("warm start {} ({part})", target.when),
-    };
-    let mut size = 0;
-    // The record goes last: a state is found only once it is whole.
-    for (part_key, file, part) in [
-        (key.clone(), &disk_copy, "disk"),
-        (memory_key(&key), &memory, "memory"),
-        (record_key(&key), &record_file, "record"),
-    ] {
-        let entry = store
-            .put(&part_key, file, info(part), &cx.log)
-            .await
-            .map_err(|err| err.to_string())?;
-        size += entry.size;
-        let _ = std::fs::remove_file(file);
-    }
-    Ok(Some(size))
+    let record_entry = put(record_key(&key), &record_file, "record").await?;
+    Ok(Some(
+        disk_entry.size + memory_entry.size + record_entry.size,
+    ))
 }
 
 /// Pauses the guest, writes its state to `memory` and copies `disk` (which
 /// QEMU does not write while paused) to `disk_copy`, then runs it on.
-/// Pauses the guest, writes its state to `memory` and copies its disk to
-/// `disk_copy`, reads its UEFI variable store (`uefi_vars`), and runs it on.
 async fn pause_and_save(
     qmp_path: &Path,
     memory: &Path,
     disk: &Path,
     disk_copy: &Path,
-    uefi_vars: Option<&Path>,
-) -> Result<Option<Vec<u8>>, String> {
+) -> Result<(), String> {
     let mut qmp = Qmp::connect(qmp_path)
         .await
         .map_err(|err| err.to_string())?;
@@ -945,12 +927,7 @@ async fn pause_and_save(
             .await
             .map_err(|err| err.to_string())?
             .map_err(|err| format!("cannot copy {}: {err}", disk.display()))?;
-        // Paused, the firmware writes nothing, and `stop` flushed the flash.
-        uefi_vars
-            .map(|vars| {
-                std::fs::read(vars).map_err(|err| format!("cannot read {}: {err}", vars.display()))
-            })
-            .transpose()
+        Ok(())
     }
     .await;
     let resumed = qmp
@@ -958,8 +935,7 @@ async fn pause_and_save(
         .await
         .map(|_| ())
         .map_err(|err| format!("QEMU did not run the guest on after saving: {err}"));
-    let saved = saved?;
-    resumed.map(|()| saved)
+    saved.and(resumed)
 }
 
 #[cfg(test)]
@@ -1093,44 +1069,47 @@ mod tests {
         assert!(made.contains("chmod 644 /etc/ssh/ssh_host_ed25519_key.pub"));
     }
 
-    /// Keeps a state's three parts under `key`, its disk standing on
-    /// `base`, with `record` as its record.
+    /// Keeps a state's parts under `key` as a save would, its disk
+    /// standing on `base`, its record naming `memory_sha256` (the memory's
+    /// own unless given).
     async fn keep_state(
         store: &StepStore,
         key: &str,
         base: &Path,
-        record: &Record,
+        memory_sha256: Option<&str>,
         log: &imgbuild_core::BuildLog,
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let name = store_backing_name(store, base, "ab").unwrap();
-        let parts = [
-            (record_key(key), serde_json::to_vec(record).unwrap()),
-            (memory_key(key), b"memory".to_vec()),
-            (
-                key.to_owned(),
-                format!(
-                    "\n{}{}\n",
-                    crate::qemu::qemu_img::fake::BACKING_LINE,
-                    name.display()
-                )
-                .into_bytes(),
-            ),
-        ];
-        for (part, bytes) in parts {
+        let info = || EntryInfo {
+            image: "warm".into(),
+            build: "vm".into(),
+            step: "warm start".into(),
+        };
+        let put = async |part: String, bytes: Vec<u8>| {
             let file = dir.path().join(&part);
             std::fs::write(&file, bytes).unwrap();
-            let info = EntryInfo {
-                image: "warm".into(),
-                build: "vm".into(),
-                step: "warm start".into(),
-            };
-            store.put(&part, &file, info, log).await.unwrap();
-        }
+            store.put(&part, &file, info(), log).await.unwrap()
+        };
+        let name = store_backing_name(store, base, "ab").unwrap();
+        let backing = format!(
+            "\n{}{}\n",
+            crate::qemu::qemu_img::fake::BACKING_LINE,
+            name.display()
+        );
+        let disk = put(key.to_owned(), backing.into_bytes()).await;
+        let memory = put(memory_key(key), b"memory".to_vec()).await;
+        let record = Record {
+            private_key: None,
+            derived: Vec::new(),
+            saved_at: "2026-12-02T00:00:00Z".into(),
+            disk_sha256: disk.sha256,
+            memory_sha256: memory_sha256.map_or(memory.sha256, str::to_owned),
+        };
+        put(record_key(key), serde_json::to_vec(&record).unwrap()).await;
     }
 
     #[tokio::test]
-    async fn a_uefi_machine_restores_the_variables_its_state_kept_and_not_a_state_without_them() {
+    async fn a_state_is_used_only_with_the_parts_its_record_names() {
         let dir = tempfile::tempdir().unwrap();
         let store = StepStore::at(dir.path().join("steps"));
         let base = dir.path().join("base.qcow2");
@@ -1142,53 +1121,31 @@ mod tests {
             )),
             ..QemuState::default()
         };
-        let record = |uefi_vars: Option<&[u8]>| Record {
-            private_key: None,
-            derived: Vec::new(),
-            saved_at: "2026-12-02T00:00:00Z".into(),
-            uefi_vars: uefi_vars.map(|bytes| {
-                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
-            }),
-        };
         // Store keys are SHA-256 digests.
-        let (with, without) = ("a".repeat(64), "b".repeat(64));
-        let wanted = |key, uefi| Wanted {
+        let (whole, mixed) = ("a".repeat(64), "b".repeat(64));
+        let wanted = |key| Wanted {
             key,
             backing: &base,
             backing_sha256: "ab",
-            uefi,
         };
 
-        keep_state(
-            &store,
-            &with,
-            &base,
-            &record(Some(b"saved variables")),
-            &t.cx.log,
-        )
-        .await;
-        let saved = find(&store, &wanted(&with, true), &state, &t.cx)
-            .await
-            .unwrap();
-        assert_eq!(saved.uefi_vars.as_deref(), Some(&b"saved variables"[..]));
-        let bios = find(&store, &wanted(&with, false), &state, &t.cx)
-            .await
-            .unwrap();
-        assert_eq!(bios.uefi_vars, None);
-
-        // Saved before states kept the variables: the firmware in its
-        // memory would meet a fresh flash.
-        keep_state(&store, &without, &base, &record(None), &t.cx.log).await;
-        assert!(
-            find(&store, &wanted(&without, true), &state, &t.cx)
-                .await
-                .is_none()
+        keep_state(&store, &whole, &base, None, &t.cx.log).await;
+        let saved = find(&store, &wanted(&whole), &state, &t.cx).await.unwrap();
+        let part_keys: Vec<&str> = saved.parts.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(
+            part_keys,
+            [record_key(&whole), memory_key(&whole), whole.clone()]
         );
+
+        // A memory part of another save, as a partly evicted state topped up
+        // from a shared store holding a newer one would have.
+        keep_state(&store, &mixed, &base, Some(&"0".repeat(64)), &t.cx.log).await;
+        assert!(find(&store, &wanted(&mixed), &state, &t.cx).await.is_none());
         assert!(
-            format!("{:?}", t.sink.events()).contains("keeps no UEFI variables"),
+            format!("{:?}", t.sink.events()).contains("has parts of two different saves"),
             "{:?}",
             t.sink.events()
         );
-        assert!(!store.path(&without).exists(), "the state was kept");
+        assert!(!store.path(&mixed).exists(), "the mixed state was kept");
     }
 }

@@ -326,7 +326,10 @@ impl Dialer {
                         Instant::now()
                     });
                     if since.elapsed() >= limit {
-                        return Err(self.connect_error(self.rejected_message(&error, since)));
+                        return Err(CommError::Rejected {
+                            target: self.target_label(),
+                            reason: self.rejected_message(&error, since),
+                        });
                     }
                 }
                 _ => rejected_since = None,

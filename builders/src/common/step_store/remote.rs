@@ -155,9 +155,12 @@ impl Remote {
     /// Removes the shared entry for `key` if its record still names the
     /// data `sha256`: a runner found those bytes unusable, and a newer
     /// entry (shared after this one was removed by someone else) stays.
-    pub(super) async fn forget(&self, key: &str, sha256: &str, log: &BuildLog) {
+    /// False when the record stays for a failure. (Between the read and
+    /// the removal another runner may remove the record and share a new
+    /// one, which then goes too: a state that only costs a boot.)
+    pub(super) async fn forget(&self, key: &str, sha256: &str, log: &BuildLog) -> bool {
         let Some(store) = self.store(log).await else {
-            return;
+            return false;
         };
         let names_it = match store.get(&record_key(key)).await {
             Ok(Some(record)) => serde_json::from_slice::<Entry>(&record.bytes)
@@ -169,24 +172,24 @@ impl Remote {
                     store.location(),
                     &key[..key.len().min(12)]
                 ));
-                return;
+                return false;
             }
         };
         if !names_it {
-            return;
+            return true;
         }
-        // The record first: a reader never finds a record without its data.
-        let removed = match store.delete(&record_key(key)).await {
-            Ok(()) => store.delete(&data_key(key, sha256)).await,
-            Err(err) => Err(err),
-        };
-        if let Err(err) = removed {
+        // The record first: a reader never finds a record without its data,
+        // and data no record names is only a bucket's lifecycle rule's.
+        if let Err(err) = store.delete(&record_key(key)).await {
             log.warn(format!(
                 "could not remove the entry {} from the shared step cache {}: {err}",
                 &key[..key.len().min(12)],
                 store.location()
             ));
+            return false;
         }
+        let _ = store.delete(&data_key(key, sha256)).await;
+        true
     }
 
     /// Shares the local entry `entry`, whose data is at `data`, unless
