@@ -79,6 +79,27 @@ async fn conditional_semantics(store: &dyn ObjectStore) {
     assert!(err.is_precondition_failed(), "{where_}: {err}");
     assert_eq!(store.get("catalog.json").await.unwrap(), None, "{where_}");
 
+    // A conditional delete removes only the version read: one replaced
+    // since stays, and one removed already is no error.
+    let v1 = store
+        .put_if_absent("record.json", b"one".to_vec())
+        .await
+        .unwrap();
+    let v2 = store
+        .put_if_match("record.json", b"two".to_vec(), &v1)
+        .await
+        .unwrap();
+    let err = store.delete_if_match("record.json", &v1).await.unwrap_err();
+    assert!(err.is_precondition_failed(), "{where_}: {err}");
+    assert_eq!(
+        store.get("record.json").await.unwrap().unwrap().bytes,
+        b"two",
+        "{where_}"
+    );
+    store.delete_if_match("record.json", &v2).await.unwrap();
+    assert_eq!(store.get("record.json").await.unwrap(), None, "{where_}");
+    store.delete_if_match("record.json", &v2).await.unwrap();
+
     for key in ["steps/a.layer", "steps/a.json", "steps2/b", "top"] {
         store
             .put_if_absent(key, key.as_bytes().to_vec())

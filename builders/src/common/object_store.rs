@@ -16,6 +16,8 @@
 //! backend keeps for its lock and temporary files.
 
 mod local;
+#[cfg(test)]
+pub(crate) mod meddled;
 mod s3;
 
 pub use local::LocalStore;
@@ -29,7 +31,7 @@ use thiserror::Error;
 
 /// The version of an object as the store reports it: S3's ETag, or the
 /// local backend's SHA-256 of the content. Opaque: only ever handed back to
-/// [`ObjectStore::put_if_match`].
+/// [`ObjectStore::put_if_match`] or [`ObjectStore::delete_if_match`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Version(pub String);
 
@@ -182,6 +184,12 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
 
     /// Removes the object; removing one that is not there is not an error.
     async fn delete(&self, key: &str) -> Result<(), ObjectStoreError>;
+
+    /// Removes the object only if it is still at `version`;
+    /// `PreconditionFailed` if it was replaced since. One removed already
+    /// is not an error. (S3 honours `If-Match` on DeleteObject; a service
+    /// that ignored it would delete unconditionally.)
+    async fn delete_if_match(&self, key: &str, version: &Version) -> Result<(), ObjectStoreError>;
 
     /// Stores the file at `path` under `key`, replacing what was there. The
     /// object appears whole or not at all: a failed upload leaves nothing

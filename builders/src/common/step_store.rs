@@ -639,4 +639,57 @@ mod tests {
             newer.sha256
         );
     }
+
+    /// Between a runner's read of a shared record and its removal, another
+    /// runner removes the entry and shares a newer one under the key: the
+    /// newer one stays.
+    #[tokio::test]
+    async fn a_discard_leaves_a_record_replaced_after_it_was_read() {
+        use crate::common::object_store::meddled::Meddled;
+        use crate::common::object_store::{LocalStore, ObjectStore};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        let (_, log) = log();
+        let (bad, good) = (dir.path().join("bad"), dir.path().join("good"));
+        std::fs::write(&bad, b"unusable state").unwrap();
+        std::fs::write(&good, b"a newer state").unwrap();
+        let kept = StepStore::at(dir.path().join("one"))
+            .shared_with(Some(shared.display().to_string()))
+            .put("k", &bad, info(), &log)
+            .await
+            .unwrap();
+        let (_, newer_sha256) = crate::common::artifact::sha256_file(&good).unwrap();
+        LocalStore::new(&shared)
+            .upload_file(&format!("steps/k.{newer_sha256}.layer"), &good, &|_, _| {})
+            .await
+            .unwrap();
+
+        let racing = Arc::new(AtomicBool::new(false));
+        let meddled = {
+            let racing = racing.clone();
+            let newer_sha256 = newer_sha256.clone();
+            Meddled::new(LocalStore::new(&shared), move |key, current| {
+                if key != "steps/k.json" || !racing.swap(false, Ordering::SeqCst) {
+                    return None;
+                }
+                let mut newer: serde_json::Value = serde_json::from_slice(current?).unwrap();
+                newer["sha256"] = newer_sha256.clone().into();
+                newer["size"] = 13.into();
+                Some(serde_json::to_vec(&newer).unwrap())
+            })
+        };
+        let second = StepStore::at(dir.path().join("two")).shared_through(Arc::new(meddled));
+        assert_eq!(second.get("k", &log).await.unwrap().sha256, kept.sha256);
+        racing.store(true, Ordering::SeqCst);
+        assert!(second.discard("k", &kept.sha256, true, &log).await);
+        assert!(!racing.load(Ordering::SeqCst), "the discard read no record");
+
+        let fetched = StepStore::at(dir.path().join("three"))
+            .shared_with(Some(shared.display().to_string()))
+            .get("k", &log)
+            .await
+            .expect("the newer entry left the shared store");
+        assert_eq!(fetched.sha256, newer_sha256);
+    }
 }

@@ -299,6 +299,20 @@ impl ObjectStore for LocalStore {
         .await
     }
 
+    async fn delete_if_match(&self, key: &str, version: &Version) -> Result<(), ObjectStoreError> {
+        let path = self.path(key)?;
+        let refused = self.precondition_failed(key);
+        let expected = version.clone();
+        self.locked(move || match read_current(&path)? {
+            None => Ok(()),
+            Some(current) if version_of(&current) == expected => {
+                std::fs::remove_file(&path).map_err(io_error("remove", &path))
+            }
+            Some(_) => Err(refused),
+        })
+        .await
+    }
+
     async fn upload_file(
         &self,
         key: &str,
@@ -381,6 +395,7 @@ impl ObjectStore for LocalStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::meddled::Meddled;
     use super::super::{RetryPolicy, UpdateError, read_modify_write, read_modify_write_with};
     use super::*;
     use crate::common::artifact::sha256_file;
@@ -580,80 +595,15 @@ mod tests {
         assert_eq!(items, expected);
     }
 
-    /// A store that lets another writer change the object between every
-    /// read and the write that follows it: a real lost race, every time.
-    #[derive(Debug)]
-    struct Meddled {
-        inner: LocalStore,
-    }
-
-    #[async_trait]
-    impl ObjectStore for Meddled {
-        fn location(&self) -> String {
-            self.inner.location()
-        }
-        async fn get(&self, key: &str) -> Result<Option<Object>, ObjectStoreError> {
-            let read = self.inner.get(key).await?;
-            let mut meddled = read.as_ref().map(|o| o.bytes.clone()).unwrap_or_default();
-            meddled.push(b' ');
-            match &read {
-                Some(object) => {
-                    self.inner
-                        .put_if_match(key, meddled, &object.version)
-                        .await?
-                }
-                None => self.inner.put_if_absent(key, meddled).await?,
-            };
-            Ok(read)
-        }
-        async fn put_if_absent(
-            &self,
-            key: &str,
-            bytes: Vec<u8>,
-        ) -> Result<Version, ObjectStoreError> {
-            self.inner.put_if_absent(key, bytes).await
-        }
-        async fn put_if_match(
-            &self,
-            key: &str,
-            bytes: Vec<u8>,
-            version: &Version,
-        ) -> Result<Version, ObjectStoreError> {
-            self.inner.put_if_match(key, bytes, version).await
-        }
-        async fn list(&self, prefix: &str) -> Result<Vec<Listed>, ObjectStoreError> {
-            self.inner.list(prefix).await
-        }
-        async fn delete(&self, key: &str) -> Result<(), ObjectStoreError> {
-            self.inner.delete(key).await
-        }
-        async fn upload_file(
-            &self,
-            key: &str,
-            path: &Path,
-            progress: Progress<'_>,
-        ) -> Result<Uploaded, ObjectStoreError> {
-            self.inner.upload_file(key, path, progress).await
-        }
-        async fn download_file(
-            &self,
-            key: &str,
-            path: &Path,
-            expected_sha256: &str,
-            progress: Progress<'_>,
-        ) -> Result<u64, ObjectStoreError> {
-            self.inner
-                .download_file(key, path, expected_sha256, progress)
-                .await
-        }
-    }
-
     #[tokio::test]
     async fn an_update_that_always_loses_gives_up_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Meddled {
-            inner: LocalStore::new(dir.path()),
-        };
+        // Another writer changes the object after every read.
+        let store = Meddled::new(LocalStore::new(dir.path()), |_, current| {
+            let mut changed = current.unwrap_or_default().to_vec();
+            changed.push(b' ');
+            Some(changed)
+        });
         let policy = RetryPolicy {
             attempts: 4,
             base_backoff: std::time::Duration::from_millis(1),

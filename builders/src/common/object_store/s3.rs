@@ -878,6 +878,26 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
+    async fn delete_if_match(&self, key: &str, version: &Version) -> Result<(), ObjectStoreError> {
+        check_key(key)?;
+        let sent = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key))
+            .if_match(&version.0)
+            .send()
+            .await;
+        match sent.map_err(|err| self.error("DeleteObject", key, err)) {
+            // S3 answers 404 to If-Match on a key removed already.
+            Ok(_)
+            | Err(ObjectStoreError::Service {
+                status: Some(404), ..
+            }) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
     async fn upload_file(
         &self,
         key: &str,

@@ -116,7 +116,9 @@ impl Remote {
             Ok(entry) if entry.key == key => entry,
             _ => {
                 warn(format!("holds an unreadable record for {key}: removing it"));
-                let _ = store.delete(&record_key(key)).await;
+                let _ = store
+                    .delete_if_match(&record_key(key), &record.version)
+                    .await;
                 return None;
             }
         };
@@ -141,8 +143,14 @@ impl Remote {
                 warn(format!(
                     "holds a damaged or incomplete entry {key} ({err}): removing it"
                 ));
-                let _ = store.delete(&record_key(key)).await;
-                let _ = store.delete(&source).await;
+                // Unless another runner replaced the record meanwhile.
+                if store
+                    .delete_if_match(&record_key(key), &record.version)
+                    .await
+                    .is_ok()
+                {
+                    let _ = store.delete(&source).await;
+                }
                 None
             }
             Err(err) => {
@@ -153,43 +161,44 @@ impl Remote {
     }
 
     /// Removes the shared entry for `key` if its record still names the
-    /// data `sha256`: a runner found those bytes unusable, and a newer
-    /// entry (shared after this one was removed by someone else) stays.
-    /// False when the record stays for a failure. (Between the read and
-    /// the removal another runner may remove the record and share a new
-    /// one, which then goes too: a state that only costs a boot.)
+    /// data `sha256`: a runner found those bytes unusable. A record
+    /// replaced since it was read (a newer entry, shared after someone else
+    /// removed this one) stays, and so does everything it names. False
+    /// when the record stays for a failure.
     pub(super) async fn forget(&self, key: &str, sha256: &str, log: &BuildLog) -> bool {
         let Some(store) = self.store(log).await else {
             return false;
         };
-        let names_it = match store.get(&record_key(key)).await {
-            Ok(Some(record)) => serde_json::from_slice::<Entry>(&record.bytes)
-                .is_ok_and(|entry| entry.sha256 == sha256),
-            Ok(None) => false,
-            Err(err) => {
-                log.warn(format!(
-                    "could not read the shared step cache {} ({err}): its entry {} stays there",
-                    store.location(),
-                    &key[..key.len().min(12)]
-                ));
-                return false;
-            }
+        let cannot = |what: &str, err: ObjectStoreError| {
+            log.warn(format!(
+                "could not {what} the shared step cache {} ({err}): its entry {} stays there",
+                store.location(),
+                &key[..key.len().min(12)]
+            ));
+            false
         };
-        if !names_it {
+        let record = match store.get(&record_key(key)).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return true,
+            Err(err) => return cannot("read", err),
+        };
+        if !serde_json::from_slice::<Entry>(&record.bytes).is_ok_and(|entry| entry.sha256 == sha256)
+        {
             return true;
         }
         // The record first: a reader never finds a record without its data,
         // and data no record names is only a bucket's lifecycle rule's.
-        if let Err(err) = store.delete(&record_key(key)).await {
-            log.warn(format!(
-                "could not remove the entry {} from the shared step cache {}: {err}",
-                &key[..key.len().min(12)],
-                store.location()
-            ));
-            return false;
+        match store
+            .delete_if_match(&record_key(key), &record.version)
+            .await
+        {
+            Ok(()) => {
+                let _ = store.delete(&data_key(key, sha256)).await;
+                true
+            }
+            Err(err) if err.is_precondition_failed() => true,
+            Err(err) => cannot("update", err),
         }
-        let _ = store.delete(&data_key(key, sha256)).await;
-        true
     }
 
     /// Shares the local entry `entry`, whose data is at `data`, unless
