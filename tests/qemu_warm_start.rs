@@ -1,11 +1,13 @@
 //! Warm starts end to end, with the real binary, real QEMU and the
-//! cloud-init fixture: the first build boots and saves the machine; the
-//! next restores it instead of booting, with the host's time, a machine-id
-//! of its own, only its own key trusted and nothing of the first build's
-//! work; a state whose checksum matches but which QEMU cannot load is
-//! discarded, and that build boots and saves a new one; so is a state whose
-//! machine rejects its key; and another memory size makes a state of its
-//! own.
+//! cloud-init fixture, and a step cache shared through a directory: the
+//! first build boots and saves the machine; the next restores it instead of
+//! booting, with the host's time, a machine-id of its own, only its own key
+//! trusted and nothing of the first build's work; a state whose checksum
+//! matches but which QEMU cannot load is discarded on that runner alone,
+//! and that build boots and saves a new one; a shared state whose machine
+//! rejects its key leaves the shared store; another memory size makes a
+//! state of its own; and a runner with an empty cache restores the state
+//! another runner shared.
 
 use imgbuild_test_support::{cli::*, common::*};
 use std::path::{Path, PathBuf};
@@ -55,6 +57,7 @@ fn build_with_memory(workspace: &Workspace, version: &str, marker: &str, memory:
         .imgbuild()
         .env("IMGBUILD_NO_CACHE", "false")
         .env("IMGBUILD_CACHE_DIR", workspace.join("steps"))
+        .env("IMGBUILD_CACHE_SHARED", workspace.join("shared"))
         .args(["--output", "json", "build", "image.toml", "--var"])
         .arg(format!("base_image={}", cloud_vm_image()))
         .run()
@@ -213,7 +216,11 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_f
     assert_eq!(markers, vec!["warm-marker-b"]);
     assert!(keys.is_empty(), "a temporary key is in the image: {keys:?}");
 
-    // 3. A state whose checksum matches but which QEMU cannot load.
+    // 3. A state whose checksum matches but which QEMU cannot load: this
+    //    runner's copy. QEMU's or this runner's fault as much as the
+    //    state's, so the shared copy stays.
+    let (shared_entry, _) = shared_state_record(&workspace);
+    let shared_before = std::fs::read(&shared_entry).unwrap();
     let garbage = workspace.join("garbage.zst");
     let status = std::process::Command::new("sh")
         .arg("-c")
@@ -225,23 +232,30 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_f
         .unwrap();
     assert!(status.success());
     replace_entry(&memory, &std::fs::read(&garbage).unwrap());
-    let mut kept: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-    kept["memory_sha256"] = sha256_of(&memory).into();
-    replace_entry(&record, &serde_json::to_vec(&kept).unwrap());
+    edit_record(&record, |record| {
+        record["memory_sha256"] = sha256_of(&memory).into();
+    });
 
     let third = build(&workspace, "3", "c").exits_with(0);
     assert_booted_instead(&third, "QEMU could not load it");
-    let (memory, _) = state_files(&workspace);
-    assert_ne!(
-        sha256_of(&memory),
-        sha256_of(&garbage),
-        "no new state saved"
+    assert_eq!(
+        std::fs::read(&shared_entry).unwrap(),
+        shared_before,
+        "the shared state changed after a failure that may be this runner's alone"
+    );
+    // Rather than save a state of its own, the runner takes the shared one
+    // up again.
+    let (_, shared_record) = shared_state_record(&workspace);
+    assert_eq!(
+        std::fs::read(&record).unwrap(),
+        std::fs::read(&shared_record).unwrap()
     );
 
-    // 4. A state that loads, but whose machine rejects the key its record
-    //    keeps: the build logs in once, gives the state up and boots.
-    let (_, record) = state_files(&workspace);
+    // 4. A runner with an empty cache fetches the shared state, which
+    //    loads, but whose machine rejects the key its record keeps: the
+    //    build logs in once, removes the state from the shared store too,
+    //    boots, and shares the state it saves.
+    std::fs::remove_dir_all(workspace.join("steps")).unwrap();
     let stranger = workspace.join("stranger");
     let status = std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "stranger", "-f"])
@@ -249,17 +263,28 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_f
         .status()
         .unwrap();
     assert!(status.success());
-    let mut kept: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-    kept["private_key"] = std::fs::read_to_string(&stranger).unwrap().into();
-    replace_entry(&record, &serde_json::to_vec(&kept).unwrap());
+    let stranger_key = key_of(&std::fs::read_to_string(stranger.with_extension("pub")).unwrap());
+    let rejected = edit_shared_record(&workspace, |record| {
+        record["private_key"] = std::fs::read_to_string(&stranger).unwrap().into();
+    });
 
     let fourth = build(&workspace, "4", "d").exits_with(0);
+    assert!(fetched(&fourth) >= 3, "{}", fourth.stdout);
     assert_booted_instead(&fourth, "the restored machine did not let the build in");
+    assert!(
+        !rejected.exists(),
+        "the rejected state is still in the shared store"
+    );
+    let (_, shared_record) = shared_state_record(&workspace);
+    assert_ne!(
+        state_public_key(&shared_record),
+        stranger_key,
+        "no new state shared"
+    );
     let (_, record) = state_files(&workspace);
     assert_ne!(
         state_public_key(&record),
-        key_of(&std::fs::read_to_string(stranger.with_extension("pub")).unwrap()),
+        stranger_key,
         "no new state saved"
     );
 
@@ -268,6 +293,17 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_f
     let fifth = build_with_memory(&workspace, "5", "e", 768).exits_with(0);
     assert!(!fifth.machine_restored(), "{}", fifth.stdout);
     assert_eq!(state_records(&workspace).len(), 2);
+
+    // 6. Another runner with an empty cache restores the state the fourth
+    //    build shared.
+    std::fs::remove_dir_all(workspace.join("steps")).unwrap();
+    let sixth = build(&workspace, "6", "f").exits_with(0);
+    assert!(fetched(&sixth) >= 3, "{}", sixth.stdout);
+    assert!(sixth.machine_restored(), "{}", sixth.stdout);
+    assert_eq!(printed(&sixth, "MARKERS"), vec!["[]".to_owned()]);
+    let (markers, keys) = read_artifact(&workspace.join("output/warm-6.qcow2"));
+    assert_eq!(markers, vec!["warm-marker-f"]);
+    assert!(keys.is_empty(), "a temporary key is in the image: {keys:?}");
 
     assert!(workspace.qemu_processes().is_empty());
     assert!(
@@ -289,6 +325,75 @@ fn assert_booted_instead(outcome: &Outcome, why: &str) {
         "{warnings:?}"
     );
     assert_eq!(printed(outcome, "MARKERS"), vec!["[]".to_owned()]);
+}
+
+/// How many entries the build fetched from the shared store.
+fn fetched(outcome: &Outcome) -> usize {
+    outcome
+        .events()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.starts_with("fetched the step cache entry"))
+        .count()
+}
+
+/// Changes the warm state record `record` (a local store entry) with
+/// `change`, keeping its entry consistent.
+fn edit_record(record: &Path, change: impl FnOnce(&mut serde_json::Value)) {
+    let mut kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+    change(&mut kept);
+    replace_entry(record, &serde_json::to_vec(&kept).unwrap());
+}
+
+/// The shared store's entry for its one warm state record, and the file
+/// holding the record: (`steps/<key>-record.json`, its data file).
+fn shared_state_record(workspace: &Workspace) -> (PathBuf, PathBuf) {
+    let dir = workspace.join("shared/steps");
+    let entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-record.json"))
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let entry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&entries[0]).unwrap()).unwrap();
+    let data = dir.join(format!(
+        "{}.{}.layer",
+        entry["key"].as_str().unwrap(),
+        entry["sha256"].as_str().unwrap()
+    ));
+    assert!(data.exists(), "{}", data.display());
+    (entries[0].clone(), data)
+}
+
+/// Changes the shared store's one warm state record with `change`, as
+/// another runner sharing it that way would have; returns the file that
+/// now holds it.
+fn edit_shared_record(
+    workspace: &Workspace,
+    change: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
+    let (entry_file, data) = shared_state_record(workspace);
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&data).unwrap()).unwrap();
+    change(&mut record);
+    let bytes = serde_json::to_vec(&record).unwrap();
+    std::fs::remove_file(&data).unwrap();
+    let mut entry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&entry_file).unwrap()).unwrap();
+    let changed = data.with_file_name("changed");
+    std::fs::write(&changed, &bytes).unwrap();
+    entry["sha256"] = sha256_of(&changed).into();
+    entry["size"] = bytes.len().into();
+    let data = data.with_file_name(format!(
+        "{}.{}.layer",
+        entry["key"].as_str().unwrap(),
+        entry["sha256"].as_str().unwrap()
+    ));
+    std::fs::rename(&changed, &data).unwrap();
+    std::fs::write(&entry_file, serde_json::to_vec(&entry).unwrap()).unwrap();
+    data
 }
 
 /// Puts `bytes` in the store's entry `layer` and makes its checksum and size
