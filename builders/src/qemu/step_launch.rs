@@ -402,6 +402,23 @@ impl StepLaunch {
     }
 }
 
+/// Whether a restored machine that did not let the build in costs its
+/// state: `(why, everywhere)` to give the state up (`everywhere`: for every
+/// runner, see `WarmStart::discard`), or the error the build stops with.
+fn discard_after_failed_login(err: LoginError) -> Result<(String, bool), StepError> {
+    match err {
+        LoginError::Cancelled => Err(StepError::Cancelled),
+        // The caller falls back to TCG; the state is not at fault.
+        LoginError::Failed(message) if accel::is_kvm_failure(&message) => {
+            Err(StepError::Failed(message))
+        }
+        // The key the state keeps no longer works: for anyone.
+        LoginError::Rejected(message) => Ok((message, true)),
+        // A busy host, a guest that died, a timeout: perhaps only here.
+        LoginError::Failed(message) => Ok((message, false)),
+    }
+}
+
 /// Asks the kernel for a free port. Another process can take it before QEMU
 /// binds it; QEMU then exits at once and the launch is retried.
 fn free_loopback_port() -> std::io::Result<u16> {
@@ -497,15 +514,7 @@ impl Step<QemuState> for StepLaunch {
                         state.communicator = Some(Arc::new(communicator));
                         None
                     }
-                    Err(LoginError::Cancelled) => return Err(StepError::Cancelled),
-                    // The caller falls back to TCG; the state is not at fault.
-                    Err(LoginError::Failed(message)) if accel::is_kvm_failure(&message) => {
-                        return Err(StepError::Failed(message));
-                    }
-                    // The key the state keeps no longer works: for anyone.
-                    Err(LoginError::Rejected(message)) => Some((message, true)),
-                    // A busy host, a guest that died: perhaps only here.
-                    Err(LoginError::Failed(message)) => Some((message, false)),
+                    Err(err) => Some(discard_after_failed_login(err)?),
                 };
                 if let Some((message, everywhere)) = failure {
                     self.stop(cx).await?;
@@ -560,6 +569,35 @@ mod tests {
     use crate::qemu::plan::tests::plan;
     use imgbuild_core::CleanupOutcome;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn only_a_rejected_key_costs_a_restored_state_everywhere_and_a_kvm_failure_none() {
+        let everywhere = |err| discard_after_failed_login(err).map(|(_, everywhere)| everywhere);
+        assert!(matches!(
+            everywhere(LoginError::Rejected("publickey refused".into())),
+            Ok(true)
+        ));
+        assert!(matches!(
+            everywhere(LoginError::Failed(
+                "no SSH server answered within 1m".into()
+            )),
+            Ok(false)
+        ));
+        assert!(matches!(
+            everywhere(LoginError::Failed("QEMU exited (signal 9)".into())),
+            Ok(false)
+        ));
+        let kvm = "KVM internal error. Suberror: 1\nemulation failure";
+        assert!(accel::is_kvm_failure(kvm));
+        assert!(matches!(
+            everywhere(LoginError::Failed(kvm.into())),
+            Err(StepError::Failed(message)) if message == kvm
+        ));
+        assert!(matches!(
+            everywhere(LoginError::Cancelled),
+            Err(StepError::Cancelled)
+        ));
+    }
 
     #[tokio::test]
     async fn the_monitor_socket_moves_to_a_private_directory_of_its_own_when_its_path_is_too_long()
