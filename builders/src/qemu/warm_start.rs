@@ -81,10 +81,31 @@ pub struct Saved {
     pub memory: PathBuf,
     pub record: Record,
     pub key: Option<Arc<TemporaryKey>>,
-    /// The store keys of the state's parts, record first, each with the
-    /// SHA-256 it was found with: a discard removes those bytes and never a
-    /// state saved since.
-    pub parts: Vec<(String, String)>,
+    /// The SHA-256 the record was found with (the record names the others).
+    record_sha256: String,
+}
+
+impl Saved {
+    /// The store keys of the state's parts, with the SHA-256 each was found
+    /// with: a discard removes those bytes and never a state saved since.
+    fn parts(&self, key: &str) -> [(String, String); 3] {
+        parts(
+            key,
+            &self.record_sha256,
+            &self.record.memory_sha256,
+            &self.record.disk_sha256,
+        )
+    }
+}
+
+/// The store keys of the parts of the state `key`, record first, each with
+/// its SHA-256.
+fn parts(key: &str, record: &str, memory: &str, disk: &str) -> [(String, String); 3] {
+    [
+        (record_key(key), record.to_owned()),
+        (memory_key(key), memory.to_owned()),
+        (key.to_owned(), disk.to_owned()),
+    ]
 }
 
 /// The build's warm start, once its key is known.
@@ -124,7 +145,7 @@ impl WarmStart {
             return;
         };
         let _lock = self.store.lock(&self.key).await;
-        discard_parts(&self.store, &saved.parts, everywhere, log).await;
+        discard_parts(&self.store, &saved.parts(&self.key), everywhere, log).await;
     }
 
     /// The key to log in with: the state's, for a restored machine whose
@@ -343,11 +364,12 @@ async fn find(
         }
         return None;
     };
-    let parts = vec![
-        (record_key(key), record_entry.sha256),
-        (memory_key(key), memory_entry.sha256),
-        (key.to_owned(), disk_entry.sha256),
-    ];
+    let parts = parts(
+        key,
+        &record_entry.sha256,
+        &memory_entry.sha256,
+        &disk_entry.sha256,
+    );
     // `everywhere`: what is wrong is wrong for every runner, and the state
     // leaves a shared store too.
     let discard = async |why: &str, everywhere: bool| {
@@ -408,7 +430,7 @@ async fn find(
         memory: store.path(&memory_key(key)),
         record,
         key: key_pair,
-        parts,
+        record_sha256: record_entry.sha256,
     })
 }
 
@@ -1131,7 +1153,11 @@ mod tests {
 
         keep_state(&store, &whole, &base, None, &t.cx.log).await;
         let saved = find(&store, &wanted(&whole), &state, &t.cx).await.unwrap();
-        let part_keys: Vec<&str> = saved.parts.iter().map(|(key, _)| key.as_str()).collect();
+        let part_keys: Vec<String> = saved
+            .parts(&whole)
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
         assert_eq!(
             part_keys,
             [record_key(&whole), memory_key(&whole), whole.clone()]
