@@ -2,7 +2,9 @@
 //! cloud-init fixture, and a step cache shared through a directory: the
 //! first build boots and saves the machine; the next restores it instead of
 //! booting, with the host's time, a machine-id of its own, only its own key
-//! trusted and nothing of the first build's work; a state whose checksum
+//! trusted, nothing of the first build's work, and a network whose DHCP
+//! server and DNS relay answer; another restore of the same state draws
+//! other random numbers and gets another machine-id; a state whose checksum
 //! matches but which QEMU cannot load is discarded on that runner alone,
 //! and that build boots and saves a new one; a shared state whose machine
 //! rejects its key leaves the shared store; another memory size makes a
@@ -15,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Logs in as root, whose `authorized_keys` the base already has, so what
 /// each build's key left there can be counted.
-fn config(version: &str, marker: &str, memory: u32) -> String {
+fn config(version: &str, memory: u32) -> String {
     format!(
         r#"[image]
 name = "warm"
@@ -36,23 +38,48 @@ timeout = "10m"
 
 [[provision]]
 type = "shell"
-inline = [
-  "echo GUEST_CLOCK $(date +%s)",
-  "echo MACHINE_ID $(cat /etc/machine-id)",
-  "grep imgbuild-temporary-key /root/.ssh/authorized_keys | sed 's/^/TRUSTED /'",
-  "echo \"MARKERS [$(ls /etc/warm-marker-* 2>/dev/null)]\"",
-  "touch /etc/warm-marker-{marker}",
-]
+script = "provision.sh"
 "#
     )
 }
+
+/// What each build's machine reports, and the mark it leaves (`@MARK@`).
+/// The network part asks QEMU's user-mode network of this start for a
+/// lease (with a DHCP client of its own, so the machine's configuration
+/// stays) and sends a DNS query to its relay (any answer will do: names
+/// are the host's business).
+const PROVISION: &str = r#"echo RANDOM $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+echo GUEST_CLOCK $(date +%s)
+echo MACHINE_ID $(cat /etc/machine-id)
+grep imgbuild-temporary-key /root/.ssh/authorized_keys | sed 's/^/TRUSTED /'
+echo "MARKERS [$(ls /etc/warm-marker-* 2>/dev/null)]"
+touch /etc/warm-marker-@MARK@
+
+dev=$(ip -4 route show default | awk '{print $5; exit}')
+dhclient -1 -sf /bin/true -lf /tmp/warm.leases -pf /tmp/warm-dhclient.pid "$dev"
+dhclient -x -sf /bin/true -pf /tmp/warm-dhclient.pid || true
+echo "LEASE $(sed -n 's/^ *fixed-address \(.*\);/\1/p' /tmp/warm.leases)"
+python3 - <<'EOF'
+import os, socket
+name = b"".join(bytes([len(label)]) + label for label in b"deb.debian.org".split(b"."))
+query = os.urandom(2) + bytes.fromhex("01000001000000000000") + name + b"\0" + bytes.fromhex("00010001")
+relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+relay.settimeout(10)
+relay.sendto(query, ("10.0.2.3", 53))
+try:
+    print("DNS", "answered" if relay.recv(512)[:2] == query[:2] else "garbled")
+except OSError as err:
+    print("DNS silent", err)
+EOF
+"#;
 
 fn build(workspace: &Workspace, version: &str, marker: &str) -> Outcome {
     build_with_memory(workspace, version, marker, 1024)
 }
 
 fn build_with_memory(workspace: &Workspace, version: &str, marker: &str, memory: u32) -> Outcome {
-    workspace.write("image.toml", &config(version, marker, memory));
+    workspace.write("image.toml", &config(version, memory));
+    workspace.write("provision.sh", &PROVISION.replace("@MARK@", marker));
     workspace
         .imgbuild()
         .env("IMGBUILD_NO_CACHE", "false")
@@ -188,6 +215,8 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_f
     let second = build(&workspace, "2", "b").exits_with(0);
     let after = now();
     assert!(second.machine_restored(), "{}", second.stdout);
+    assert_network_works(&first);
+    assert_network_works(&second);
     let clock: u64 = printed(&second, "GUEST_CLOCK")[0].parse().unwrap();
     assert!(
         before <= clock + 2 && clock <= after + 2,
@@ -215,6 +244,28 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_f
     let (markers, keys) = read_artifact(&workspace.join("output/warm-2.qcow2"));
     assert_eq!(markers, vec!["warm-marker-b"]);
     assert!(keys.is_empty(), "a temporary key is in the image: {keys:?}");
+
+    // Restored again from the same state: the kernel's random numbers and
+    // the machine-id are this machine's own, not the last restore's.
+    let again = build(&workspace, "2.1", "b1").exits_with(0);
+    assert!(again.machine_restored(), "{}", again.stdout);
+    for restored in [&second, &again] {
+        let unset: Vec<String> = warnings(restored)
+            .into_iter()
+            .filter(|w| w.contains("restored machine"))
+            .collect();
+        assert!(unset.is_empty(), "{unset:?}");
+    }
+    assert_ne!(
+        printed(&again, "RANDOM"),
+        printed(&second, "RANDOM"),
+        "two machines restored from one state drew the same random bytes"
+    );
+    assert_ne!(
+        printed(&again, "MACHINE_ID"),
+        printed(&second, "MACHINE_ID"),
+        "two machines restored from one state have the same machine-id"
+    );
 
     // 3. A state whose checksum matches but which QEMU cannot load: this
     //    runner's copy. QEMU's or this runner's fault as much as the
@@ -300,6 +351,7 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_f
     let sixth = build(&workspace, "6", "f").exits_with(0);
     assert!(fetched(&sixth) >= 3, "{}", sixth.stdout);
     assert!(sixth.machine_restored(), "{}", sixth.stdout);
+    assert_network_works(&sixth);
     assert_eq!(printed(&sixth, "MARKERS"), vec!["[]".to_owned()]);
     let (markers, keys) = read_artifact(&workspace.join("output/warm-6.qcow2"));
     assert_eq!(markers, vec!["warm-marker-f"]);
@@ -311,6 +363,13 @@ fn a_second_build_restores_the_saved_machine_as_its_own_and_a_state_that_fails_f
         "{:?}",
         workspace.journals()
     );
+}
+
+/// The machine's user-mode network worked as this QEMU serves it: its
+/// DHCP server leased the machine its address, its DNS relay answered.
+fn assert_network_works(outcome: &Outcome) {
+    assert_eq!(printed(outcome, "LEASE"), ["10.0.2.15"]);
+    assert_eq!(printed(outcome, "DNS"), ["answered"]);
 }
 
 /// The build gave its saved state up, saying `why`, and booted a machine

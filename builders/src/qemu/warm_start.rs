@@ -517,16 +517,36 @@ const DERIVED_SCRIPT: &str = r#"boot=$(( $(date +%s) - $(cut -d. -f1 /proc/uptim
 /// it could not do. Each SSH host key in `derived` is replaced by its kind
 /// in `host_keys`, made on the build host (an RSA key takes the guest many
 /// seconds under TCG), else made by the guest's `ssh-keygen`.
-fn restore_script(epoch: u64, entropy: &str, derived: &[String], host_keys: &[HostKey]) -> String {
+/// The kernel's `RNDRESEEDCRNG` ioctl, `_IO('R', 0x07)`: reseed the CRNG
+/// from the input pool now. A write to `/dev/urandom` only mixes into that
+/// pool, and the CRNG, restored as it was saved, would give every restored
+/// machine the same numbers until its next scheduled reseed (seconds to a
+/// minute later). perl-base is in every Debian and Ubuntu; python3 in most
+/// cloud images.
+const RESEED: &str = "{ perl -e 'open(my $f, \"<\", \"/dev/urandom\") or exit 1; ioctl($f, 0x5207, 0) or exit 1' || python3 -c 'import fcntl; fcntl.ioctl(open(\"/dev/urandom\"), 0x5207)'; } >/dev/null 2>&1 || echo 'not-done reseed'; ";
+
+/// What a restored machine runs as root before anything else: the host's
+/// time, the host's entropy (then a reseed), and anew what its first boot
+/// made (`derived`): `machine_id` (32 hex digits from the host's RNG, not
+/// the guest's, which may not be reseeded) and SSH host keys (`host_keys`,
+/// made on the host; others with the guest's `ssh-keygen`).
+fn restore_script(
+    epoch: u64,
+    entropy: &str,
+    machine_id: &str,
+    derived: &[String],
+    host_keys: &[HostKey],
+) -> String {
     let mut body = format!(
         "date -u -s @{epoch} >/dev/null 2>&1 || echo 'not-done clock'; \
-         printf '%s' {} | base64 -d > /dev/urandom 2>/dev/null || echo 'not-done entropy'; ",
+         printf '%s' {} | base64 -d > /dev/urandom 2>/dev/null || echo 'not-done entropy'; {RESEED}",
         shell_quote(entropy)
     );
     if derived.iter().any(|path| path == "/etc/machine-id") {
-        body.push_str(
-            "{ rm -f /etc/machine-id && { systemd-machine-id-setup >/dev/null 2>&1 || tr -d - < /proc/sys/kernel/random/uuid > /etc/machine-id; }; } || echo 'not-done machine-id'; ",
-        );
+        body.push_str(&format!(
+            "{{ rm -f /etc/machine-id && (umask 022; printf '%s\\n' {} > /etc/machine-id) && chmod 444 /etc/machine-id; }} || echo 'not-done machine-id'; ",
+            shell_quote(machine_id)
+        ));
     }
     for path in derived
         .iter()
@@ -672,7 +692,15 @@ async fn adopt(state: &mut QemuState, cx: &StepContext) -> Result<(), String> {
     let entropy = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, entropy);
     let work_dir = state.work_dir.clone().ok_or("no working directory")?;
     let host_keys = make_host_keys(&saved.record.derived, &work_dir).await;
-    let script = restore_script(epoch, &entropy, &saved.record.derived, &host_keys);
+    let mut machine_id = [0u8; 16];
+    getrandom::fill(&mut machine_id).map_err(|err| format!("no host entropy: {err}"))?;
+    let script = restore_script(
+        epoch,
+        &entropy,
+        &hex::encode(machine_id),
+        &saved.record.derived,
+        &host_keys,
+    );
     let lines = run(comm.as_ref(), &script, "setting up the restored machine").await?;
     for line in lines {
         let Some(what) = line.strip_prefix("not-done ") else {
@@ -681,6 +709,7 @@ async fn adopt(state: &mut QemuState, cx: &StepContext) -> Result<(), String> {
         cx.log.warn(match what {
             "clock" => "the restored machine's clock could not be set (`date -s`): it runs from the time its state was saved; set `warm_start = false` if the provisioners need the real time".to_owned(),
             "root" => "the restored machine could not be set up as root (`sudo -n` failed): its clock runs from the time its state was saved, and what its first boot made (machine-id, SSH host keys) is shared with every build restored from the state; give the build user passwordless sudo, or set `warm_start = false`".to_owned(),
+            "reseed" => "the restored machine's kernel RNG could not be reseeded at once (the `RNDRESEEDCRNG` ioctl needs perl or python3 in the guest): until its next scheduled reseed, within a minute, it may draw the same random numbers as other machines restored from the state; install either, or set `warm_start = false`".to_owned(),
             other => format!("the restored machine's {other} could not be made anew"),
         });
     }
@@ -1056,17 +1085,23 @@ mod tests {
     fn the_restore_script_remakes_only_what_the_first_boot_made() {
         // The script goes to `sh -c` as one quoted word: read it unquoted.
         let body = |script: String| script.replace(r"'\''", "'");
-        let plain = body(restore_script(1_700_000_000, "QUJD", &[], &[]));
+        let id = "0123456789abcdef0123456789abcdef";
+        let plain = body(restore_script(1_700_000_000, "QUJD", id, &[], &[]));
         assert!(plain.contains("date -u -s @1700000000"), "{plain}");
-        assert!(plain.contains("QUJD | base64 -d > /dev/urandom"), "{plain}");
+        let entropy = plain.find("QUJD | base64 -d > /dev/urandom").unwrap();
+        let reseed = plain.find("ioctl($f, 0x5207, 0)").expect(&plain);
+        assert!(entropy < reseed, "{plain}");
         assert!(plain.contains("else sudo -n sh -c"), "{plain}");
         assert!(!plain.contains("machine-id") && !plain.contains("ssh-keygen"));
         let derived = [
             "/etc/machine-id".to_owned(),
             "/etc/ssh/ssh_host_ed25519_key".to_owned(),
         ];
-        let all = body(restore_script(1, "QQ==", &derived, &[]));
-        assert!(all.contains("systemd-machine-id-setup"), "{all}");
+        let all = body(restore_script(1, "QQ==", id, &derived, &[]));
+        assert!(
+            all.contains(&format!("printf '%s\\n' {id} > /etc/machine-id")),
+            "{all}"
+        );
         assert!(
             all.contains(r#"rm -f /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub && ssh-keygen -q -N "" -t ed25519 -f /etc/ssh/ssh_host_ed25519_key"#),
             "{all}"
@@ -1076,6 +1111,7 @@ mod tests {
         let made = body(restore_script(
             1,
             "QQ==",
+            id,
             &derived,
             &[HostKey {
                 kind: "ed25519".to_owned(),
