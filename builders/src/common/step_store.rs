@@ -585,8 +585,14 @@ mod tests {
                     .unwrap();
             async move { clean_outstanding(&item, "r1", std::time::SystemTime::now()).await }
         };
+        // What a run killed in the middle of copying it leaves beside it.
+        let half_copied = dir
+            .path()
+            .join("shared/steps/.k2.0123abcd.layer.Xy12ab.partial");
+        std::fs::write(&half_copied, b"disk").unwrap();
         assert!(matches!(clean(cut_off).await, Ok(Cleaned::Removed)));
         assert!(objects.list(cut_off).await.unwrap().is_empty());
+        assert!(!half_copied.exists(), "{}", half_copied.display());
         assert!(
             matches!(clean(cut_off).await, Ok(Cleaned::Removed)),
             "gone counts as removed"

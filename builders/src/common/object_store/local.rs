@@ -71,6 +71,39 @@ impl LocalStore {
         Ok(self.root.join(key))
     }
 
+    /// Removes the temporary files of unfinished uploads of `key`, and
+    /// says how many there were: for a dead run's upload, whose key is its
+    /// own (the local counterpart of aborting S3's multipart uploads).
+    pub fn remove_partials_of(&self, key: &str) -> Result<usize, ObjectStoreError> {
+        let target = self.path(key)?;
+        let dir = parent_dir(&target);
+        let prefix = format!(
+            ".{}.",
+            target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(io_error("list", dir)(err)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(io_error("list", dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && name.ends_with(".partial") {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(io_error("remove", &entry.path())(err)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     fn precondition_failed(&self, key: &str) -> ObjectStoreError {
         ObjectStoreError::PreconditionFailed {
             store: self.location(),

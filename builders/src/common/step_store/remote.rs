@@ -20,7 +20,7 @@
 use super::{Entry, EntryInfo, StepStore, StoreError, io_error};
 use crate::common::artifact::sha256_file;
 use crate::common::object_store::{self, ObjectStore, ObjectStoreError};
-use crate::common::object_store::{S3Options, S3Store};
+use crate::common::object_store::{LocalStore, S3Options, S3Store};
 use crate::common::orphans::Removal;
 use imgbuild_core::{BuildLog, Journal, Resource};
 use std::path::Path;
@@ -426,13 +426,16 @@ pub async fn remove_orphan_share(location: &str, name: &str) -> Result<Removal, 
             ));
         }
     }
-    let mut aborted = 0;
-    if location.starts_with("s3://") {
+    let aborted = if location.starts_with("s3://") {
         let s3 = S3Store::open(location, S3Options::default())
             .await
             .map_err(|err| format!("cannot open {location}: {err}"))?;
-        aborted = s3.abort_uploads_of(name).await?;
-    }
+        s3.abort_uploads_of(name).await?
+    } else {
+        LocalStore::new(location)
+            .remove_partials_of(name)
+            .map_err(|err| err.to_string())?
+    };
     let present = store
         .list(name)
         .await
