@@ -77,13 +77,7 @@ impl LocalStore {
     pub fn remove_partials_of(&self, key: &str) -> Result<usize, ObjectStoreError> {
         let target = self.path(key)?;
         let dir = parent_dir(&target);
-        let prefix = format!(
-            ".{}.",
-            target
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        );
+        let prefix = partial_prefix(&target);
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
@@ -93,7 +87,7 @@ impl LocalStore {
         for entry in entries {
             let entry = entry.map_err(io_error("list", dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&prefix) && name.ends_with(".partial") {
+            if name.starts_with(&prefix) && name.ends_with(PARTIAL_SUFFIX) {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => removed += 1,
                     Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -152,16 +146,24 @@ fn write_object(path: &Path, bytes: &[u8]) -> Result<(), ObjectStoreError> {
 
 /// A hidden temporary file beside `target`, readable like any file the
 /// store writes (layers are read by QEMU and by other users' tools).
-pub(super) fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, ObjectStoreError> {
-    let dir = parent_dir(target);
-    std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+/// How the temporary files of a write to `target` are named: hidden, and
+/// found again by [`LocalStore::remove_partials_of`].
+fn partial_prefix(target: &Path) -> String {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    format!(".{name}.")
+}
+
+const PARTIAL_SUFFIX: &str = ".partial";
+
+pub(super) fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, ObjectStoreError> {
+    let dir = parent_dir(target);
+    std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
     tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".partial")
+        .prefix(&partial_prefix(target))
+        .suffix(PARTIAL_SUFFIX)
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .tempfile_in(dir)
         .map_err(io_error("create a temporary file in", dir))
