@@ -512,11 +512,6 @@ async fn run(comm: &dyn Communicator, command: &str, what: &str) -> Result<Vec<S
 /// Lists the identity files the guest made since it booted.
 const DERIVED_SCRIPT: &str = r#"boot=$(( $(date +%s) - $(cut -d. -f1 /proc/uptime) - 5 )); for f in /etc/machine-id /etc/ssh/ssh_host_*_key; do [ -s "$f" ] && [ "$(stat -c %Y "$f")" -ge "$boot" ] && echo "derived $f"; done; true"#;
 
-/// Runs as the build user after a restore, as root (through one `sudo -n`
-/// when the user is not root: each costs a second under TCG). Prints what
-/// it could not do. Each SSH host key in `derived` is replaced by its kind
-/// in `host_keys`, made on the build host (an RSA key takes the guest many
-/// seconds under TCG), else made by the guest's `ssh-keygen`.
 /// The kernel's `RNDRESEEDCRNG` ioctl, `_IO('R', 0x07)`: reseed the CRNG
 /// from the input pool now. A write to `/dev/urandom` only mixes into that
 /// pool, and the CRNG, restored as it was saved, would give every restored
@@ -525,11 +520,14 @@ const DERIVED_SCRIPT: &str = r#"boot=$(( $(date +%s) - $(cut -d. -f1 /proc/uptim
 /// cloud images.
 const RESEED: &str = "{ perl -e 'open(my $f, \"<\", \"/dev/urandom\") or exit 1; ioctl($f, 0x5207, 0) or exit 1' || python3 -c 'import fcntl; fcntl.ioctl(open(\"/dev/urandom\"), 0x5207)'; } >/dev/null 2>&1 || echo 'not-done reseed'; ";
 
-/// What a restored machine runs as root before anything else: the host's
-/// time, the host's entropy (then a reseed), and anew what its first boot
-/// made (`derived`): `machine_id` (32 hex digits from the host's RNG, not
-/// the guest's, which may not be reseeded) and SSH host keys (`host_keys`,
-/// made on the host; others with the guest's `ssh-keygen`).
+/// What a restored machine runs before anything else, as the build user,
+/// as root (through one `sudo -n` when the user is not root: each costs a
+/// second under TCG): the host's time, the host's entropy (then a reseed),
+/// and anew what its first boot made (`derived`): the machine-id as
+/// `machine_id` (from the host's RNG, which needs no reseed), and each SSH
+/// host key as its kind in `host_keys`, made on the build host (an RSA key
+/// takes the guest many seconds under TCG), else by the guest's
+/// `ssh-keygen`. Prints what it could not do.
 fn restore_script(
     epoch: u64,
     entropy: &str,
